@@ -1,0 +1,44 @@
+"""The FastAPI application: routers, error shapes, middleware."""
+
+from __future__ import annotations
+
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse
+
+from k2serve import __version__
+from k2serve.api.errors import install_error_handlers
+from k2serve.api.middleware import (DEFAULT_MAX_BODY_BYTES, BodySizeLimitMiddleware,
+                                    PathAliasMiddleware, RequestIdMiddleware)
+from k2serve.api.routes import chat, completions, models
+from k2serve.serving.registry import ModelRegistry
+
+
+def create_app(registry: ModelRegistry, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        for backend in registry.backends():
+            engine = getattr(backend, "engine", None)
+            if engine is not None:
+                engine.shutdown()
+
+    app = FastAPI(title="k2serve", version=__version__, lifespan=lifespan,
+                  description="OpenAI/Together-compatible inference API.")
+    app.state.registry = registry
+    install_error_handlers(app)
+    for module in (models, chat, completions):
+        app.include_router(module.router)
+
+    @app.get("/health")
+    async def health():
+        engines = [getattr(b, "engine", None) for b in registry.backends()]
+        ok = all(e.health() for e in engines if e is not None)
+        return JSONResponse({"status": "ok" if ok else "unhealthy"}, status_code=200 if ok else 503)
+
+    # Outermost first: ids on every reply (errors included), then the alias, then the limit.
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=max_body_bytes)
+    app.add_middleware(PathAliasMiddleware)
+    app.add_middleware(RequestIdMiddleware)
+    return app

@@ -1,0 +1,196 @@
+"""Shared by chat and completions: request -> sampling params, and running n choices.
+
+Both endpoints build prompt token ids their own way, then hand them here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+
+from fastapi import Request
+
+from k2serve.api.errors import APIError, bad_request
+from k2serve.api.schemas.common import SamplingFields
+from k2serve.engine.sampling_params import SamplingParams
+from k2serve.serving.text_backend import LogprobEntry, TextBackend, TextDelta
+
+DISCONNECT_POLL_S = 0.25
+
+
+@dataclass
+class PreparedPrompt:
+    ids: list[int]
+    max_tokens: int
+    warnings: list[str] = field(default_factory=list)
+
+
+def fit_context(prompt_ids: list[int], requested: int | None, default: int | None,
+                context_length: int, behavior: str, param: str) -> PreparedPrompt:
+    """Check prompt + max_tokens against the context; `truncate` shrinks instead of failing."""
+    warnings: list[str] = []
+    if len(prompt_ids) >= context_length:
+        if behavior != "truncate":
+            raise APIError(400, f"The prompt is {len(prompt_ids)} tokens long, which exceeds this "
+                                f"model's context length of {context_length} tokens.",
+                           param="messages" if param == "max_completion_tokens" else "prompt",
+                           code="context_length_exceeded")
+        keep = context_length - 1
+        warnings.append(f"The prompt was truncated from {len(prompt_ids)} to its last {keep} "
+                        f"tokens to fit the context length of {context_length}.")
+        prompt_ids = prompt_ids[-keep:]
+    room = context_length - len(prompt_ids)
+    if requested is None:
+        max_tokens = room if default is None else min(default, room)
+    elif requested > room:
+        if behavior != "truncate":
+            raise APIError(400, f"This model's context length is {context_length} tokens; the prompt "
+                                f"uses {len(prompt_ids)} and {param}={requested} asks for more than "
+                                f"the {room} left. Lower {param}, or set "
+                                f"context_length_exceeded_behavior to 'truncate'.",
+                           param=param, code="context_length_exceeded")
+        warnings.append(f"{param} was lowered from {requested} to {room} to fit the context length.")
+        max_tokens = room
+    else:
+        max_tokens = requested
+    return PreparedPrompt(prompt_ids, max_tokens, warnings)
+
+
+def sampling_params(req: SamplingFields, backend: TextBackend, max_tokens: int,
+                    choice_index: int) -> SamplingParams:
+    vocab = backend.tokenizer.vocab_size
+    bias: dict[int, float] = {}
+    for key, value in (req.logit_bias or {}).items():
+        token = int(key)
+        if not 0 <= token < vocab:
+            raise bad_request(f"logit_bias refers to token id {token}, outside this model's "
+                              f"vocabulary of {vocab} tokens.", param="logit_bias")
+        bias[token] = value
+    seed = req.seed + choice_index if req.seed is not None else None
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=1.0 if req.temperature is None else req.temperature,
+        top_p=1.0 if req.top_p is None else req.top_p,
+        top_k=req.top_k or 0,
+        min_p=req.min_p or 0.0,
+        repetition_penalty=req.repetition_penalty or 1.0,
+        presence_penalty=req.presence_penalty or 0.0,
+        frequency_penalty=req.frequency_penalty or 0.0,
+        logit_bias=bias,
+        seed=seed,
+        stop_token_ids=frozenset(backend.tokenizer.stop_token_ids),
+        ignore_eos=req.ignore_eos,
+        logprobs=req.num_top_logprobs,
+        prompt_logprobs=bool(req.echo and req.num_top_logprobs is not None and choice_index == 0),
+    )
+
+
+async def merged_choices(backend: TextBackend, prompt_ids: list[int], req: SamplingFields,
+                         max_tokens: int) -> AsyncIterator[tuple[int, TextDelta]]:
+    """Run req.n choices concurrently; yield (choice index, delta) as they come.
+
+    Closing this iterator cancels every choice, which aborts their engine requests.
+    """
+    params = [sampling_params(req, backend, max_tokens, i) for i in range(req.n)]
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(index: int) -> None:
+        try:
+            async for delta in backend.generate(prompt_ids, params[index], req.stop_list):
+                await queue.put((index, delta))
+        except Exception as exc:  # delivered to the consumer, which raises it
+            await queue.put((index, exc))
+        finally:
+            await queue.put((index, done))
+
+    tasks = [asyncio.create_task(pump(i)) for i in range(req.n)]
+    remaining = req.n
+    try:
+        while remaining:
+            index, item = await queue.get()
+            if item is done:
+                remaining -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def until_disconnected(request: Request, work: Awaitable):
+    """Await `work`, cancelling it if the HTTP client goes away first."""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+                raise APIError(499, "Client closed the request.")
+    finally:
+        if not task.done():
+            task.cancel()
+
+
+@dataclass
+class ChoiceAccumulator:
+    """Collects the deltas of one choice for a non-streaming reply."""
+
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[LogprobEntry] = field(default_factory=list)
+    finish_reason: str | None = None
+    completion_tokens: int = 0
+
+    def add(self, delta: TextDelta) -> None:
+        self.text += delta.text
+        self.token_ids += delta.token_ids
+        if delta.logprobs:
+            self.logprobs += delta.logprobs
+        self.completion_tokens = delta.completion_tokens
+        if delta.finish_reason:
+            self.finish_reason = delta.finish_reason
+
+
+async def collect(choices: AsyncIterator[tuple[int, TextDelta]], n: int,
+                  on_first: Callable[[TextDelta], None] | None = None) -> list[ChoiceAccumulator]:
+    acc = [ChoiceAccumulator() for _ in range(n)]
+    async for index, delta in choices:
+        if on_first is not None:
+            on_first(delta)
+            on_first = None
+        acc[index].add(delta)
+    return acc
+
+
+# -- logprob formats -----------------------------------------------------------------------
+def together_logprobs(entries: list[LogprobEntry | None]) -> dict:
+    """Together's LogprobsPart: flat parallel arrays (top_logprobs: one map per position)."""
+    return {
+        "tokens": [e.token if e else "" for e in entries],
+        "token_ids": [e.token_id if e else None for e in entries],
+        "token_logprobs": [e.logprob if e else None for e in entries],
+        "top_logprobs": [({t: lp for t, _, lp, _ in e.top} if e else None) for e in entries],
+    }
+
+
+def openai_chat_logprobs(entries: list[LogprobEntry]) -> dict:
+    return {"content": [
+        {"token": e.token, "logprob": e.logprob, "bytes": e.bytes,
+         "top_logprobs": [{"token": t, "logprob": lp, "bytes": b} for t, _, lp, b in e.top]}
+        for e in entries], "refusal": None}
+
+
+def sse(payload: dict) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+SSE_DONE = "data: [DONE]\n\n"

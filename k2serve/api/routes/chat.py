@@ -1,0 +1,158 @@
+"""POST /v1/chat/completions."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from k2serve.api.errors import APIError, bad_request
+from k2serve.api.generation import (SSE_DONE, collect, fit_context, merged_choices,
+                                    openai_chat_logprobs, sse, together_logprobs,
+                                    until_disconnected)
+from k2serve.api.models_lookup import text_backend_for
+from k2serve.api.schemas.chat import ChatCompletionRequest
+from k2serve.serving.text_backend import TextBackend
+from k2serve.text.chat_template import TemplateError
+
+router = APIRouter()
+
+
+def _message_dicts(req: ChatCompletionRequest) -> list[dict]:
+    """Messages as the chat template expects them: text content, `developer` -> `system`."""
+    messages = []
+    for i, m in enumerate(req.messages):
+        msg = m.model_dump(exclude_none=True)
+        if msg["role"] == "developer":
+            msg["role"] = "system"
+        content = m.content
+        if isinstance(content, list):
+            texts = []
+            for part in content:
+                kind = part.get("type")
+                if kind == "text" and isinstance(part.get("text"), str):
+                    texts.append(part["text"])
+                elif kind in ("image_url", "video_url", "audio_url", "input_audio", "file"):
+                    raise bad_request(
+                        f"Model '{req.model}' accepts text only; messages[{i}] contains a "
+                        f"'{kind}' part. Send text content, or use a model that accepts "
+                        f"{kind.split('_')[0]} input.", param=f"messages.{i}.content",
+                        code="unsupported_content_type")
+                else:
+                    raise bad_request(f"messages[{i}].content has a part of unknown type {kind!r}.",
+                                      param=f"messages.{i}.content")
+            msg["content"] = "".join(texts)
+        elif content is None:
+            if msg["role"] != "assistant" or not m.tool_calls:
+                if msg["role"] != "assistant":
+                    raise bad_request(f"messages[{i}] ({msg['role']}) must have content.",
+                                      param=f"messages.{i}.content")
+            msg["content"] = ""
+        messages.append(msg)
+    return messages
+
+
+def _render_prompt(req: ChatCompletionRequest, backend: TextBackend) -> str:
+    try:
+        return backend.render_chat(_message_dicts(req), tools=req.tools,
+                                   **(req.chat_template_kwargs or {}))
+    except TemplateError as exc:
+        raise bad_request(f"The messages could not be formatted with this model's chat "
+                          f"template: {exc}", param="messages") from exc
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(req: ChatCompletionRequest, request: Request):
+    backend = text_backend_for(request, req.model)
+    if req.tools and req.tool_choice not in (None, "none"):
+        raise bad_request("Tool calling is not supported by this server yet.", param="tools",
+                          code="unsupported_parameter")
+    if req.response_format and req.response_format.get("type") not in (None, "text"):
+        raise bad_request("response_format other than 'text' is not supported by this server yet.",
+                          param="response_format", code="unsupported_parameter")
+    if req.max_completion_tokens == 0 or req.max_tokens == 0:
+        raise bad_request("max_tokens must be at least 1 for chat completions.", param="max_tokens")
+
+    prompt_text = _render_prompt(req, backend)
+    param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+    prepared = fit_context(backend.encode_chat_prompt(prompt_text), req.requested_max_tokens,
+                           None, backend.context_length, req.context_length_exceeded_behavior,
+                           param)
+    reply_id = f"chatcmpl-{uuid.uuid4().hex}"
+    created = int(time.time())
+    choices = merged_choices(backend, prepared.ids, req, prepared.max_tokens)
+    prompt_field = [{"text": prompt_text}] if req.echo else []
+
+    def logprobs_of(entries):
+        if not entries:
+            return None
+        return openai_chat_logprobs(entries) if req.openai_logprobs else together_logprobs(entries)
+
+    if req.stream:
+        return StreamingResponse(
+            _stream(req, reply_id, created, choices, prepared, prompt_field, logprobs_of),
+            media_type="text/event-stream", headers={"cache-control": "no-cache"})
+
+    results = await until_disconnected(request, collect(choices, req.n))
+    completion_tokens = sum(r.completion_tokens for r in results)
+    body = {
+        "id": reply_id,
+        "object": "chat.completion",
+        "created": created,
+        "model": req.model,
+        "prompt": prompt_field,
+        "choices": [{
+            "index": i,
+            "message": {"role": "assistant", "content": r.text},
+            "finish_reason": r.finish_reason,
+            "logprobs": logprobs_of(r.logprobs),
+            **({"seed": req.seed + i} if req.seed is not None else {}),
+        } for i, r in enumerate(results)],
+        "usage": _usage(len(prepared.ids), completion_tokens, 0),
+    }
+    if prepared.warnings:
+        body["warnings"] = [{"message": w} for w in prepared.warnings]
+    return JSONResponse(body)
+
+
+def _usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
+
+
+async def _stream(req, reply_id, created, choices, prepared, prompt_field, logprobs_of):
+    """Together-style stream: role on every delta; the last chunk carries usage; then [DONE]."""
+    completion_tokens = [0] * req.n
+    finished = 0
+    try:
+        async for index, delta in choices:
+            completion_tokens[index] = delta.completion_tokens
+            if not delta.text and not delta.finish_reason and not delta.logprobs:
+                continue
+            last = False
+            if delta.finish_reason:
+                finished += 1
+                last = finished == req.n
+            choice = {"index": index,
+                      "delta": {"role": "assistant", "content": delta.text},
+                      "finish_reason": delta.finish_reason,
+                      "logprobs": logprobs_of(delta.logprobs)}
+            if delta.token_ids:
+                choice["delta"]["token_id"] = delta.token_ids[-1]
+            chunk = {"id": reply_id, "object": "chat.completion.chunk", "created": created,
+                     "model": req.model, "choices": [choice],
+                     "usage": _usage(len(prepared.ids), sum(completion_tokens), 0) if last else None}
+            if prompt_field and index == 0 and delta.completion_tokens == len(delta.token_ids):
+                chunk["prompt"] = prompt_field
+            if last and prepared.warnings:
+                chunk["warnings"] = [{"message": w} for w in prepared.warnings]
+            yield sse(chunk)
+    except APIError as exc:
+        yield sse(exc.body())
+    except Exception as exc:  # in-band error: Stainless SDKs raise APIError on it
+        yield sse({"error": {"message": str(exc), "type": "server_error", "param": None,
+                             "code": None}})
+    yield SSE_DONE

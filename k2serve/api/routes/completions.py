@@ -1,0 +1,124 @@
+"""POST /v1/completions (legacy text completion)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from k2serve.api.errors import APIError
+from k2serve.api.generation import (SSE_DONE, collect, fit_context, merged_choices, sse,
+                                    together_logprobs, until_disconnected)
+from k2serve.api.models_lookup import text_backend_for
+from k2serve.api.schemas.completions import CompletionRequest
+
+router = APIRouter()
+
+DEFAULT_MAX_TOKENS = 16  # OpenAI's default for this endpoint
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": 0}}
+
+
+@router.post("/v1/completions")
+async def completions(req: CompletionRequest, request: Request):
+    backend = text_backend_for(request, req.model)
+    prepared = fit_context(backend.encode_text_prompt(req.prompt), req.max_tokens,
+                           DEFAULT_MAX_TOKENS, backend.context_length,
+                           req.context_length_exceeded_behavior, "max_tokens")
+    reply_id = f"cmpl-{uuid.uuid4().hex}"
+    created = int(time.time())
+    echo_text = req.prompt if req.echo else ""
+    prompt_field: list[dict] = []
+    if req.echo:
+        prompt_field = [{"text": req.prompt}]
+
+    if prepared.max_tokens == 0:  # echo-only request (scoring a prompt)
+        choices = None
+    else:
+        choices = merged_choices(backend, prepared.ids, req, prepared.max_tokens)
+
+    if req.stream:
+        return StreamingResponse(_stream(req, reply_id, created, choices, prepared, echo_text),
+                                 media_type="text/event-stream",
+                                 headers={"cache-control": "no-cache"})
+
+    prompt_logprobs = []
+
+    def keep_prompt_logprobs(delta):
+        if delta.prompt_logprobs is not None:
+            prompt_logprobs.extend(delta.prompt_logprobs)
+
+    results = []
+    if choices is not None:
+        results = await until_disconnected(request, collect(choices, req.n, keep_prompt_logprobs))
+    else:
+        results = [None] * req.n
+    if prompt_logprobs and prompt_field:
+        prompt_field[0]["logprobs"] = together_logprobs(prompt_logprobs)
+
+    body_choices = []
+    for i, r in enumerate(results):
+        text = echo_text + (r.text if r else "")
+        logprobs = None
+        if req.num_top_logprobs is not None and r is not None:
+            entries = (prompt_logprobs if req.echo else []) + r.logprobs
+            logprobs = together_logprobs(entries)
+        body_choices.append({"index": i, "text": text,
+                             "finish_reason": r.finish_reason if r else "length",
+                             "logprobs": logprobs,
+                             **({"seed": req.seed + i} if req.seed is not None else {})})
+    body = {"id": reply_id, "object": "text.completion", "created": created, "model": req.model,
+            "prompt": prompt_field, "choices": body_choices,
+            "usage": _usage(len(prepared.ids), sum(r.completion_tokens for r in results if r))}
+    if prepared.warnings:
+        body["warnings"] = [{"message": w} for w in prepared.warnings]
+    return JSONResponse(body)
+
+
+async def _stream(req, reply_id, created, choices, prepared, echo_text):
+    completion_tokens = [0] * req.n
+    finished = 0
+
+    def chunk(index, text, finish_reason, usage, logprobs=None, token_id=None):
+        delta = {"content": text}
+        if token_id is not None:
+            delta["token_id"] = token_id
+        return sse({"id": reply_id, "object": "completion.chunk", "created": created,
+                    "model": req.model,
+                    "choices": [{"index": index, "text": text, "finish_reason": finish_reason,
+                                 "logprobs": logprobs, "delta": delta}],
+                    "usage": usage})
+
+    if echo_text:
+        for i in range(req.n):
+            yield chunk(i, echo_text, None, None)
+    if choices is None:
+        for i in range(req.n):
+            yield chunk(i, "", "length", _usage(len(prepared.ids), 0) if i == req.n - 1 else None)
+        yield SSE_DONE
+        return
+    try:
+        async for index, delta in choices:
+            completion_tokens[index] = delta.completion_tokens
+            if not delta.text and not delta.finish_reason and not delta.logprobs:
+                continue
+            last = False
+            if delta.finish_reason:
+                finished += 1
+                last = finished == req.n
+            usage = _usage(len(prepared.ids), sum(completion_tokens)) if last else None
+            logprobs = together_logprobs(delta.logprobs) if delta.logprobs else None
+            yield chunk(index, delta.text, delta.finish_reason, usage, logprobs,
+                        delta.token_ids[-1] if delta.token_ids else None)
+    except APIError as exc:
+        yield sse(exc.body())
+    except Exception as exc:
+        yield sse({"error": {"message": str(exc), "type": "server_error", "param": None,
+                             "code": None}})
+    yield SSE_DONE

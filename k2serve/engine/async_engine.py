@@ -1,0 +1,126 @@
+"""Asyncio front of the engine: ``generate`` / ``abort`` on the event loop, steps on a thread.
+
+The model never runs on the HTTP event loop. Requests and aborts reach the engine
+thread through a command queue; each step's outputs travel back to the waiting
+coroutine through its own ``asyncio.Queue`` via ``call_soon_threadsafe``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections import deque
+from collections.abc import AsyncIterator
+from typing import Any
+
+from k2serve.engine.core import EngineCore
+from k2serve.engine.sequence import GenerationRequest, RequestOutput
+
+log = logging.getLogger(__name__)
+
+
+class EngineError(RuntimeError):
+    """The engine failed while running a request."""
+
+
+class AsyncEngine:
+    def __init__(self, core: EngineCore, *, name: str = "engine"):
+        self._core = core
+        self._commands: deque[tuple[str, Any]] = deque()
+        self._wakeup = threading.Event()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._streams_lock = threading.Lock()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    # -- public interface --------------------------------------------------------------
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]:
+        """Yields one output per engine step for this request, the last with finish_reason.
+
+        Closing the iterator early (client gone, stop string hit) aborts the request.
+        """
+        if self._stopped:
+            raise EngineError("engine is shut down")
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        with self._streams_lock:
+            if request.request_id in self._streams:
+                raise ValueError(f"duplicate request id {request.request_id}")
+            self._streams[request.request_id] = (loop, queue)
+        self._submit("add", request)
+        finished = False
+        try:
+            while True:
+                output: RequestOutput = await queue.get()
+                if output.error:
+                    finished = True
+                    raise EngineError(output.error)
+                if output.finish_reason:
+                    finished = True
+                yield output
+                if finished:
+                    return
+        finally:
+            with self._streams_lock:
+                self._streams.pop(request.request_id, None)
+            if not finished:
+                self.abort(request.request_id)
+
+    def abort(self, request_id: str) -> None:
+        self._submit("abort", request_id)
+
+    def stats(self) -> dict[str, int]:
+        return self._core.stats()
+
+    def health(self) -> bool:
+        return self._thread.is_alive() and not self._stopped
+
+    def shutdown(self) -> None:
+        self._stopped = True
+        self._wakeup.set()
+        self._thread.join(timeout=10)
+
+    # -- engine thread ------------------------------------------------------------------
+    def _submit(self, kind: str, payload: Any) -> None:
+        self._commands.append((kind, payload))
+        self._wakeup.set()
+
+    def _run(self) -> None:
+        while not self._stopped:
+            self._drain_commands()
+            if not self._core.has_work():
+                self._wakeup.wait()
+                self._wakeup.clear()
+                continue
+            try:
+                outputs = self._core.step()
+            except Exception as exc:  # a bug or OOM must not leave clients hanging
+                log.exception("engine step failed")
+                outputs = self._core.fail_all(f"engine error: {type(exc).__name__}: {exc}")
+            self._deliver(outputs)
+
+    def _drain_commands(self) -> None:
+        while self._commands:
+            kind, payload = self._commands.popleft()
+            if kind == "add":
+                try:
+                    self._core.add(payload)
+                except Exception as exc:
+                    self._deliver([RequestOutput(payload.request_id, [], None, "abort",
+                                                 len(payload.prompt_ids), error=str(exc))])
+            elif kind == "abort":
+                self._core.abort(payload)
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        for output in outputs:
+            with self._streams_lock:
+                target = self._streams.get(output.request_id)
+            if target is None:  # the consumer went away; its abort is on the way
+                continue
+            loop, queue = target
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, output)
+            except RuntimeError:  # event loop closed
+                pass

@@ -1,0 +1,137 @@
+"""Turns a batch of logits into next tokens, each row with its own sampling parameters.
+
+Everything that can be done for the whole batch at once is (temperature, top-k, top-p,
+min-p, the draw itself); per-row work is limited to rows that ask for it (logit bias,
+penalties, seeded generators).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from k2serve.engine.sampling_params import SamplingParams
+
+
+@dataclass
+class SamplingRow:
+    """What the sampler needs to know about one sequence of the batch."""
+
+    params: SamplingParams
+    prompt_ids: list[int]
+    output_ids: list[int]
+    generator: torch.Generator | None = None  # set when params.seed is given
+
+
+@dataclass
+class SampleResult:
+    token_ids: list[int]
+    # Per row: (logprob of the sampled token, [(token_id, logprob)] top alternatives), or None.
+    logprobs: list[tuple[float, list[tuple[int, float]]] | None]
+
+
+def make_generator(seed: int) -> torch.Generator:
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    return generator
+
+
+def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> SampleResult:
+    """logits: [B, V] float32, one row per entry of ``rows``."""
+    logits = logits.float()
+    wants_logprobs = [r.params.logprobs is not None for r in rows]
+    # Logprobs are reported from the model's own distribution (before penalties and
+    # temperature), as vLLM does by default and as OpenAI documents.
+    raw_logprobs = torch.log_softmax(logits, dim=-1) if any(wants_logprobs) else None
+
+    logits = _apply_biases_and_penalties(logits, rows)
+    token_ids = _draw(logits, rows)
+
+    logprobs: list[tuple[float, list[tuple[int, float]]] | None] = []
+    for i, row in enumerate(rows):
+        if not wants_logprobs[i]:
+            logprobs.append(None)
+            continue
+        row_lp = raw_logprobs[i]
+        chosen = float(row_lp[token_ids[i]])
+        top: list[tuple[int, float]] = []
+        if row.params.logprobs:
+            values, ids = torch.topk(row_lp, row.params.logprobs)
+            top = list(zip(ids.tolist(), values.tolist()))
+        logprobs.append((chosen, top))
+    return SampleResult(token_ids=token_ids, logprobs=logprobs)
+
+
+def _apply_biases_and_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    vocab = logits.shape[-1]
+    for i, row in enumerate(rows):
+        p = row.params
+        if p.logit_bias:
+            ids = torch.tensor([t for t in p.logit_bias if 0 <= t < vocab], dtype=torch.long)
+            bias = torch.tensor([p.logit_bias[t] for t in p.logit_bias if 0 <= t < vocab])
+            logits[i].index_add_(0, ids, bias)
+        if not p.needs_penalties:
+            continue
+        if p.repetition_penalty != 1.0:
+            seen = torch.tensor(sorted(set(row.prompt_ids) | set(row.output_ids)), dtype=torch.long)
+            if len(seen):
+                values = logits[i, seen]
+                logits[i, seen] = torch.where(values > 0, values / p.repetition_penalty,
+                                              values * p.repetition_penalty)
+        if (p.presence_penalty or p.frequency_penalty) and row.output_ids:
+            counts = torch.bincount(torch.tensor(row.output_ids), minlength=vocab)[:vocab].float()
+            logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).float()
+    return logits
+
+
+def _draw(logits: torch.Tensor, rows: list[SamplingRow]) -> list[int]:
+    greedy_ids = logits.argmax(dim=-1)
+    sampled_rows = [i for i, r in enumerate(rows) if not r.params.greedy]
+    if not sampled_rows:
+        return greedy_ids.tolist()
+
+    index = torch.tensor(sampled_rows, dtype=torch.long)
+    sub = logits[index]
+    temperature = torch.tensor([rows[i].params.temperature for i in sampled_rows]).unsqueeze(1)
+    sub = sub / temperature
+    sub = _filter_top_k_top_p_min_p(sub, [rows[i].params for i in sampled_rows])
+    probs = torch.softmax(sub, dim=-1)
+
+    # Exponential race (Gumbel-max equivalent): argmax(p / E), E ~ Exp(1). One batched op
+    # for unseeded rows; seeded rows draw their noise from their own generator so a seed
+    # gives the same tokens whatever else is in the batch.
+    noise = torch.empty_like(probs).exponential_()
+    for j, i in enumerate(sampled_rows):
+        generator = rows[i].generator
+        if generator is not None:
+            noise[j] = torch.empty(probs.shape[-1]).exponential_(generator=generator)
+    chosen = (probs / noise).argmax(dim=-1)
+
+    result = greedy_ids.clone()
+    result[index] = chosen
+    return result.tolist()
+
+
+def _filter_top_k_top_p_min_p(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    vocab = logits.shape[-1]
+    top_k = torch.tensor([p.top_k if 0 < p.top_k < vocab else vocab for p in params])
+    top_p = torch.tensor([p.top_p for p in params])
+    min_p = torch.tensor([p.min_p for p in params])
+    if bool((top_k >= vocab).all()) and bool((top_p >= 1.0).all()) and bool((min_p <= 0).all()):
+        return logits
+
+    sorted_logits, sorted_idx = logits.sort(dim=-1, descending=True)
+    positions = torch.arange(vocab).unsqueeze(0)
+    remove = positions >= top_k.unsqueeze(1)
+
+    sorted_probs = torch.softmax(sorted_logits, dim=-1)
+    # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+    remove |= mass_before >= top_p.unsqueeze(1)
+    # min_p: drop tokens below min_p x the top token's probability.
+    remove |= sorted_probs < (min_p.unsqueeze(1) * sorted_probs[:, :1])
+    remove[:, 0] = False
+
+    sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
+    return torch.empty_like(logits).scatter_(1, sorted_idx, sorted_logits)

@@ -1,0 +1,117 @@
+"""A text-generation model behind the API: tokenizer + chat template + engine.
+
+It turns prompts into token ids and engine outputs into text deltas (incremental
+detokenization, stop strings, logprob entries). It knows nothing about HTTP.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from k2serve.engine.async_engine import AsyncEngine
+from k2serve.engine.sampling_params import SamplingParams
+from k2serve.engine.sequence import GenerationRequest, TokenLogprob
+from k2serve.text.chat_template import ChatTemplate
+from k2serve.text.detokenizer import IncrementalDetokenizer
+from k2serve.text.stop import StopMatcher
+from k2serve.text.tokenizer import Tokenizer
+
+
+@dataclass
+class LogprobEntry:
+    token: str
+    token_id: int
+    logprob: float
+    bytes: list[int]
+    top: list[tuple[str, int, float, list[int]]] = field(default_factory=list)  # token, id, lp, bytes
+
+
+@dataclass
+class TextDelta:
+    text: str
+    token_ids: list[int]
+    logprobs: list[LogprobEntry] | None
+    finish_reason: str | None
+    prompt_tokens: int
+    completion_tokens: int  # so far
+    cached_tokens: int = 0
+    prompt_logprobs: list[LogprobEntry | None] | None = None
+
+
+class TextBackend:
+    def __init__(self, tokenizer: Tokenizer, engine: AsyncEngine, *, context_length: int,
+                 chat_template: ChatTemplate | None):
+        self.tokenizer = tokenizer
+        self.engine = engine
+        self.context_length = context_length
+        self.chat_template = chat_template
+        self._ids = itertools.count()
+
+    # -- prompts ----------------------------------------------------------------------
+    def render_chat(self, messages: list[dict], tools: list[dict] | None = None,
+                    **template_kwargs) -> str:
+        if self.chat_template is None:
+            raise ValueError("this model has no chat template; use /v1/completions")
+        return self.chat_template.render(messages, tools=tools, add_generation_prompt=True,
+                                         **template_kwargs)
+
+    def encode_chat_prompt(self, text: str) -> list[int]:
+        # Chat templates write their own BOS where they want one.
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def encode_text_prompt(self, text: str) -> list[int]:
+        ids = self.tokenizer.encode(text, add_special_tokens=True)
+        if not ids and self.tokenizer.bos_token_id is not None:
+            ids = [self.tokenizer.bos_token_id]  # an empty completion prompt starts at BOS
+        return ids
+
+    def logprob_entry(self, lp: TokenLogprob) -> LogprobEntry:
+        tok = self.tokenizer
+        return LogprobEntry(
+            token=self._token_text(lp.token_id), token_id=lp.token_id, logprob=lp.logprob,
+            bytes=list(tok.token_bytes(lp.token_id)),
+            top=[(self._token_text(i), i, v, list(tok.token_bytes(i))) for i, v in lp.top])
+
+    def _token_text(self, token_id: int) -> str:
+        return self.tokenizer.token_bytes(token_id).decode("utf-8", errors="replace")
+
+    # -- generation -------------------------------------------------------------------
+    async def generate(self, prompt_ids: list[int], params: SamplingParams,
+                       stop: list[str]) -> AsyncIterator[TextDelta]:
+        """Stream text deltas for one choice. Closing the iterator aborts the generation."""
+        request_id = f"gen-{next(self._ids)}"
+        detok = IncrementalDetokenizer(self.tokenizer)
+        matcher = StopMatcher(stop) if stop else None
+        completion_tokens = 0
+        stream = self.engine.generate(GenerationRequest(request_id, prompt_ids, params))
+        try:
+            async for out in stream:
+                completion_tokens += len(out.token_ids)
+                text = "".join(detok.add(t) for t in out.token_ids)
+                finish = out.finish_reason
+                if matcher is not None:
+                    text, hit = matcher.feed(text)
+                    if hit:
+                        finish = "stop"
+                    elif finish:
+                        text += matcher.flush()
+                prompt_lps = None
+                if out.prompt_logprobs is not None:
+                    prompt_lps = [self.logprob_entry(lp) if lp else None
+                                  for lp in out.prompt_logprobs]
+                yield TextDelta(
+                    text=text,
+                    token_ids=out.token_ids,
+                    logprobs=[self.logprob_entry(lp) for lp in out.logprobs] if out.logprobs else None,
+                    finish_reason=finish,
+                    prompt_tokens=out.num_prompt_tokens,
+                    completion_tokens=completion_tokens,
+                    cached_tokens=out.num_cached_tokens,
+                    prompt_logprobs=prompt_lps,
+                )
+                if finish:
+                    return
+        finally:
+            await stream.aclose()

@@ -33,9 +33,14 @@ def create_app(registry: ModelRegistry, *, max_body_bytes: int = DEFAULT_MAX_BOD
 
     @app.get("/health")
     async def health():
-        engines = [getattr(b, "engine", None) for b in registry.backends()]
-        ok = all(e.health() for e in engines if e is not None)
-        return JSONResponse({"status": "ok" if ok else "unhealthy"}, status_code=200 if ok else 503)
+        """Liveness plus each engine's queue depths (running / waiting sequences)."""
+        engines = {spec.id: backend.engine for spec, backend in
+                   ((s, registry.get(s.id)[1]) for s in registry.specs())
+                   if getattr(backend, "engine", None) is not None}
+        ok = all(engine.health() for engine in engines.values())
+        body = {"status": "ok" if ok else "unhealthy",
+                "engines": {model_id: engine.stats() for model_id, engine in engines.items()}}
+        return JSONResponse(body, status_code=200 if ok else 503)
 
     # Outermost first: ids on every reply (errors included), then the alias, then the limit.
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=max_body_bytes)

@@ -1,0 +1,86 @@
+"""`k2serve` command line: one entry point, one subcommand per job."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from k2serve.api.app import create_app
+    from k2serve.serving.loader import LoadOptions, load_text_model
+    from k2serve.serving.registry import ModelRegistry
+
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
+
+    registry = ModelRegistry()
+    try:
+        spec, backend = load_text_model(LoadOptions(
+            model_path=args.model, served_model_name=args.served_model_name,
+            max_num_seqs=args.max_num_seqs, max_context_length=args.max_context_length,
+            progress=not args.quiet))
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"k2serve: cannot load model: {exc}", file=sys.stderr)
+        return 2
+    registry.register(spec, backend)
+    app = create_app(registry, max_body_bytes=args.max_body_bytes)
+
+    base = f"http://{_display_host(args.host)}:{args.port}"
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                            access_log=False)
+    server = uvicorn.Server(config)
+
+    original_startup = server.startup
+
+    async def startup_then_announce(sockets=None):
+        await original_startup(sockets=sockets)
+        if server.started:
+            print(f"k2serve: serving {spec.id} — API at {base}/v1, docs at {base}/docs",
+                  flush=True)
+
+    server.startup = startup_then_announce
+    server.run()
+    return 0
+
+
+def _display_host(host: str) -> str:
+    return "127.0.0.1" if host in ("0.0.0.0", "") else (f"[{host}]" if ":" in host else host)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="k2serve", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="start the HTTP API")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--model", default=None,
+                       help="a Hugging Face checkpoint directory or a Llama-family .gguf file "
+                            "(default: the embedded SmolLM2-135M-Instruct)")
+    serve.add_argument("--served-model-name", default=None, help="model id clients send")
+    serve.add_argument("--max-num-seqs", type=int, default=32,
+                       help="sequences decoded together in one batch")
+    serve.add_argument("--max-context-length", type=int, default=None,
+                       help="cap the context length below the model's own")
+    serve.add_argument("--max-body-bytes", type=int, default=16 * 1024 * 1024)
+    serve.add_argument("--threads", type=int, default=None, help="torch threads (default: cores)")
+    serve.add_argument("--log-level", default="warning")
+    serve.add_argument("--quiet", action="store_true", help="no progress bar")
+    serve.set_defaults(func=_serve)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=getattr(logging, args.log_level.upper(), logging.WARNING),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

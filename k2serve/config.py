@@ -1,0 +1,26 @@
+"""Catalog defaults for models this server knows by id: type, context length, price."""
+
+from __future__ import annotations
+
+from k2serve.serving.registry import ModelSpec, Pricing
+
+EMBEDDED_CHAT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+KIMI_K2_MODEL_ID = "moonshotai/Kimi-K2-Instruct-0905"
+
+# Known facts per model id; a model served under another id gets zero prices.
+CATALOG: dict[str, dict] = {
+    EMBEDDED_CHAT_MODEL_ID: dict(
+        type="chat", display_name="SmolLM2 135M Instruct", organization="HuggingFaceTB",
+        license="apache-2.0", link="https://huggingface.co/HuggingFaceTB/SmolLM2-135M-Instruct",
+        pricing=Pricing(input=0.02, output=0.02), created=1730419200),
+    KIMI_K2_MODEL_ID: dict(
+        type="chat", display_name="Kimi K2 Instruct 0905", organization="Moonshot AI",
+        license="modified-mit", link="https://huggingface.co/moonshotai/Kimi-K2-Instruct-0905",
+        pricing=Pricing(input=1.0, output=3.0), created=1757030400),
+}
+
+
+def model_spec(model_id: str, *, context_length: int, type: str = "chat") -> ModelSpec:
+    facts = dict(CATALOG.get(model_id, {}))
+    facts.setdefault("type", type)
+    return ModelSpec(id=model_id, context_length=context_length, **facts)

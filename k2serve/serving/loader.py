@@ -1,0 +1,62 @@
+"""Build a servable text model (weights + tokenizer + template + engine) from a path."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from k2serve.config import EMBEDDED_CHAT_MODEL_ID, model_spec
+from k2serve.engine.async_engine import AsyncEngine
+from k2serve.engine.core import EngineConfig, EngineCore
+from k2serve.models.embedded import embedded_smollm2_gguf_path
+from k2serve.models.loader import load_model
+from k2serve.serving.registry import ModelSpec
+from k2serve.serving.text_backend import TextBackend
+from k2serve.text.chat_template import ChatTemplate
+from k2serve.text.tokenizer import Tokenizer
+
+
+@dataclass
+class LoadOptions:
+    model_path: str | None = None  # None: the embedded SmolLM2 GGUF
+    served_model_name: str | None = None
+    max_num_seqs: int = 32
+    max_step_tokens: int = 512
+    max_context_length: int | None = None  # cap below the model's own, to bound memory
+    progress: bool = True
+
+
+def load_text_model(options: LoadOptions) -> tuple[ModelSpec, TextBackend]:
+    path = options.model_path or embedded_smollm2_gguf_path()
+    model, config = load_model(path, dtype=torch.float32, progress=options.progress)
+    model.eval()
+    if path.endswith(".gguf"):
+        tokenizer = Tokenizer.from_gguf(path)
+    else:
+        tokenizer = Tokenizer.from_pretrained_dir(path)
+    template = None
+    if tokenizer.chat_template:
+        template = ChatTemplate(tokenizer.chat_template, bos_token=tokenizer.bos_token,
+                                eos_token=tokenizer.eos_token)
+
+    context_length = config.context_length
+    if options.max_context_length:
+        context_length = min(context_length, options.max_context_length)
+    core = EngineCore(model, num_layers=config.num_layers, num_kv_heads=config.num_kv_heads,
+                      head_dim=config.head_dim,
+                      config=EngineConfig(max_num_seqs=options.max_num_seqs,
+                                          max_step_tokens=options.max_step_tokens,
+                                          context_length=context_length))
+    backend = TextBackend(tokenizer, AsyncEngine(core), context_length=context_length,
+                          chat_template=template)
+    model_id = options.served_model_name or _default_model_id(options.model_path)
+    return model_spec(model_id, context_length=context_length), backend
+
+
+def _default_model_id(model_path: str | None) -> str:
+    if model_path is None:
+        return EMBEDDED_CHAT_MODEL_ID
+    name = os.path.basename(os.path.normpath(model_path))
+    return name[:-5] if name.endswith(".gguf") else name

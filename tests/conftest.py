@@ -1,0 +1,98 @@
+"""Shared fixtures: a real `k2serve serve` process on a loopback port."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+import httpx
+import pytest
+
+EMBEDDED_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class LiveServer:
+    host: str
+    port: int
+    process: subprocess.Popen
+    model: str = EMBEDDED_ID
+
+    @property
+    def root(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def base_v1(self) -> str:
+        return self.root + "/v1"
+
+
+def start_server(*extra_args: str, startup_timeout: float = 180.0) -> LiveServer:
+    port = free_port()
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "k2serve.cli", "serve", "--host", "127.0.0.1",
+           "--port", str(port), "--quiet", *extra_args]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    deadline = time.time() + startup_timeout
+    lines = []
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            if proc.poll() is not None:
+                raise RuntimeError("server exited during start-up:\n" + "".join(lines))
+            continue
+        lines.append(line)
+        if "API at" in line:
+            server = LiveServer("127.0.0.1", port, proc)
+            server.startup_line = line.strip()
+            # Keep draining output so the pipe never fills and blocks the server.
+            import threading
+            threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()
+            return server
+    proc.kill()
+    raise RuntimeError("server did not start in time:\n" + "".join(lines))
+
+
+def stop_server(server: LiveServer) -> None:
+    server.process.terminate()
+    try:
+        server.process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        server.process.kill()
+
+
+@pytest.fixture(scope="session")
+def server():
+    live = start_server()
+    yield live
+    stop_server(live)
+
+
+@pytest.fixture()
+def http(server):
+    with httpx.Client(base_url=server.root, timeout=120) as client:
+        yield client
+
+
+def wait_until_idle(http: httpx.Client, timeout: float = 30.0) -> dict:
+    """Poll /health until no sequence is running or waiting; return the last stats."""
+    deadline = time.time() + timeout
+    stats = {}
+    while time.time() < deadline:
+        stats = http.get("/health").json()
+        engines = stats.get("engines", {}).values()
+        if all(e["running"] == 0 and e["waiting"] == 0 for e in engines):
+            return stats
+        time.sleep(0.1)
+    raise AssertionError(f"engine still busy after {timeout}s: {stats}")

@@ -1,0 +1,119 @@
+"""Bad input gets a clear 4xx in the OpenAI/Together error shape — never a 500 or a hang."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import EMBEDDED_ID
+
+USER = [{"role": "user", "content": "Hi"}]
+
+
+def assert_error(r, status: int, *, param: str | None = None, contains: str = ""):
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert set(body) == {"error"}
+    err = body["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert isinstance(err["message"], str) and err["message"]
+    assert isinstance(err["type"], str)
+    if param is not None:
+        assert err["param"] == param, err
+    assert contains.lower() in err["message"].lower(), err["message"]
+    return err
+
+
+def test_unknown_model_is_404(http):
+    err = assert_error(http.post("/v1/chat/completions", json={"model": "nope/nothing",
+                                                                "messages": USER}),
+                       404, param="model", contains="nope/nothing")
+    assert err["code"] == "model_not_found"
+    assert EMBEDDED_ID in err["message"]  # says what is available
+    assert_error(http.post("/v1/completions", json={"model": "x", "prompt": "a"}), 404,
+                 param="model")
+
+
+@pytest.mark.parametrize("fields,param,contains", [
+    ({"messages": []}, "messages", "at least one"),
+    ({"messages": [{"role": "wizard", "content": "x"}]}, "messages.0.role", ""),
+    ({"messages": [{"content": "x"}]}, "messages.0.role", "missing"),
+    ({"max_tokens": -1}, "max_tokens", ""),
+    ({"max_tokens": 0}, "max_tokens", "at least 1"),
+    ({"temperature": 2.5}, "temperature", ""),
+    ({"temperature": -0.1}, "temperature", ""),
+    ({"top_p": 0}, "top_p", ""),
+    ({"n": 1000}, "n", ""),
+    ({"logprobs": 50}, "logprobs", "between 0 and 20"),
+    ({"top_logprobs": 21}, "top_logprobs", ""),
+    ({"presence_penalty": 3}, "presence_penalty", ""),
+    ({"stop": ["x"] * 17}, "stop", "at most 16"),
+    ({"stop": [""]}, "stop", "non-empty"),
+    ({"logit_bias": {"abc": 1}}, "logit_bias", "token ids"),
+    ({"logit_bias": {"5": 500}}, "logit_bias", "between -100 and 100"),
+    ({"logit_bias": {"99999999": 1}}, "logit_bias", "outside"),
+    ({"model": 42}, "model", ""),
+    ({"messages": "hello"}, "messages", ""),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url",
+                                                  "image_url": {"url": "http://x/y.png"}}]}]},
+     "messages.0.content", "text only"),
+    ({"messages": [{"role": "user"}]}, "messages.0.content", "must have content"),
+    ({"context_length_exceeded_behavior": "explode"}, "context_length_exceeded_behavior", ""),
+])
+def test_invalid_chat_fields_are_400_naming_the_param(http, fields, param, contains):
+    body = {"model": EMBEDDED_ID, "messages": USER, "max_tokens": 2}
+    body.update(fields)
+    assert_error(http.post("/v1/chat/completions", json=body), 400, param=param, contains=contains)
+
+
+def test_malformed_json_and_wrong_body_type(http):
+    assert_error(http.post("/v1/chat/completions", content=b'{"model": "x", "messages": [',
+                           headers={"content-type": "application/json"}), 400, contains="JSON")
+    assert_error(http.post("/v1/chat/completions", content=b"[1, 2]",
+                           headers={"content-type": "application/json"}), 400)
+
+
+def test_body_over_the_limit_is_413(http):
+    huge = "x" * (17 * 1024 * 1024)
+    assert_error(http.post("/v1/completions", json={"model": EMBEDDED_ID, "prompt": huge}), 413,
+                 contains="limit")
+
+
+def test_chunked_body_over_the_limit_is_413(http):
+    def chunks():
+        yield b'{"model": "%s", "prompt": "' % EMBEDDED_ID.encode()
+        for _ in range(17):
+            yield b"y" * (1024 * 1024)
+        yield b'"}'
+    assert_error(http.post("/v1/completions", content=chunks(),
+                           headers={"content-type": "application/json"}), 413)
+
+
+def test_context_length_exceeded_is_400_unless_truncate(http):
+    err = assert_error(http.post("/v1/chat/completions", json={
+        "model": EMBEDDED_ID, "messages": USER, "max_tokens": 9000}), 400, param="max_tokens",
+        contains="context length")
+    assert err["code"] == "context_length_exceeded"
+    r = http.post("/v1/chat/completions", json={
+        "model": EMBEDDED_ID, "messages": USER, "max_tokens": 9000, "temperature": 0,
+        "context_length_exceeded_behavior": "truncate", "stop": ["\n", "."]})
+    assert r.status_code == 200, r.text
+    assert "lowered" in r.json()["warnings"][0]["message"]
+
+
+def test_prompt_longer_than_context(http):
+    long_prompt = "hello " * 9000
+    assert_error(http.post("/v1/completions", json={"model": EMBEDDED_ID, "prompt": long_prompt,
+                                                    "max_tokens": 1}),
+                 400, param="prompt", contains="context length")
+
+
+def test_completions_specific_errors(http):
+    assert_error(http.post("/v1/completions", json={"model": EMBEDDED_ID}), 400, param="prompt",
+                 contains="missing")
+    assert_error(http.post("/v1/completions", json={"model": EMBEDDED_ID, "prompt": [1, 2]}), 400,
+                 param="prompt")
+
+
+def test_unknown_path_and_method(http):
+    assert_error(http.get("/v1/nothing-here"), 404)
+    assert_error(http.get("/v1/chat/completions"), 405)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
 
 from fastapi import Request
@@ -149,8 +149,11 @@ class ChoiceAccumulator:
     logprobs: list[LogprobEntry] = field(default_factory=list)
     finish_reason: str | None = None
     completion_tokens: int = 0
+    prompt_logprobs: list[LogprobEntry | None] | None = None
 
     def add(self, delta: TextDelta) -> None:
+        if delta.prompt_logprobs is not None:
+            self.prompt_logprobs = delta.prompt_logprobs
         self.text += delta.text
         self.token_ids += delta.token_ids
         if delta.logprobs:
@@ -160,13 +163,9 @@ class ChoiceAccumulator:
             self.finish_reason = delta.finish_reason
 
 
-async def collect(choices: AsyncIterator[tuple[int, TextDelta]], n: int,
-                  on_first: Callable[[TextDelta], None] | None = None) -> list[ChoiceAccumulator]:
+async def collect(choices: AsyncIterator[tuple[int, TextDelta]], n: int) -> list[ChoiceAccumulator]:
     acc = [ChoiceAccumulator() for _ in range(n)]
     async for index, delta in choices:
-        if on_first is not None:
-            on_first(delta)
-            on_first = None
         acc[index].add(delta)
     return acc
 

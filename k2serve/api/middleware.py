@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import uuid
 
-from k2serve.api.errors import APIError
 
 DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
 
@@ -76,16 +75,32 @@ class BodySizeLimitMiddleware:
             await send(body)
             return
 
+        # Read the body here, up to the limit, then replay it: an error raised from inside
+        # the app's own body read would be turned into a generic 400 by FastAPI.
+        chunks: list[bytes] = []
         received = 0
-
-        async def limited_receive():
-            nonlocal received
+        while True:
             msg = await receive()
-            if msg["type"] == "http.request":
-                received += len(msg.get("body", b""))
-                if received > self.max_bytes:
-                    # Raised inside the app, so its APIError handler answers 413.
-                    raise APIError(413, message[0], code=message[1])
-            return msg
+            if msg["type"] == "http.disconnect":
+                return
+            chunk = msg.get("body", b"")
+            received += len(chunk)
+            if received > self.max_bytes:
+                start, body = _error_message(413, *message)
+                await send(start)
+                await send(body)
+                return
+            chunks.append(chunk)
+            if not msg.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        replayed = False
 
-        await self.app(scope, limited_receive, send)
+        async def replay_receive():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # later calls wait for the disconnect, as usual
+
+        await self.app(scope, replay_receive, send)

@@ -139,6 +139,13 @@ class EngineCore:
                 sample_rows.append(offset + count - 1)
                 samplers.append(seq)
             offset += count
+        # Prompt-only requests (max_tokens=0, e.g. scoring a prompt) end after prefill.
+        for seq in [s for s in samplers if s.params.max_tokens == 0]:
+            samplers.remove(seq)
+            seq.finish_reason = "length"
+            self._release(seq)
+            outputs.append(RequestOutput(seq.request_id, [], None, "length", len(seq.prompt_ids),
+                                         prompt_logprobs=seq.prompt_logprobs))
         if not samplers:
             return outputs
 

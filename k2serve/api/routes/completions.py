@@ -38,8 +38,8 @@ async def completions(req: CompletionRequest, request: Request):
     if req.echo:
         prompt_field = [{"text": req.prompt}]
 
-    if prepared.max_tokens == 0:  # echo-only request (scoring a prompt)
-        choices = None
+    if prepared.max_tokens == 0 and req.num_top_logprobs is None:
+        choices = None  # nothing to compute
     else:
         choices = merged_choices(backend, prepared.ids, req, prepared.max_tokens)
 
@@ -48,17 +48,10 @@ async def completions(req: CompletionRequest, request: Request):
                                  media_type="text/event-stream",
                                  headers={"cache-control": "no-cache"})
 
-    prompt_logprobs = []
-
-    def keep_prompt_logprobs(delta):
-        if delta.prompt_logprobs is not None:
-            prompt_logprobs.extend(delta.prompt_logprobs)
-
-    results = []
+    results = [None] * req.n
     if choices is not None:
-        results = await until_disconnected(request, collect(choices, req.n, keep_prompt_logprobs))
-    else:
-        results = [None] * req.n
+        results = await until_disconnected(request, collect(choices, req.n))
+    prompt_logprobs = (results[0].prompt_logprobs if results[0] else None) or []
     if prompt_logprobs and prompt_field:
         prompt_field[0]["logprobs"] = together_logprobs(prompt_logprobs)
 

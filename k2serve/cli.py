@@ -72,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", default="warning")
     serve.add_argument("--quiet", action="store_true", help="no progress bar")
     serve.set_defaults(func=_serve)
+    from k2serve.bench.cli import add_bench_parser
+    add_bench_parser(sub)
     return parser
 
 

@@ -36,10 +36,7 @@ def load_text_model(options: LoadOptions) -> tuple[ModelSpec, TextBackend]:
         tokenizer = Tokenizer.from_gguf(path)
     else:
         tokenizer = Tokenizer.from_pretrained_dir(path)
-    template = None
-    if tokenizer.chat_template:
-        template = ChatTemplate(tokenizer.chat_template, bos_token=tokenizer.bos_token,
-                                eos_token=tokenizer.eos_token)
+    template = ChatTemplate.from_tokenizer(tokenizer) if tokenizer.chat_template else None
 
     context_length = config.context_length
     if options.max_context_length:

@@ -82,7 +82,7 @@ class TextBackend:
                        stop: list[str]) -> AsyncIterator[TextDelta]:
         """Stream text deltas for one choice. Closing the iterator aborts the generation."""
         request_id = f"gen-{next(self._ids)}"
-        detok = IncrementalDetokenizer(self.tokenizer)
+        detok = IncrementalDetokenizer(self.tokenizer, prompt_ids=prompt_ids)
         matcher = StopMatcher(stop) if stop else None
         completion_tokens = 0
         stream = self.engine.generate(GenerationRequest(request_id, prompt_ids, params))
@@ -91,6 +91,8 @@ class TextBackend:
                 completion_tokens += len(out.token_ids)
                 text = "".join(detok.add(t) for t in out.token_ids)
                 finish = out.finish_reason
+                if finish:  # a character left incomplete at the end is emitted as U+FFFD
+                    text += detok.flush()
                 if matcher is not None:
                     text, hit = matcher.feed(text)
                     if hit:

@@ -15,42 +15,27 @@ from k2serve.api.generation import (SSE_DONE, collect, fit_context, merged_choic
 from k2serve.api.models_lookup import text_backend_for
 from k2serve.api.schemas.chat import ChatCompletionRequest
 from k2serve.serving.text_backend import TextBackend
-from k2serve.text.chat_template import TemplateError
+from k2serve.text.chat_template import TemplateError, UnsupportedContentError, normalize_messages
 
 router = APIRouter()
 
 
 def _message_dicts(req: ChatCompletionRequest) -> list[dict]:
     """Messages as the chat template expects them: text content, `developer` -> `system`."""
-    messages = []
     for i, m in enumerate(req.messages):
-        msg = m.model_dump(exclude_none=True)
-        if msg["role"] == "developer":
-            msg["role"] = "system"
-        content = m.content
-        if isinstance(content, list):
-            texts = []
-            for part in content:
-                kind = part.get("type")
-                if kind == "text" and isinstance(part.get("text"), str):
-                    texts.append(part["text"])
-                elif kind in ("image_url", "video_url", "audio_url", "input_audio", "file"):
-                    raise bad_request(
-                        f"Model '{req.model}' accepts text only; messages[{i}] contains a "
-                        f"'{kind}' part. Send text content, or use a model that accepts "
-                        f"{kind.split('_')[0]} input.", param=f"messages.{i}.content",
-                        code="unsupported_content_type")
-                else:
-                    raise bad_request(f"messages[{i}].content has a part of unknown type {kind!r}.",
-                                      param=f"messages.{i}.content")
-            msg["content"] = "".join(texts)
-        elif content is None:
-            if msg["role"] != "assistant" or not m.tool_calls:
-                if msg["role"] != "assistant":
-                    raise bad_request(f"messages[{i}] ({msg['role']}) must have content.",
-                                      param=f"messages.{i}.content")
-            msg["content"] = ""
-        messages.append(msg)
+        if m.content is None and not (m.role == "assistant" and m.tool_calls):
+            raise bad_request(f"messages[{i}] ({m.role}) must have content.",
+                              param=f"messages.{i}.content")
+    try:
+        messages = normalize_messages(req.messages)
+    except UnsupportedContentError as exc:
+        kind = exc.part_type
+        raise bad_request(
+            f"Model '{req.model}' accepts text only; messages[{exc.message_index}] contains a "
+            f"'{kind}' part. Send text content, or use a model that accepts that input.",
+            param=f"messages.{exc.message_index}.content", code="unsupported_content_type") from exc
+    for message in messages:
+        message.setdefault("content", "")
     return messages
 
 

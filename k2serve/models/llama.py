@@ -1,0 +1,162 @@
+"""Llama-architecture decoder (Llama 2/3, SmolLM, ...), inference only.
+
+Tokens of every sequence in a step are flattened into one dimension N; attention (and
+the KV cache behind it) lives in the ``AttentionContext`` passed to ``forward``.
+Checkpoint tensors use HF names (``model.layers.0.self_attn.q_proj.weight``); the
+loaders translate other formats to those names and ``load_weight`` maps them onto the
+fused modules here.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from k2serve.models.config import ModelConfig
+from k2serve.models.layers.attention import AttentionContext
+from k2serve.models.layers.linear import Linear, MergedLinear
+from k2serve.models.layers.norm import RMSNorm
+from k2serve.models.layers.rotary import RotaryEmbedding, apply_rotary
+
+# checkpoint projection -> (our fused module, shard within it)
+_STACKED = {
+    "q_proj": ("qkv_proj", "q"),
+    "k_proj": ("qkv_proj", "k"),
+    "v_proj": ("qkv_proj", "v"),
+    "gate_proj": ("gate_up_proj", "gate"),
+    "up_proj": ("gate_up_proj", "up"),
+}
+ROPE_FREQ_FACTORS = "model.rotary_emb.freq_factors"  # GGUF rope_freqs.weight (Llama 3.1 scaling)
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int, dtype: torch.dtype):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.scale = self.head_dim ** -0.5
+        self.qkv_proj = MergedLinear(
+            config.hidden_size, {"q": self.q_size, "k": self.kv_size, "v": self.kv_size}, dtype)
+        self.o_proj = Linear(self.q_size, config.hidden_size, dtype)
+
+    def forward(self, x, cos, sin, attn: AttentionContext):
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = apply_rotary(q.view(-1, self.num_heads, self.head_dim), cos, sin)
+        k = apply_rotary(k.view(-1, self.num_kv_heads, self.head_dim), cos, sin)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        out = attn.attend(self.layer_idx, q, k, v, self.scale)
+        return self.o_proj(out.reshape(-1, self.q_size))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, config: ModelConfig, dtype: torch.dtype):
+        super().__init__()
+        size = config.intermediate_size
+        self.gate_up_proj = MergedLinear(config.hidden_size, {"gate": size, "up": size}, dtype)
+        self.down_proj = Linear(size, config.hidden_size, dtype)
+
+    def forward(self, x):
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int, dtype: torch.dtype):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+        self.self_attn = LlamaAttention(config, layer_idx, dtype)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+        self.mlp = LlamaMLP(config, dtype)
+
+    def forward(self, x, residual, cos, sin, attn):
+        if residual is None:
+            residual, x = x, self.input_layernorm(x)
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(x, cos, sin, attn)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config: ModelConfig, dtype: torch.dtype):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, dtype=dtype)
+        self.embed_tokens.weight.requires_grad_(False)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, i, dtype) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+        self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
+
+    def forward(self, input_ids, positions, attn):
+        x = self.embed_tokens(input_ids)
+        cos, sin = self.rotary_emb(positions, x.dtype)
+        residual = None
+        for layer in self.layers:
+            x, residual = layer(x, residual, cos, sin, attn)
+        x, _ = self.norm(x, residual)
+        return x
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, config: ModelConfig, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.config = config
+        self.model = LlamaModel(config, dtype)
+        self.lm_head = None if config.tie_word_embeddings else Linear(config.hidden_size, config.vocab_size, dtype)
+
+    @torch.no_grad()
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionContext) -> torch.Tensor:
+        """input_ids, positions: [N] -> hidden states [N, hidden]."""
+        return self.model(input_ids, positions, attn)
+
+    @torch.no_grad()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[M, hidden] -> float32 logits [M, vocab]."""
+        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(hidden, weight).float()
+
+    # ------------------------------------------------------------------ weights
+    def checkpoint_weight_names(self) -> list[str]:
+        """HF names of every tensor this model needs from a checkpoint."""
+        names = ["model.embed_tokens.weight"]
+        for i in range(self.config.num_layers):
+            p = f"model.layers.{i}."
+            names += [p + "input_layernorm.weight", p + "post_attention_layernorm.weight"]
+            names += [p + f"self_attn.{proj}.weight" for proj in ("q_proj", "k_proj", "v_proj", "o_proj")]
+            names += [p + f"mlp.{proj}.weight" for proj in ("gate_proj", "up_proj", "down_proj")]
+        names.append("model.norm.weight")
+        if self.lm_head is not None:
+            names.append("lm_head.weight")
+        return names
+
+    def load_weight(self, name: str, tensor: torch.Tensor) -> None:
+        """Copy one checkpoint tensor (HF name) into the model; ValueError naming it on mismatch."""
+        if name == ROPE_FREQ_FACTORS:
+            self.model.rotary_emb.set_freq_factors(tensor)
+            return
+        if name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and self.lm_head is None):
+            return  # recomputed / tied to the embeddings
+        module_path, _, leaf = name.rpartition(".")
+        parent, _, proj = module_path.rpartition(".")
+        shard = None
+        if proj in _STACKED:
+            fused, shard = _STACKED[proj]
+            module_path = f"{parent}.{fused}"
+        try:
+            module = self.get_submodule(module_path)
+        except AttributeError:
+            module = None
+        if leaf != "weight" or module is None or not hasattr(module, "weight"):
+            raise ValueError(f"unexpected tensor {name!r} for a Llama model")
+        try:
+            if isinstance(module, Linear):
+                module.load(tensor, shard)
+            elif tuple(tensor.shape) != tuple(module.weight.shape):
+                raise ValueError(f"expected shape {tuple(module.weight.shape)}, got {tuple(tensor.shape)}")
+            else:
+                module.weight.data.copy_(tensor)
+        except ValueError as e:
+            raise ValueError(f"tensor {name!r}: {e}") from None

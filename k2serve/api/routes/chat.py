@@ -8,10 +8,10 @@ import uuid
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from k2serve.api.errors import APIError, bad_request
-from k2serve.api.generation import (SSE_DONE, collect, fit_context, merged_choices,
-                                    openai_chat_logprobs, sse, together_logprobs,
-                                    until_disconnected)
+from k2serve.api.errors import bad_request
+from k2serve.api.generation import (collect, fit_context, merged_choices, openai_chat_logprobs,
+                                    sse_stream, stream_deltas, together_logprobs,
+                                    until_disconnected, usage_dict)
 from k2serve.api.models_lookup import text_backend_for
 from k2serve.api.schemas.chat import ChatCompletionRequest
 from k2serve.serving.text_backend import TextBackend
@@ -77,7 +77,8 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
 
     if req.stream:
         return StreamingResponse(
-            _stream(req, reply_id, created, choices, prepared, prompt_field, logprobs_of),
+            sse_stream(_stream(req, reply_id, created, choices, prepared, prompt_field,
+                               logprobs_of)),
             media_type="text/event-stream", headers={"cache-control": "no-cache"})
 
     results = await until_disconnected(request, collect(choices, req.n))
@@ -95,49 +96,26 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
             "logprobs": logprobs_of(r.logprobs),
             **({"seed": req.seed + i} if req.seed is not None else {}),
         } for i, r in enumerate(results)],
-        "usage": _usage(len(prepared.ids), completion_tokens, 0),
+        "usage": usage_dict(len(prepared.ids), completion_tokens),
     }
     if prepared.warnings:
         body["warnings"] = [{"message": w} for w in prepared.warnings]
     return JSONResponse(body)
 
 
-def _usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
-
-
 async def _stream(req, reply_id, created, choices, prepared, prompt_field, logprobs_of):
-    """Together-style stream: role on every delta; the last chunk carries usage; then [DONE]."""
-    completion_tokens = [0] * req.n
-    finished = 0
-    try:
-        async for index, delta in choices:
-            completion_tokens[index] = delta.completion_tokens
-            if not delta.text and not delta.finish_reason and not delta.logprobs:
-                continue
-            last = False
-            if delta.finish_reason:
-                finished += 1
-                last = finished == req.n
-            choice = {"index": index,
-                      "delta": {"role": "assistant", "content": delta.text},
-                      "finish_reason": delta.finish_reason,
-                      "logprobs": logprobs_of(delta.logprobs)}
-            if delta.token_ids:
-                choice["delta"]["token_id"] = delta.token_ids[-1]
-            chunk = {"id": reply_id, "object": "chat.completion.chunk", "created": created,
-                     "model": req.model, "choices": [choice],
-                     "usage": _usage(len(prepared.ids), sum(completion_tokens), 0) if last else None}
-            if prompt_field and index == 0 and delta.completion_tokens == len(delta.token_ids):
-                chunk["prompt"] = prompt_field
-            if last and prepared.warnings:
-                chunk["warnings"] = [{"message": w} for w in prepared.warnings]
-            yield sse(chunk)
-    except APIError as exc:
-        yield sse(exc.body())
-    except Exception as exc:  # in-band error: Stainless SDKs raise APIError on it
-        yield sse({"error": {"message": str(exc), "type": "server_error", "param": None,
-                             "code": None}})
-    yield SSE_DONE
+    """Together-style chunks: role on every delta; the last chunk carries usage."""
+    async for index, delta, usage in stream_deltas(choices, req.n, len(prepared.ids)):
+        choice = {"index": index,
+                  "delta": {"role": "assistant", "content": delta.text},
+                  "finish_reason": delta.finish_reason,
+                  "logprobs": logprobs_of(delta.logprobs)}
+        if delta.token_ids:
+            choice["delta"]["token_id"] = delta.token_ids[-1]
+        chunk = {"id": reply_id, "object": "chat.completion.chunk", "created": created,
+                 "model": req.model, "choices": [choice], "usage": usage}
+        if prompt_field and index == 0 and delta.completion_tokens == len(delta.token_ids):
+            chunk["prompt"] = prompt_field
+        if usage and prepared.warnings:
+            chunk["warnings"] = [{"message": w} for w in prepared.warnings]
+        yield chunk

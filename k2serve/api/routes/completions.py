@@ -8,21 +8,15 @@ import uuid
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from k2serve.api.errors import APIError
-from k2serve.api.generation import (SSE_DONE, collect, fit_context, merged_choices, sse,
-                                    together_logprobs, until_disconnected)
+from k2serve.api.generation import (collect, fit_context, merged_choices, sse_stream,
+                                    stream_deltas, together_logprobs, until_disconnected,
+                                    usage_dict)
 from k2serve.api.models_lookup import text_backend_for
 from k2serve.api.schemas.completions import CompletionRequest
 
 router = APIRouter()
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for this endpoint
-
-
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": 0}}
 
 
 @router.post("/v1/completions")
@@ -44,7 +38,8 @@ async def completions(req: CompletionRequest, request: Request):
         choices = merged_choices(backend, prepared.ids, req, prepared.max_tokens)
 
     if req.stream:
-        return StreamingResponse(_stream(req, reply_id, created, choices, prepared, echo_text),
+        return StreamingResponse(sse_stream(_stream(req, reply_id, created, choices, prepared,
+                                                    echo_text)),
                                  media_type="text/event-stream",
                                  headers={"cache-control": "no-cache"})
 
@@ -68,50 +63,32 @@ async def completions(req: CompletionRequest, request: Request):
                              **({"seed": req.seed + i} if req.seed is not None else {})})
     body = {"id": reply_id, "object": "text.completion", "created": created, "model": req.model,
             "prompt": prompt_field, "choices": body_choices,
-            "usage": _usage(len(prepared.ids), sum(r.completion_tokens for r in results if r))}
+            "usage": usage_dict(len(prepared.ids), sum(r.completion_tokens for r in results if r))}
     if prepared.warnings:
         body["warnings"] = [{"message": w} for w in prepared.warnings]
     return JSONResponse(body)
 
 
 async def _stream(req, reply_id, created, choices, prepared, echo_text):
-    completion_tokens = [0] * req.n
-    finished = 0
-
     def chunk(index, text, finish_reason, usage, logprobs=None, token_id=None):
         delta = {"content": text}
         if token_id is not None:
             delta["token_id"] = token_id
-        return sse({"id": reply_id, "object": "completion.chunk", "created": created,
-                    "model": req.model,
-                    "choices": [{"index": index, "text": text, "finish_reason": finish_reason,
-                                 "logprobs": logprobs, "delta": delta}],
-                    "usage": usage})
+        return {"id": reply_id, "object": "completion.chunk", "created": created,
+                "model": req.model,
+                "choices": [{"index": index, "text": text, "finish_reason": finish_reason,
+                             "logprobs": logprobs, "delta": delta}],
+                "usage": usage}
 
     if echo_text:
         for i in range(req.n):
             yield chunk(i, echo_text, None, None)
     if choices is None:
         for i in range(req.n):
-            yield chunk(i, "", "length", _usage(len(prepared.ids), 0) if i == req.n - 1 else None)
-        yield SSE_DONE
+            last = i == req.n - 1
+            yield chunk(i, "", "length", usage_dict(len(prepared.ids), 0) if last else None)
         return
-    try:
-        async for index, delta in choices:
-            completion_tokens[index] = delta.completion_tokens
-            if not delta.text and not delta.finish_reason and not delta.logprobs:
-                continue
-            last = False
-            if delta.finish_reason:
-                finished += 1
-                last = finished == req.n
-            usage = _usage(len(prepared.ids), sum(completion_tokens)) if last else None
-            logprobs = together_logprobs(delta.logprobs) if delta.logprobs else None
-            yield chunk(index, delta.text, delta.finish_reason, usage, logprobs,
-                        delta.token_ids[-1] if delta.token_ids else None)
-    except APIError as exc:
-        yield sse(exc.body())
-    except Exception as exc:
-        yield sse({"error": {"message": str(exc), "type": "server_error", "param": None,
-                             "code": None}})
-    yield SSE_DONE
+    async for index, delta, usage in stream_deltas(choices, req.n, len(prepared.ids)):
+        logprobs = together_logprobs(delta.logprobs) if delta.logprobs else None
+        yield chunk(index, delta.text, delta.finish_reason, usage, logprobs,
+                    delta.token_ids[-1] if delta.token_ids else None)

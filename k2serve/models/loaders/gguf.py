@@ -64,11 +64,6 @@ def gguf_metadata(reader) -> dict[str, Any]:
     return {key: field.contents() for key, field in reader.fields.items()}
 
 
-def read_gguf_metadata(path: str) -> dict[str, Any]:
-    """The key/value metadata of a GGUF file (``general.*``, ``llama.*``, ``tokenizer.ggml.*``)."""
-    return gguf_metadata(gguf.GGUFReader(path))
-
-
 def dequantize_tensor(tensor) -> np.ndarray:
     """A GGUFReader tensor as a float32 array in row-major (HF) shape."""
     shape = tuple(int(d) for d in reversed(tensor.shape))

@@ -9,6 +9,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from k2serve.engine.async_engine import EngineOverloaded
+
 log = logging.getLogger(__name__)
 
 _TYPE_BY_STATUS = {
@@ -43,6 +45,16 @@ class APIError(Exception):
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
     return APIError(400, message, param=param, code=code)
+
+
+OVERLOAD_RETRY_AFTER_S = 1
+
+
+def overloaded(message: str) -> APIError:
+    """503: the server is at capacity (the caller is within its own rate); retry shortly."""
+    return APIError(503, f"The server is overloaded: {message}. Retry shortly.",
+                    code="server_overloaded", type="service_unavailable",
+                    headers={"retry-after": str(OVERLOAD_RETRY_AFTER_S)})
 
 
 def error_response(error: APIError) -> JSONResponse:
@@ -84,6 +96,10 @@ def install_error_handlers(app: FastAPI) -> None:
                    405: f"Method {request.method} not allowed on {request.url.path}"}.get(
                        exc.status_code, str(exc.detail))
         return error_response(APIError(exc.status_code, message))
+
+    @app.exception_handler(EngineOverloaded)
+    async def _overloaded(request: Request, exc: EngineOverloaded):
+        return error_response(overloaded(str(exc)))
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):

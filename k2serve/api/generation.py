@@ -149,9 +149,11 @@ class ChoiceAccumulator:
     logprobs: list[LogprobEntry] = field(default_factory=list)
     finish_reason: str | None = None
     completion_tokens: int = 0
+    cached_tokens: int = 0
     prompt_logprobs: list[LogprobEntry | None] | None = None
 
     def add(self, delta: TextDelta) -> None:
+        self.cached_tokens = delta.cached_tokens
         if delta.prompt_logprobs is not None:
             self.prompt_logprobs = delta.prompt_logprobs
         self.text += delta.text
@@ -202,16 +204,19 @@ async def stream_deltas(choices: AsyncIterator[tuple[int, TextDelta]], n: int, p
     (which naive `chunk.choices[0]` client code crashes on).
     """
     completion_tokens = [0] * n
+    cached_tokens = [0] * n
     finished = 0
     async for index, delta in choices:
         completion_tokens[index] = delta.completion_tokens
+        cached_tokens[index] = delta.cached_tokens
         if not delta.text and not delta.finish_reason and not delta.logprobs:
             continue
         usage = None
         if delta.finish_reason:
             finished += 1
             if finished == n:
-                usage = usage_dict(prompt_tokens, sum(completion_tokens), delta.cached_tokens)
+                # The prompt is counted once; its cache hits are those of the first choice.
+                usage = usage_dict(prompt_tokens, sum(completion_tokens), cached_tokens[0])
         yield index, delta, usage
 
 

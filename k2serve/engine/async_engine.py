@@ -24,6 +24,10 @@ class EngineError(RuntimeError):
     """The engine failed while running a request."""
 
 
+class EngineOverloaded(RuntimeError):
+    """The running batch and the waiting queue are full; try again later."""
+
+
 class AsyncEngine:
     def __init__(self, core: EngineCore, *, name: str = "engine"):
         self._core = core
@@ -32,6 +36,9 @@ class AsyncEngine:
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._streams_lock = threading.Lock()
         self._stopped = False
+        # Requests accepted and not yet finished; touched on the event loop thread only.
+        self._in_flight = 0
+        self.max_in_flight = core.config.max_num_seqs + core.config.max_waiting
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -43,6 +50,9 @@ class AsyncEngine:
         """
         if self._stopped:
             raise EngineError("engine is shut down")
+        if self._in_flight >= self.max_in_flight:
+            raise EngineOverloaded(f"{self._in_flight} requests are running or waiting, the "
+                                   f"most this server queues")
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         with self._streams_lock:
@@ -50,6 +60,7 @@ class AsyncEngine:
                 raise ValueError(f"duplicate request id {request.request_id}")
             self._streams[request.request_id] = (loop, queue)
         self._submit("add", request)
+        self._in_flight += 1
         finished = False
         try:
             while True:
@@ -63,6 +74,7 @@ class AsyncEngine:
                 if finished:
                     return
         finally:
+            self._in_flight -= 1
             with self._streams_lock:
                 self._streams.pop(request.request_id, None)
             if not finished:
@@ -71,8 +83,12 @@ class AsyncEngine:
     def abort(self, request_id: str) -> None:
         self._submit("abort", request_id)
 
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
     def stats(self) -> dict[str, int]:
-        return self._core.stats()
+        return {**self._core.stats(), "in_flight": self._in_flight}
 
     def health(self) -> bool:
         return self._thread.is_alive() and not self._stopped

@@ -2,22 +2,22 @@
 
 It is driven by one thread (see ``async_engine.py``); nothing here is thread-safe on its
 own. Every step runs one forward pass over a flattened batch that mixes decode tokens
-(one per running sequence) and chunks of prompts still being prefilled, under a token
-budget so that a long prompt never stalls the others' decoding for long.
+(one per running sequence) and chunks of prompts still being prefilled (see
+``scheduler.py``), with the KV cache in a paged pool shared by all sequences.
 """
 
 from __future__ import annotations
 
 import logging
-from collections import deque
 from dataclasses import dataclass
 
 import torch
 
+from k2serve.engine.block_manager import BlockManager
+from k2serve.engine.kv_cache import KVPool
 from k2serve.engine.sampler import SamplingRow, make_generator, sample
-from k2serve.engine.sequence import (GenerationRequest, RequestOutput, Sequence, SequenceStatus,
-                                     TokenLogprob)
-from k2serve.models.layers.attention import ContiguousAttention, Segment, SequenceKVCache
+from k2serve.engine.scheduler import Scheduler, SchedulerConfig
+from k2serve.engine.sequence import (GenerationRequest, RequestOutput, Sequence, TokenLogprob)
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +27,10 @@ class EngineConfig:
     max_num_seqs: int = 32  # sequences decoding at once
     max_step_tokens: int = 512  # tokens per forward pass (decode tokens + prefill chunks)
     context_length: int = 2048
+    block_size: int = 16  # tokens per KV block
+    kv_cache_bytes: int | None = None  # None: a share of the memory available at start-up
+    num_kv_blocks: int | None = None  # overrides kv_cache_bytes (tests)
+    max_waiting: int = 256  # queued requests beyond the running batch; more are refused
 
 
 class EngineCore:
@@ -34,107 +38,78 @@ class EngineCore:
                  head_dim: int, config: EngineConfig, dtype: torch.dtype = torch.float32):
         self.model = model
         self.config = config
-        self._kv_shape = (num_layers, num_kv_heads, head_dim)
-        self._dtype = dtype
-        self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []
+        self.kv = KVPool(num_layers, num_kv_heads, head_dim, config.block_size,
+                         num_blocks=config.num_kv_blocks, max_bytes=config.kv_cache_bytes,
+                         dtype=dtype)
+        self.blocks = BlockManager(self.kv.num_blocks, config.block_size)
+        self.scheduler = Scheduler(self.blocks, SchedulerConfig(config.max_num_seqs,
+                                                                config.max_step_tokens))
 
     # -- requests -------------------------------------------------------------------
     def add(self, request: GenerationRequest) -> None:
         if not request.prompt_ids:
             raise ValueError("prompt must contain at least one token")
+        needed = self.blocks.blocks_needed(len(request.prompt_ids) + request.params.max_tokens)
+        if needed > self.blocks.num_blocks:
+            raise ValueError(f"the request needs {needed} KV blocks but the cache holds only "
+                             f"{self.blocks.num_blocks}")
         seq = Sequence(request)
         if request.params.seed is not None:
             seq.generator = make_generator(request.params.seed)
-        self.waiting.append(seq)
+        self.scheduler.add(seq)
 
     def abort(self, request_id: str) -> bool:
-        for queue in (self.waiting, self.running):
-            for seq in list(queue):
-                if seq.request_id == request_id:
-                    queue.remove(seq)
-                    self._release(seq)
-                    return True
-        return False
+        seq = self.scheduler.find(request_id)
+        if seq is None:
+            return False
+        self.scheduler.remove(seq)
+        return True
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return self.scheduler.has_work()
 
     def stats(self) -> dict[str, int]:
-        return {"running": len(self.running), "waiting": len(self.waiting)}
+        return {"running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
+                "kv_blocks_total": self.blocks.num_blocks, "kv_blocks_free": self.blocks.num_free,
+                "kv_block_size": self.blocks.block_size,
+                "preemptions": self.scheduler.num_preemptions}
 
     # -- one step -------------------------------------------------------------------
     @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
-        self._admit()
-        batch = self._schedule()
+        batch = self.scheduler.schedule()
         if not batch:
             return []
-        hidden, ctx = self._forward(batch)
-        outputs = self._sample_and_update(batch, hidden, ctx)
-        self.running = [s for s in self.running if s.status is SequenceStatus.RUNNING]
-        return outputs
-
-    def fail_all(self, message: str) -> list[RequestOutput]:
-        """After an unexpected error: end every request with an error output."""
-        outputs = []
-        for seq in list(self.waiting) + self.running:
-            outputs.append(RequestOutput(seq.request_id, [], None, "abort",
-                                         len(seq.prompt_ids), error=message))
-            self._release(seq)
-        self.waiting.clear()
-        self.running.clear()
-        return outputs
-
-    def _admit(self) -> None:
-        while self.waiting and len(self.running) < self.config.max_num_seqs:
-            seq = self.waiting.popleft()
-            num_layers, num_kv, head_dim = self._kv_shape
-            seq.kv_cache = SequenceKVCache(num_layers, num_kv, head_dim, dtype=self._dtype,
-                                           initial_capacity=len(seq.prompt_ids)
-                                           + min(seq.params.max_tokens, 256))
-            seq.status = SequenceStatus.RUNNING
-            self.running.append(seq)
-
-    def _schedule(self) -> list[tuple[Sequence, int]]:
-        """Pick (sequence, number of tokens to compute) pairs: decodes first, then prefill."""
-        budget = self.config.max_step_tokens
-        batch: list[tuple[Sequence, int]] = []
-        for seq in self.running:
-            if not seq.in_prefill:
-                batch.append((seq, seq.num_tokens - seq.num_computed))
-                budget -= 1
-        for seq in self.running:
-            if seq.in_prefill and budget > 0:
-                chunk = min(len(seq.prompt_ids) - seq.num_computed, budget)
-                batch.append((seq, chunk))
-                budget -= chunk
-        return batch
-
-    def _forward(self, batch):
+        ctx = self.kv.attention_context(batch)
         ids: list[int] = []
         positions: list[int] = []
-        segments = []
         for seq, count in batch:
             start = seq.num_computed
             ids.extend(seq.all_ids[start:start + count])
             positions.extend(range(start, start + count))
-            segments.append(Segment(seq.kv_cache, start, count))
-        ctx = ContiguousAttention(segments)
         hidden = self.model(torch.tensor(ids, dtype=torch.long),
                             torch.tensor(positions, dtype=torch.long), ctx)
-        ctx.commit()
-        return hidden, ctx
+        return self._sample_and_update(batch, hidden)
 
-    def _sample_and_update(self, batch, hidden, ctx) -> list[RequestOutput]:
+    def fail_all(self, message: str) -> list[RequestOutput]:
+        """After an unexpected error: end every request with an error output."""
+        outputs = []
+        for seq in [*self.scheduler.waiting, *self.scheduler.running]:
+            outputs.append(RequestOutput(seq.request_id, [], None, "abort",
+                                         len(seq.prompt_ids), error=message))
+            self.scheduler.remove(seq)
+        return outputs
+
+    def _sample_and_update(self, batch, hidden) -> list[RequestOutput]:
         outputs: list[RequestOutput] = []
         sample_rows: list[int] = []  # hidden-state row of each sampling sequence
         samplers: list[Sequence] = []
         offset = 0
         for seq, count in batch:
-            if seq.params.prompt_logprobs and seq.in_prefill:
+            if seq.params.prompt_logprobs and seq.num_computed < len(seq.prompt_ids):
                 self._record_prompt_logprobs(seq, hidden[offset:offset + count])
             seq.num_computed += count
+            self.scheduler.register_full_blocks(seq)
             if seq.num_computed == seq.num_tokens:  # caught up: the next token is due
                 sample_rows.append(offset + count - 1)
                 samplers.append(seq)
@@ -142,8 +117,7 @@ class EngineCore:
         # Prompt-only requests (max_tokens=0, e.g. scoring a prompt) end after prefill.
         for seq in [s for s in samplers if s.params.max_tokens == 0]:
             samplers.remove(seq)
-            seq.finish_reason = "length"
-            self._release(seq)
+            self._finish(seq, "length")
             outputs.append(RequestOutput(seq.request_id, [], None, "length", len(seq.prompt_ids),
                                          prompt_logprobs=seq.prompt_logprobs))
         if not samplers:
@@ -157,15 +131,14 @@ class EngineCore:
             seq.output_ids.append(token_id)
             finish = self._finish_reason(seq, token_id)
             if finish:
-                seq.finish_reason = finish
-                seq.status = SequenceStatus.FINISHED
-                self._release(seq)
+                self._finish(seq, finish)
             outputs.append(RequestOutput(
                 request_id=seq.request_id,
                 token_ids=[token_id],
                 logprobs=[TokenLogprob(token_id, lp[0], lp[1])] if lp is not None else None,
                 finish_reason=finish,
                 num_prompt_tokens=len(seq.prompt_ids),
+                num_cached_tokens=seq.num_cached_tokens,
                 prompt_logprobs=seq.prompt_logprobs if first_output else None,
             ))
         return outputs
@@ -181,6 +154,8 @@ class EngineCore:
             target_pos = start + i + 1
             if target_pos >= len(seq.prompt_ids):
                 break
+            if target_pos != len(seq.prompt_logprobs):
+                continue  # recorded before this sequence was preempted
             token = seq.prompt_ids[target_pos]
             top = []
             if top_k:
@@ -198,6 +173,6 @@ class EngineCore:
             return "length"
         return None
 
-    def _release(self, seq: Sequence) -> None:
-        seq.kv_cache = None
-        seq.status = SequenceStatus.FINISHED
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        seq.finish_reason = reason
+        self.scheduler.remove(seq)

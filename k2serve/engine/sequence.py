@@ -49,8 +49,12 @@ class Sequence:
     request: GenerationRequest
     status: SequenceStatus = SequenceStatus.WAITING
     output_ids: list[int] = field(default_factory=list)
-    num_computed: int = 0  # tokens whose KV is in the cache
-    kv_cache: object | None = None
+    num_computed: int = 0  # leading tokens whose KV is in the cache
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache (first admission)
+    block_table: list[int] = field(default_factory=list)
+    block_hashes: list[bytes] = field(default_factory=list)  # of its full, computed blocks
+    in_flight_hashes: list[bytes] = field(default_factory=list)
+    num_preemptions: int = 0
     generator: torch.Generator | None = None
     prompt_logprobs: list[TokenLogprob | None] | None = None
     finish_reason: str | None = None
@@ -76,5 +80,6 @@ class Sequence:
         return len(self.request.prompt_ids) + len(self.output_ids)
 
     @property
-    def in_prefill(self) -> bool:
-        return self.num_computed < len(self.request.prompt_ids)
+    def is_decoding(self) -> bool:
+        """Only the last sampled token is left to compute (otherwise it is prefilling)."""
+        return bool(self.output_ids) and self.num_tokens - self.num_computed == 1

@@ -25,6 +25,8 @@ class LoadOptions:
     max_num_seqs: int = 32
     max_step_tokens: int = 512
     max_context_length: int | None = None  # cap below the model's own, to bound memory
+    kv_cache_bytes: int | None = None  # None: a share of the memory available at start-up
+    max_waiting: int = 256
     progress: bool = True
 
 
@@ -45,7 +47,12 @@ def load_text_model(options: LoadOptions) -> tuple[ModelSpec, TextBackend]:
                       head_dim=config.head_dim,
                       config=EngineConfig(max_num_seqs=options.max_num_seqs,
                                           max_step_tokens=options.max_step_tokens,
-                                          context_length=context_length))
+                                          context_length=context_length,
+                                          kv_cache_bytes=options.kv_cache_bytes,
+                                          max_waiting=options.max_waiting))
+    # A request must fit in the KV cache on its own, so the cache bounds the context too.
+    context_length = min(context_length, core.blocks.num_blocks * core.blocks.block_size)
+    core.config.context_length = context_length
     backend = TextBackend(tokenizer, AsyncEngine(core), context_length=context_length,
                           chat_template=template)
     model_id = options.served_model_name or _default_model_id(options.model_path)

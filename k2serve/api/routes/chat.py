@@ -65,6 +65,7 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
     prepared = fit_context(backend.encode_chat_prompt(prompt_text), req.requested_max_tokens,
                            None, backend.context_length, req.context_length_exceeded_behavior,
                            param)
+    backend.ensure_capacity(req.n)
     reply_id = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())
     choices = merged_choices(backend, prepared.ids, req, prepared.max_tokens)
@@ -96,7 +97,7 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
             "logprobs": logprobs_of(r.logprobs),
             **({"seed": req.seed + i} if req.seed is not None else {}),
         } for i, r in enumerate(results)],
-        "usage": usage_dict(len(prepared.ids), completion_tokens),
+        "usage": usage_dict(len(prepared.ids), completion_tokens, results[0].cached_tokens),
     }
     if prepared.warnings:
         body["warnings"] = [{"message": w} for w in prepared.warnings]

@@ -25,6 +25,7 @@ async def completions(req: CompletionRequest, request: Request):
     prepared = fit_context(backend.encode_text_prompt(req.prompt), req.max_tokens,
                            DEFAULT_MAX_TOKENS, backend.context_length,
                            req.context_length_exceeded_behavior, "max_tokens")
+    backend.ensure_capacity(req.n)
     reply_id = f"cmpl-{uuid.uuid4().hex}"
     created = int(time.time())
     echo_text = req.prompt if req.echo else ""
@@ -63,7 +64,8 @@ async def completions(req: CompletionRequest, request: Request):
                              **({"seed": req.seed + i} if req.seed is not None else {})})
     body = {"id": reply_id, "object": "text.completion", "created": created, "model": req.model,
             "prompt": prompt_field, "choices": body_choices,
-            "usage": usage_dict(len(prepared.ids), sum(r.completion_tokens for r in results if r))}
+            "usage": usage_dict(len(prepared.ids), sum(r.completion_tokens for r in results if r),
+                                 results[0].cached_tokens if results[0] else 0)}
     if prepared.warnings:
         body["warnings"] = [{"message": w} for w in prepared.warnings]
     return JSONResponse(body)

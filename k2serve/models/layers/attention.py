@@ -110,3 +110,51 @@ def _causal_attention(q, keys, values, start, scale):
         mask = k_pos <= q_pos
         out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale)
     return out.transpose(0, 1)
+
+
+@dataclass
+class PrefillRun:
+    """A chunk of one sequence's tokens computed in this step (more than a single decode)."""
+
+    q_start: int  # first row of the chunk in the flattened step
+    q_count: int
+    start_pos: int  # position of the chunk's first token
+    slots: torch.Tensor  # cache slots of positions 0 .. start_pos + q_count - 1
+
+
+@dataclass
+class PagedAttention:
+    """Attention over a paged KV pool (one [slots, kv_heads, head_dim] K and V tensor per layer).
+
+    The step's rows are laid out as `num_decode` single-token decodes first, then prefill
+    chunks. Each layer writes its new k/v into their slots with one `index_copy_`; the
+    decodes attend together through one gather of their (padded) slot tables, the prefill
+    chunks one by one with a causal mask.
+    """
+
+    k_pool: list[torch.Tensor]
+    v_pool: list[torch.Tensor]
+    slot_mapping: torch.Tensor  # [N] cache slot of each row
+    num_decode: int = 0
+    decode_slots: torch.Tensor | None = None  # [B, S_max] slots, padded with slot 0
+    decode_mask: torch.Tensor | None = None  # [B, 1, 1, S_max] True where a slot is real
+    prefills: list[PrefillRun] = field(default_factory=list)
+
+    def attend(self, layer_idx, q, k, v, scale):
+        k_pool, v_pool = self.k_pool[layer_idx], self.v_pool[layer_idx]
+        k_pool.index_copy_(0, self.slot_mapping, k.to(k_pool.dtype))
+        v_pool.index_copy_(0, self.slot_mapping, v.to(v_pool.dtype))
+        out = torch.empty_like(q)
+        b = self.num_decode
+        if b:
+            keys = k_pool[self.decode_slots].transpose(1, 2).to(q.dtype)  # [B, KV, S, D]
+            values = v_pool[self.decode_slots].transpose(1, 2).to(q.dtype)
+            o = F.scaled_dot_product_attention(q[:b].unsqueeze(2), keys, values,
+                                               attn_mask=self.decode_mask, scale=scale,
+                                               enable_gqa=True)
+            out[:b] = o.squeeze(2)
+        for run in self.prefills:
+            rows = slice(run.q_start, run.q_start + run.q_count)
+            out[rows] = _causal_attention(q[rows], k_pool[run.slots].to(q.dtype),
+                                          v_pool[run.slots].to(q.dtype), run.start_pos, scale)
+        return out

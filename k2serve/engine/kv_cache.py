@@ -1,0 +1,79 @@
+"""The KV pool tensors, and the per-step attention context that addresses them."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from k2serve.engine.sequence import Sequence
+from k2serve.models.layers.attention import PagedAttention, PrefillRun
+
+DEFAULT_KV_FRACTION = 0.25  # of the memory available at start-up
+DEFAULT_KV_MAX_BYTES = 4 << 30
+
+
+def available_memory_bytes() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def default_kv_bytes() -> int:
+    return min(int(available_memory_bytes() * DEFAULT_KV_FRACTION), DEFAULT_KV_MAX_BYTES)
+
+
+class KVPool:
+    """One K and one V tensor per layer, [num_blocks * block_size, kv_heads, head_dim]."""
+
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, block_size: int,
+                 *, num_blocks: int | None = None, max_bytes: int | None = None,
+                 dtype: torch.dtype = torch.float32):
+        bytes_per_block = 2 * num_layers * block_size * num_kv_heads * head_dim * dtype.itemsize
+        if num_blocks is None:
+            num_blocks = (max_bytes or default_kv_bytes()) // bytes_per_block
+        if num_blocks < 1:
+            raise ValueError("the KV cache is too small for a single block")
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.bytes = num_blocks * bytes_per_block
+        slots = num_blocks * block_size
+        self.k = [torch.zeros(slots, num_kv_heads, head_dim, dtype=dtype) for _ in range(num_layers)]
+        self.v = [torch.zeros(slots, num_kv_heads, head_dim, dtype=dtype) for _ in range(num_layers)]
+
+    def slots(self, seq: Sequence, start: int, end: int) -> torch.Tensor:
+        """Cache slots of positions start..end-1 of a sequence."""
+        table = torch.tensor(seq.block_table, dtype=torch.long)
+        positions = torch.arange(start, end)
+        return table[positions // self.block_size] * self.block_size + positions % self.block_size
+
+    def attention_context(self, batch: list[tuple[Sequence, int]]) -> PagedAttention:
+        """The step's context: decodes (count 1, listed first) batched, prefill chunks apart."""
+        slot_parts, prefills = [], []
+        decode_slots: list[torch.Tensor] = []
+        row = 0
+        for seq, count in batch:
+            start = seq.num_computed
+            seen = self.slots(seq, 0, start + count)  # every position this chunk attends to
+            slot_parts.append(seen[start:])
+            if count == 1 and seq.is_decoding:
+                decode_slots.append(seen)
+            else:
+                prefills.append(PrefillRun(row, count, start, seen))
+            row += count
+        ctx = PagedAttention(self.k, self.v, torch.cat(slot_parts), prefills=prefills)
+        if decode_slots:
+            longest = max(len(s) for s in decode_slots)
+            padded = torch.zeros(len(decode_slots), longest, dtype=torch.long)
+            mask = torch.zeros(len(decode_slots), 1, 1, longest, dtype=torch.bool)
+            for i, s in enumerate(decode_slots):
+                padded[i, :len(s)] = s
+                mask[i, ..., :len(s)] = True
+            ctx.num_decode = len(decode_slots)
+            ctx.decode_slots, ctx.decode_mask = padded, mask
+        return ctx

@@ -1,0 +1,164 @@
+"""k2serve's engine side by side with llama.cpp and HF transformers, in one run, same weights.
+
+    python benchmarks/serving_compare.py [--quick]
+
+Prints, with medians over repeats:
+  1. single-stream decode tokens/s: k2serve (served, through `k2serve bench` at concurrency 1),
+     llama.cpp (llama-cpp-python, in-process) and transformers eager (fp32, from the GGUF);
+  2. aggregate output tokens/s of k2serve at 32 concurrent streams (256 prompt / 128 output);
+  3. time to first token of a request whose ~2,000-token prefix is cached vs cold.
+and the ratios the engine issue asks for. Each contender runs alone (the server idles while
+llama.cpp and transformers run), with 2 threads, on the embedded SmolLM2-135M-Instruct Q4_1.
+Benchmark-only dependencies: `pip install llama-cpp-python transformers accelerate`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from k2serve.bench import BenchConfig, run_benchmark  # noqa: E402
+from k2serve.bench.datasets import WORDS  # noqa: E402
+from k2serve.models.embedded import embedded_smollm2_gguf_path  # noqa: E402
+from tests.conftest import start_server, stop_server  # noqa: E402
+
+THREADS = 2
+
+LLAMA_CPP_DECODE = textwrap.dedent("""
+    import sys, time
+    from llama_cpp import Llama
+    llm = Llama(model_path=sys.argv[1], n_threads=int(sys.argv[2]), n_ctx=1024, verbose=False)
+    n = int(sys.argv[3])
+    prompt = llm.tokenize(b"Once upon a time, in a land far away,")
+    llm.eval(prompt)
+    token = llm.sample(temp=0.0)
+    start = time.perf_counter()
+    for _ in range(n):
+        llm.eval([token])
+        token = llm.sample(temp=0.0)
+    print(n / (time.perf_counter() - start))
+""")
+
+TRANSFORMERS_DECODE = textwrap.dedent("""
+    import os, sys, time, torch, transformers
+    torch.set_num_threads(int(sys.argv[2]))
+    path = sys.argv[1]
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        os.path.dirname(path), gguf_file=os.path.basename(path), torch_dtype=torch.float32).eval()
+    ids = torch.tensor([[1, 504, 2756, 253, 655]])
+    n = int(sys.argv[3])
+    with torch.no_grad():
+        out = model(ids, use_cache=True)
+        past, token = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+        start = time.perf_counter()
+        for _ in range(n):
+            out = model(token, past_key_values=past, use_cache=True)
+            past, token = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+    print(n / (time.perf_counter() - start))
+""")
+
+
+def run_peer(script: str, tokens: int) -> float | None:
+    out = subprocess.run([sys.executable, "-c", script, embedded_smollm2_gguf_path(), str(THREADS),
+                          str(tokens)], capture_output=True, text=True, timeout=1200)
+    if out.returncode != 0:
+        print(f"  (peer failed: {out.stderr.strip().splitlines()[-1:]})")
+        return None
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def served_decode_rate(base: str, tokens: int) -> float:
+    metrics = run_benchmark(BenchConfig(base_url=base, num_prompts=3, random_input_len=32,
+                                        random_output_len=tokens, concurrency=1, warmup=1))
+    return 1000.0 / metrics["median_tpot_ms"]
+
+
+def served_throughput(base: str, streams: int, prompts: int, input_len: int, output_len: int):
+    metrics = run_benchmark(BenchConfig(base_url=base, num_prompts=prompts, concurrency=streams,
+                                        random_input_len=input_len, random_output_len=output_len,
+                                        warmup=0))
+    return metrics
+
+
+def ttft(base: str, model: str, prompt: str) -> tuple[float, int]:
+    body = {"model": model, "prompt": prompt, "max_tokens": 1, "stream": True, "temperature": 0}
+    start = time.perf_counter()
+    first = None
+    cached = 0
+    with httpx.stream("POST", base + "/completions", json=body, timeout=600) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {") and first is None:
+                first = time.perf_counter() - start
+            if '"usage":{' in line:
+                cached = int(line.split('"cached_tokens":')[1].split("}")[0])
+    return first, cached
+
+
+def prefix_cache_ttft(base: str, model: str, repeats: int, prefix_words: int = 2000):
+    cold, warm, cached = [], [], []
+    for trial in range(repeats):
+        rng = random.Random(1000 + trial)
+        prefix = " ".join(rng.choice(WORDS) for _ in range(prefix_words))
+        cold.append(ttft(base, model, prefix + " Question one?")[0])
+        seconds, hits = ttft(base, model, prefix + " Question two?")
+        warm.append(seconds)
+        cached.append(hits)
+    return statistics.median(cold), statistics.median(warm), statistics.median(cached)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer tokens and repeats")
+    parser.add_argument("--server-args", default="", help="extra `k2serve serve` flags")
+    args = parser.parse_args()
+    tokens = 48 if args.quick else 128
+    repeats = 1 if args.quick else 3
+
+    print(f"== decode, single stream ({tokens} tokens, {THREADS} threads, median of {repeats})")
+    llama_cpp = [r for r in (run_peer(LLAMA_CPP_DECODE, tokens) for _ in range(repeats)) if r]
+    hf = [r for r in (run_peer(TRANSFORMERS_DECODE, tokens // 2) for _ in range(repeats)) if r]
+
+    server = start_server("--threads", str(THREADS), *args.server_args.split())
+    try:
+        base = server.base_v1
+        model = httpx.get(base + "/models").json()[0]["id"]
+        ours = [served_decode_rate(base, tokens) for _ in range(repeats)]
+        print("== 32 concurrent streams, 256 prompt / 128 output tokens")
+        streams = served_throughput(base, 32, 32 if args.quick else 64, 256, 32 if args.quick else 128)
+        print("== time to first token with a ~2,000-token prefix cached vs cold")
+        cold, warm, hits = prefix_cache_ttft(base, model, repeats)
+    finally:
+        stop_server(server)
+
+    med = statistics.median
+    llama_rate = med(llama_cpp) if llama_cpp else float("nan")
+    rows = [("llama.cpp (llama-cpp-python)", llama_rate),
+            ("HF transformers eager fp32", med(hf) if hf else float("nan")),
+            ("k2serve, served (TPOT)", med(ours))]
+    print()
+    print(f"{'single-stream decode':<34}{'tok/s':>10}{'vs llama.cpp':>14}")
+    for name, rate in rows:
+        print(f"{name:<34}{rate:>10.1f}{rate / llama_rate:>13.2f}x")
+    agg = streams["output_throughput"]
+    print(f"\n32 streams: {agg:.1f} output tok/s aggregate = {agg / llama_rate:.2f}x llama.cpp "
+          f"single-stream (target >= 2x); {streams['completed']} requests, "
+          f"median TTFT {streams["median_ttft_ms"]:.0f} ms, TPOT {streams["median_tpot_ms"]:.0f} ms")
+    print(f"prefix cache: cold TTFT {cold * 1000:.0f} ms, cached TTFT {warm * 1000:.0f} ms "
+          f"({hits} tokens from cache) = {cold / warm:.1f}x sooner (target >= 5x)")
+    print(f"batch-1 decode: {med(ours) / llama_rate:.2f}x llama.cpp (target >= 0.85x)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -153,7 +153,7 @@ def main() -> int:
     agg = streams["output_throughput"]
     print(f"\n32 streams: {agg:.1f} output tok/s aggregate = {agg / llama_rate:.2f}x llama.cpp "
           f"single-stream (target >= 2x); {streams['completed']} requests, "
-          f"median TTFT {streams["median_ttft_ms"]:.0f} ms, TPOT {streams["median_tpot_ms"]:.0f} ms")
+          f"median TTFT {streams['median_ttft_ms']:.0f} ms, TPOT {streams['median_tpot_ms']:.0f} ms")
     print(f"prefix cache: cold TTFT {cold * 1000:.0f} ms, cached TTFT {warm * 1000:.0f} ms "
           f"({hits} tokens from cache) = {cold / warm:.1f}x sooner (target >= 5x)")
     print(f"batch-1 decode: {med(ours) / llama_rate:.2f}x llama.cpp (target >= 0.85x)")

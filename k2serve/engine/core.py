@@ -34,11 +34,11 @@ class EngineConfig:
 
 
 class EngineCore:
-    def __init__(self, model: torch.nn.Module, *, num_layers: int, num_kv_heads: int,
-                 head_dim: int, config: EngineConfig, dtype: torch.dtype = torch.float32):
+    def __init__(self, model: torch.nn.Module, config: EngineConfig,
+                 dtype: torch.dtype = torch.float32):
         self.model = model
         self.config = config
-        self.kv = KVPool(num_layers, num_kv_heads, head_dim, config.block_size,
+        self.kv = KVPool(model.kv_cache_spec(), config.block_size,
                          num_blocks=config.num_kv_blocks, max_bytes=config.kv_cache_bytes,
                          dtype=dtype)
         self.blocks = BlockManager(self.kv.num_blocks, config.block_size)

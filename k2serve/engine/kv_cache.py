@@ -7,7 +7,7 @@ import os
 import torch
 
 from k2serve.engine.sequence import Sequence
-from k2serve.models.layers.attention import PagedAttention, PrefillRun
+from k2serve.models.layers.attention import KVCacheSpec, PagedAttention, PrefillRun
 
 DEFAULT_KV_FRACTION = 0.25  # of the memory available at start-up
 DEFAULT_KV_MAX_BYTES = 4 << 30
@@ -29,12 +29,13 @@ def default_kv_bytes() -> int:
 
 
 class KVPool:
-    """One K and one V tensor per layer, [num_blocks * block_size, kv_heads, head_dim]."""
+    """Per layer a K tensor [num_blocks * block_size, kv_heads, key_dim] and, unless the
+    values live inside the keys (MLA), a V tensor [..., kv_heads, value_dim]."""
 
-    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, block_size: int,
-                 *, num_blocks: int | None = None, max_bytes: int | None = None,
-                 dtype: torch.dtype = torch.float32):
-        bytes_per_block = 2 * num_layers * block_size * num_kv_heads * head_dim * dtype.itemsize
+    def __init__(self, spec: KVCacheSpec, block_size: int, *, num_blocks: int | None = None,
+                 max_bytes: int | None = None, dtype: torch.dtype = torch.float32):
+        per_token = spec.num_kv_heads * (spec.key_dim + (0 if spec.values_in_keys else spec.value_dim))
+        bytes_per_block = spec.num_layers * block_size * per_token * dtype.itemsize
         if num_blocks is None:
             num_blocks = (max_bytes or default_kv_bytes()) // bytes_per_block
         if num_blocks < 1:
@@ -43,8 +44,11 @@ class KVPool:
         self.num_blocks = num_blocks
         self.bytes = num_blocks * bytes_per_block
         slots = num_blocks * block_size
-        self.k = [torch.zeros(slots, num_kv_heads, head_dim, dtype=dtype) for _ in range(num_layers)]
-        self.v = [torch.zeros(slots, num_kv_heads, head_dim, dtype=dtype) for _ in range(num_layers)]
+        self.k = [torch.zeros(slots, spec.num_kv_heads, spec.key_dim, dtype=dtype)
+                  for _ in range(spec.num_layers)]
+        self.v = None if spec.values_in_keys else [
+            torch.zeros(slots, spec.num_kv_heads, spec.value_dim, dtype=dtype)
+            for _ in range(spec.num_layers)]
 
     def slots(self, seq: Sequence, start: int, end: int) -> torch.Tensor:
         """Cache slots of positions start..end-1 of a sequence."""

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from k2serve.models.config import ModelConfig
-from k2serve.models.layers.attention import AttentionContext
+from k2serve.models.layers.attention import AttentionContext, KVCacheSpec
 from k2serve.models.layers.linear import Linear, MergedLinear
 from k2serve.models.layers.norm import RMSNorm
 from k2serve.models.layers.rotary import RotaryEmbedding, apply_rotary
@@ -111,6 +111,10 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionContext) -> torch.Tensor:
         """input_ids, positions: [N] -> hidden states [N, hidden]."""
         return self.model(input_ids, positions, attn)
+
+    def kv_cache_spec(self) -> KVCacheSpec:
+        c = self.config
+        return KVCacheSpec(c.num_layers, c.num_kv_heads, c.head_dim, c.head_dim)
 
     @torch.no_grad()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

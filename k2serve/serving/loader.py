@@ -43,9 +43,7 @@ def load_text_model(options: LoadOptions) -> tuple[ModelSpec, TextBackend]:
     context_length = config.context_length
     if options.max_context_length:
         context_length = min(context_length, options.max_context_length)
-    core = EngineCore(model, num_layers=config.num_layers, num_kv_heads=config.num_kv_heads,
-                      head_dim=config.head_dim,
-                      config=EngineConfig(max_num_seqs=options.max_num_seqs,
+    core = EngineCore(model, EngineConfig(max_num_seqs=options.max_num_seqs,
                                           max_step_tokens=options.max_step_tokens,
                                           context_length=context_length,
                                           kv_cache_bytes=options.kv_cache_bytes,

@@ -34,8 +34,7 @@ def tiny(tmp_path_factory):
 
 def make_core(model, config, **overrides) -> EngineCore:
     engine_config = EngineConfig(**{"context_length": 2048, "num_kv_blocks": 512, **overrides})
-    return EngineCore(model, num_layers=config.num_layers, num_kv_heads=config.num_kv_heads,
-                      head_dim=config.head_dim, config=engine_config)
+    return EngineCore(model, engine_config)
 
 
 def run(core: EngineCore, requests: list[GenerationRequest], abort_at: dict[str, int] = None):

@@ -17,11 +17,31 @@ import torch
 import torch.nn.functional as F
 
 
+@dataclass(frozen=True)
+class KVCacheSpec:
+    """What a model keeps in the KV cache per token per layer.
+
+    Most models store keys and values apart. MLA (DeepSeek-V3 / Kimi K2, absorbed form)
+    caches one latent vector per token (kv_lora_rank + rope dims) that is the key, and
+    whose first `value_dim` (= kv_lora_rank) entries are the value: `values_in_keys=True`,
+    and no value tensor is stored at all.
+    """
+
+    num_layers: int
+    num_kv_heads: int
+    key_dim: int
+    value_dim: int
+    values_in_keys: bool = False
+
+
 class AttentionContext(Protocol):
     def attend(
-        self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+        self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None,
+        scale: float, value_dim: int | None = None
     ) -> torch.Tensor:
-        """q: [N, n_heads, head_dim]; k, v: [N, n_kv_heads, head_dim] -> [N, n_heads, head_dim]."""
+        """q: [N, n_heads, key_dim]; k: [N, n_kv_heads, key_dim]; v: [N, n_kv_heads, value_dim],
+        or None with `value_dim` when the values are keys[..., :value_dim] (MLA)
+        -> [N, n_heads, value_dim]."""
         ...
 
 
@@ -29,12 +49,15 @@ class SequenceKVCache:
     """Contiguous K/V storage of one sequence for every layer, grown on demand."""
 
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype = torch.float32, initial_capacity: int = 256):
+                 dtype: torch.dtype = torch.float32, initial_capacity: int = 256,
+                 value_dim: int | None = None):
+        """value_dim: the size of stored values (default head_dim); 0 stores no values (MLA)."""
         self.num_layers = num_layers
-        self.shape_tail = (num_kv_heads, head_dim)
+        self.k_tail = (num_kv_heads, head_dim)
+        self.v_tail = (num_kv_heads, head_dim if value_dim is None else value_dim)
         self.dtype = dtype
-        self.k = [torch.empty(initial_capacity, *self.shape_tail, dtype=dtype) for _ in range(num_layers)]
-        self.v = [torch.empty(initial_capacity, *self.shape_tail, dtype=dtype) for _ in range(num_layers)]
+        self.k = [torch.empty(initial_capacity, *self.k_tail, dtype=dtype) for _ in range(num_layers)]
+        self.v = [torch.empty(initial_capacity, *self.v_tail, dtype=dtype) for _ in range(num_layers)]
         self.length = 0  # tokens whose k/v are stored (all layers)
 
     def ensure_capacity(self, needed: int) -> None:
@@ -43,8 +66,8 @@ class SequenceKVCache:
             return
         new_capacity = max(needed, capacity * 2)
         for layer in range(self.num_layers):
-            for store in (self.k, self.v):
-                grown = torch.empty(new_capacity, *self.shape_tail, dtype=self.dtype)
+            for store, tail in ((self.k, self.k_tail), (self.v, self.v_tail)):
+                grown = torch.empty(new_capacity, *tail, dtype=self.dtype)
                 grown[:capacity] = store[layer]
                 store[layer] = grown
 
@@ -70,8 +93,8 @@ class ContiguousAttention:
 
     segments: list[Segment] = field(default_factory=list)
 
-    def attend(self, layer_idx, q, k, v, scale):
-        out = torch.empty_like(q)
+    def attend(self, layer_idx, q, k, v, scale, value_dim=None):
+        out = q.new_empty(*q.shape[:2], v.shape[-1] if v is not None else value_dim)
         offset = 0
         for seg in self.segments:
             end_pos = seg.start + seg.count
@@ -79,9 +102,12 @@ class ContiguousAttention:
             cache.ensure_capacity(end_pos)
             sl = slice(offset, offset + seg.count)
             cache.k[layer_idx][seg.start:end_pos] = k[sl]
-            cache.v[layer_idx][seg.start:end_pos] = v[sl]
             keys = cache.k[layer_idx][:end_pos]
-            values = cache.v[layer_idx][:end_pos]
+            if v is None:
+                values = keys[..., :value_dim]
+            else:
+                cache.v[layer_idx][seg.start:end_pos] = v[sl]
+                values = cache.v[layer_idx][:end_pos]
             out[sl] = _causal_attention(q[sl], keys, values, seg.start, scale)
             offset += seg.count
         return out
@@ -94,21 +120,13 @@ class ContiguousAttention:
 
 def _causal_attention(q, keys, values, start, scale):
     """q: [T, H, D] at positions start..start+T-1; keys/values: [S, KV, D], S = start+T."""
-    t, n_heads, _ = q.shape
-    n_kv = keys.shape[1]
-    if n_heads != n_kv:
-        repeat = n_heads // n_kv
-        keys = keys.repeat_interleave(repeat, dim=1)
-        values = values.repeat_interleave(repeat, dim=1)
+    t = q.shape[0]
     qh, kh, vh = q.transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1)
-    if t == 1:
-        out = F.scaled_dot_product_attention(qh, kh, vh, scale=scale)
-    else:
-        s = keys.shape[0]
+    mask = None
+    if t > 1:
         q_pos = torch.arange(start, start + t).unsqueeze(1)
-        k_pos = torch.arange(s).unsqueeze(0)
-        mask = k_pos <= q_pos
-        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale)
+        mask = torch.arange(keys.shape[0]).unsqueeze(0) <= q_pos
+    out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale, enable_gqa=True)
     return out.transpose(0, 1)
 
 
@@ -133,28 +151,36 @@ class PagedAttention:
     """
 
     k_pool: list[torch.Tensor]
-    v_pool: list[torch.Tensor]
+    v_pool: list[torch.Tensor] | None  # None: values are the keys' leading dims (MLA)
     slot_mapping: torch.Tensor  # [N] cache slot of each row
     num_decode: int = 0
     decode_slots: torch.Tensor | None = None  # [B, S_max] slots, padded with slot 0
     decode_mask: torch.Tensor | None = None  # [B, 1, 1, S_max] True where a slot is real
     prefills: list[PrefillRun] = field(default_factory=list)
 
-    def attend(self, layer_idx, q, k, v, scale):
-        k_pool, v_pool = self.k_pool[layer_idx], self.v_pool[layer_idx]
+    def attend(self, layer_idx, q, k, v, scale, value_dim=None):
+        k_pool = self.k_pool[layer_idx]
         k_pool.index_copy_(0, self.slot_mapping, k.to(k_pool.dtype))
-        v_pool.index_copy_(0, self.slot_mapping, v.to(v_pool.dtype))
-        out = torch.empty_like(q)
+        if v is not None:
+            v_pool = self.v_pool[layer_idx]
+            v_pool.index_copy_(0, self.slot_mapping, v.to(v_pool.dtype))
+            value_dim = v.shape[-1]
+
+        def gather(slots):
+            keys = k_pool[slots].to(q.dtype)
+            values = keys[..., :value_dim] if v is None else v_pool[slots].to(q.dtype)
+            return keys, values
+
+        out = q.new_empty(*q.shape[:2], value_dim)
         b = self.num_decode
         if b:
-            keys = k_pool[self.decode_slots].transpose(1, 2).to(q.dtype)  # [B, KV, S, D]
-            values = v_pool[self.decode_slots].transpose(1, 2).to(q.dtype)
-            o = F.scaled_dot_product_attention(q[:b].unsqueeze(2), keys, values,
-                                               attn_mask=self.decode_mask, scale=scale,
-                                               enable_gqa=True)
+            keys, values = gather(self.decode_slots)  # [B, S, KV, D]
+            o = F.scaled_dot_product_attention(q[:b].unsqueeze(2), keys.transpose(1, 2),
+                                               values.transpose(1, 2), attn_mask=self.decode_mask,
+                                               scale=scale, enable_gqa=True)
             out[:b] = o.squeeze(2)
         for run in self.prefills:
             rows = slice(run.q_start, run.q_start + run.q_count)
-            out[rows] = _causal_attention(q[rows], k_pool[run.slots].to(q.dtype),
-                                          v_pool[run.slots].to(q.dtype), run.start_pos, scale)
+            keys, values = gather(run.slots)
+            out[rows] = _causal_attention(q[rows], keys, values, run.start_pos, scale)
         return out

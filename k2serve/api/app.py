@@ -9,9 +9,14 @@ from fastapi.responses import JSONResponse
 
 from k2serve import __version__
 from k2serve.api.errors import install_error_handlers
-from k2serve.api.middleware import (DEFAULT_MAX_BODY_BYTES, BodySizeLimitMiddleware,
-                                    PathAliasMiddleware, RequestIdMiddleware)
+from k2serve.api.middleware import (
+    DEFAULT_MAX_BODY_BYTES,
+    BodySizeLimitMiddleware,
+    PathAliasMiddleware,
+    RequestIdMiddleware,
+)
 from k2serve.api.routes import chat, completions, models
+from k2serve.api.usage import log_usage
 from k2serve.serving.registry import ModelRegistry
 
 
@@ -27,6 +32,7 @@ def create_app(registry: ModelRegistry, *, max_body_bytes: int = DEFAULT_MAX_BOD
     app = FastAPI(title="k2serve", version=__version__, lifespan=lifespan,
                   description="OpenAI/Together-compatible inference API.")
     app.state.registry = registry
+    app.state.usage_sinks = [log_usage]
     install_error_handlers(app)
     for module in (models, chat, completions):
         app.include_router(module.router)

@@ -14,6 +14,7 @@ from fastapi import Request
 
 from k2serve.api.errors import APIError, bad_request
 from k2serve.api.schemas.common import SamplingFields
+from k2serve.api.usage import UsageTracker
 from k2serve.engine.sampling_params import SamplingParams
 from k2serve.serving.text_backend import LogprobEntry, TextBackend, TextDelta
 
@@ -88,10 +89,12 @@ def sampling_params(req: SamplingFields, backend: TextBackend, max_tokens: int,
 
 
 async def merged_choices(backend: TextBackend, prompt_ids: list[int], req: SamplingFields,
-                         max_tokens: int) -> AsyncIterator[tuple[int, TextDelta]]:
+                         max_tokens: int, tracker: UsageTracker | None = None
+                         ) -> AsyncIterator[tuple[int, TextDelta]]:
     """Run req.n choices concurrently; yield (choice index, delta) as they come.
 
-    Closing this iterator cancels every choice, which aborts their engine requests.
+    Closing this iterator cancels every choice, which aborts their engine requests. The
+    tracker sees every delta and is finished here, however the request ends.
     """
     params = [sampling_params(req, backend, max_tokens, i) for i in range(req.n)]
     queue: asyncio.Queue = asyncio.Queue()
@@ -108,19 +111,26 @@ async def merged_choices(backend: TextBackend, prompt_ids: list[int], req: Sampl
 
     tasks = [asyncio.create_task(pump(i)) for i in range(req.n)]
     remaining = req.n
+    status, error = "client_closed", None
     try:
         while remaining:
             index, item = await queue.get()
             if item is done:
                 remaining -= 1
             elif isinstance(item, Exception):
+                status, error = "error", str(item)
                 raise item
             else:
+                if tracker is not None:
+                    tracker.on_delta(index, item)
                 yield index, item
+        status = "ok"
     finally:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        if tracker is not None:
+            tracker.finish(status, error)
 
 
 async def until_disconnected(request: Request, work: Awaitable):

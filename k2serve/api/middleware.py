@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import uuid
 
-
 DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
 
 

@@ -17,7 +17,12 @@ from k2serve.engine.block_manager import BlockManager
 from k2serve.engine.kv_cache import KVPool
 from k2serve.engine.sampler import SamplingRow, make_generator, sample
 from k2serve.engine.scheduler import Scheduler, SchedulerConfig
-from k2serve.engine.sequence import (GenerationRequest, RequestOutput, Sequence, TokenLogprob)
+from k2serve.engine.sequence import (
+    GenerationRequest,
+    RequestOutput,
+    Sequence,
+    TokenLogprob,
+)
 
 log = logging.getLogger(__name__)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 
@@ -58,7 +59,14 @@ def load_text_model(options: LoadOptions) -> tuple[ModelSpec, TextBackend]:
 
 
 def _default_model_id(model_path: str | None) -> str:
+    """The embedded model's id, a checkpoint's own `_name_or_path`, else the file/dir name."""
     if model_path is None:
         return EMBEDDED_CHAT_MODEL_ID
+    config_path = os.path.join(model_path, "config.json")
+    if os.path.isfile(config_path):
+        with open(config_path) as f:
+            name = json.load(f).get("_name_or_path") or ""
+        if "/" in name and not os.path.isabs(name):
+            return name
     name = os.path.basename(os.path.normpath(model_path))
     return name[:-5] if name.endswith(".gguf") else name

@@ -9,13 +9,26 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from k2serve.api.errors import bad_request
-from k2serve.api.generation import (collect, fit_context, merged_choices, openai_chat_logprobs,
-                                    sse_stream, stream_deltas, together_logprobs,
-                                    until_disconnected, usage_dict)
+from k2serve.api.generation import (
+    collect,
+    fit_context,
+    merged_choices,
+    openai_chat_logprobs,
+    sse_stream,
+    stream_deltas,
+    together_logprobs,
+    until_disconnected,
+    usage_dict,
+)
 from k2serve.api.models_lookup import text_backend_for
 from k2serve.api.schemas.chat import ChatCompletionRequest
+from k2serve.api.usage import UsageTracker
 from k2serve.serving.text_backend import TextBackend
-from k2serve.text.chat_template import TemplateError, UnsupportedContentError, normalize_messages
+from k2serve.text.chat_template import (
+    TemplateError,
+    UnsupportedContentError,
+    normalize_messages,
+)
 
 router = APIRouter()
 
@@ -68,7 +81,8 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
     backend.ensure_capacity(req.n)
     reply_id = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())
-    choices = merged_choices(backend, prepared.ids, req, prepared.max_tokens)
+    tracker = UsageTracker(request, req.model, "chat.completions", len(prepared.ids), req.n)
+    choices = merged_choices(backend, prepared.ids, req, prepared.max_tokens, tracker)
     prompt_field = [{"text": prompt_text}] if req.echo else []
 
     def logprobs_of(entries):

@@ -8,11 +8,19 @@ import uuid
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from k2serve.api.generation import (collect, fit_context, merged_choices, sse_stream,
-                                    stream_deltas, together_logprobs, until_disconnected,
-                                    usage_dict)
+from k2serve.api.generation import (
+    collect,
+    fit_context,
+    merged_choices,
+    sse_stream,
+    stream_deltas,
+    together_logprobs,
+    until_disconnected,
+    usage_dict,
+)
 from k2serve.api.models_lookup import text_backend_for
 from k2serve.api.schemas.completions import CompletionRequest
+from k2serve.api.usage import UsageTracker
 
 router = APIRouter()
 
@@ -36,7 +44,8 @@ async def completions(req: CompletionRequest, request: Request):
     if prepared.max_tokens == 0 and req.num_top_logprobs is None:
         choices = None  # nothing to compute
     else:
-        choices = merged_choices(backend, prepared.ids, req, prepared.max_tokens)
+        tracker = UsageTracker(request, req.model, "completions", len(prepared.ids), req.n)
+        choices = merged_choices(backend, prepared.ids, req, prepared.max_tokens, tracker)
 
     if req.stream:
         return StreamingResponse(sse_stream(_stream(req, reply_id, created, choices, prepared,

@@ -1,0 +1,82 @@
+"""Per-request usage accounting, handed to sinks (log line, ledger) when the request ends.
+
+A generation's tracker sees every delta of every choice, so a stream the client drops
+mid-way is still counted for the tokens it produced. Sinks are plain callables on
+`app.state.usage_sinks`; they run once per request, on the event loop, and must not raise.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+from fastapi import Request
+
+from k2serve.serving.text_backend import TextDelta
+
+log = logging.getLogger("k2serve.requests")
+
+UsageSink = Callable[["UsageRecord"], None]
+
+
+@dataclass
+class UsageRecord:
+    request_id: str
+    model: str
+    endpoint: str
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    completion_tokens: int = 0
+    status: str = "ok"  # ok | error | client_closed
+    error: str | None = None
+    ttft_s: float | None = None
+    duration_s: float = 0.0
+    started_at: float = field(default_factory=time.time)
+    api_key_id: str | None = None  # set by the auth layer, when there is one
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+class UsageTracker:
+    def __init__(self, request: Request, model: str, endpoint: str, prompt_tokens: int, n: int):
+        self._request = request
+        self._start = time.perf_counter()
+        self._completion = [0] * n
+        self._done = False
+        self.record = UsageRecord(
+            request_id=getattr(request.state, "request_id", ""),
+            model=model, endpoint=endpoint, prompt_tokens=prompt_tokens,
+            api_key_id=getattr(request.state, "api_key_id", None))
+
+    def on_delta(self, index: int, delta: TextDelta) -> None:
+        if self.record.ttft_s is None and delta.token_ids:
+            self.record.ttft_s = time.perf_counter() - self._start
+        self._completion[index] = delta.completion_tokens
+        if index == 0:
+            self.record.cached_tokens = delta.cached_tokens
+
+    def finish(self, status: str, error: str | None = None) -> None:
+        if self._done:
+            return
+        self._done = True
+        self.record.completion_tokens = sum(self._completion)
+        self.record.status = status
+        self.record.error = error
+        self.record.duration_s = time.perf_counter() - self._start
+        for sink in getattr(self._request.app.state, "usage_sinks", ()):
+            try:
+                sink(self.record)
+            except Exception:  # a broken sink must not break the reply
+                log.exception("usage sink failed")
+
+
+def log_usage(record: UsageRecord) -> None:
+    """One structured line per generation; no prompt or output text."""
+    fields = asdict(record)
+    fields["total_tokens"] = record.total_tokens
+    log.info(json.dumps(fields, separators=(",", ":")))

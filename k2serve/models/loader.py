@@ -9,9 +9,19 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from k2serve.models.config import ModelConfig
+from k2serve.models.deepseek_config import DeepseekV3Config, is_deepseek_v3
+from k2serve.models.deepseek_v3 import DeepseekV3ForCausalLM
 from k2serve.models.llama import LlamaForCausalLM
 
-MODEL_CLASSES = {"llama": LlamaForCausalLM}
+MODEL_CLASSES = {"llama": LlamaForCausalLM, "deepseek_v3": DeepseekV3ForCausalLM}
+
+
+def config_from_hf(hf_config: dict):
+    """config.json -> DeepseekV3Config (model_type kimi_k2 / deepseek_v3, or the
+    DeepseekV3ForCausalLM architecture), else ModelConfig (Llama family)."""
+    if is_deepseek_v3(hf_config):
+        return DeepseekV3Config.from_hf_config(hf_config)
+    return ModelConfig.from_hf_config(hf_config)
 
 
 def open_checkpoint(path: str):
@@ -23,9 +33,13 @@ def open_checkpoint(path: str):
 
         return GGUFCheckpoint(path)
     if os.path.isdir(path):
+        from k2serve.models.loaders.fp8 import FP8BlockCheckpoint, is_fp8_block_checkpoint
         from k2serve.models.loaders.safetensors import SafetensorsCheckpoint
 
-        return SafetensorsCheckpoint(path)
+        checkpoint = SafetensorsCheckpoint(path, config_from_hf)
+        if is_fp8_block_checkpoint(checkpoint.hf_config):  # dequantized shard by shard
+            checkpoint = FP8BlockCheckpoint(checkpoint)
+        return checkpoint
     raise ValueError(f"{path}: no such model file or directory")
 
 

@@ -16,6 +16,7 @@ from k2serve.models.loader import load_model
 from k2serve.serving.registry import ModelSpec
 from k2serve.serving.text_backend import TextBackend
 from k2serve.text.chat_template import ChatTemplate
+from k2serve.text.k2_tokenizer import load_tokenizer
 from k2serve.text.tokenizer import Tokenizer
 
 
@@ -38,7 +39,7 @@ def load_text_model(options: LoadOptions) -> tuple[ModelSpec, TextBackend]:
     if path.endswith(".gguf"):
         tokenizer = Tokenizer.from_gguf(path)
     else:
-        tokenizer = Tokenizer.from_pretrained_dir(path)
+        tokenizer = load_tokenizer(path)  # tiktoken (K2) or HF tokenizer.json
     template = ChatTemplate.from_tokenizer(tokenizer) if tokenizer.chat_template else None
 
     context_length = config.context_length

@@ -17,6 +17,7 @@ from k2serve.text.chat_template import ChatTemplate
 from k2serve.text.detokenizer import IncrementalDetokenizer
 from k2serve.text.stop import StopMatcher
 from k2serve.text.tokenizer import Tokenizer
+from k2serve.text.tool_parsers.kimi_k2 import SECTION_BEGIN as K2_SECTION_BEGIN
 
 
 @dataclass
@@ -47,6 +48,9 @@ class TextBackend:
         self.engine = engine
         self.context_length = context_length
         self.chat_template = chat_template
+        # The model's native tool-call format, recognised by its marker tokens.
+        self.tool_format = ("kimi_k2" if tokenizer.token_to_id(K2_SECTION_BEGIN) is not None
+                            else None)
         self._ids = itertools.count()
 
     def ensure_capacity(self, num_requests: int) -> None:
@@ -86,7 +90,11 @@ class TextBackend:
     # -- generation -------------------------------------------------------------------
     async def generate(self, prompt_ids: list[int], params: SamplingParams,
                        stop: list[str]) -> AsyncIterator[TextDelta]:
-        """Stream text deltas for one choice. Closing the iterator aborts the generation."""
+        """Stream text deltas for one choice. Closing the iterator aborts the generation.
+
+        Tool-call markers are not special tokens (K2), so they survive detokenization for
+        the tool parser while control tokens are skipped.
+        """
         request_id = f"gen-{next(self._ids)}"
         detok = IncrementalDetokenizer(self.tokenizer, prompt_ids=prompt_ids)
         matcher = StopMatcher(stop) if stop else None

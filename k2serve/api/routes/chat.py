@@ -22,6 +22,8 @@ from k2serve.api.generation import (
 )
 from k2serve.api.models_lookup import text_backend_for
 from k2serve.api.schemas.chat import ChatCompletionRequest
+from k2serve.api.tools import (StreamingToolState, finish_with_tools, parse_message,
+                               parses_tool_calls, prepare_messages)
 from k2serve.api.usage import UsageTracker
 from k2serve.serving.text_backend import TextBackend
 from k2serve.text.chat_template import (
@@ -54,8 +56,8 @@ def _message_dicts(req: ChatCompletionRequest) -> list[dict]:
 
 def _render_prompt(req: ChatCompletionRequest, backend: TextBackend) -> str:
     try:
-        return backend.render_chat(_message_dicts(req), tools=req.tools,
-                                   **(req.chat_template_kwargs or {}))
+        return backend.render_chat(prepare_messages(_message_dicts(req), backend),
+                                   tools=req.tools or None, **(req.chat_template_kwargs or {}))
     except TemplateError as exc:
         raise bad_request(f"The messages could not be formatted with this model's chat "
                           f"template: {exc}", param="messages") from exc
@@ -64,9 +66,7 @@ def _render_prompt(req: ChatCompletionRequest, backend: TextBackend) -> str:
 @router.post("/v1/chat/completions")
 async def chat_completions(req: ChatCompletionRequest, request: Request):
     backend = text_backend_for(request, req.model)
-    if req.tools and req.tool_choice not in (None, "none"):
-        raise bad_request("Tool calling is not supported by this server yet.", param="tools",
-                          code="unsupported_parameter")
+    with_tools = parses_tool_calls(req, backend)
     if req.response_format and req.response_format.get("type") not in (None, "text"):
         raise bad_request("response_format other than 'text' is not supported by this server yet.",
                           param="response_format", code="unsupported_parameter")
@@ -93,7 +93,7 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
     if req.stream:
         return StreamingResponse(
             sse_stream(_stream(req, reply_id, created, choices, prepared, prompt_field,
-                               logprobs_of)),
+                               logprobs_of, with_tools)),
             media_type="text/event-stream", headers={"cache-control": "no-cache"})
 
     results = await until_disconnected(request, collect(choices, req.n))
@@ -104,13 +104,7 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
         "created": created,
         "model": req.model,
         "prompt": prompt_field,
-        "choices": [{
-            "index": i,
-            "message": {"role": "assistant", "content": r.text},
-            "finish_reason": r.finish_reason,
-            "logprobs": logprobs_of(r.logprobs),
-            **({"seed": req.seed + i} if req.seed is not None else {}),
-        } for i, r in enumerate(results)],
+        "choices": [_choice(i, r, req, with_tools, logprobs_of) for i, r in enumerate(results)],
         "usage": usage_dict(len(prepared.ids), completion_tokens, results[0].cached_tokens),
     }
     if prepared.warnings:
@@ -118,19 +112,54 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
     return JSONResponse(body)
 
 
-async def _stream(req, reply_id, created, choices, prepared, prompt_field, logprobs_of):
+def _choice(index: int, result, req: ChatCompletionRequest, with_tools: bool, logprobs_of) -> dict:
+    message, finish = {"role": "assistant", "content": result.text}, result.finish_reason
+    if with_tools:
+        message, has_calls = parse_message(result.text)
+        finish = finish_with_tools(finish, has_calls)
+    choice = {"index": index, "message": message, "finish_reason": finish,
+              "logprobs": logprobs_of(result.logprobs)}
+    if req.seed is not None:
+        choice["seed"] = req.seed + index
+    return choice
+
+
+async def _stream(req, reply_id, created, choices, prepared, prompt_field, logprobs_of,
+                  with_tools):
     """Together-style chunks: role on every delta; the last chunk carries usage."""
-    async for index, delta, usage in stream_deltas(choices, req.n, len(prepared.ids)):
-        choice = {"index": index,
-                  "delta": {"role": "assistant", "content": delta.text},
-                  "finish_reason": delta.finish_reason,
-                  "logprobs": logprobs_of(delta.logprobs)}
-        if delta.token_ids:
-            choice["delta"]["token_id"] = delta.token_ids[-1]
-        chunk = {"id": reply_id, "object": "chat.completion.chunk", "created": created,
-                 "model": req.model, "choices": [choice], "usage": usage}
-        if prompt_field and index == 0 and delta.completion_tokens == len(delta.token_ids):
-            chunk["prompt"] = prompt_field
+    tools = StreamingToolState(req.n) if with_tools else None
+
+    def chunk(index, delta, finish_reason=None, usage=None, logprobs=None):
+        body = {"id": reply_id, "object": "chat.completion.chunk", "created": created,
+                "model": req.model,
+                "choices": [{"index": index, "delta": {"role": "assistant", **delta},
+                             "finish_reason": finish_reason, "logprobs": logprobs}],
+                "usage": usage}
         if usage and prepared.warnings:
-            chunk["warnings"] = [{"message": w} for w in prepared.warnings]
-        yield chunk
+            body["warnings"] = [{"message": w} for w in prepared.warnings]
+        return body
+
+    first = True
+    async for index, delta, usage in stream_deltas(choices, req.n, len(prepared.ids)):
+        logprobs = logprobs_of(delta.logprobs)
+        if tools is None:
+            piece = {"content": delta.text}
+            if delta.token_ids:
+                piece["token_id"] = delta.token_ids[-1]
+            out = chunk(index, piece, delta.finish_reason, usage, logprobs)
+            if prompt_field and first:
+                out["prompt"] = prompt_field
+            first = False
+            yield out
+            continue
+        pieces = tools.deltas(index, delta.text, finished=bool(delta.finish_reason))
+        if delta.finish_reason:
+            for piece in pieces:
+                yield chunk(index, piece)
+            finish = finish_with_tools(delta.finish_reason, tools.has_tool_calls(index))
+            yield chunk(index, {"content": ""}, finish, usage, logprobs)
+        else:
+            if not pieces and logprobs:
+                pieces = [{"content": ""}]  # tokens held back by the parser still report logprobs
+            for i, piece in enumerate(pieces):
+                yield chunk(index, piece, logprobs=logprobs if i == 0 else None)

@@ -18,14 +18,15 @@ SINGLE_NAME = "model.safetensors"
 class SafetensorsCheckpoint:
     """An HF checkpoint directory opened for loading: ``config`` and tensors by HF name."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, config_from_hf=ModelConfig.from_hf_config):
+        """config_from_hf: config.json dict -> the model config (the loader picks per architecture)."""
         self.path = path
         config_path = os.path.join(path, "config.json")
         if not os.path.isfile(config_path):
             raise ValueError(f"{path}: no config.json (expected an HF checkpoint directory)")
         with open(config_path) as f:
             self.hf_config = json.load(f)
-        self.config = ModelConfig.from_hf_config(self.hf_config)
+        self.config = config_from_hf(self.hf_config)
 
         index_path = os.path.join(path, INDEX_NAME)
         if os.path.isfile(index_path):

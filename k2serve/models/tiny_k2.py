@@ -31,6 +31,7 @@ def tiny_k2_config(vocab_size: int, *, q_lora_rank: int | None = 32, bos_token_i
                    eos_token_id: int | None = None, fp8: bool = True) -> dict:
     """K2-Instruct's config.json keys (NOTES §1.1) with toy sizes."""
     config = {
+        "_name_or_path": "moonshotai/Kimi-K2-Instruct-0905",  # the id it is served under
         "architectures": ["DeepseekV3ForCausalLM"],
         "model_type": "kimi_k2",
         "auto_map": {"AutoConfig": "configuration_deepseek.DeepseekV3Config",

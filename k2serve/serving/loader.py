@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from k2serve.config import EMBEDDED_CHAT_MODEL_ID, model_spec
+from k2serve.config import CATALOG, EMBEDDED_CHAT_MODEL_ID, model_spec
 from k2serve.engine.async_engine import AsyncEngine
 from k2serve.engine.core import EngineConfig, EngineCore
 from k2serve.models.embedded import embedded_smollm2_gguf_path
@@ -70,4 +70,6 @@ def _default_model_id(model_path: str | None) -> str:
         if "/" in name and not os.path.isabs(name):
             return name
     name = os.path.basename(os.path.normpath(model_path))
-    return name[:-5] if name.endswith(".gguf") else name
+    name = name[:-5] if name.endswith(".gguf") else name
+    # A checkout named like a catalog model ("Kimi-K2-Instruct-0905") serves under its id.
+    return next((known for known in CATALOG if known.split("/")[-1] == name), name)

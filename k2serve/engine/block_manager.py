@@ -41,12 +41,15 @@ class BlockAllocation:
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int):
+    def __init__(self, num_blocks: int, block_size: int, first_block_id: int = 1):
+        """Hands out block ids first_block_id .. first_block_id + num_blocks - 1 (id 0 is
+        the KV pool's null block)."""
         if num_blocks < 1 or block_size < 1:
             raise ValueError("num_blocks and block_size must be positive")
         self.block_size = block_size
-        self.blocks = [Block(i) for i in range(num_blocks)]
-        self._free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
+        ids = range(first_block_id, first_block_id + num_blocks)
+        self.blocks = {i: Block(i) for i in ids}
+        self._free: OrderedDict[int, None] = OrderedDict((i, None) for i in ids)
         self._by_hash: dict[bytes, int] = {}
         # Hashes of full blocks allocated but not computed yet: a sequence that would
         # share them waits for them instead of computing the same prefix twice.

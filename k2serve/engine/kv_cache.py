@@ -29,26 +29,38 @@ def default_kv_bytes() -> int:
 
 
 class KVPool:
-    """Per layer a K tensor [num_blocks * block_size, kv_heads, key_dim] and, unless the
-    values live inside the keys (MLA), a V tensor [..., kv_heads, value_dim]."""
+    """Per layer a K tensor [slots, kv_heads, key_dim] and, unless the values live inside the
+    keys (MLA), a V tensor [slots, kv_heads, value_dim].
+
+    Block 0 is a null block, never handed out and always zero: padded decode slots point at
+    it, so the rest of the pool can stay uninitialised (memory is committed only as it is
+    used) without garbage reaching attention through a masked slot (0 * NaN is NaN).
+    """
+
+    NULL_BLOCK = 0
 
     def __init__(self, spec: KVCacheSpec, block_size: int, *, num_blocks: int | None = None,
                  max_bytes: int | None = None, dtype: torch.dtype = torch.float32):
         per_token = spec.num_kv_heads * (spec.key_dim + (0 if spec.values_in_keys else spec.value_dim))
         bytes_per_block = spec.num_layers * block_size * per_token * dtype.itemsize
         if num_blocks is None:
-            num_blocks = (max_bytes or default_kv_bytes()) // bytes_per_block
+            num_blocks = (max_bytes or default_kv_bytes()) // bytes_per_block - 1
         if num_blocks < 1:
             raise ValueError("the KV cache is too small for a single block")
         self.block_size = block_size
-        self.num_blocks = num_blocks
-        self.bytes = num_blocks * bytes_per_block
-        slots = num_blocks * block_size
-        self.k = [torch.zeros(slots, spec.num_kv_heads, spec.key_dim, dtype=dtype)
-                  for _ in range(spec.num_layers)]
-        self.v = None if spec.values_in_keys else [
-            torch.zeros(slots, spec.num_kv_heads, spec.value_dim, dtype=dtype)
-            for _ in range(spec.num_layers)]
+        self.num_blocks = num_blocks  # usable blocks, ids 1..num_blocks
+        self.bytes = (num_blocks + 1) * bytes_per_block
+        slots = (num_blocks + 1) * block_size
+
+        def pool(dim: int) -> list[torch.Tensor]:
+            tensors = [torch.empty(slots, spec.num_kv_heads, dim, dtype=dtype)
+                       for _ in range(spec.num_layers)]
+            for t in tensors:
+                t[:block_size].zero_()
+            return tensors
+
+        self.k = pool(spec.key_dim)
+        self.v = None if spec.values_in_keys else pool(spec.value_dim)
 
     def slots(self, seq: Sequence, start: int, end: int) -> torch.Tensor:
         """Cache slots of positions start..end-1 of a sequence."""

@@ -79,12 +79,29 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=_serve)
     from k2serve.bench.cli import add_bench_parser
     add_bench_parser(sub)
+
+    tiny = sub.add_parser("tiny-k2", help="write a tiny random-weight Kimi K2 checkpoint "
+                                          "(K2's real on-disk layout: FP8 shards, tiktoken)")
+    tiny.add_argument("directory")
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("--no-fp8", action="store_true", help="bf16 weights instead of FP8")
+    tiny.set_defaults(func=_tiny_k2)
     return parser
+
+
+def _tiny_k2(args: argparse.Namespace) -> int:
+    from k2serve.models.tiny_k2 import write_tiny_k2_checkpoint
+
+    path = write_tiny_k2_checkpoint(args.directory, seed=args.seed, fp8=not args.no_fp8)
+    print(f"k2serve: wrote a tiny Kimi K2 checkpoint to {path}; serve it with "
+          f"`k2serve serve --model {path}`")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=getattr(logging, args.log_level.upper(), logging.WARNING),
+    level = getattr(args, "log_level", "warning")  # not every subcommand has the flag
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.WARNING),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return args.func(args)
 

@@ -32,7 +32,7 @@ def tiny(tmp_path_factory):
     return load_model(str(directory), progress=False)
 
 
-def make_core(model, config, **overrides) -> EngineCore:
+def make_core(model, **overrides) -> EngineCore:
     engine_config = EngineConfig(**{"context_length": 2048, "num_kv_blocks": 512, **overrides})
     return EngineCore(model, engine_config)
 
@@ -74,7 +74,7 @@ PROMPTS = [
 def test_greedy_tokens_same_alone_in_a_batch_with_cache_and_across_preemption(smollm2):
     model, config, tok = smollm2
     target = tok.encode(PROMPTS[3])
-    alone = run(make_core(model, config), [greedy("t", target, 16)])["t"][0]
+    alone = run(make_core(model), [greedy("t", target, 16)])["t"][0]
 
     # Inside a batch of 16 mixed requests: other prompts, lengths, sampling settings.
     rng = random.Random(0)
@@ -85,7 +85,7 @@ def test_greedy_tokens_same_alone_in_a_batch_with_cache_and_across_preemption(sm
                                 top_p=rng.choice([1.0, 0.9]), top_k=rng.choice([0, 20]), seed=i,
                                 ignore_eos=True, repetition_penalty=rng.choice([1.0, 1.1]))
         others.append(GenerationRequest(f"o{i}", prompt, params))
-    core = make_core(model, config, max_step_tokens=64)  # chunked prefill too
+    core = make_core(model, max_step_tokens=64)  # chunked prefill too
     mixed = run(core, others[:7] + [greedy("t", target, 16)] + others[7:])
     assert mixed["t"][0] == alone
 
@@ -95,7 +95,7 @@ def test_greedy_tokens_same_alone_in_a_batch_with_cache_and_across_preemption(sm
     assert cached[0] == alone
 
     # Across preemption: a pool too small for everything at once forces recompute.
-    small = make_core(model, config, num_kv_blocks=10, max_step_tokens=64)
+    small = make_core(model, num_kv_blocks=10, max_step_tokens=64)
     preempted = run(small, [greedy("t", target, 16)] + others[:6])
     assert small.stats()["preemptions"] > 0
     assert preempted["t"][0] == alone
@@ -104,7 +104,7 @@ def test_greedy_tokens_same_alone_in_a_batch_with_cache_and_across_preemption(sm
 
 def test_prefix_cache_is_lru_and_shared_by_concurrent_requests(tiny):
     model, config = tiny
-    core = make_core(model, config, num_kv_blocks=16, block_size=4)
+    core = make_core(model, num_kv_blocks=16, block_size=4)
     prefix = list(range(1, 17))  # 4 full blocks
     first = run(core, [greedy("a", prefix + [20], 2)])
     assert first["a"][2] == 0
@@ -120,7 +120,7 @@ def test_prefix_cache_is_lru_and_shared_by_concurrent_requests(tiny):
 
 def test_n_choices_share_the_prompt_blocks(tiny):
     model, config = tiny
-    core = make_core(model, config, block_size=4)
+    core = make_core(model, block_size=4)
     prompt = list(range(1, 30))
     params = SamplingParams(max_tokens=3, temperature=1.0, seed=1, ignore_eos=True)
     results = run(core, [GenerationRequest(f"n{i}", prompt, params) for i in range(4)])
@@ -130,7 +130,7 @@ def test_n_choices_share_the_prompt_blocks(tiny):
 
 def test_300_random_requests_with_aborts_free_every_block(tiny):
     model, config = tiny
-    core = make_core(model, config, num_kv_blocks=64, block_size=4, max_num_seqs=12,
+    core = make_core(model, num_kv_blocks=64, block_size=4, max_num_seqs=12,
                      max_step_tokens=48)
     rng = random.Random(1)
     requests, abort_at = [], {}
@@ -162,16 +162,16 @@ def test_300_random_requests_with_aborts_free_every_block(tiny):
 def test_seeded_sampling_is_reproducible_across_batches(tiny):
     model, config = tiny
     params = SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, seed=1234, ignore_eos=True)
-    alone = run(make_core(model, config), [GenerationRequest("s", [5, 6, 7], params)])["s"][0]
+    alone = run(make_core(model), [GenerationRequest("s", [5, 6, 7], params)])["s"][0]
     noise = [GenerationRequest(f"z{i}", [9, i], SamplingParams(max_tokens=5, temperature=1.0))
              for i in range(5)]
-    batched = run(make_core(model, config), noise + [GenerationRequest("s", [5, 6, 7], params)])
+    batched = run(make_core(model), noise + [GenerationRequest("s", [5, 6, 7], params)])
     assert batched["s"][0] == alone
 
 
 def test_async_engine_abort_on_close_frees_blocks(tiny):
     model, config = tiny
-    engine = AsyncEngine(make_core(model, config, num_kv_blocks=300, block_size=4))
+    engine = AsyncEngine(make_core(model, num_kv_blocks=300, block_size=4))
 
     async def scenario():
         stream = engine.generate(greedy("long", [1, 2, 3], 1000))
@@ -199,7 +199,7 @@ def test_async_engine_abort_on_close_frees_blocks(tiny):
 
 def test_request_larger_than_the_cache_is_refused(tiny):
     model, config = tiny
-    core = make_core(model, config, num_kv_blocks=4, block_size=4)
+    core = make_core(model, num_kv_blocks=4, block_size=4)
     with pytest.raises(ValueError, match="KV blocks"):
         core.add(greedy("big", list(range(10)), 10))
     torch.testing.assert_close(torch.tensor(core.stats()["kv_blocks_free"]), torch.tensor(4))

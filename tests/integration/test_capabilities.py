@@ -1,0 +1,32 @@
+"""Endpoints of model types not served yet answer what the model can do, not an unknown path."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import EMBEDDED_ID
+
+
+@pytest.mark.parametrize("path,action", [
+    ("/v1/images/generations", "generate images"),
+    ("/v2/videos", "generate videos"),
+    ("/v1/embeddings", "compute embeddings"),
+    ("/v1/rerank", "rerank documents"),
+    ("/v1/audio/generations", "synthesize speech"),
+])
+def test_a_chat_model_sent_to_another_endpoint_says_what_it_is(http, path, action):
+    r = http.post(path, json={"model": EMBEDDED_ID, "prompt": "Draw a cat", "input": "x"})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == "model" and err["code"] == "model_not_supported"
+    assert f"is a chat model and cannot {action}" in err["message"]
+    assert EMBEDDED_ID in err["message"]
+
+
+def test_unknown_model_and_missing_model(http):
+    r = http.post("/v1/images/generations", json={"model": "nope", "prompt": "x"})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    r = http.post("/v1/audio/transcriptions", files={"file": ("a.wav", b"RIFF")},
+                  data={"model": EMBEDDED_ID})
+    assert r.status_code == 400 and "cannot transcribe audio" in r.json()["error"]["message"]
+    assert http.post("/v1/embeddings", json={"input": "x"}).status_code == 400

@@ -18,6 +18,15 @@ def _serve(args: argparse.Namespace) -> int:
         import torch
         torch.set_num_threads(args.threads)
 
+    from k2serve.platform import open_platform
+
+    try:  # before the model: a bad database or Redis URL fails in a second, not a minute
+        platform = open_platform(database_url=args.database_url, data_dir=args.data_dir,
+                                 redis_url=args.redis_url, host=args.host)
+    except RuntimeError as exc:
+        print(f"k2serve: {exc}", file=sys.stderr)
+        return 2
+
     registry = ModelRegistry()
     try:
         spec, backend = load_text_model(LoadOptions(
@@ -29,7 +38,7 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"k2serve: cannot load model: {exc}", file=sys.stderr)
         return 2
     registry.register(spec, backend)
-    app = create_app(registry, max_body_bytes=args.max_body_bytes)
+    app = create_app(registry, max_body_bytes=args.max_body_bytes, platform=platform)
 
     base = f"http://{_display_host(args.host)}:{args.port}"
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
@@ -41,8 +50,8 @@ def _serve(args: argparse.Namespace) -> int:
     async def startup_then_announce(sockets=None):
         await original_startup(sockets=sockets)
         if server.started:
-            print(f"k2serve: serving {spec.id} — API at {base}/v1, docs at {base}/docs",
-                  flush=True)
+            print(f"k2serve: serving {spec.id} — API at {base}/v1, docs at {base}/docs — "
+                  f"{platform.startup_note()}", flush=True)
 
     server.startup = startup_then_announce
     server.run()
@@ -54,6 +63,8 @@ def _display_host(host: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from k2serve.platform.cli import add_database_args, add_platform_parsers
+
     parser = argparse.ArgumentParser(prog="k2serve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -76,7 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--threads", type=int, default=None, help="torch threads (default: cores)")
     serve.add_argument("--log-level", default="warning")
     serve.add_argument("--quiet", action="store_true", help="no progress bar")
+    serve.add_argument("--redis-url", default=None,
+                       help="share rate-limit counters between servers through this Redis "
+                            "(default: $K2SERVE_REDIS_URL, else in memory)")
+    add_database_args(serve)
     serve.set_defaults(func=_serve)
+    add_platform_parsers(sub)
     from k2serve.bench.cli import add_bench_parser
     add_bench_parser(sub)
 

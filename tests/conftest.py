@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 
@@ -37,9 +40,16 @@ class LiveServer:
         return self.root + "/v1"
 
 
-def start_server(*extra_args: str, startup_timeout: float = 180.0) -> LiveServer:
+def start_server(*extra_args: str, startup_timeout: float = 180.0,
+                 env: dict[str, str] | None = None) -> LiveServer:
+    """`env`: extra environment variables for the server. Unless it (or the caller's
+    environment) names a data directory, the server gets a fresh one, so no test reads or
+    writes the developer's ~/.k2serve (its API keys would turn open mode off)."""
     port = free_port()
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+    if "K2SERVE_HOME" not in env and "--data-dir" not in extra_args:
+        env["K2SERVE_HOME"] = tempfile.mkdtemp(prefix="k2serve-test-home-")
+        atexit.register(shutil.rmtree, env["K2SERVE_HOME"], True)
     cmd = [sys.executable, "-m", "k2serve.cli", "serve", "--host", "127.0.0.1",
            "--port", str(port), "--quiet", *extra_args]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
@@ -17,10 +18,18 @@ from k2serve.api.middleware import (
 )
 from k2serve.api.routes import capabilities, chat, completions, models
 from k2serve.api.usage import log_usage
+from k2serve.platform.middleware import PlatformMiddleware
 from k2serve.serving.registry import ModelRegistry
 
+if TYPE_CHECKING:
+    from k2serve.platform.service import Platform
 
-def create_app(registry: ModelRegistry, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
+
+def create_app(registry: ModelRegistry, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+               platform: Platform | None = None) -> FastAPI:
+    """The API. With a `platform` (k2serve.platform): API keys, rate limits, the usage
+    ledger and /admin routes; without one, open and unmetered."""
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         yield
@@ -28,6 +37,8 @@ def create_app(registry: ModelRegistry, *, max_body_bytes: int = DEFAULT_MAX_BOD
             engine = getattr(backend, "engine", None)
             if engine is not None:
                 engine.shutdown()
+        if platform is not None:
+            await platform.shutdown()  # writes every pending ledger row
 
     app = FastAPI(title="k2serve", version=__version__, lifespan=lifespan,
                   description="OpenAI/Together-compatible inference API.")
@@ -48,6 +59,9 @@ def create_app(registry: ModelRegistry, *, max_body_bytes: int = DEFAULT_MAX_BOD
                 "engines": {model_id: engine.stats() for model_id, engine in engines.items()}}
         return JSONResponse(body, status_code=200 if ok else 503)
 
+    if platform is not None:
+        platform.install(app)
+        app.add_middleware(PlatformMiddleware, platform=platform)
     # Outermost first: ids on every reply (errors included), then the alias, then the limit.
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=max_body_bytes)
     app.add_middleware(PathAliasMiddleware)

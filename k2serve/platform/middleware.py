@@ -1,0 +1,235 @@
+"""The platform's ASGI middleware: API keys, limits, rate-limit headers, ledger rows.
+
+It sits inside the request-id / path-alias / body-limit middleware, so it sees the final
+path, a body of bounded size, and a request id. Deny by default: every path but the public
+ones below needs a key, unless the server runs open (loopback, no key ever made).
+
+How it pairs a request with its generation's usage record without touching the routes:
+- `request.state.request_id` is replaced by an equal string that carries the request's
+  context (`_RequestId`); the UsageTracker copies that very object into its UsageRecord, so
+  the ledger sink finds the context from the record, whichever task closes the stream.
+- UsageTracker construction is wrapped (once, when a platform is installed) so a request's
+  context learns its tracker; when the app returns and the tracker has not reported (a
+  dropped stream whose cleanup was cancelled), the platform finishes it itself. A request
+  without a tracker (a refusal, a 4xx from the route) gets its row from the reply.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import uuid
+
+from starlette.datastructures import Headers
+
+from k2serve.api.errors import APIError, error_response
+from k2serve.platform.service import Platform, RequestContext, _log_request
+
+log = logging.getLogger("k2serve.platform")
+
+GENERATION_PATHS = {"/v1/chat/completions": "chat.completions", "/v1/completions": "completions"}
+PUBLIC_PATHS = frozenset({"/health", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+ADMIN_PREFIX = "/admin/"
+_CAPTURE_LIMIT = 1 << 20
+
+
+class _RequestId(str):
+    """A request id string that carries its request's context (see module docstring)."""
+
+    def __copy__(self):
+        return str(self)
+
+    def __deepcopy__(self, memo):
+        return str(self)
+
+    def __reduce__(self):
+        return (str, (str(self),))
+
+
+def hook_usage_trackers() -> None:
+    """Wrap UsageTracker.__init__ so that each tracker registers with its request's context.
+
+    Idempotent; a tracker of a request the platform did not see is left alone."""
+    from k2serve.api import usage
+
+    cls = usage.UsageTracker
+    if getattr(cls.__init__, "_k2serve_platform_hook", False):
+        return
+    original = cls.__init__
+
+    @functools.wraps(original)
+    def __init__(self, request, *args, **kwargs):
+        original(self, request, *args, **kwargs)
+        try:
+            rid = request.scope.get("state", {}).get("request_id")
+            ctx = getattr(rid, "k2serve_ctx", None)
+        except Exception:  # never let accounting break a generation
+            ctx = None
+        if ctx is not None:
+            ctx.tracker = self
+
+    __init__._k2serve_platform_hook = True
+    cls.__init__ = __init__
+
+
+class PlatformMiddleware:
+    def __init__(self, app, platform: Platform):
+        self.app = app
+        self.platform = platform
+        hook_usage_trackers()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"] in PUBLIC_PATHS:
+            return await self.app(scope, receive, send)
+        platform = self.platform
+        state = scope.setdefault("state", {})
+        rid = _RequestId(state.get("request_id") or uuid.uuid4().hex)
+        ctx = RequestContext(request_id=str(rid), method=scope["method"], path=scope["path"])
+        rid.k2serve_ctx = ctx
+        state["request_id"] = rid
+        state["api_key_id"] = None
+        headers = Headers(scope=scope)
+
+        try:
+            key = await platform.authenticate(headers.get("authorization"))
+        except APIError as exc:
+            return await self._refuse(ctx, exc, scope, receive, send)
+        ctx.key = key
+        state["api_key_id"] = key.id if key is not None else None
+        state["k2serve_key"] = key
+
+        if scope["path"].startswith(ADMIN_PREFIX) and key is not None and not key.is_admin:
+            return await self._refuse(ctx, APIError(
+                403, f"The API key '{key.name}' is not an admin key (`k2serve keys create "
+                     f"--admin`).", code="admin_key_required"), scope, receive, send)
+
+        endpoint = GENERATION_PATHS.get(scope["path"]) if scope["method"] == "POST" else None
+        if endpoint is None:
+            extra = {}
+            if key is not None and key.has_limits:
+                extra = (await platform.limiter.peek(key.id, key.rpm_limit,
+                                                     key.tpm_limit)).headers()
+            try:
+                await self.app(scope, receive, self._sender(ctx, send, extra))
+            finally:
+                _log_request(ctx, "ok" if (ctx.status or 500) < 400 else "rejected")
+            return
+
+        ctx.endpoint = endpoint
+        raw = await _read_body(receive)
+        if raw is None:
+            return  # the client left before sending its body
+        receive = _replay(raw, receive)
+        try:
+            body = json.loads(raw) if raw else {}
+        except (ValueError, UnicodeDecodeError):
+            body = {}
+        if not isinstance(body, dict):
+            body = {}
+        model = body.get("model")
+        ctx.model = model[:256] if isinstance(model, str) else None
+        try:
+            await platform.admit(ctx, body, raw, headers)
+        except APIError as exc:
+            return await self._refuse(ctx, exc, scope, receive, send)
+
+        extra = ctx.decision.headers() if ctx.decision is not None else {}
+        try:
+            await self.app(scope, receive, self._sender(ctx, send, extra))
+        finally:
+            platform.after_app(ctx)
+
+    async def _refuse(self, ctx: RequestContext, exc: APIError, scope, receive, send) -> None:
+        ctx.refused = True
+        ctx.error_code = exc.code
+        response = error_response(exc)
+        try:
+            await response(scope, receive, self._sender(ctx, send, {}))
+        finally:
+            if ctx.endpoint is not None and ctx.key is not None:
+                self.platform.after_app(ctx)  # a ledger row for a refused generation
+            else:
+                _log_request(ctx, "rejected")
+
+    def _sender(self, ctx: RequestContext, send, extra: dict[str, str]):
+        """Adds the rate-limit headers; keeps the status, and the usage of a generation
+        endpoint's reply when no tracker reports it (e.g. completions with max_tokens=0)."""
+        state = {"json": False, "sse": False, "buf": bytearray()}
+
+        async def sender(message):
+            kind = message["type"]
+            if kind == "http.response.start":
+                ctx.status = message["status"]
+                raw_headers = list(message.get("headers", []))
+                if extra:
+                    present = {k.lower() for k, _ in raw_headers}
+                    raw_headers += [(k.encode("latin-1"), v.encode("latin-1"))
+                                    for k, v in extra.items() if k.encode() not in present]
+                    message = dict(message, headers=raw_headers)
+                if ctx.endpoint is not None and ctx.tracker is None:
+                    ctype = {k.lower(): v for k, v in raw_headers}.get(b"content-type", b"")
+                    state["sse"] = ctype.startswith(b"text/event-stream")
+                    state["json"] = ctype.startswith(b"application/json")
+            elif kind == "http.response.body":
+                chunk = message.get("body", b"")
+                if state["sse"]:
+                    if b'"usage":{' in chunk:
+                        _capture_sse_usage(ctx, chunk)
+                elif state["json"] and len(state["buf"]) + len(chunk) <= _CAPTURE_LIMIT:
+                    state["buf"] += chunk
+                    if not message.get("more_body", False):
+                        _capture_json(ctx, bytes(state["buf"]))
+            await send(message)
+
+        return sender
+
+
+def _capture_json(ctx: RequestContext, body: bytes) -> None:
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        return
+    if not isinstance(doc, dict):
+        return
+    if isinstance(doc.get("usage"), dict):
+        ctx.captured_usage = doc["usage"]
+    error = doc.get("error")
+    if isinstance(error, dict) and ctx.error_code is None:
+        code = error.get("code") or error.get("type")
+        ctx.error_code = str(code)[:64] if code else None
+
+
+def _capture_sse_usage(ctx: RequestContext, chunk: bytes) -> None:
+    for line in chunk.split(b"\n"):
+        if line.startswith(b"data: {") and b'"usage":{' in line:
+            try:
+                doc = json.loads(line[6:])
+            except ValueError:
+                continue
+            if isinstance(doc.get("usage"), dict):
+                ctx.captured_usage = doc["usage"]
+
+
+async def _read_body(receive) -> bytes | None:
+    chunks = []
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+def _replay(body: bytes, receive):
+    sent = False
+
+    async def replay():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay

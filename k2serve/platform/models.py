@@ -1,0 +1,88 @@
+"""Tables: API keys and the usage ledger. Times are Unix seconds (floats), UTC by nature.
+
+The schema itself is owned by the Alembic revisions in `migrations/versions/`; these classes
+must match them (a test compares the two).
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+Double = Float(precision=53)
+# SQLite only auto-increments an INTEGER PRIMARY KEY.
+RowId = BigInteger().with_variant(Integer(), "sqlite")
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+
+
+class ApiKey(Base):
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)  # public part of the key
+    name: Mapped[str] = mapped_column(String(128), unique=True)
+    key_hash: Mapped[str] = mapped_column(String(64))  # SHA-256 hex of the whole key
+    prefix: Mapped[str] = mapped_column(String(40))  # shown in `keys list`
+    is_admin: Mapped[bool] = mapped_column(Boolean, default=False)
+    rpm_limit: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    tpm_limit: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    allowed_models: Mapped[str | None] = mapped_column(Text, nullable=True)  # JSON list
+    budget_usd: Mapped[float | None] = mapped_column(Double, nullable=True)
+    spent_usd: Mapped[float] = mapped_column(Double, default=0.0)
+    created_at: Mapped[float] = mapped_column(Double)
+    revoked_at: Mapped[float | None] = mapped_column(Double, nullable=True)
+    last_used_at: Mapped[float | None] = mapped_column(Double, nullable=True)
+
+
+class UsageEntry(Base):
+    """One row per request that got past authentication (generations and refusals alike)."""
+
+    __tablename__ = "usage_ledger"
+
+    id: Mapped[int] = mapped_column(RowId, primary_key=True, autoincrement=True)
+    request_id: Mapped[str] = mapped_column(String(128), index=True)
+    api_key_id: Mapped[str | None] = mapped_column(
+        String(32), ForeignKey("api_keys.id"), nullable=True)
+    model: Mapped[str | None] = mapped_column(String(256), nullable=True)
+    endpoint: Mapped[str] = mapped_column(String(64))
+    prompt_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    cached_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    completion_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    cost_usd: Mapped[float] = mapped_column(Double, default=0.0)
+    # ok | error | client_closed (a generation ran) | rejected (refused before generating)
+    status: Mapped[str] = mapped_column(String(16))
+    http_status: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    error: Mapped[str | None] = mapped_column(String(64), nullable=True)  # error code
+    ttft_s: Mapped[float | None] = mapped_column(Double, nullable=True)
+    duration_s: Mapped[float | None] = mapped_column(Double, nullable=True)
+    started_at: Mapped[float] = mapped_column(Double)
+    admitted_at: Mapped[float | None] = mapped_column(Double, nullable=True)  # rate limiter clock
+    retry_group: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
+    retry_count: Mapped[int] = mapped_column(Integer, default=0)
+    billed: Mapped[bool] = mapped_column(Boolean, default=False)
+
+    __table_args__ = (Index("ix_usage_ledger_key_started", "api_key_id", "started_at"),
+                      Index("ix_usage_ledger_started", "started_at"))
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens

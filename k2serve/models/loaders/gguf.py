@@ -2,6 +2,8 @@
 
 Every tensor goes through ``dequantize_tensor`` (``gguf.quants.dequantize``), so any type
 gguf-py can dequantize works (F32/F16/BF16/Q4_0/Q4_1/Q5_x/Q8_0/K-quants, ...).
+With ``keep_quantized=True`` the 2-D quantized tensors come out as ``QuantizedTensor`` (the
+raw blocks, q/k rows un-permuted) for a quantized model to pack as it likes.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import numpy as np
 import torch
 
 from k2serve.models.config import ModelConfig
+from k2serve.models.layers.quantized import QuantizedTensor
 from k2serve.models.llama import ROPE_FREQ_FACTORS
 
 _GLOBAL = {  # GGUF name -> HF name
@@ -90,6 +93,8 @@ def unpermute_qk(weight: np.ndarray, n_head: int) -> np.ndarray:
 class GGUFCheckpoint:
     """A GGUF file opened for loading: ``config``, ``metadata`` and tensors under HF names."""
 
+    keeps_quantized = True  # iter_tensors(keep_quantized=True) gives raw quantized blocks
+
     def __init__(self, path: str):
         self.path = path
         self.reader = gguf.GGUFReader(path)
@@ -113,16 +118,25 @@ class GGUFCheckpoint:
     def __len__(self) -> int:
         return len(self._tensors)
 
-    def load_tensor(self, name: str) -> torch.Tensor:
+    def load_tensor(self, name: str, keep_quantized: bool = False) -> torch.Tensor | QuantizedTensor:
+        """A tensor by HF name: float32, or (``keep_quantized``, a 2-D block-quantized GGUF
+        tensor) its raw blocks as a ``QuantizedTensor``."""
         tensor = self._tensors[name]
-        array = dequantize_tensor(tensor)
+        shape = tuple(int(d) for d in reversed(tensor.shape))
+        if keep_quantized and len(shape) == 2 and gguf.GGML_QUANT_SIZES[tensor.tensor_type][0] > 1:
+            data = np.asarray(tensor.data)
+            array = QuantizedTensor(tensor.tensor_type, shape, data.reshape(shape[0], -1), tensor.name)
+        else:
+            array = dequantize_tensor(tensor)
         if name.endswith(("self_attn.q_proj.weight", "self_attn.k_proj.weight")):
             n_head = self.config.num_heads if "q_proj" in name else self.config.num_kv_heads
-            if array.ndim != 2 or array.shape[0] % (2 * n_head):
-                raise ValueError(f"GGUF tensor {tensor.name!r}: shape {array.shape} does not fit {n_head} heads")
+            if len(shape) != 2 or shape[0] % (2 * n_head):
+                raise ValueError(f"GGUF tensor {tensor.name!r}: shape {shape} does not fit {n_head} heads")
+            if isinstance(array, QuantizedTensor):  # blocks sit inside rows: permute raw rows
+                return array.permute_rows(lambda rows: unpermute_qk(rows, n_head))
             array = unpermute_qk(array, n_head)
-        return torch.from_numpy(array)
+        return array if isinstance(array, QuantizedTensor) else torch.from_numpy(array)
 
-    def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+    def iter_tensors(self, keep_quantized: bool = False) -> Iterator[tuple[str, torch.Tensor | QuantizedTensor]]:
         for name in self._tensors:
-            yield name, self.load_tensor(name)
+            yield name, self.load_tensor(name, keep_quantized)

@@ -1,0 +1,320 @@
+"""Weight-only quantized linear layers that keep GGUF 4-bit weights 4-bit.
+
+GGUF's 4-bit block formats dequantize per block of 32 weights as an affine map of a 4-bit
+code q in [0, 15]:
+
+- Q4_1: ``w = d * q + m``                      (fp16 d, m per block)
+- Q4_0: ``w = d * (q - 8)``                    (fp16 d per block)
+- Q4_K: ``w = (d * sc) * q - dmin * mn``       (per 32-weight sub-block of a 256 super-block)
+
+torch's CPU int4 weight-only kernel (``aten._weight_int4pack_mm_for_cpu``, group size 32)
+dequantizes ``w = (q - 8) * scale + zero`` per group, so all three map onto it exactly with
+``scale = d`` and ``zero = m + 8 d`` (Q4_1), ``zero = 0`` (Q4_0), and likewise for Q4_K.
+The kernel is fast only with bfloat16 activations (its float32 and float16 paths are
+reference loops, ~30-100x slower), so the int4 path rounds activations to bfloat16 and
+returns float32.
+
+Which kernel runs depends on M, the number of rows (tokens) of the input: the int4 kernel
+is bandwidth-friendly and wins for small M (decode), a dense float32 GEMM wins for large M
+(prefill chunks, big decode batches). ``Int4Linear`` keeps a dense float32 copy of the
+(dequantized) weight for M >= ``dense_min_rows`` unless told not to (``dense_min_rows=None``:
+int4 for every M, 4-bit memory only).
+
+Tensors of other types (Q5_x, Q6_K, Q8_0, F16, F32, ...) are dequantized to a dense float32
+weight and use ``F.linear`` for every M.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import gguf
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+Q = gguf.GGMLQuantizationType
+GROUP_SIZE = 32  # every mapped GGUF format has 32-weight (sub-)blocks
+INT4_ACT_DTYPE = torch.bfloat16  # the only fast activation dtype of the CPU int4 kernel
+# Rows (tokens) from which the dense float32 GEMM beats the int4 kernel (benchmarks/README.md).
+DEFAULT_DENSE_MIN_ROWS = 32
+# Rows from which the Q8_0 LM head uses the dense float32 GEMM rather than the int8 kernel.
+DEFAULT_HEAD_DENSE_MIN_ROWS = 8
+
+
+@dataclass(frozen=True)
+class QuantizationConfig:
+    """How a quantized model runs its linears.
+
+    dense_min_rows: M from which ``Int4Linear`` uses its dense float32 copy (None: int4 for
+      every M and no dense copy).
+    head: the LM head's kernel for M < head_dense_min_rows: "int8" (per-row int8 requantized
+      from the checkpoint weight, ``aten._weight_int8pack_mm``), "int4" (the int4 kernel;
+      exact for a 4-bit head, a group-32 min/max requantization otherwise) or "dense".
+    head_dense_min_rows: M from which the LM head uses the dense float32 weight.
+    head_exact_top: after an int8/int4 head, recompute the logits of each row's top this-many
+      tokens exactly (float32 rows of the dense weight): greedy picks and top logprobs then
+      equal the dense head's whenever the true best token is among them (0: off).
+    """
+
+    dense_min_rows: int | None = DEFAULT_DENSE_MIN_ROWS
+    head: str = "int8"
+    head_dense_min_rows: int = DEFAULT_HEAD_DENSE_MIN_ROWS
+    head_exact_top: int = 16
+
+    def __post_init__(self):
+        if self.head not in ("int8", "int4", "dense"):
+            raise ValueError(f"unknown LM head kernel {self.head!r} (int8, int4 or dense)")
+
+
+@dataclass
+class QuantizedTensor:
+    """A 2-D GGUF tensor kept as raw quantized blocks: ``data`` is uint8 [rows, row_bytes].
+
+    ``shape`` is the row-major (HF) shape (rows = output features). Rows can be permuted
+    freely (blocks never straddle rows), which is how q/k un-permutation is applied.
+    """
+
+    qtype: Q
+    shape: tuple[int, int]
+    data: np.ndarray
+    name: str = ""
+
+    def __post_init__(self):
+        if self.data.ndim != 2 or self.data.shape[0] != self.shape[0]:
+            raise ValueError(f"GGUF tensor {self.name!r}: raw data {self.data.shape} does not fit {self.shape}")
+
+    def dequantize(self) -> torch.Tensor:
+        """float32 [rows, cols], exactly as ``gguf.quants.dequantize``."""
+        try:
+            array = gguf.quants.dequantize(self.data, self.qtype)
+        except NotImplementedError:
+            raise ValueError(f"GGUF tensor {self.name!r}: unsupported type {self.qtype.name}") from None
+        array = np.asarray(array, dtype=np.float32).reshape(self.shape)
+        return torch.from_numpy(array if array.flags.writeable else array.copy())
+
+    def permute_rows(self, fn) -> QuantizedTensor:
+        return QuantizedTensor(self.qtype, self.shape, np.ascontiguousarray(fn(self.data)), self.name)
+
+    @property
+    def int4_mappable(self) -> bool:
+        return self.qtype in _INT4_DECODERS and self.shape[1] % GROUP_SIZE == 0
+
+    def int4_groups(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(q uint8 [rows, cols] in 0..15, scale, zero float32 [rows, cols // 32]) such that
+        ``w = (q - 8) * scale + zero`` per 32-column group."""
+        if not self.int4_mappable:
+            raise ValueError(f"GGUF tensor {self.name!r}: {self.qtype.name} does not map onto int4")
+        rows, cols = self.shape
+        q, scale, zero = _INT4_DECODERS[self.qtype](self.data, rows, cols)
+        return torch.from_numpy(q), torch.from_numpy(scale), torch.from_numpy(zero)
+
+
+def _f16(raw: np.ndarray) -> np.ndarray:
+    """[..., 2] uint8 -> [...] float32."""
+    return np.ascontiguousarray(raw).view(np.float16)[..., 0].astype(np.float32)
+
+
+def _nibbles(qs: np.ndarray) -> np.ndarray:
+    """[..., 16] bytes -> [..., 32] codes: low nibbles are weights 0..15, high 16..31 (ggml)."""
+    return np.concatenate([qs & 0x0F, qs >> 4], axis=-1)
+
+
+def _decode_q4_1(data, rows, cols):
+    blocks = data.reshape(rows, cols // 32, 20)
+    d, m = _f16(blocks[..., 0:2]), _f16(blocks[..., 2:4])
+    q = _nibbles(blocks[..., 4:]).reshape(rows, cols)
+    return q, d, m + 8 * d
+
+
+def _decode_q4_0(data, rows, cols):
+    blocks = data.reshape(rows, cols // 32, 18)
+    d = _f16(blocks[..., 0:2])
+    q = _nibbles(blocks[..., 2:]).reshape(rows, cols)
+    return q, d, np.zeros_like(d)
+
+
+def _decode_q4_k(data, rows, cols):
+    # super-block of 256: fp16 d, fp16 dmin, 12 bytes of 6-bit (scale, min) x 8, 128 bytes
+    # of nibbles; each 64-weight chunk holds 32 low nibbles (sub-block 2j), then 32 high (2j+1)
+    n = rows * cols // 256
+    blocks = data.reshape(n, 144)
+    d, dmin = _f16(blocks[:, 0:2])[:, None], _f16(blocks[:, 2:4])[:, None]
+    sc, mn = gguf.quants.Q4_K.get_scale_min(np.ascontiguousarray(blocks[:, 4:16]))
+    scale = d * sc.astype(np.float32)
+    zero = 8 * scale - dmin * mn.astype(np.float32)
+    qs = blocks[:, 16:].reshape(n, 4, 1, 32) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)
+    q = (qs & 0x0F).reshape(rows, cols)
+    return q, scale.reshape(rows, cols // 32), zero.reshape(rows, cols // 32)
+
+
+_INT4_DECODERS = {Q.Q4_1: _decode_q4_1, Q.Q4_0: _decode_q4_0, Q.Q4_K: _decode_q4_k}
+
+
+def pack_int4(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+              dtype: torch.dtype = INT4_ACT_DTYPE) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q [N, K] in 0..15, scale/zero [N, K/32]) -> (packed weight, qScaleAndZeros [K/32, N, 2])
+    for ``aten._weight_int4pack_mm_for_cpu``."""
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 1)
+    scale_zeros = torch.stack([scale.t(), zero.t()], dim=-1).to(dtype).contiguous()
+    return packed, scale_zeros
+
+
+def int4_mm(x: torch.Tensor, packed: torch.Tensor, scale_zeros: torch.Tensor) -> torch.Tensor:
+    """x [M, K] (any float dtype) @ W^T with W in int4pack form -> [M, N] in the kernel dtype."""
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(scale_zeros.dtype), packed, GROUP_SIZE, scale_zeros)
+
+
+def dequantize_int4(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """The float32 weight the int4 kernel computes with (before its bf16 rounding of scale/zero)."""
+    n, k = q.shape
+    w = (q.float() - 8).view(n, k // GROUP_SIZE, GROUP_SIZE) * scale[..., None] + zero[..., None]
+    return w.view(n, k)
+
+
+class Int4Linear(nn.Module):
+    """y = x @ W^T with W kept in int4 (group 32) when its checkpoint tensors allow it.
+
+    Same loading interface as ``Linear``/``MergedLinear``: ``load(tensor, shard)`` takes a
+    float tensor or a ``QuantizedTensor`` per shard (``shard_sizes`` given: the rows of each
+    stacked projection); ``finish_loading()`` packs once every shard is in. If any shard is
+    not int4-mappable the whole layer becomes a dense float32 linear.
+    """
+
+    def __init__(self, in_features: int, out_features: int | dict[str, int],
+                 dense_min_rows: int | None = DEFAULT_DENSE_MIN_ROWS):
+        super().__init__()
+        if isinstance(out_features, dict):
+            self.shard_sizes = dict(out_features)
+        else:
+            self.shard_sizes = {None: out_features}
+        self.shard_offsets, offset = {}, 0
+        for name, size in self.shard_sizes.items():
+            self.shard_offsets[name] = offset
+            offset += size
+        self.in_features, self.out_features = in_features, offset
+        self.dense_min_rows = dense_min_rows
+        self._pending: dict = {}
+        self.packed: torch.Tensor | None = None
+        self.scale_zeros: torch.Tensor | None = None
+        self.weight: torch.Tensor | None = None  # dense float32 (large M, or the only path)
+
+    def extra_repr(self) -> str:
+        kind = "int4" if self.packed is not None else "dense"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, {kind}, "
+                f"dense_min_rows={self.dense_min_rows if self.packed is not None else 0}")
+
+    @property
+    def is_int4(self) -> bool:
+        return self.packed is not None
+
+    def shard_shape(self, shard: str | None = None) -> tuple[int, int]:
+        return (self.shard_sizes[shard], self.in_features)
+
+    def load(self, tensor, shard: str | None = None) -> None:
+        if shard not in self.shard_sizes:
+            raise ValueError(f"unknown shard {shard!r}")
+        expected = self.shard_shape(shard)
+        if tuple(tensor.shape) != expected:
+            raise ValueError(f"expected shape {expected}, got {tuple(tensor.shape)}")
+        self._pending[shard] = tensor
+
+    def finish_loading(self) -> None:
+        missing = [s for s in self.shard_sizes if s not in self._pending]
+        if missing:
+            raise ValueError(f"shard(s) {missing} were never loaded")
+        parts = [self._pending[s] for s in self.shard_sizes]
+        self._pending = {}
+        if all(isinstance(p, QuantizedTensor) and p.int4_mappable for p in parts):
+            groups = [p.int4_groups() for p in parts]
+            q, scale, zero = (torch.cat([g[i] for g in groups]) for i in range(3))
+            self.packed, self.scale_zeros = pack_int4(q, scale, zero)
+            if self.dense_min_rows is not None:
+                # exactly gguf's dequantization (w = d*q + m etc.), as the float32 model has
+                self.weight = torch.cat([p.dequantize() for p in parts])
+        else:
+            self.dense_min_rows = 0
+            self.weight = torch.cat([p.dequantize() if isinstance(p, QuantizedTensor) else p.float()
+                                     for p in parts])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is None or (self.dense_min_rows is not None and x.shape[0] >= self.dense_min_rows):
+            return F.linear(x, self.weight)
+        return int4_mm(x, self.packed, self.scale_zeros).float()
+
+
+def requantize_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A float [N, K] weight -> group-32 min/max (q, scale, zero) for ``pack_int4`` (lossy)."""
+    n, k = weight.shape
+    groups = weight.float().reshape(n, k // GROUP_SIZE, GROUP_SIZE)
+    lo, hi = groups.amin(-1), groups.amax(-1)
+    scale = (hi - lo) / 15
+    inv = torch.where(scale > 0, 1 / scale, torch.zeros_like(scale))
+    q = torch.round((groups - lo[..., None]) * inv[..., None]).clamp_(0, 15).to(torch.uint8)
+    return q.reshape(n, k), scale, lo + 8 * scale
+
+
+def requantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A float [N, K] weight -> per-row symmetric int8 (q int8 [N, K], scale float32 [N]) (lossy)."""
+    scale = weight.float().abs().amax(1) / 127
+    inv = torch.where(scale > 0, 1 / scale, torch.zeros_like(scale))
+    q = torch.round(weight.float() * inv[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q, scale
+
+
+class QuantizedLMHead(Int4Linear):
+    """The LM head of a quantized model: float32 logits, kernel chosen by M.
+
+    M >= ``head_dense_min_rows``: dense float32 (the dequantized checkpoint weight, shared
+    with the embeddings when they are tied). Smaller M: ``config.head`` (see
+    ``QuantizationConfig``); a 4-bit checkpoint head always runs int4.
+    """
+
+    def __init__(self, in_features: int, out_features: int, config: QuantizationConfig):
+        super().__init__(in_features, out_features, dense_min_rows=config.head_dense_min_rows)
+        self.kernel = config.head
+        self.exact_top = min(config.head_exact_top, out_features)
+        self.int8_weight: torch.Tensor | None = None
+        self.int8_scales: torch.Tensor | None = None
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"kernel={self.small_kernel}, dense_min_rows={self.dense_min_rows}")
+
+    @property
+    def small_kernel(self) -> str:
+        return "int4" if self.packed is not None else "int8" if self.int8_weight is not None else "dense"
+
+    def finish_loading(self, dense_weight: torch.Tensor | None = None) -> None:
+        """dense_weight: the float32 weight when it already exists (tied embeddings)."""
+        (source,) = [self._pending[s] for s in self.shard_sizes if s in self._pending] or [None]
+        if source is None:
+            raise ValueError("the LM head weight was never loaded")
+        self._pending = {}
+        if dense_weight is None:
+            dense_weight = source.dequantize() if isinstance(source, QuantizedTensor) else source.float()
+        self.weight = dense_weight
+        if isinstance(source, QuantizedTensor) and source.int4_mappable:
+            self.packed, self.scale_zeros = pack_int4(*source.int4_groups())
+        elif self.kernel == "int4" and self.in_features % GROUP_SIZE == 0:
+            self.packed, self.scale_zeros = pack_int4(*requantize_int4(dense_weight))
+        elif self.kernel == "int8":
+            self.int8_weight, scales = requantize_int8(dense_weight)
+            self.int8_scales = scales.to(INT4_ACT_DTYPE)
+        else:
+            self.dense_min_rows = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] >= self.dense_min_rows:
+            return F.linear(x, self.weight).float()
+        if self.packed is not None:
+            logits = int4_mm(x, self.packed, self.scale_zeros).float()
+        else:
+            logits = torch.ops.aten._weight_int8pack_mm(
+                x.to(INT4_ACT_DTYPE), self.int8_weight, self.int8_scales).float()
+        if self.exact_top:
+            top = logits.topk(self.exact_top, dim=-1, sorted=False).indices  # [M, k]
+            exact = torch.bmm(self.weight[top], x.float().unsqueeze(-1)).squeeze(-1)
+            logits.scatter_(1, top, exact)
+        return logits

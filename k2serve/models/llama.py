@@ -16,6 +16,7 @@ from torch import nn
 from k2serve.models.config import ModelConfig
 from k2serve.models.layers.attention import AttentionContext, KVCacheSpec
 from k2serve.models.layers.linear import Linear, MergedLinear
+from k2serve.models.layers.quantized import Int4Linear, QuantizationConfig, QuantizedLMHead, QuantizedTensor
 from k2serve.models.layers.norm import RMSNorm
 from k2serve.models.layers.rotary import RotaryEmbedding, apply_rotary
 
@@ -30,17 +31,28 @@ _STACKED = {
 ROPE_FREQ_FACTORS = "model.rotary_emb.freq_factors"  # GGUF rope_freqs.weight (Llama 3.1 scaling)
 
 
+def _linear(in_features: int, out: int | dict[str, int], dtype: torch.dtype,
+            quant: QuantizationConfig | None) -> nn.Module:
+    """A (merged, when ``out`` maps shard names to rows) linear: float, or int4 when quantized."""
+    if quant is not None:
+        return Int4Linear(in_features, out, quant.dense_min_rows)
+    if isinstance(out, dict):
+        return MergedLinear(in_features, out, dtype)
+    return Linear(in_features, out, dtype)
+
+
 class LlamaAttention(nn.Module):
-    def __init__(self, config: ModelConfig, layer_idx: int, dtype: torch.dtype):
+    def __init__(self, config: ModelConfig, layer_idx: int, dtype: torch.dtype,
+                 quant: QuantizationConfig | None = None):
         super().__init__()
         self.layer_idx = layer_idx
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         self.scale = self.head_dim ** -0.5
-        self.qkv_proj = MergedLinear(
-            config.hidden_size, {"q": self.q_size, "k": self.kv_size, "v": self.kv_size}, dtype)
-        self.o_proj = Linear(self.q_size, config.hidden_size, dtype)
+        self.qkv_proj = _linear(
+            config.hidden_size, {"q": self.q_size, "k": self.kv_size, "v": self.kv_size}, dtype, quant)
+        self.o_proj = _linear(self.q_size, config.hidden_size, dtype, quant)
 
     def forward(self, x, cos, sin, attn: AttentionContext):
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -52,11 +64,11 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config: ModelConfig, dtype: torch.dtype):
+    def __init__(self, config: ModelConfig, dtype: torch.dtype, quant: QuantizationConfig | None = None):
         super().__init__()
         size = config.intermediate_size
-        self.gate_up_proj = MergedLinear(config.hidden_size, {"gate": size, "up": size}, dtype)
-        self.down_proj = Linear(size, config.hidden_size, dtype)
+        self.gate_up_proj = _linear(config.hidden_size, {"gate": size, "up": size}, dtype, quant)
+        self.down_proj = _linear(size, config.hidden_size, dtype, quant)
 
     def forward(self, x):
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
@@ -64,12 +76,13 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, layer_idx: int, dtype: torch.dtype):
+    def __init__(self, config: ModelConfig, layer_idx: int, dtype: torch.dtype,
+                 quant: QuantizationConfig | None = None):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
-        self.self_attn = LlamaAttention(config, layer_idx, dtype)
+        self.self_attn = LlamaAttention(config, layer_idx, dtype, quant)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
-        self.mlp = LlamaMLP(config, dtype)
+        self.mlp = LlamaMLP(config, dtype, quant)
 
     def forward(self, x, residual, cos, sin, attn):
         if residual is None:
@@ -80,20 +93,50 @@ class LlamaDecoderLayer(nn.Module):
         x, residual = self.post_attention_layernorm(x, residual)
         return self.mlp(x), residual
 
+    def forward_lean(self, x, residual, cos, sin_signed, attn):
+        """``forward`` with fewer, fused ops (quantized models, where per-token op overhead
+        is a large share of a decode step). ``sin_signed``: sin with its first half negated,
+        so that rotate_half(t) * sin == t.roll(half) * sin_signed. Same maths as ``forward``
+        up to float rounding (fused RMSNorm)."""
+        residual = x if residual is None else x + residual
+        norm1, norm2 = self.input_layernorm, self.post_attention_layernorm
+        attn_mod, mlp = self.self_attn, self.mlp
+        n, hidden = x.shape[0], x.shape[-1]
+        h = F.rms_norm(residual, (hidden,), norm1.weight, norm1.eps)
+        qkv = attn_mod.qkv_proj.forward(h)
+        qk_heads = attn_mod.num_heads + attn_mod.num_kv_heads
+        head_dim = attn_mod.head_dim
+        qk = qkv[:, :qk_heads * head_dim].view(n, qk_heads, head_dim)
+        qk = torch.addcmul(qk * cos, qk.roll(head_dim // 2, -1), sin_signed)
+        v = qkv[:, qk_heads * head_dim:].view(n, attn_mod.num_kv_heads, head_dim)
+        out = attn.attend(attn_mod.layer_idx, qk[:, :attn_mod.num_heads], qk[:, attn_mod.num_heads:], v,
+                          attn_mod.scale)
+        residual = attn_mod.o_proj.forward(out.reshape(n, attn_mod.q_size)) + residual
+        h = F.rms_norm(residual, (hidden,), norm2.weight, norm2.eps)
+        gate, up = mlp.gate_up_proj.forward(h).chunk(2, dim=-1)
+        return mlp.down_proj.forward(F.silu(gate) * up), residual
+
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: ModelConfig, dtype: torch.dtype):
+    def __init__(self, config: ModelConfig, dtype: torch.dtype, quant: QuantizationConfig | None = None):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, dtype=dtype)
         self.embed_tokens.weight.requires_grad_(False)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, i, dtype) for i in range(config.num_layers))
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, i, dtype, quant) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
+        self.lean = quant is not None  # the fused-op layer path (LlamaDecoderLayer.forward_lean)
 
     def forward(self, input_ids, positions, attn):
         x = self.embed_tokens(input_ids)
         cos, sin = self.rotary_emb(positions, x.dtype)
         residual = None
+        if self.lean:
+            half = sin.shape[-1] // 2
+            sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+            for layer in self.layers:
+                x, residual = layer.forward_lean(x, residual, cos, sin, attn)
+            return F.rms_norm(x + residual, (x.shape[-1],), self.norm.weight, self.norm.eps)
         for layer in self.layers:
             x, residual = layer(x, residual, cos, sin, attn)
         x, _ = self.norm(x, residual)
@@ -101,11 +144,22 @@ class LlamaModel(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, config: ModelConfig, dtype: torch.dtype = torch.float32):
+    def __init__(self, config: ModelConfig, dtype: torch.dtype = torch.float32,
+                 quantization: QuantizationConfig | None = None):
+        """quantization: None (every weight dense in ``dtype``) or keep GGUF 4-bit weights
+        4-bit (``Int4Linear``) and run the LM head as ``QuantizedLMHead`` (float32 model)."""
         super().__init__()
+        if quantization is not None and dtype != torch.float32:
+            raise ValueError("a quantized model computes in float32 (dtype=torch.float32)")
         self.config = config
-        self.model = LlamaModel(config, dtype)
-        self.lm_head = None if config.tie_word_embeddings else Linear(config.hidden_size, config.vocab_size, dtype)
+        self.quantization = quantization
+        self.model = LlamaModel(config, dtype, quantization)
+        if quantization is not None:
+            # tied or not, the head is its own module (the tied one shares the embeddings'
+            # dense float32 weight and adds a small-M kernel of its own)
+            self.lm_head = QuantizedLMHead(config.hidden_size, config.vocab_size, quantization)
+        else:
+            self.lm_head = None if config.tie_word_embeddings else Linear(config.hidden_size, config.vocab_size, dtype)
 
     @torch.no_grad()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionContext) -> torch.Tensor:
@@ -119,6 +173,8 @@ class LlamaForCausalLM(nn.Module):
     @torch.no_grad()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[M, hidden] -> float32 logits [M, vocab]."""
+        if self.quantization is not None:
+            return self.lm_head(hidden)
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(hidden, weight).float()
 
@@ -132,17 +188,40 @@ class LlamaForCausalLM(nn.Module):
             names += [p + f"self_attn.{proj}.weight" for proj in ("q_proj", "k_proj", "v_proj", "o_proj")]
             names += [p + f"mlp.{proj}.weight" for proj in ("gate_proj", "up_proj", "down_proj")]
         names.append("model.norm.weight")
-        if self.lm_head is not None:
+        if not self.config.tie_word_embeddings:
             names.append("lm_head.weight")
         return names
 
-    def load_weight(self, name: str, tensor: torch.Tensor) -> None:
-        """Copy one checkpoint tensor (HF name) into the model; ValueError naming it on mismatch."""
+    def finish_loading(self) -> None:
+        """After every checkpoint tensor is loaded: pack quantized weights (no-op unquantized)."""
+        if self.quantization is None:
+            return
+        for module in self.modules():
+            if isinstance(module, Int4Linear) and module is not self.lm_head:
+                module.finish_loading()
+        shared = self.model.embed_tokens.weight if self.config.tie_word_embeddings else None
+        self.lm_head.finish_loading(dense_weight=shared)
+
+    def load_weight(self, name: str, tensor: torch.Tensor | QuantizedTensor) -> None:
+        """Copy one checkpoint tensor (HF name) into the model; ValueError naming it on mismatch.
+
+        A ``QuantizedTensor`` (raw GGUF blocks) is kept quantized by ``Int4Linear`` modules
+        and dequantized to float32 for everything else."""
         if name == ROPE_FREQ_FACTORS:
+            if isinstance(tensor, QuantizedTensor):
+                tensor = tensor.dequantize()
             self.model.rotary_emb.set_freq_factors(tensor)
             return
-        if name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and self.lm_head is None):
+        if name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and self.config.tie_word_embeddings):
             return  # recomputed / tied to the embeddings
+        if self.quantization is not None and (
+                name == "lm_head.weight" or (name == "model.embed_tokens.weight" and self.config.tie_word_embeddings)):
+            try:
+                self.lm_head.load(tensor)
+            except ValueError as e:
+                raise ValueError(f"tensor {name!r}: {e}") from None
+            if name == "lm_head.weight":
+                return
         module_path, _, leaf = name.rpartition(".")
         parent, _, proj = module_path.rpartition(".")
         shard = None
@@ -156,7 +235,9 @@ class LlamaForCausalLM(nn.Module):
         if leaf != "weight" or module is None or not hasattr(module, "weight"):
             raise ValueError(f"unexpected tensor {name!r} for a Llama model")
         try:
-            if isinstance(module, Linear):
+            if isinstance(tensor, QuantizedTensor) and not isinstance(module, Int4Linear):
+                tensor = tensor.dequantize()  # norms, embeddings: float32
+            if isinstance(module, (Linear, Int4Linear)):
                 module.load(tensor, shard)
             elif tuple(tensor.shape) != tuple(module.weight.shape):
                 raise ValueError(f"expected shape {tuple(module.weight.shape)}, got {tuple(tensor.shape)}")

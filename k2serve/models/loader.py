@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 from k2serve.models.config import ModelConfig
 from k2serve.models.deepseek_config import DeepseekV3Config, is_deepseek_v3
 from k2serve.models.deepseek_v3 import DeepseekV3ForCausalLM
+from k2serve.models.layers.quantized import QuantizationConfig
 from k2serve.models.llama import LlamaForCausalLM
 
 MODEL_CLASSES = {"llama": LlamaForCausalLM, "deepseek_v3": DeepseekV3ForCausalLM}
@@ -43,13 +44,23 @@ def open_checkpoint(path: str):
     raise ValueError(f"{path}: no such model file or directory")
 
 
-def load_model(path: str, dtype: torch.dtype = torch.float32, progress: bool = True) -> tuple[nn.Module, ModelConfig]:
+def load_model(path: str, dtype: torch.dtype = torch.float32, progress: bool = True,
+               quantized: bool | QuantizationConfig = False) -> tuple[nn.Module, ModelConfig]:
+    """quantized: keep a GGUF's 4-bit weights 4-bit (True: default ``QuantizationConfig``);
+    the model still takes and returns float32. False: every weight dense in ``dtype``."""
     checkpoint = open_checkpoint(path)
     config = checkpoint.config
     model_class = MODEL_CLASSES.get(config.architecture)
     if model_class is None:
         raise ValueError(f"{path}: unsupported architecture {config.architecture!r}")
-    model = model_class(config, dtype)
+    quantization = None
+    if quantized:
+        quantization = quantized if isinstance(quantized, QuantizationConfig) else QuantizationConfig()
+        if model_class is not LlamaForCausalLM:
+            raise ValueError(f"{path}: quantized loading supports Llama models only")
+        model = model_class(config, dtype, quantization=quantization)
+    else:
+        model = model_class(config, dtype)
 
     available = set(checkpoint.names)
     missing = [checkpoint.source_name(n) for n in model.checkpoint_weight_names() if n not in available]
@@ -59,8 +70,12 @@ def load_model(path: str, dtype: torch.dtype = torch.float32, progress: bool = T
 
     bar = tqdm(total=len(checkpoint), desc=f"Loading {os.path.basename(os.path.normpath(path))}",
                unit="tensor", disable=not progress)
+    if quantization is not None and getattr(checkpoint, "keeps_quantized", False):
+        tensors = checkpoint.iter_tensors(keep_quantized=True)  # GGUF: raw 4-bit blocks
+    else:
+        tensors = checkpoint.iter_tensors()  # float tensors: quantized layers run them dense
     with bar:
-        for name, tensor in checkpoint.iter_tensors():
+        for name, tensor in tensors:
             try:
                 model.load_weight(name, tensor)
             except ValueError as e:
@@ -68,5 +83,10 @@ def load_model(path: str, dtype: torch.dtype = torch.float32, progress: bool = T
                 prefix = f"{path}: " if source == name else f"{path}: {source!r} -> "
                 raise ValueError(prefix + str(e)) from None
             bar.update(1)
+    if quantization is not None:
+        try:
+            model.finish_loading()
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
     model.eval()
     return model, config

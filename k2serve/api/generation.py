@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+
+import anyio
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
 
@@ -128,9 +130,12 @@ async def merged_choices(backend: TextBackend, prompt_ids: list[int], req: Sampl
     finally:
         for task in tasks:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        # Report before awaiting anything: when the client drops a stream, Starlette cancels
+        # this generator's scope, and an await here would be cancelled too.
         if tracker is not None:
             tracker.finish(status, error)
+        with anyio.CancelScope(shield=True):
+            await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def until_disconnected(request: Request, work: Awaitable):

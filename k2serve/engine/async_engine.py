@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import AsyncIterator
 from typing import Any
@@ -18,6 +19,9 @@ from k2serve.engine.core import EngineCore
 from k2serve.engine.sequence import GenerationRequest, RequestOutput
 
 log = logging.getLogger(__name__)
+
+
+RESERVATION_TTL_S = 10.0  # how long an admitted request may take to start generating
 
 
 class EngineError(RuntimeError):
@@ -36,8 +40,10 @@ class AsyncEngine:
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._streams_lock = threading.Lock()
         self._stopped = False
-        # Requests accepted and not yet finished; touched on the event loop thread only.
+        # Requests accepted and not yet finished, and (expiry times of) requests admitted by
+        # `reserve` whose generation has not started yet; event loop thread only.
         self._in_flight = 0
+        self._reservations: deque[float] = deque()
         self.max_in_flight = core.config.max_num_seqs + core.config.max_waiting
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
@@ -50,7 +56,9 @@ class AsyncEngine:
         """
         if self._stopped:
             raise EngineError("engine is shut down")
-        if self._in_flight >= self.max_in_flight:
+        if self._reservations:
+            self._reservations.popleft()  # this request was admitted by reserve()
+        elif self._in_flight >= self.max_in_flight:
             raise EngineOverloaded(f"{self._in_flight} requests are running or waiting, the "
                                    f"most this server queues")
         loop = asyncio.get_running_loop()
@@ -86,6 +94,18 @@ class AsyncEngine:
     @property
     def in_flight(self) -> int:
         return self._in_flight
+
+    def reserve(self, num_requests: int) -> None:
+        """Admit requests now, before their generation starts (a streamed reply starts it
+        only after its headers are sent), or raise EngineOverloaded."""
+        now = time.monotonic()
+        while self._reservations and self._reservations[0] < now:
+            self._reservations.popleft()  # admitted but never started (client left)
+        pending = self._in_flight + len(self._reservations)
+        if pending + num_requests > self.max_in_flight:
+            raise EngineOverloaded(f"{pending} requests are running or waiting, the most "
+                                   f"this server queues is {self.max_in_flight}")
+        self._reservations.extend([now + RESERVATION_TTL_S] * num_requests)
 
     def stats(self) -> dict[str, int]:
         return {**self._core.stats(), "in_flight": self._in_flight}

@@ -10,7 +10,7 @@ import itertools
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from k2serve.engine.async_engine import AsyncEngine, EngineOverloaded
+from k2serve.engine.async_engine import AsyncEngine
 from k2serve.engine.sampling_params import SamplingParams
 from k2serve.engine.sequence import GenerationRequest, TokenLogprob
 from k2serve.text.chat_template import ChatTemplate
@@ -54,10 +54,8 @@ class TextBackend:
         self._ids = itertools.count()
 
     def ensure_capacity(self, num_requests: int) -> None:
-        """Raise EngineOverloaded now rather than after a stream has started."""
-        if self.engine.in_flight + num_requests > self.engine.max_in_flight:
-            raise EngineOverloaded(f"{self.engine.in_flight} requests are running or waiting, "
-                                   f"the most this server queues is {self.engine.max_in_flight}")
+        """Admit the request's choices now, or raise EngineOverloaded before any reply."""
+        self.engine.reserve(num_requests)
 
     # -- prompts ----------------------------------------------------------------------
     def render_chat(self, messages: list[dict], tools: list[dict] | None = None,

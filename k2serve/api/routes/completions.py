@@ -33,7 +33,6 @@ async def completions(req: CompletionRequest, request: Request):
     prepared = fit_context(backend.encode_text_prompt(req.prompt), req.max_tokens,
                            DEFAULT_MAX_TOKENS, backend.context_length,
                            req.context_length_exceeded_behavior, "max_tokens")
-    backend.ensure_capacity(req.n)
     reply_id = f"cmpl-{uuid.uuid4().hex}"
     created = int(time.time())
     echo_text = req.prompt if req.echo else ""
@@ -44,6 +43,7 @@ async def completions(req: CompletionRequest, request: Request):
     if prepared.max_tokens == 0 and req.num_top_logprobs is None:
         choices = None  # nothing to compute
     else:
+        backend.ensure_capacity(req.n)
         tracker = UsageTracker(request, req.model, "completions", len(prepared.ids), req.n)
         choices = merged_choices(backend, prepared.ids, req, prepared.max_tokens, tracker)
 

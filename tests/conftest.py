@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import httpx
 import pytest
+import torch
 
 EMBEDDED_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
@@ -80,6 +81,17 @@ def stop_server(server: LiveServer) -> None:
         server.process.wait(timeout=20)
     except subprocess.TimeoutExpired:
         server.process.kill()
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for a module's model math: barely slower on an idle 2-core machine
+    for these small models, and it avoids OpenMP spin-wait slowdowns (10x seen) when other
+    processes (the test servers) share the cores."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="session")

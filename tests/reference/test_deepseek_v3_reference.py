@@ -65,11 +65,8 @@ MEASURED: dict[str, dict[str, float]] = {}  # config -> check -> max abs diff (p
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
+def print_measured(one_torch_thread):
     yield
-    torch.set_num_threads(previous)
     for name, diffs in MEASURED.items():
         print(f"\n{name}: " + ", ".join(f"{k} {v:.2e}" for k, v in diffs.items()))
 

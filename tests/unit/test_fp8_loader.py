@@ -29,12 +29,7 @@ from k2serve.models.tiny_k2 import write_tiny_k2_checkpoint
 INDEX = "model.safetensors.index.json"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

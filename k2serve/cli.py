@@ -33,7 +33,7 @@ def _serve(args: argparse.Namespace) -> int:
             model_path=args.model, served_model_name=args.served_model_name,
             max_num_seqs=args.max_num_seqs, max_context_length=args.max_context_length,
             kv_cache_bytes=int(args.kv_cache_gb * (1 << 30)) if args.kv_cache_gb else None,
-            max_waiting=args.max_waiting, progress=not args.quiet))
+            max_waiting=args.max_waiting, quantize=not args.no_quantize, progress=not args.quiet))
     except (FileNotFoundError, ValueError) as exc:
         print(f"k2serve: cannot load model: {exc}", file=sys.stderr)
         return 2
@@ -81,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="KV cache size (default: a quarter of available memory, at most 4)")
     serve.add_argument("--max-waiting", type=int, default=256,
                        help="requests queued beyond the running batch; more get 503")
+    serve.add_argument("--no-quantize", action="store_true",
+                       help="dequantize a GGUF's 4-bit weights to float32 (slower)")
     serve.add_argument("--max-context-length", type=int, default=None,
                        help="cap the context length below the model's own")
     serve.add_argument("--max-body-bytes", type=int, default=16 * 1024 * 1024)

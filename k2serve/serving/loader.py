@@ -12,12 +12,19 @@ from k2serve.config import CATALOG, EMBEDDED_CHAT_MODEL_ID, model_spec
 from k2serve.engine.async_engine import AsyncEngine
 from k2serve.engine.core import EngineConfig, EngineCore
 from k2serve.models.embedded import embedded_smollm2_gguf_path
+from k2serve.models.layers.quantized import QuantizationConfig
 from k2serve.models.loader import load_model
 from k2serve.serving.registry import ModelSpec
 from k2serve.serving.text_backend import TextBackend
 from k2serve.text.chat_template import ChatTemplate
 from k2serve.text.k2_tokenizer import load_tokenizer
 from k2serve.text.tokenizer import Tokenizer
+
+
+# int4 kernels for every batch size and the int8 LM head with its exact top-16 recompute: one
+# kernel whatever the number of rows, so a sequence's tokens do not depend on what else is
+# in the batch (the engine's batch-invariance guarantee; greedy equals the fp32 model here).
+SERVING_QUANTIZATION = QuantizationConfig(dense_min_rows=None, head_dense_min_rows=1 << 30)
 
 
 @dataclass
@@ -28,13 +35,16 @@ class LoadOptions:
     max_step_tokens: int = 512
     max_context_length: int | None = None  # cap below the model's own, to bound memory
     kv_cache_bytes: int | None = None  # None: a share of the memory available at start-up
+    quantize: bool = True  # keep a GGUF's 4-bit weights 4-bit (int4 kernels)
     max_waiting: int = 256
     progress: bool = True
 
 
 def load_text_model(options: LoadOptions) -> tuple[ModelSpec, TextBackend]:
     path = options.model_path or embedded_smollm2_gguf_path()
-    model, config = load_model(path, dtype=torch.float32, progress=options.progress)
+    quantized = SERVING_QUANTIZATION if options.quantize and path.endswith(".gguf") else False
+    model, config = load_model(path, dtype=torch.float32, progress=options.progress,
+                               quantized=quantized)
     model.eval()
     if path.endswith(".gguf"):
         tokenizer = Tokenizer.from_gguf(path)

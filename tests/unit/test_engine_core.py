@@ -15,13 +15,16 @@ from k2serve.engine.core import EngineConfig, EngineCore
 from k2serve.engine.sampling_params import SamplingParams
 from k2serve.engine.sequence import GenerationRequest
 from k2serve.models.loader import load_model
+from k2serve.serving.loader import SERVING_QUANTIZATION
 from k2serve.text.tokenizer import Tokenizer
 from tests.tiny_models import smollm2_gguf_path, tiny_hf_llama
 
 
-@pytest.fixture(scope="module")
-def smollm2():
-    model, config = load_model(smollm2_gguf_path(), progress=False)
+@pytest.fixture(scope="module", params=["fp32", "int4"])
+def smollm2(request):
+    """The embedded model dequantized, and as `k2serve serve` runs it (4-bit kept 4-bit)."""
+    quantized = SERVING_QUANTIZATION if request.param == "int4" else False
+    model, config = load_model(smollm2_gguf_path(), progress=False, quantized=quantized)
     return model, config, Tokenizer.from_gguf(smollm2_gguf_path())
 
 

@@ -237,3 +237,15 @@ def test_lm_head_exact_top(embeddings):
     assert torch.equal(logits.argmax(-1), ref.argmax(-1))
     top = ref.topk(5, dim=-1)
     torch.testing.assert_close(logits.gather(1, top.indices), top.values, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("vocab, block", [(49152, 128), (32000, 128), (1000, 0)])
+def test_lm_head_two_stage_top_k(vocab, block):
+    head = QuantizedLMHead(64, vocab, QuantizationConfig())
+    assert head._block == block
+    torch.manual_seed(0)
+    logits = torch.randn(3, vocab)
+    got = head._top_indices(logits)
+    want = logits.topk(16, dim=-1).indices
+    assert got.shape == (3, 16)
+    assert [set(r) for r in got.tolist()] == [set(r) for r in want.tolist()]

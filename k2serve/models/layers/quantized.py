@@ -239,9 +239,26 @@ class Int4Linear(nn.Module):
                                      for p in parts])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is None or (self.dense_min_rows is not None and x.shape[0] >= self.dense_min_rows):
-            return F.linear(x, self.weight)
-        return int4_mm(x, self.packed, self.scale_zeros).float()
+        """x [M, in] -> float32 [M, out]."""
+        return self.forward_raw(x).float()
+
+    def forward_raw(self, x: torch.Tensor) -> torch.Tensor:
+        """``forward`` in the kernel's own dtypes: x float32 or bfloat16; the result is
+        bfloat16 when the int4 kernel ran (M < dense_min_rows), else float32."""
+        if x.shape[0] >= self._dense_from:
+            return F.linear(x.float(), self.weight)
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x.to(INT4_ACT_DTYPE), self.packed, GROUP_SIZE, self.scale_zeros)
+
+    def uses_int4(self, rows: int) -> bool:
+        """Whether an input of ``rows`` rows runs the int4 kernel."""
+        return rows < self._dense_from
+
+    @property
+    def _dense_from(self) -> int | float:
+        if self.packed is None:
+            return 0
+        return float("inf") if self.dense_min_rows is None else self.dense_min_rows
 
 
 def requantize_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -275,6 +292,10 @@ class QuantizedLMHead(Int4Linear):
         super().__init__(in_features, out_features, dense_min_rows=config.head_dense_min_rows)
         self.kernel = config.head
         self.exact_top = min(config.head_exact_top, out_features)
+        # top-k in two stages (block maxima, then the best blocks): ~3x faster than topk
+        # over the whole vocabulary on CPU
+        self._block = next((b for b in (128, 64, 32) if out_features % b == 0 and out_features // b >= 4 * self.exact_top), 0)
+        self._token_ids = torch.arange(out_features).view(-1, self._block) if self._block and self.exact_top else None
         self.int8_weight: torch.Tensor | None = None
         self.int8_scales: torch.Tensor | None = None
 
@@ -314,7 +335,20 @@ class QuantizedLMHead(Int4Linear):
             logits = torch.ops.aten._weight_int8pack_mm(
                 x.to(INT4_ACT_DTYPE), self.int8_weight, self.int8_scales).float()
         if self.exact_top:
-            top = logits.topk(self.exact_top, dim=-1, sorted=False).indices  # [M, k]
+            top = self._top_indices(logits)  # [M, k]
             exact = torch.bmm(self.weight[top], x.float().unsqueeze(-1)).squeeze(-1)
             logits.scatter_(1, top, exact)
         return logits
+
+    def _top_indices(self, logits: torch.Tensor) -> torch.Tensor:
+        """Indices of each row's ``exact_top`` largest logits (in no particular order)."""
+        k, b = self.exact_top, self._block
+        if not b:
+            return logits.topk(k, dim=-1, sorted=False).indices
+        m = logits.shape[0]
+        blocks = logits.view(m, -1, b)
+        # the k best tokens lie in the k blocks with the largest maxima
+        best = blocks.amax(2).topk(k, dim=1, sorted=False).indices  # [M, k]
+        candidates = blocks.gather(1, best.unsqueeze(-1).expand(m, k, b)).view(m, k * b)
+        within = candidates.topk(k, dim=1, sorted=False).indices
+        return self._token_ids[best].view(m, k * b).gather(1, within)

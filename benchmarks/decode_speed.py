@@ -165,6 +165,9 @@ def _worker_transformers(path: str, threads: int) -> None:
         import transformers
     except ImportError:
         sys.exit("transformers is not installed (pip install transformers)")
+    import warnings
+
+    warnings.filterwarnings("ignore")  # past_key_values deprecation notices, once per step
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()

@@ -122,10 +122,10 @@ class LlamaDecoderLayer(nn.Module):
         n = x.shape[0]
         heads, head_dim = attn_mod.num_heads, attn_mod.head_dim
         qk_size = attn_mod.q_size + attn_mod.kv_size
-        qkv = attn_mod.qkv_proj.forward_raw(norm1(residual)).float()
+        qkv = attn_mod.qkv_proj.forward_raw(norm1(residual))
         qk = qkv[:, :qk_size].view(n, -1, head_dim)
-        qk = torch.addcmul(qk * cos, qk.roll(head_dim // 2, -1), sin_signed)
-        v = qkv[:, qk_size:].view(n, -1, head_dim)
+        qk = torch.addcmul(qk * cos, qk.roll(head_dim // 2, -1), sin_signed)  # float32 (cos is)
+        v = qkv[:, qk_size:].view(n, -1, head_dim).float()
         out = attn.attend(attn_mod.layer_idx, qk[:, :heads], qk[:, heads:], v, attn_mod.scale)
         residual = attn_mod.o_proj.forward_raw(out.reshape(n, attn_mod.q_size)) + residual
         gate, up = mlp.gate_up_proj.forward_raw(norm2(residual)).chunk(2, -1)

@@ -12,6 +12,8 @@ def _serve(args: argparse.Namespace) -> int:
 
     from k2serve.api.app import create_app
     from k2serve.serving.loader import LoadOptions, load_text_model
+    from k2serve.platform.db import data_dir
+    from k2serve.serving.families import FamilyOptions, parse_families, register_families
     from k2serve.serving.registry import ModelRegistry
 
     if args.threads:
@@ -27,17 +29,27 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"k2serve: {exc}", file=sys.stderr)
         return 2
 
-    registry = ModelRegistry()
     try:
-        spec, backend = load_text_model(LoadOptions(
-            model_path=args.model, served_model_name=args.served_model_name,
-            max_num_seqs=args.max_num_seqs, max_context_length=args.max_context_length,
-            kv_cache_bytes=int(args.kv_cache_gb * (1 << 30)) if args.kv_cache_gb else None,
-            max_waiting=args.max_waiting, quantize=not args.no_quantize, progress=not args.quiet))
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"k2serve: cannot load model: {exc}", file=sys.stderr)
+        families = parse_families(args.families)
+    except ValueError as exc:
+        print(f"k2serve: {exc}", file=sys.stderr)
         return 2
-    registry.register(spec, backend)
+    registry = ModelRegistry()
+    if "chat" in families:
+        try:
+            spec, backend = load_text_model(LoadOptions(
+                model_path=args.model, served_model_name=args.served_model_name,
+                max_num_seqs=args.max_num_seqs, max_context_length=args.max_context_length,
+                kv_cache_bytes=int(args.kv_cache_gb * (1 << 30)) if args.kv_cache_gb else None,
+                max_waiting=args.max_waiting, quantize=not args.no_quantize,
+                progress=not args.quiet))
+        except (FileNotFoundError, ValueError) as exc:
+            print(f"k2serve: cannot load model: {exc}", file=sys.stderr)
+            return 2
+        registry.register(spec, backend)
+    register_families(registry, families - {"chat"},
+                      FamilyOptions(data_dir=str(data_dir(args.data_dir)),
+                                    progress=not args.quiet))
     app = create_app(registry, max_body_bytes=args.max_body_bytes, platform=platform)
 
     base = f"http://{_display_host(args.host)}:{args.port}"
@@ -50,7 +62,8 @@ def _serve(args: argparse.Namespace) -> int:
     async def startup_then_announce(sockets=None):
         await original_startup(sockets=sockets)
         if server.started:
-            print(f"k2serve: serving {spec.id} — API at {base}/v1, docs at {base}/docs — "
+            served = ", ".join(s.id for s in registry.specs()) or "no models"
+            print(f"k2serve: serving {served} — API at {base}/v1, docs at {base}/docs — "
                   f"{platform.startup_note()}", flush=True)
 
     server.startup = startup_then_announce
@@ -85,6 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="dequantize a GGUF's 4-bit weights to float32 (slower)")
     serve.add_argument("--max-context-length", type=int, default=None,
                        help="cap the context length below the model's own")
+    serve.add_argument("--families", default="all",
+                       help="model families to serve, comma-separated: chat, embedding "
+                            "(+rerank), moderation, audio, or all (default). Families "
+                            "beside chat load in the background after start-up")
     serve.add_argument("--max-body-bytes", type=int, default=16 * 1024 * 1024)
     serve.add_argument("--threads", type=int, default=None, help="torch threads (default: cores)")
     serve.add_argument("--log-level", default="warning")

@@ -51,6 +51,10 @@ def start_server(*extra_args: str, startup_timeout: float = 180.0,
     if "K2SERVE_HOME" not in env and "--data-dir" not in extra_args:
         env["K2SERVE_HOME"] = tempfile.mkdtemp(prefix="k2serve-test-home-")
         atexit.register(shutil.rmtree, env["K2SERVE_HOME"], True)
+    if not any(arg.startswith("--families") for arg in extra_args):
+        # Only the chat model unless a test asks for more: the other families are large
+        # and would load in the background of every chat test.
+        extra_args = ("--families", "chat", *extra_args)
     cmd = [sys.executable, "-m", "k2serve.cli", "serve", "--host", "127.0.0.1",
            "--port", str(port), "--quiet", *extra_args]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

@@ -6,6 +6,7 @@ from k2serve.serving.registry import ModelSpec, Pricing
 
 EMBEDDED_CHAT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 KIMI_K2_MODEL_ID = "moonshotai/Kimi-K2-Instruct-0905"
+SAFETY_MODEL_ID = "irfanalidv/toxic-comment-classifier"  # PyPI toxic-comment-classifier
 
 # Known facts per model id; a model served under another id gets zero prices.
 CATALOG: dict[str, dict] = {
@@ -17,6 +18,12 @@ CATALOG: dict[str, dict] = {
         type="chat", display_name="Kimi K2 Instruct 0905", organization="Moonshot AI",
         license="modified-mit", link="https://huggingface.co/moonshotai/Kimi-K2-Instruct-0905",
         pricing=Pricing(input=1.0, output=3.0), created=1757030400),
+    # Input price per 1M words the classifier reads (a 1M-parameter BiLSTM: cheap).
+    SAFETY_MODEL_ID: dict(
+        type="moderation", display_name="Toxic Comment Classifier (6 labels)",
+        organization="irfanalidv", license="mit",
+        link="https://github.com/irfanalidv/toxic_comment_classifier",
+        pricing=Pricing(input=0.01, output=0.0), created=1742774400),
 }
 
 

@@ -30,7 +30,7 @@ class UsageRecord:
     prompt_tokens: int = 0
     cached_tokens: int = 0
     completion_tokens: int = 0
-    status: str = "ok"  # ok | error | client_closed
+    status: str = "ok"  # ok | error | client_closed | content_filter (k2serve.safety)
     error: str | None = None
     ttft_s: float | None = None
     duration_s: float = 0.0
@@ -60,9 +60,16 @@ class UsageTracker:
         if index == 0:
             self.record.cached_tokens = delta.cached_tokens
 
+    def mark(self, status: str, error: str | None = None) -> None:
+        """A final status decided above the generation (the safety guard's
+        `content_filter`): finish() reports it unless the generation failed."""
+        self._marked = (status, error)
+
     def finish(self, status: str, error: str | None = None) -> None:
         if self._done:
             return
+        if status != "error" and getattr(self, "_marked", None):
+            status, error = self._marked
         self._done = True
         self.record.completion_tokens = sum(self._completion)
         self.record.status = status

@@ -304,6 +304,8 @@ class Platform:
             status, error = record.status, None
             if status == "error":
                 error = ctx.error_code or "generation_error"
+            elif status == "content_filter":  # the safety model's stage and labels
+                error = record.error
             ttft, duration = record.ttft_s, record.duration_s
             model = record.model
         else:

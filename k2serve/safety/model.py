@@ -20,6 +20,7 @@ from k2serve.safety.tokenizer import WordTokenizer
 
 MAXLEN = 100  # the package's sequence length
 WINDOW_STEP = 50  # long texts: windows of MAXLEN ids, half overlapping
+BATCH = 256  # windows per forward pass
 
 
 class ToxicityNet(nn.Module):
@@ -68,11 +69,16 @@ class ToxicityClassifier:
         self.net.eval()
 
     @torch.inference_mode()
-    def score(self, texts: list[str]) -> list[TextScore]:
+    def score(self, texts: list[str], *, tail: bool = False) -> list[TextScore]:
+        """Scores per text. `tail`: only each text's last MAXLEN ids (the package's view;
+        one fixed-cost window, for checks that run again as a text grows)."""
         words = [self.tokenizer.words(t) for t in texts]
-        per_text = [windows(self.tokenizer.ids(w)) for w in words]
-        batch = torch.tensor([w for ws in per_text for w in ws], dtype=torch.long)
-        probs = self.net(batch).tolist() if len(batch) else []
+        ids = [self.tokenizer.ids(w) for w in words]
+        per_text = [[pad(i)] if tail else windows(i) for i in ids]
+        flat = [w for ws in per_text for w in ws]
+        probs = []
+        for start in range(0, len(flat), BATCH):  # bounded memory for long inputs
+            probs += self.net(torch.tensor(flat[start:start + BATCH], dtype=torch.long)).tolist()
         results, row = [], 0
         for ws, w in zip(per_text, words):
             rows = probs[row:row + len(ws)]

@@ -18,6 +18,16 @@ CATALOG: dict[str, dict] = {
         type="chat", display_name="Kimi K2 Instruct 0905", organization="Moonshot AI",
         license="modified-mit", link="https://huggingface.co/moonshotai/Kimi-K2-Instruct-0905",
         pricing=Pricing(input=1.0, output=3.0), created=1757030400),
+    # Embedding / rerank (k2serve.embeddings): Together's price tier for embedding models of
+    # up to 150M parameters, $0.008 per 1M input tokens (MiniLM 22M, MPNet 110M).
+    "sentence-transformers/all-MiniLM-L6-v2": dict(
+        type="embedding", display_name="all-MiniLM-L6-v2", organization="sentence-transformers",
+        license="apache-2.0", link="https://huggingface.co/sentence-transformers/all-MiniLM-L6-v2",
+        pricing=Pricing(input=0.008, output=0.0), created=1629158400),
+    "sentence-transformers/all-mpnet-base-v2": dict(
+        type="rerank", display_name="all-mpnet-base-v2", organization="sentence-transformers",
+        license="apache-2.0", link="https://huggingface.co/sentence-transformers/all-mpnet-base-v2",
+        pricing=Pricing(input=0.008, output=0.0), created=1629158400),
     # Input price per 1M words the classifier reads (a 1M-parameter BiLSTM: cheap).
     SAFETY_MODEL_ID: dict(
         type="moderation", display_name="Toxic Comment Classifier (6 labels)",

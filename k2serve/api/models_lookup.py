@@ -26,5 +26,53 @@ def text_backend_for(request: Request, model_id: str) -> TextBackend:
     spec, backend = entry
     if spec.type not in TEXT_TYPES or not isinstance(backend, TextBackend):
         raise APIError(400, f"The model '{model_id}' is a {spec.type} model and cannot serve "
-                            f"text generation.", param="model", code="model_not_supported")
+                            f"text generation; it serves {what_it_serves(spec.type)}.",
+                       param="model", code="model_not_supported")
+    return backend
+
+
+# What a model of each type is for: errors that send a model to the wrong endpoint say it.
+SERVES_BY_TYPE = {
+    "chat": "chat and text completions (POST /v1/chat/completions, /v1/completions)",
+    "language": "text completions (POST /v1/completions)",
+    "code": "text completions (POST /v1/completions)",
+    "embedding": "embeddings (POST /v1/embeddings) and rerank (POST /v1/rerank)",
+    "rerank": "rerank (POST /v1/rerank) and embeddings (POST /v1/embeddings)",
+    "moderation": "content classification (POST /v1/moderations)",
+    "audio": "speech synthesis (POST /v1/audio/speech)",
+    "transcribe": "transcription (POST /v1/audio/transcriptions)",
+    "image": "image generation (POST /v1/images/generations)",
+    "video": "video generation (POST /v2/videos)",
+}
+
+
+def what_it_serves(model_type: str) -> str:
+    return SERVES_BY_TYPE.get(model_type, f"{model_type} requests")
+
+
+def embedding_backend_for(request: Request, model_id: str, action: str):
+    """The EmbeddingBackend serving `model_id` (/v1/embeddings and /v1/rerank); 404 for an
+    unknown model, 400 naming what the model does and which models can `action`."""
+    from k2serve.embeddings.backend import EmbeddingBackend
+
+    registry = registry_of(request)
+    capable = [s for s in registry.specs()
+               if isinstance(registry.get(s.id)[1], EmbeddingBackend)]
+    entry = registry.get(model_id)
+    if entry is None:
+        available = ", ".join(sorted(s.id for s in registry.specs())) or "none"
+        raise APIError(404, f"The model '{model_id}' does not exist or is not served here. "
+                            f"Available models: {available}.", param="model",
+                       code="model_not_found")
+    spec, backend = entry
+    if not isinstance(backend, EmbeddingBackend):
+        if capable:
+            alternatives = "Models that can: " + ", ".join(
+                f"{s.id} ({s.type})" for s in capable) + "."
+        else:
+            alternatives = ("This server serves no embedding model (start it with "
+                            "`k2serve serve --families ...,embedding`).")
+        raise APIError(400, f"The model '{model_id}' is a {spec.type} model and cannot "
+                            f"{action}; it serves {what_it_serves(spec.type)}. {alternatives}",
+                       param="model", code="model_not_supported")
     return backend

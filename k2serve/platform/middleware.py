@@ -29,7 +29,8 @@ from k2serve.platform.service import Platform, RequestContext, _log_request
 log = logging.getLogger("k2serve.platform")
 
 GENERATION_PATHS = {"/v1/chat/completions": "chat.completions", "/v1/completions": "completions",
-                    "/v1/moderations": "moderations"}
+                    "/v1/moderations": "moderations", "/v1/embeddings": "embeddings",
+                    "/v1/rerank": "rerank"}
 PUBLIC_PATHS = frozenset({"/health", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
 ADMIN_PREFIX = "/admin/"
 _CAPTURE_LIMIT = 1 << 20

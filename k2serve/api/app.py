@@ -16,7 +16,7 @@ from k2serve.api.middleware import (
     PathAliasMiddleware,
     RequestIdMiddleware,
 )
-from k2serve.api.routes import (capabilities, chat, completions, embeddings, models,
+from k2serve.api.routes import (audio, capabilities, chat, completions, embeddings, models,
                                 moderations, rerank)
 from k2serve.api.usage import log_usage
 from k2serve.platform.middleware import PlatformMiddleware
@@ -46,7 +46,8 @@ def create_app(registry: ModelRegistry, *, max_body_bytes: int = DEFAULT_MAX_BOD
     app.state.registry = registry
     app.state.usage_sinks = [log_usage]
     install_error_handlers(app)
-    for module in (models, chat, completions, embeddings, rerank, moderations, capabilities):
+    for module in (models, chat, completions, audio, embeddings, rerank, moderations,
+                   capabilities):
         app.include_router(module.router)
 
     @app.get("/health")

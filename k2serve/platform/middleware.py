@@ -24,6 +24,7 @@ import uuid
 from starlette.datastructures import Headers
 
 from k2serve.api.errors import APIError, error_response
+from k2serve.platform.form_fields import multipart_model
 from k2serve.platform.service import Platform, RequestContext, _log_request
 
 log = logging.getLogger("k2serve.platform")
@@ -31,6 +32,9 @@ log = logging.getLogger("k2serve.platform")
 GENERATION_PATHS = {"/v1/chat/completions": "chat.completions", "/v1/completions": "completions",
                     "/v1/moderations": "moderations", "/v1/embeddings": "embeddings",
                     "/v1/rerank": "rerank"}
+GENERATION_PATHS.update({  # billed by audio seconds / characters (k2serve.api.routes.audio)
+    "/v1/audio/speech": "audio.speech", "/v1/audio/generations": "audio.speech",
+    "/v1/audio/transcriptions": "audio.transcribe", "/v1/audio/translations": "audio.translate"})
 PUBLIC_PATHS = frozenset({"/health", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
 ADMIN_PREFIX = "/admin/"
 _CAPTURE_LIMIT = 1 << 20
@@ -130,6 +134,8 @@ class PlatformMiddleware:
         if not isinstance(body, dict):
             body = {}
         model = body.get("model")
+        if model is None and headers.get("content-type", "").startswith("multipart/"):
+            model = multipart_model(raw, headers["content-type"])  # audio uploads
         ctx.model = model[:256] if isinstance(model, str) else None
         try:
             await platform.admit(ctx, body, raw, headers)

@@ -19,10 +19,6 @@ ENDPOINTS = {
     "/v1/images/generations": ("image", "generate images"),
     "/v2/videos": ("video", "generate videos"),
     "/v1/videos": ("video", "generate videos"),
-    "/v1/audio/speech": ("audio", "synthesize speech"),
-    "/v1/audio/generations": ("audio", "synthesize speech"),
-    "/v1/audio/transcriptions": ("transcribe", "transcribe audio"),
-    "/v1/audio/translations": ("transcribe", "translate audio"),
 }
 
 

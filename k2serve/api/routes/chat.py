@@ -25,6 +25,7 @@ from k2serve.api.schemas.chat import ChatCompletionRequest
 from k2serve.api.tools import (StreamingToolState, finish_with_tools, parse_message,
                                parses_tool_calls, prepare_messages)
 from k2serve.api.usage import UsageTracker
+from k2serve.safety.guard import chat_input_texts, safety_guard
 from k2serve.serving.text_backend import TextBackend
 from k2serve.text.chat_template import (
     TemplateError,
@@ -66,6 +67,7 @@ def _render_prompt(req: ChatCompletionRequest, backend: TextBackend) -> str:
 @router.post("/v1/chat/completions")
 async def chat_completions(req: ChatCompletionRequest, request: Request):
     backend = text_backend_for(request, req.model)
+    guard = safety_guard(request, req.safety_model)  # 400 for a safety model not served
     with_tools = parses_tool_calls(req, backend)
     if req.response_format and req.response_format.get("type") not in (None, "text"):
         raise bad_request("response_format other than 'text' is not supported by this server yet.",
@@ -83,6 +85,9 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
     created = int(time.time())
     tracker = UsageTracker(request, req.model, "chat.completions", len(prepared.ids), req.n)
     choices = merged_choices(backend, prepared.ids, req, prepared.max_tokens, tracker)
+    if guard is not None:  # input checked first, output released in checked pieces
+        choices = guard.guarded(request, choices, chat_input_texts(req.messages), req.n,
+                                len(prepared.ids), tracker)
     prompt_field = [{"text": prompt_text}] if req.echo else []
 
     def logprobs_of(entries):
@@ -107,6 +112,8 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
         "choices": [_choice(i, r, req, with_tools, logprobs_of) for i, r in enumerate(results)],
         "usage": usage_dict(len(prepared.ids), completion_tokens, results[0].cached_tokens),
     }
+    if guard is not None:
+        body["safety"] = guard.report()
     if prepared.warnings:
         body["warnings"] = [{"message": w} for w in prepared.warnings]
     return JSONResponse(body)

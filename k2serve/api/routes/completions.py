@@ -21,6 +21,7 @@ from k2serve.api.generation import (
 from k2serve.api.models_lookup import text_backend_for
 from k2serve.api.schemas.completions import CompletionRequest
 from k2serve.api.usage import UsageTracker
+from k2serve.safety.guard import safety_guard
 
 router = APIRouter()
 
@@ -30,6 +31,7 @@ DEFAULT_MAX_TOKENS = 16  # OpenAI's default for this endpoint
 @router.post("/v1/completions")
 async def completions(req: CompletionRequest, request: Request):
     backend = text_backend_for(request, req.model)
+    guard = safety_guard(request, req.safety_model)  # 400 for a safety model not served
     prepared = fit_context(backend.encode_text_prompt(req.prompt), req.max_tokens,
                            DEFAULT_MAX_TOKENS, backend.context_length,
                            req.context_length_exceeded_behavior, "max_tokens")
@@ -46,6 +48,9 @@ async def completions(req: CompletionRequest, request: Request):
         backend.ensure_capacity(req.n)
         tracker = UsageTracker(request, req.model, "completions", len(prepared.ids), req.n)
         choices = merged_choices(backend, prepared.ids, req, prepared.max_tokens, tracker)
+        if guard is not None:  # prompt checked first, output released in checked pieces
+            choices = guard.guarded(request, choices, [req.prompt], req.n, len(prepared.ids),
+                                    tracker)
 
     if req.stream:
         return StreamingResponse(sse_stream(_stream(req, reply_id, created, choices, prepared,
@@ -75,6 +80,8 @@ async def completions(req: CompletionRequest, request: Request):
             "prompt": prompt_field, "choices": body_choices,
             "usage": usage_dict(len(prepared.ids), sum(r.completion_tokens for r in results if r),
                                  results[0].cached_tokens if results[0] else 0)}
+    if guard is not None:
+        body["safety"] = guard.report()
     if prepared.warnings:
         body["warnings"] = [{"message": w} for w in prepared.warnings]
     return JSONResponse(body)

@@ -72,6 +72,10 @@ async def input_sequences(encoder, items: list, model_id: str) -> list[list[int]
     return sequences
 
 
+def _field_text(value) -> str:
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+
+
 def document_texts(documents: list, rank_fields: list[str] | None) -> tuple[list[str], list[str]]:
     """Rerank documents -> (texts to rank, texts to return). Object documents rank on
     `key: value` lines of their rank_fields (default: all keys, in order) and come back as
@@ -95,8 +99,7 @@ def document_texts(documents: list, rank_fields: list[str] | None) -> tuple[list
     ranked, returned = [], []
     for i, doc in enumerate(documents):
         fields = rank_fields if rank_fields is not None else list(doc)
-        lines = [f"{k}: {v if isinstance(v, str) else json.dumps(v, ensure_ascii=False)}"
-                 for k in fields if k in doc]
+        lines = [f"{k}: {_field_text(doc[k])}" for k in fields if k in doc]
         if not lines:
             what = f"any of the rank_fields {rank_fields}" if rank_fields else "any field"
             raise bad_request(f"Invalid 'documents[{i}]': it has no {what}.", param="documents")

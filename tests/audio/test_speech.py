@@ -172,3 +172,35 @@ def test_model_errors(http):
     r = http.post("/v1/audio/speech", content=b"{not json",
                   headers={"content-type": "application/json"})
     assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
+
+
+def test_concurrent_requests_do_not_mix_their_audio(audio_stack, http):
+    """eSpeak NG is one global state per process: requests are serialized, so each reply is
+    its own sentence, as long as when it is spoken alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+
+    texts = [f"Request number {n} says {word}." for n, word in
+             enumerate(["apple", "banana", "cherry", "dates", "elderberry", "figs"])]
+    alone = [len(read_wav(speak(http, t, sample_rate=8000))[0]) for t in texts]
+
+    def one(text):
+        with httpx.Client(base_url=audio_stack.server.root, timeout=120,
+                          headers={"Authorization": f"Bearer {audio_stack.key}"}) as c:
+            return len(read_wav(speak(c, text, sample_rate=8000))[0])
+
+    with ThreadPoolExecutor(len(texts)) as pool:
+        together = list(pool.map(one, texts))
+    assert all(close(a, b) for a, b in zip(alone, together)), (alone, together)
+
+
+def test_models_list_types_and_prices(http):
+    listed = {m["id"]: m for m in http.get("/v1/models").json()}  # Together: a bare array
+    assert listed[SPEECH_MODEL]["type"] == "audio"
+    assert listed[WHISPER_MODEL]["type"] == "transcribe"
+    assert listed[WHISPER_MODEL]["pricing"]["input"] == 25.0  # per 1M audio seconds
+    assert listed[SPEECH_MODEL]["pricing"]["input"] == 1.0  # per 1M characters
+    for m in listed.values():
+        assert m["object"] == "model" and set(m["pricing"]) >= {"hourly", "input", "output",
+                                                                  "base", "finetune"}

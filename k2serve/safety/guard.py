@@ -35,6 +35,9 @@ from k2serve.serving.text_backend import TextDelta
 log = logging.getLogger("k2serve.safety")
 
 FINISH_REASON = "content_filter"
+# Together's legacy Python SDK (1.x, `Together/v1 PythonBindings`) validates finish_reason
+# against stop|eos|length|tool_calls|error and fails on content_filter: it gets "error".
+LEGACY_FINISH_REASON = "error"
 MIN_WORDS = 4  # a sentence end releases a piece only past this many words
 MAX_PENDING_WORDS = 16  # ... and a piece never waits for more than this many
 TAIL_CHARS = 4096  # what an output check tokenizes (its last 100 words are scored)
@@ -97,6 +100,12 @@ def verdict_of(stage: str, scores: list[TextScore]) -> Verdict:
     return Verdict(stage, labels, categories)
 
 
+def finish_reason_for(request: Request) -> str:
+    headers = getattr(request, "headers", None) or {}
+    return LEGACY_FINISH_REASON if "PythonBindings" in headers.get("user-agent", "") \
+        else FINISH_REASON
+
+
 def chat_input_texts(messages) -> list[str]:
     """Every message's text: string content, or the text parts of a parts list."""
     texts = []
@@ -155,6 +164,7 @@ class SafetyGuard:
         """`choices` (merged_choices' output) with the input checked first and each choice's
         output released in checked pieces (module docstring). Closing it closes `choices`.
         With n > 1, a flagged choice ends while the others go on."""
+        finish = finish_reason_for(request)
         try:
             verdict = await self._check("input", _bounded(input_texts))
             if verdict.flagged:  # nothing is generated
@@ -162,7 +172,7 @@ class SafetyGuard:
                 if tracker is not None:
                     tracker.finish("ok")
                 for index in range(n):
-                    yield index, TextDelta("", [], None, FINISH_REASON, prompt_tokens, 0)
+                    yield index, TextDelta("", [], None, finish, prompt_tokens, 0)
                 return
             pieces = [_Piece() for _ in range(n)]
             stopped = [False] * n
@@ -179,7 +189,7 @@ class SafetyGuard:
                     continue
                 stopped[index] = True
                 self._record(request, tracker, verdict)
-                yield index, piece.cut()
+                yield index, piece.cut(finish)
                 if all(stopped):
                     return
         finally:
@@ -227,8 +237,8 @@ class _Piece:
         self.released = (self.released + delta.text)[-TAIL_CHARS:]
         return delta
 
-    def cut(self) -> TextDelta:
+    def cut(self, finish_reason: str) -> TextDelta:
         """The flagged piece: its text withheld, the choice finished as filtered."""
         delta, self.delta = self.delta, None
-        return TextDelta("", [], None, FINISH_REASON, delta.prompt_tokens,
+        return TextDelta("", [], None, finish_reason, delta.prompt_tokens,
                          delta.completion_tokens, delta.cached_tokens, delta.prompt_logprobs)

@@ -266,6 +266,18 @@ def test_together2_sdk_flagged_chat_streaming_and_not(live):
     assert json.loads(out.stdout.strip().splitlines()[-1]) == ["content_filter"] * 3
 
 
+def test_together1_user_agent_gets_a_finish_reason_its_enum_holds(http):
+    """Together's legacy 1.x SDK rejects content_filter (pydantic enum); by its User-Agent
+    it gets "error" instead (checked by hand with together==1.5.35: chat, stream and
+    completions parse, where content_filter raises ValidationError)."""
+    headers = {"User-Agent": "Together/v1 PythonBindings/1.5.35"}
+    r = http.post("/v1/chat/completions", headers=headers, json={
+        "model": EMBEDDED_ID, "messages": [{"role": "user", "content": TOXIC}],
+        "max_tokens": 8, "safety_model": SAFETY_MODEL_ID})
+    assert r.json()["choices"][0]["finish_reason"] == "error"
+    assert r.json()["safety"]["flagged"] is True
+
+
 # -- helpers ---------------------------------------------------------------------------
 def _stream_text(http: httpx.Client, path: str, body: dict) -> tuple[str, str | None]:
     text, finish = "", None
@@ -295,3 +307,4 @@ def _ledger_row(live, request_id: str, timeout: float = 20.0):
             return rows[0]
         time.sleep(0.2)
     raise AssertionError(f"no ledger row for request {request_id}")
+

@@ -143,8 +143,8 @@ async def _speech(request: Request):
             yield sse({"error": {"message": f"Speech synthesis failed: {exc}",
                                  "type": "server_error", "param": None, "code": None}})
         finally:
+            tracker.finish(status, error)  # first: a cancelled stream may not get past an await
             await chunks.aclose()
-            tracker.finish(status, error)
 
     return StreamingResponse(events(), media_type="text/event-stream",
                              headers={"cache-control": "no-cache", **headers})
@@ -270,12 +270,19 @@ async def _transcribe(request: Request, task: str):
     return PlainTextResponse(body, media_type=media_type)
 
 
+async def _transcribe_closing_files(request: Request, task: str):
+    try:
+        return await _transcribe(request, task)
+    finally:
+        await request.close()  # closes the parsed form's spooled upload
+
+
 @router.post("/v1/audio/transcriptions", summary="Transcribe audio (Whisper tiny.en)")
 async def transcriptions(request: Request):
-    return await _transcribe(request, "transcribe")
+    return await _transcribe_closing_files(request, "transcribe")
 
 
 @router.post("/v1/audio/translations",
              summary="Translate audio into English (tiny.en: English speech only)")
 async def translations(request: Request):
-    return await _transcribe(request, "translate")
+    return await _transcribe_closing_files(request, "translate")

@@ -53,6 +53,48 @@ QUERIES: list[tuple[str, list[tuple[str, int]]]] = [
         ("Measles outbreaks have returned where vaccination rates fell.", 1),
         ("Electric cars use batteries instead of petrol engines.", 0),
     ]),
+    # Harder: documents that share the query's words but not its meaning.
+    ("What animals can I find near Peru?", [
+        ("The giant panda (Ailuropoda melanoleuca), also known as the panda bear or simply "
+         "panda, is a bear species endemic to China.", 0),
+        ("The llama is a domesticated South American camelid, widely used as a meat and pack "
+         "animal by Andean cultures since the pre-Columbian era.", 2),
+        ("The wild Bactrian camel (Camelus ferus) is an endangered species of camel endemic to "
+         "Northwest China and southwestern Mongolia.", 0),
+        ("The guanaco is a camelid native to South America, closely related to the llama.", 2),
+        ("Lima, the capital of Peru, is known for its ceviche.", 1),
+    ]),
+    ("Is it safe to eat raw cookie dough?", [
+        ("Raw cookie dough can carry E. coli in the flour and salmonella in the eggs, so "
+         "eating it is risky.", 2),
+        ("Browser cookies store small pieces of data for the websites you visit.", 0),
+        ("Bake the cookies at 180 degrees for twelve minutes until golden.", 1),
+        ("Food poisoning causes nausea, cramps and fever.", 1),
+        ("Pizza dough rises best in a warm kitchen.", 0),
+    ]),
+    ("How do I stop my Python script from running out of memory?", [
+        ("Read the file in chunks or use generators instead of loading every row into a "
+         "list.", 2),
+        ("Pythons are large non-venomous snakes that kill their prey by constriction.", 0),
+        ("Objects kept alive by forgotten references cause memory leaks.", 1),
+        ("RAM prices fell sharply last year.", 0),
+        ("The script for the school play was printed yesterday.", 0),
+    ]),
+    ("Why is the sky blue?", [
+        ("Air molecules scatter short blue wavelengths of sunlight much more than red ones "
+         "(Rayleigh scattering).", 2),
+        ("Blue whales are the largest animals known to have lived.", 0),
+        ("Sunsets look red because their light crosses more of the atmosphere.", 1),
+        ("Feeling blue means feeling sad.", 0),
+        ("The sky was clear all weekend.", 0),
+    ]),
+    ("Apple stock price today", [
+        ("Apple Inc. shares rose 3% after strong iPhone sales.", 2),
+        ("Apples are rich in fibre and vitamin C.", 0),
+        ("Stock broth is made by simmering bones for hours.", 0),
+        ("Microsoft shares fell after its earnings report.", 1),
+        ("The Nasdaq index tracks technology companies.", 1),
+    ]),
 ]
 
 

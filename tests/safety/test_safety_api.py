@@ -117,6 +117,7 @@ def test_wrong_models_on_moderations(http):
     err = r.json()["error"]
     assert err["param"] == "model" and err["code"] == "model_not_supported"
     assert "is a chat model and cannot classify content" in err["message"]
+    assert "it serves chat and text completions" in err["message"]
     assert SAFETY_MODEL_ID in err["message"]
     r = http.post("/v1/moderations", json={"model": "omni-moderation-latest", "input": "hi"})
     assert r.status_code == 404 and SAFETY_MODEL_ID in r.json()["error"]["message"]

@@ -108,3 +108,65 @@ def test_together_sdk(together_client):
     translated = together_client.audio.translations.create(
         model=WHISPER_MODEL, file=("speech.wav", audio), language="en")
     assert word_error_rate(SENTENCES[0], translated.text) <= MAX_WER
+
+
+SDK2_SCRIPT = """
+import io, json, sys
+from together import Together
+client = Together(base_url=sys.argv[1], api_key=sys.argv[2], max_retries=0)
+voices = client.audio.voices.list()
+speech = client.audio.speech.create(model=sys.argv[3], voice="en-us", input=sys.argv[5],
+                                    response_format="wav")
+audio = speech.read()
+result = client.audio.transcriptions.create(model=sys.argv[4], file=("speech.wav", audio),
+                                            response_format="verbose_json",
+                                            timestamp_granularities=["word", "segment"])
+print(json.dumps({"voices": [v.id for v in voices.data[0].voices], "riff": audio[:4].decode(),
+                  "text": result.text, "words": len(result.words or [])}))
+"""
+
+
+def test_together2_with_v1_base_url(audio_stack):
+    """together 2.x (the side copy scripts/install-sdk-2x makes) with a base URL ending /v1."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    sdk2 = Path(__file__).resolve().parents[2] / ".sdk" / "together2"
+    if not (sdk2 / "together").is_dir():
+        pytest.fail(f"together 2.x side copy missing: run scripts/install-sdk-2x ({sdk2})")
+    out = subprocess.run([sys.executable, "-c", SDK2_SCRIPT, audio_stack.server.base_v1,
+                          audio_stack.key, SPEECH_MODEL, WHISPER_MODEL, SENTENCES[1]],
+                         env=dict(os.environ, PYTHONPATH=str(sdk2)), capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert "en-us" in result["voices"] and result["riff"] == "RIFF"
+    assert word_error_rate(SENTENCES[1], result["text"]) <= MAX_WER, result["text"]
+    assert result["words"] == len(words(result["text"]))
+
+
+def test_curl_seed_speech_example(audio_stack, tmp_path):
+    """The seed's curl for /v1/audio/generations, with this server's speech model."""
+    import json
+    import shutil
+    import subprocess
+
+    if shutil.which("curl") is None:
+        pytest.skip("curl is not installed")
+    target = tmp_path / "speech.mp3"
+    body = {"input": SENTENCES[0], "voice": "american female", "response_format": "mp3",
+            "sample_rate": 44100, "stream": False, "model": SPEECH_MODEL}
+    out = subprocess.run(["curl", "-sS", "--location", f"{audio_stack.server.base_v1}/audio/"
+                          "generations", "--header", "Content-Type: application/json",
+                          "--header", f"Authorization: Bearer {audio_stack.key}",
+                          "--output", str(target), "--data", json.dumps(body)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    import av
+
+    with av.open(str(target)) as container:
+        stream = container.streams.audio[0]
+        assert stream.codec_context.name.startswith("mp3") and stream.rate == 44100

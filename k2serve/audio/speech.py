@@ -43,6 +43,9 @@ async def speak(engine: Espeak, text: str, voice: Voice, rate_wpm: int,
                 spec: OutputSpec) -> AsyncIterator[bytes]:
     """Encoded audio, chunk by chunk. Closing the iterator early stops the synthesis."""
     loop = asyncio.get_running_loop()
+    # Unbounded on purpose: eSpeak runs hundreds of times faster than real time, so the
+    # synthesis finishes and frees the process-wide lock at once, whatever the client's pace;
+    # MAX_INPUT_CHARS bounds what waits here (4096 characters: ~40 MB of 48 kHz float32).
     queue: asyncio.Queue = asyncio.Queue()
     stop = threading.Event()
 

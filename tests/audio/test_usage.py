@@ -71,3 +71,18 @@ def test_model_allow_list_applies_to_uploads(audio_stack):
     r = httpx.post(audio_stack.server.root + "/v1/audio/speech", timeout=60,
                    json={"model": SPEECH_MODEL, "input": "x", "voice": "en-us"})
     assert r.status_code == 401  # keys exist: no key, no audio
+
+
+def test_a_dropped_speech_stream_is_billed(audio_stack):
+    text = "A long text to speak, read only in part by its client. " * 70  # ~4000 characters
+    headers = {"Authorization": f"Bearer {audio_stack.key}"}
+    with httpx.Client(base_url=audio_stack.server.root, timeout=60, headers=headers) as c:
+        with c.stream("POST", "/v1/audio/speech", json={
+                "model": SPEECH_MODEL, "input": text, "voice": "en-us", "stream": True,
+                "sample_rate": 48000}) as r:
+            assert r.status_code == 200
+            request_id = r.headers["x-request-id"]
+            next(r.iter_lines())  # one chunk, then the client leaves
+    (row,) = _rows(audio_stack, request_id)
+    assert row.status == "client_closed" and row.prompt_tokens == len(text)
+    assert row.cost_usd == pytest.approx(len(text) * CATALOG[SPEECH_MODEL]["pricing"].input / 1e6)

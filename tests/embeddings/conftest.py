@@ -4,7 +4,9 @@ server serving them."""
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -33,8 +35,14 @@ PANDA, LLAMA, CAMEL, GUANACO = range(4)
 
 @pytest.fixture(scope="session")
 def models_data_dir(request) -> Path:
-    """A data directory holding the unpacked all-mpnet-base-v2 (unpacked on first use)."""
-    path = Path(request.config.cache.mkdir("k2serve-embedding-models"))
+    """A data directory holding the unpacked all-mpnet-base-v2 (unpacked on first use): in
+    pytest's cache directory, else (-p no:cacheprovider) a temporary one for this run."""
+    cache = getattr(request.config, "cache", None)
+    if cache is not None:
+        path = Path(cache.mkdir("k2serve-embedding-models"))
+    else:
+        path = Path(tempfile.mkdtemp(prefix="k2serve-embedding-models-"))
+        atexit.register(shutil.rmtree, path, True)
     packages.mpnet_dir(path)
     return path
 

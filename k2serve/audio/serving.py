@@ -11,6 +11,7 @@ environment (the CLI has no audio flags):
 from __future__ import annotations
 
 import asyncio
+import atexit
 import importlib.util
 import os
 import sys
@@ -73,6 +74,15 @@ def _installed(*modules: str) -> bool:
     return not missing
 
 
+def _finish_loading(model: BackgroundModel, timeout_s: float = 30.0) -> None:
+    """At exit, let a CTranslate2 load in progress finish: the process exiting under it
+    aborts ("terminate called without an active exception") instead of a clean stop."""
+    try:
+        model.result(timeout=timeout_s)
+    except Exception:  # a failed or slow load: nothing more to wait for
+        pass
+
+
 def _load_espeak():
     """The library, with every voice /v1/voices lists checked to exist in its data."""
     from k2serve.audio.espeak import espeak
@@ -95,6 +105,7 @@ def register(registry: ModelRegistry, options: FamilyOptions) -> None:
         threads = int(os.environ.get("K2SERVE_AUDIO_THREADS") or min(4, os.cpu_count() or 1))
         model = BackgroundModel(WHISPER_MODEL_ID,
                                 lambda: Whisper(whisper_model_dir(), cpu_threads=threads))
+        atexit.register(_finish_loading, model)
         registry.register(
             model_spec(WHISPER_MODEL_ID, context_length=None, type="transcribe"),
             TranscriptionBackend(

@@ -155,6 +155,7 @@ def test_limits(http):
     ({"temperature": "1.5"}, "temperature", "between 0 and 1"),
     ({"timestamp_granularities[]": "sentence"}, "timestamp_granularities", "'sentence'"),
     ({"diarize": "true"}, "diarize", "does not do speaker diarization"),
+    ({"stream": "true"}, "stream", "stream=true is not supported"),
     ({"model": SPEECH_MODEL}, "model", "is an audio model and cannot transcribe audio"),
 ])
 def test_bad_fields_are_400(http, spoken, fields, param, fragment):

@@ -232,6 +232,9 @@ async def _transcribe(request: Request, task: str):
                               "transcribe", action)
     if (_form_value(form, "diarize") or "").lower() == "true":
         raise bad_request(f"{model} does not do speaker diarization.", param="diarize")
+    if (_form_value(form, "stream") or "").lower() == "true":  # OpenAI's gpt-4o-transcribe field
+        raise bad_request(f"stream=true is not supported: {model} answers with the whole "
+                          f"transcript.", param="stream")
     _check_language(_form_value(form, "language"), task, model)
     try:
         fmt = check_response_format(_form_value(form, "response_format"))

@@ -13,6 +13,7 @@ from tests.conftest import EMBEDDED_ID
     ("/v1/embeddings", "compute embeddings"),
     ("/v1/rerank", "rerank documents"),
     ("/v1/audio/generations", "synthesize speech"),
+    ("/v1/moderations", "classify content"),
 ])
 def test_a_chat_model_sent_to_another_endpoint_says_what_it_is(http, path, action):
     r = http.post(path, json={"model": EMBEDDED_ID, "prompt": "Draw a cat", "input": "x"})
@@ -30,3 +31,14 @@ def test_unknown_model_and_missing_model(http):
                   data={"model": EMBEDDED_ID})
     assert r.status_code == 400 and "cannot transcribe audio" in r.json()["error"]["message"]
     assert http.post("/v1/embeddings", json={"input": "x"}).status_code == 400
+
+
+def test_moderation_on_a_server_without_a_moderation_model(http):
+    r = http.post("/v1/moderations", json={"input": "x"})
+    assert r.status_code == 400 and "serves no moderation model" in r.json()["error"]["message"]
+    r = http.post("/v1/chat/completions", json={
+        "model": EMBEDDED_ID, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
+        "safety_model": "irfanalidv/toxic-comment-classifier"})
+    err = r.json()["error"]
+    assert r.status_code == 400 and err["param"] == "safety_model"
+    assert "--families moderation" in err["message"]

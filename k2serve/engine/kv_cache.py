@@ -6,6 +6,7 @@ import os
 
 import torch
 
+from k2serve import native
 from k2serve.engine.sequence import Sequence
 from k2serve.models.layers.attention import KVCacheSpec, PagedAttention, PrefillRun
 
@@ -40,7 +41,8 @@ class KVPool:
     NULL_BLOCK = 0
 
     def __init__(self, spec: KVCacheSpec, block_size: int, *, num_blocks: int | None = None,
-                 max_bytes: int | None = None, dtype: torch.dtype = torch.float32):
+                 max_bytes: int | None = None, dtype: torch.dtype = torch.float32,
+                 use_native: bool = True):
         per_token = spec.num_kv_heads * (spec.key_dim + (0 if spec.values_in_keys else spec.value_dim))
         bytes_per_block = spec.num_layers * block_size * per_token * dtype.itemsize
         if num_blocks is None:
@@ -61,6 +63,8 @@ class KVPool:
 
         self.k = pool(spec.key_dim)
         self.v = None if spec.values_in_keys else pool(spec.value_dim)
+        # the native decode-attention kernel (float32 pools), or None: gather + SDPA
+        self.native = native.kernels() if dtype == torch.float32 and use_native else None
 
     def slots(self, seq: Sequence, start: int, end: int) -> torch.Tensor:
         """Cache slots of positions start..end-1 of a sequence."""
@@ -71,25 +75,36 @@ class KVPool:
     def attention_context(self, batch: list[tuple[Sequence, int]]) -> PagedAttention:
         """The step's context: decodes (count 1, listed first) batched, prefill chunks apart."""
         slot_parts, prefills = [], []
-        decode_slots: list[torch.Tensor] = []
+        decodes: list[Sequence] = []
         row = 0
         for seq, count in batch:
             start = seq.num_computed
-            seen = self.slots(seq, 0, start + count)  # every position this chunk attends to
-            slot_parts.append(seen[start:])
             if count == 1 and seq.is_decoding:
-                decode_slots.append(seen)
+                slot_parts.append(self.slots(seq, start, start + 1))
+                decodes.append(seq)
             else:
+                seen = self.slots(seq, 0, start + count)  # every position this chunk attends to
+                slot_parts.append(seen[start:])
                 prefills.append(PrefillRun(row, count, start, seen))
             row += count
         ctx = PagedAttention(self.k, self.v, torch.cat(slot_parts), prefills=prefills)
-        if decode_slots:
-            longest = max(len(s) for s in decode_slots)
-            padded = torch.zeros(len(decode_slots), longest, dtype=torch.long)
-            mask = torch.zeros(len(decode_slots), 1, 1, longest, dtype=torch.bool)
-            for i, s in enumerate(decode_slots):
-                padded[i, :len(s)] = s
-                mask[i, ..., :len(s)] = True
-            ctx.num_decode = len(decode_slots)
-            ctx.decode_slots, ctx.decode_mask = padded, mask
+        if decodes:
+            ctx.num_decode = len(decodes)
+            lengths = [seq.num_computed + 1 for seq in decodes]
+            if self.native is not None:
+                widest = max(len(seq.block_table) for seq in decodes)
+                ctx.decode_block_tables = torch.tensor(
+                    [seq.block_table + [self.NULL_BLOCK] * (widest - len(seq.block_table))
+                     for seq in decodes], dtype=torch.long)
+                ctx.decode_lens = torch.tensor(lengths, dtype=torch.long)
+                ctx.decode_kernel = self.native.paged_decode_attention
+                ctx.block_size = self.block_size
+            else:
+                longest = max(lengths)
+                padded = torch.zeros(len(decodes), longest, dtype=torch.long)
+                mask = torch.zeros(len(decodes), 1, 1, longest, dtype=torch.bool)
+                for i, (seq, length) in enumerate(zip(decodes, lengths)):
+                    padded[i, :length] = self.slots(seq, 0, length)
+                    mask[i, ..., :length] = True
+                ctx.decode_slots, ctx.decode_mask = padded, mask
         return ctx

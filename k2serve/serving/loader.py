@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
 
+from k2serve import native
 from k2serve.config import CATALOG, EMBEDDED_CHAT_MODEL_ID, model_spec
 from k2serve.engine.async_engine import AsyncEngine
 from k2serve.engine.core import EngineConfig, EngineCore
@@ -52,6 +54,10 @@ def load_text_model(options: LoadOptions) -> tuple[ModelSpec, TextBackend]:
         tokenizer = load_tokenizer(path)  # tiktoken (K2) or HF tokenizer.json
     template = ChatTemplate.from_tokenizer(tokenizer) if tokenizer.chat_template else None
 
+    if options.progress and native.enabled():
+        print("k2serve: loading native kernels (built once on first use, about a minute)",
+              file=sys.stderr, flush=True)
+    native.kernels()
     context_length = config.context_length
     if options.max_context_length:
         context_length = min(context_length, options.max_context_length)

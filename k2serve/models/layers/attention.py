@@ -11,7 +11,7 @@ per-sequence caches now, a paged pool later) without touching the models.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -145,9 +145,10 @@ class PagedAttention:
     """Attention over a paged KV pool (one [slots, kv_heads, head_dim] K and V tensor per layer).
 
     The step's rows are laid out as `num_decode` single-token decodes first, then prefill
-    chunks. Each layer writes its new k/v into their slots with one `index_copy_`; the
-    decodes attend together through one gather of their (padded) slot tables, the prefill
-    chunks one by one with a causal mask.
+    chunks. Each layer writes its new k/v into their slots with one `index_copy_`. The
+    decodes attend together: with the native kernel (`decode_kernel`) straight out of the
+    pool through their block tables, else through one gather of their (padded) slot tables;
+    the prefill chunks one by one with a causal mask.
     """
 
     k_pool: list[torch.Tensor]
@@ -157,6 +158,12 @@ class PagedAttention:
     decode_slots: torch.Tensor | None = None  # [B, S_max] slots, padded with slot 0
     decode_mask: torch.Tensor | None = None  # [B, 1, 1, S_max] True where a slot is real
     prefills: list[PrefillRun] = field(default_factory=list)
+    # native decode path: k2serve.native's paged_decode_attention, with per-decode block
+    # tables [B, max_blocks] and lengths [B] (tokens attended, the new one included)
+    decode_kernel: Callable | None = None
+    decode_block_tables: torch.Tensor | None = None
+    decode_lens: torch.Tensor | None = None
+    block_size: int = 0
 
     def attend(self, layer_idx, q, k, v, scale, value_dim=None):
         k_pool = self.k_pool[layer_idx]
@@ -165,6 +172,8 @@ class PagedAttention:
             v_pool = self.v_pool[layer_idx]
             v_pool.index_copy_(0, self.slot_mapping, v.to(v_pool.dtype))
             value_dim = v.shape[-1]
+        else:
+            v_pool = k_pool[..., :value_dim]
 
         def gather(slots):
             keys = k_pool[slots].to(q.dtype)
@@ -173,7 +182,10 @@ class PagedAttention:
 
         out = q.new_empty(*q.shape[:2], value_dim)
         b = self.num_decode
-        if b:
+        if b and self.decode_kernel is not None and q.dtype == k_pool.dtype == torch.float32:
+            out[:b] = self.decode_kernel(q[:b], k_pool, v_pool, self.decode_block_tables,
+                                         self.decode_lens, self.block_size, scale)
+        elif b:
             keys, values = gather(self.decode_slots)  # [B, S, KV, D]
             o = F.scaled_dot_product_attention(q[:b].unsqueeze(2), keys.transpose(1, 2),
                                                values.transpose(1, 2), attn_mask=self.decode_mask,

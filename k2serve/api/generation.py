@@ -19,6 +19,7 @@ from k2serve.api.schemas.common import SamplingFields
 from k2serve.api.usage import UsageTracker
 from k2serve.engine.sampling_params import SamplingParams
 from k2serve.serving.text_backend import LogprobEntry, TextBackend, TextDelta
+from k2serve.structured import GrammarError, compiler_for
 
 DISCONNECT_POLL_S = 0.25
 
@@ -62,7 +63,7 @@ def fit_context(prompt_ids: list[int], requested: int | None, default: int | Non
 
 
 def sampling_params(req: SamplingFields, backend: TextBackend, max_tokens: int,
-                    choice_index: int) -> SamplingParams:
+                    choice_index: int, grammar=None) -> SamplingParams:
     vocab = backend.tokenizer.vocab_size
     bias: dict[int, float] = {}
     for key, value in (req.logit_bias or {}).items():
@@ -87,24 +88,40 @@ def sampling_params(req: SamplingFields, backend: TextBackend, max_tokens: int,
         ignore_eos=req.ignore_eos,
         logprobs=req.num_top_logprobs,
         prompt_logprobs=bool(req.echo and req.num_top_logprobs is not None and choice_index == 0),
+        grammar=grammar,
     )
 
 
+async def compile_grammar(backend: TextBackend, grammar: str, what: str, param: str):
+    """Compile (or take from the cache) on a worker thread, never on the engine's step;
+    a grammar the library cannot build is the client's 400."""
+    compiler = compiler_for(backend.tokenizer)
+    try:
+        return await anyio.to_thread.run_sync(
+            lambda: compiler.compile(grammar, what=what, param=param))
+    except GrammarError as exc:
+        raise bad_request(str(exc), param=exc.param) from None
+
+
 async def merged_choices(backend: TextBackend, prompt_ids: list[int], req: SamplingFields,
-                         max_tokens: int, tracker: UsageTracker | None = None
+                         max_tokens: int, tracker: UsageTracker | None = None, *,
+                         grammar=None, stop: list[str] | None = None
                          ) -> AsyncIterator[tuple[int, TextDelta]]:
     """Run req.n choices concurrently; yield (choice index, delta) as they come.
+
+    `grammar` (compiled) constrains every choice; `stop` replaces req's stop strings.
 
     Closing this iterator cancels every choice, which aborts their engine requests. The
     tracker sees every delta and is finished here, however the request ends.
     """
-    params = [sampling_params(req, backend, max_tokens, i) for i in range(req.n)]
+    params = [sampling_params(req, backend, max_tokens, i, grammar) for i in range(req.n)]
+    stop_strings = req.stop_list if stop is None else stop
     queue: asyncio.Queue = asyncio.Queue()
     done = object()
 
     async def pump(index: int) -> None:
         try:
-            async for delta in backend.generate(prompt_ids, params[index], req.stop_list):
+            async for delta in backend.generate(prompt_ids, params[index], stop_strings):
                 await queue.put((index, delta))
         except Exception as exc:  # delivered to the consumer, which raises it
             await queue.put((index, exc))

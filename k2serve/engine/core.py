@@ -17,6 +17,7 @@ from k2serve.engine.block_manager import BlockManager
 from k2serve.engine.kv_cache import KVPool
 from k2serve.engine.sampler import SamplingRow, make_generator, sample
 from k2serve.engine.scheduler import Scheduler, SchedulerConfig
+from k2serve.structured.bitmask import allowed_tokens
 from k2serve.engine.sequence import (
     GenerationRequest,
     RequestOutput,
@@ -59,6 +60,8 @@ class EngineCore:
             raise ValueError(f"the request needs {needed} KV blocks but the cache holds only "
                              f"{self.blocks.num_blocks}")
         seq = Sequence(request)
+        if request.params.grammar is not None:  # compiled already: this is a cheap copy
+            seq.matcher = request.params.grammar.new_matcher()
         if request.params.seed is not None:
             seq.generator = make_generator(request.params.seed)
         self.scheduler.add(seq)
@@ -129,11 +132,18 @@ class EngineCore:
             return outputs
 
         logits = self.model.compute_logits(hidden[torch.tensor(sample_rows)])
-        rows = [SamplingRow(s.params, s.prompt_ids, s.output_ids, s.generator) for s in samplers]
+        # Grammar hook: each constrained sequence's allowed tokens mask its logits row.
+        allowed = allowed_tokens([s.matcher for s in samplers], logits.shape[-1],
+                                 [s.params.stop_token_ids for s in samplers])
+        rows = [SamplingRow(s.params, s.prompt_ids, s.output_ids, s.generator, mask)
+                for s, mask in zip(samplers, allowed)]
         result = sample(logits, rows)
         for seq, token_id, lp in zip(samplers, result.token_ids, result.logprobs):
             first_output = not seq.output_ids
             seq.output_ids.append(token_id)
+            if seq.matcher is not None and not seq.matcher.accept(token_id):
+                log.warning("grammar rejected token %d of %s: %s", token_id, seq.request_id,
+                            seq.matcher.error)
             finish = self._finish_reason(seq, token_id)
             if finish:
                 self._finish(seq, finish)
@@ -170,7 +180,10 @@ class EngineCore:
 
     def _finish_reason(self, seq: Sequence, token_id: int) -> str | None:
         params = seq.params
-        if token_id in params.stop_token_ids and not params.ignore_eos:
+        constrained = seq.matcher is not None
+        if token_id in params.stop_token_ids and (constrained or not params.ignore_eos):
+            return "stop"
+        if constrained and seq.matcher.is_finished:  # the grammar admits nothing more
             return "stop"
         if len(seq.output_ids) >= params.max_tokens:
             return "length"

@@ -22,6 +22,7 @@ class SamplingRow:
     prompt_ids: list[int]
     output_ids: list[int]
     generator: torch.Generator | None = None  # set when params.seed is given
+    allowed: torch.Tensor | None = None  # bool [V]: the tokens a grammar allows next
 
 
 @dataclass
@@ -46,6 +47,10 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> SampleResult:
     raw_logprobs = torch.log_softmax(logits, dim=-1) if any(wants_logprobs) else None
 
     logits = _apply_biases_and_penalties(logits, rows)
+    # Last, so no bias or penalty can bring back a token the grammar rules out.
+    for i, row in enumerate(rows):
+        if row.allowed is not None:
+            logits[i].masked_fill_(~row.allowed, float("-inf"))
     token_ids = _draw(logits, rows)
 
     logprobs: list[tuple[float, list[tuple[int, float]]] | None] = []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass
@@ -21,6 +22,10 @@ class SamplingParams:
     ignore_eos: bool = False  # vLLM's benchmark extension: run to max_tokens
     logprobs: int | None = None  # None: none; k >= 0: sampled token's logprob + top-k alternatives
     prompt_logprobs: bool = False  # logprobs of the prompt tokens (for echo + logprobs)
+    # A compiled grammar (k2serve.structured.CompiledGrammar): every sampled token must keep
+    # the output inside it (structured outputs, tool calls). Compiled before the request is
+    # added; each sequence gets its own matcher from it.
+    grammar: Any = None
 
     @property
     def greedy(self) -> bool:

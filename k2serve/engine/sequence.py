@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -58,6 +59,9 @@ class Sequence:
     generator: torch.Generator | None = None
     prompt_logprobs: list[TokenLogprob | None] | None = None
     finish_reason: str | None = None
+    # Where this sequence stands in params.grammar (a k2serve.structured.GrammarMatcher). It
+    # follows output_ids, which preemption by recompute keeps, so it survives preemption as is.
+    matcher: Any = None
 
     @property
     def request_id(self) -> str:

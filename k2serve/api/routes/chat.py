@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from k2serve.api.errors import bad_request
 from k2serve.api.generation import (
     collect,
+    compile_grammar,
     fit_context,
     merged_choices,
     openai_chat_logprobs,
@@ -22,11 +23,13 @@ from k2serve.api.generation import (
 )
 from k2serve.api.models_lookup import text_backend_for
 from k2serve.api.schemas.chat import ChatCompletionRequest
-from k2serve.api.tools import (StreamingToolState, finish_with_tools, parse_message,
-                               parses_tool_calls, prepare_messages)
+from k2serve.api.response_format import response_format_grammar
+from k2serve.api.tools import (StreamingToolState, ToolPlan, finish_with_tools, parse_message,
+                               plan_tools, prepare_messages)
 from k2serve.api.usage import UsageTracker
 from k2serve.safety.guard import chat_input_texts, safety_guard
 from k2serve.serving.text_backend import TextBackend
+from k2serve.structured import GrammarError
 from k2serve.text.chat_template import (
     TemplateError,
     UnsupportedContentError,
@@ -55,10 +58,11 @@ def _message_dicts(req: ChatCompletionRequest) -> list[dict]:
     return messages
 
 
-def _render_prompt(req: ChatCompletionRequest, backend: TextBackend) -> str:
+def _render_prompt(req: ChatCompletionRequest, backend: TextBackend, plan: ToolPlan | None) -> str:
+    messages = prepare_messages(_message_dicts(req), backend, req.tools, declare=plan is not None)
     try:
-        return backend.render_chat(prepare_messages(_message_dicts(req), backend),
-                                   tools=req.tools or None, **(req.chat_template_kwargs or {}))
+        return backend.render_chat(messages, tools=req.tools or None,
+                                   **(req.chat_template_kwargs or {}))
     except TemplateError as exc:
         raise bad_request(f"The messages could not be formatted with this model's chat "
                           f"template: {exc}", param="messages") from exc
@@ -68,23 +72,25 @@ def _render_prompt(req: ChatCompletionRequest, backend: TextBackend) -> str:
 async def chat_completions(req: ChatCompletionRequest, request: Request):
     backend = text_backend_for(request, req.model)
     guard = safety_guard(request, req.safety_model)  # 400 for a safety model not served
-    with_tools = parses_tool_calls(req, backend)
-    if req.response_format and req.response_format.get("type") not in (None, "text"):
-        raise bad_request("response_format other than 'text' is not supported by this server yet.",
-                          param="response_format", code="unsupported_parameter")
+    plan = plan_tools(req, backend)
+    grammar, stop = await _grammar(req, backend, plan)
     if req.max_completion_tokens == 0 or req.max_tokens == 0:
         raise bad_request("max_tokens must be at least 1 for chat completions.", param="max_tokens")
 
-    prompt_text = _render_prompt(req, backend)
+    prompt_text = _render_prompt(req, backend, plan)
     param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     prepared = fit_context(backend.encode_chat_prompt(prompt_text), req.requested_max_tokens,
                            None, backend.context_length, req.context_length_exceeded_behavior,
                            param)
+    if stop is not None and req.stop_list:
+        prepared.warnings.append("stop sequences are not applied to structured output: the "
+                                 "grammar decides where it ends.")
     backend.ensure_capacity(req.n)
     reply_id = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())
     tracker = UsageTracker(request, req.model, "chat.completions", len(prepared.ids), req.n)
-    choices = merged_choices(backend, prepared.ids, req, prepared.max_tokens, tracker)
+    choices = merged_choices(backend, prepared.ids, req, prepared.max_tokens, tracker,
+                             grammar=grammar, stop=stop)
     if guard is not None:  # input checked first, output released in checked pieces
         choices = guard.guarded(request, choices, chat_input_texts(req.messages), req.n,
                                 len(prepared.ids), tracker)
@@ -98,7 +104,7 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
     if req.stream:
         return StreamingResponse(
             sse_stream(_stream(req, reply_id, created, choices, prepared, prompt_field,
-                               logprobs_of, with_tools)),
+                               logprobs_of, plan)),
             media_type="text/event-stream", headers={"cache-control": "no-cache"})
 
     results = await until_disconnected(request, collect(choices, req.n))
@@ -109,7 +115,7 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
         "created": created,
         "model": req.model,
         "prompt": prompt_field,
-        "choices": [_choice(i, r, req, with_tools, logprobs_of) for i, r in enumerate(results)],
+        "choices": [_choice(i, r, req, plan, logprobs_of) for i, r in enumerate(results)],
         "usage": usage_dict(len(prepared.ids), completion_tokens, results[0].cached_tokens),
     }
     if guard is not None:
@@ -119,10 +125,34 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
     return JSONResponse(body)
 
 
-def _choice(index: int, result, req: ChatCompletionRequest, with_tools: bool, logprobs_of) -> dict:
+async def _grammar(req: ChatCompletionRequest, backend: TextBackend, plan: ToolPlan | None):
+    """(compiled grammar or None, stop strings override): response_format or tool calls.
+
+    Stop strings would cut structured output short of valid, so they apply only to free text.
+    """
+    try:
+        fmt = response_format_grammar(req.response_format)
+    except GrammarError as exc:
+        raise bad_request(str(exc), param=exc.param) from None
+    if fmt is not None and plan is not None:
+        raise bad_request("response_format cannot be combined with tool calls; set tool_choice "
+                          "to 'none', or leave out response_format.", param="response_format")
+    if fmt is not None:
+        text, what = fmt
+        param = what if what.startswith("response_format") else "response_format"
+        return await compile_grammar(backend, text, what, param), []
+    if plan is not None:
+        grammar = await compile_grammar(backend, plan.grammar, "The tools' parameters",
+                                        "tools")
+        return grammar, ([] if plan.whole_reply else None)
+    return None, None
+
+
+def _choice(index: int, result, req: ChatCompletionRequest, plan: ToolPlan | None,
+            logprobs_of) -> dict:
     message, finish = {"role": "assistant", "content": result.text}, result.finish_reason
-    if with_tools:
-        message, has_calls = parse_message(result.text)
+    if plan is not None:
+        message, has_calls = parse_message(result.text, plan)
         finish = finish_with_tools(finish, has_calls)
     choice = {"index": index, "message": message, "finish_reason": finish,
               "logprobs": logprobs_of(result.logprobs)}
@@ -132,9 +162,9 @@ def _choice(index: int, result, req: ChatCompletionRequest, with_tools: bool, lo
 
 
 async def _stream(req, reply_id, created, choices, prepared, prompt_field, logprobs_of,
-                  with_tools):
+                  plan: ToolPlan | None):
     """Together-style chunks: role on every delta; the last chunk carries usage."""
-    tools = StreamingToolState(req.n) if with_tools else None
+    tools = StreamingToolState(req.n, plan) if plan is not None else None
 
     def chunk(index, delta, finish_reason=None, usage=None, logprobs=None):
         body = {"id": reply_id, "object": "chat.completion.chunk", "created": created,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import importlib.util
+import math
 import os
 import sys
 from contextlib import asynccontextmanager
@@ -60,10 +61,19 @@ class TranscriptionBackend:
     max_seconds: float
     max_bytes: int
 
+    def reservation(self, body: dict) -> int:
+        """Tokens a request may use, held against the key's TPM until it ends: the longest
+        audio it may send (its duration is known only once decoded)."""
+        return math.ceil(self.max_seconds)
+
 
 @dataclass
 class SpeechBackend:
     model: BackgroundModel
+
+    def reservation(self, body: dict) -> int:
+        text = body.get("input")
+        return len(text) if isinstance(text, str) else 0  # one token per character
 
 
 def _installed(*modules: str) -> bool:

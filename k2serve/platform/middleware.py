@@ -136,6 +136,7 @@ class PlatformMiddleware:
         model = body.get("model")
         if model is None and headers.get("content-type", "").startswith("multipart/"):
             model = multipart_model(raw, headers["content-type"])  # audio uploads
+            body = {"model": model} if model is not None else body
         ctx.model = model[:256] if isinstance(model, str) else None
         try:
             await platform.admit(ctx, body, raw, headers)

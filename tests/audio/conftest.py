@@ -34,6 +34,7 @@ class AudioStack:
     key: str
     key_id: str
     chat_only_key: str
+    tpm_key: str  # 30 tokens per minute
 
     @property
     def db_url(self) -> str:
@@ -51,10 +52,11 @@ def audio_stack():
         store = KeyStore(db)
         info, key = store.create("audio-tests")
         _, chat_only = store.create("chat-only", models=[EMBEDDED_ID])
+        _, tpm_key = store.create("tpm-30", tpm=30)
     finally:
         db.close()
     server = start_server("--families", "audio", env={"K2SERVE_HOME": home, **AUDIO_ENV})
-    yield AudioStack(server, home, key, info.id, chat_only)
+    yield AudioStack(server, home, key, info.id, chat_only, tpm_key)
     stop_server(server)
     shutil.rmtree(home, ignore_errors=True)
 

@@ -10,7 +10,8 @@ import httpx
 import pytest
 
 from k2serve.config import CATALOG
-from tests.audio.conftest import SPEECH_MODEL, WHISPER_MODEL, speak, transcribe
+from tests.audio.conftest import (MAX_AUDIO_SECONDS, SPEECH_MODEL, WHISPER_MODEL, speak,
+                                  transcribe)
 
 
 def _rows(audio_stack, request_id: str, timeout: float = 15.0):
@@ -86,3 +87,19 @@ def test_a_dropped_speech_stream_is_billed(audio_stack):
     (row,) = _rows(audio_stack, request_id)
     assert row.status == "client_closed" and row.prompt_tokens == len(text)
     assert row.cost_usd == pytest.approx(len(text) * CATALOG[SPEECH_MODEL]["pricing"].input / 1e6)
+
+
+def test_token_limits_reserve_what_audio_may_use(audio_stack, http):
+    """A transcription holds the longest audio it may send (MAX_AUDIO_SECONDS) against the
+    key's tokens per minute until it ends; speech holds its characters."""
+    audio = speak(http, "Short.")
+    headers = {"Authorization": f"Bearer {audio_stack.tpm_key}"}
+    with httpx.Client(base_url=audio_stack.server.root, timeout=60, headers=headers) as c:
+        r = transcribe(c, audio)
+        assert r.status_code == 200, r.text
+        assert r.headers["x-tokenlimit-limit"] == "30"
+        assert r.headers["x-tokenlimit-remaining"] == str(30 - MAX_AUDIO_SECONDS)
+        r = c.post("/v1/audio/speech", json={"model": SPEECH_MODEL, "input": "x" * 31,
+                                             "voice": "en-us"})
+        assert r.status_code == 429
+        assert r.json()["error"]["code"] == "request_exceeds_token_limit"

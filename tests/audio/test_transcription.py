@@ -25,6 +25,8 @@ def spoken(audio_stack):
                       headers={"Authorization": f"Bearer {audio_stack.key}"}) as client:
         for name, fields in {"wav": {}, "mp3": {"response_format": "mp3"},
                              "flac": {"response_format": "flac"},
+                             "opus": {"response_format": "opus"},
+                             "aac": {"response_format": "aac"},
                              "wav8k": {"sample_rate": 8000},
                              "wav48k": {"sample_rate": 48000}}.items():
             r = client.post("/v1/audio/speech", json={"model": SPEECH_MODEL, "input": TEXT,
@@ -84,6 +86,7 @@ def test_text_srt_and_vtt(http, spoken):
 
 
 @pytest.mark.parametrize("name,filename", [("mp3", "speech.mp3"), ("flac", "speech.flac"),
+                                           ("opus", "speech.ogg"), ("aac", "speech.aac"),
                                            ("wav8k", "speech.wav")])
 def test_upload_formats(http, spoken, name, filename):
     r = transcribe(http, spoken[name], filename=filename)

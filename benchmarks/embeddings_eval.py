@@ -5,6 +5,9 @@
   speed    median seconds to embed a batch (`--batch` texts of ~`--words` words), ours
            (SentenceEncoder: one padded forward pass) vs SentenceTransformer.encode, and the
            ratio; repeats interleaved, one thread each unless --threads
+  batching `--batch` single-text requests to the serving backend at once (asyncio.gather; the
+           batcher groups them into shared forward passes) vs the same requests one after
+           another: median wall time of each, forward passes used, ratio
 
     python benchmarks/embeddings_eval.py [--data-dir DIR] [--batch 32] [--words 40]
                                          [--repeats 5] [--threads 1]
@@ -84,6 +87,42 @@ def main() -> None:
               f"median of {args.repeats}: ours {med['ours'] * 1000:.0f} ms, "
               f"sentence-transformers {med['sentence-transformers'] * 1000:.0f} ms, "
               f"ratio {med['sentence-transformers'] / med['ours']:.2f}x")
+
+        batching(name, path, texts, args.repeats)
+
+
+def batching(name, path, texts, repeats) -> None:
+    import asyncio
+
+    from k2serve.embeddings.backend import EmbeddingBackend
+
+    backend = EmbeddingBackend(name, lambda: path, max_tokens=512)
+
+    async def run():
+        encoder = await backend.encoder()
+        sequences = encoder.tokenize(texts)
+        times = {"concurrent": [], "one by one": []}
+        passes = {}
+        for _ in range(repeats):
+            before = backend.batch_stats.forward_passes
+            start = time.perf_counter()
+            await asyncio.gather(*(backend.embed([s]) for s in sequences))
+            times["concurrent"].append(time.perf_counter() - start)
+            passes["concurrent"] = backend.batch_stats.forward_passes - before
+            before = backend.batch_stats.forward_passes
+            start = time.perf_counter()
+            for s in sequences:
+                await backend.embed([s])
+            times["one by one"].append(time.perf_counter() - start)
+            passes["one by one"] = backend.batch_stats.forward_passes - before
+        return times, passes
+
+    times, passes = asyncio.run(run())
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"  {len(texts)} single-text requests, median of {repeats}: concurrent "
+          f"{med['concurrent'] * 1000:.0f} ms in {passes['concurrent']} forward pass(es), one "
+          f"by one {med['one by one'] * 1000:.0f} ms in {passes['one by one']}, ratio "
+          f"{med['one by one'] / med['concurrent']:.2f}x")
 
 
 if __name__ == "__main__":

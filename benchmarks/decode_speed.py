@@ -1,6 +1,8 @@
 """Batch-1 decode speed of the embedded SmolLM2-135M-Instruct (GGUF Q4_1), side by side:
 
   llama.cpp      llama-cpp-python on the same GGUF (n_threads=2, n_ctx=512)
+  k2serve engine what `serve` runs: EngineCore (paged KV, scheduler, sampler) over the
+                 serving quantization, one greedy sequence, timed per engine step
   k2serve int4   load_model(..., quantized=True): int4 linears, int8 LM head (+ exact top 16)
   k2serve fp32   load_model(...): every weight dequantized to float32
   transformers   HF eager float32, dequantized from the same GGUF
@@ -37,9 +39,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT = [504, 3575, 282, 4649, 314]  # "The capital of France is" (SmolLM2 token ids)
-CONTENDERS = ("llama.cpp", "int4", "fp32", "transformers")
-LABELS = {"llama.cpp": "llama.cpp", "int4": "k2serve int4", "fp32": "k2serve fp32",
-          "transformers": "transformers eager fp32"}
+CONTENDERS = ("llama.cpp", "engine", "int4", "fp32", "transformers")
+LABELS = {"llama.cpp": "llama.cpp", "engine": "k2serve engine (served)", "int4": "k2serve int4",
+          "fp32": "k2serve fp32", "transformers": "transformers eager fp32"}
 SIGILL = -4
 
 
@@ -117,7 +119,6 @@ def _worker_k2serve(path: str, threads: int, quantized: bool) -> None:
 
     sys.path.insert(0, str(REPO))
     from k2serve.models.layers.attention import ContiguousAttention, Segment, SequenceKVCache
-    from k2serve.models.layers.quantized import Int4Linear, QuantizedLMHead
     from k2serve.models.loader import load_model
 
     torch.set_num_threads(threads)
@@ -141,21 +142,57 @@ def _worker_k2serve(path: str, threads: int, quantized: bool) -> None:
             return time.perf_counter() - start, tokens
 
     if quantized:
-        weight_bytes = 0
-        for m in model.modules():
-            if isinstance(m, QuantizedLMHead):
-                if m.packed is not None:
-                    weight_bytes += m.packed.nbytes + m.scale_zeros.nbytes
-                elif m.int8_weight is not None:
-                    weight_bytes += m.int8_weight.nbytes + m.int8_scales.nbytes
-                else:
-                    weight_bytes += m.weight.nbytes
-            elif isinstance(m, Int4Linear):
-                weight_bytes += m.packed.nbytes + m.scale_zeros.nbytes if m.is_int4 else m.weight.nbytes
+        weight_bytes = _quantized_weight_bytes(model)
     else:
         weight_bytes = sum(p.nbytes for n, p in model.named_parameters() if p.dim() == 2)
     decode(4)  # warm-up
     _serve(decode, {"weight_bytes": weight_bytes})
+
+
+def _worker_engine(path: str, threads: int) -> None:
+    import torch
+
+    sys.path.insert(0, str(REPO))
+    from k2serve.engine.core import EngineConfig, EngineCore
+    from k2serve.engine.sampling_params import SamplingParams
+    from k2serve.engine.sequence import GenerationRequest
+    from k2serve.models.loader import load_model
+    from k2serve.serving.loader import SERVING_QUANTIZATION
+
+    torch.set_num_threads(threads)
+    model, _ = load_model(path, progress=False, quantized=SERVING_QUANTIZATION)
+    core = EngineCore(model, EngineConfig(kv_cache_bytes=256 << 20))
+    runs = iter(range(1 << 30))
+
+    def decode(n):
+        core.add(GenerationRequest(f"r{next(runs)}", list(PROMPT),
+                                   SamplingParams(max_tokens=n + 1, temperature=0, ignore_eos=True)))
+        tokens = [out.token_ids[0] for out in core.step()]  # prefill + first token
+        start = time.perf_counter()
+        while core.has_work():
+            tokens += [out.token_ids[0] for out in core.step()]
+        return time.perf_counter() - start, tokens
+
+    weight_bytes = _quantized_weight_bytes(model)
+    decode(4)  # warm-up
+    _serve(decode, {"weight_bytes": weight_bytes})
+
+
+def _quantized_weight_bytes(model) -> int:
+    from k2serve.models.layers.quantized import Int4Linear, QuantizedLMHead
+
+    weight_bytes = 0
+    for m in model.modules():
+        if isinstance(m, QuantizedLMHead):
+            if m.packed is not None:
+                weight_bytes += m.packed.nbytes + m.scale_zeros.nbytes
+            elif m.int8_weight is not None:
+                weight_bytes += m.int8_weight.nbytes + m.int8_scales.nbytes
+            else:
+                weight_bytes += m.weight.nbytes
+        elif isinstance(m, Int4Linear):
+            weight_bytes += m.packed.nbytes + m.scale_zeros.nbytes if m.is_int4 else m.weight.nbytes
+    return weight_bytes
 
 
 def _worker_transformers(path: str, threads: int) -> None:
@@ -209,6 +246,8 @@ def _worker_transformers(path: str, threads: int) -> None:
 def worker_main(kind: str, path: str, threads: int, extra_bufts: str) -> None:
     if kind == "llama.cpp":
         _worker_llama_cpp(path, threads, extra_bufts == "on")
+    elif kind == "engine":
+        _worker_engine(path, threads)
     elif kind in ("int4", "fp32"):
         _worker_k2serve(path, threads, quantized=kind == "int4")
     elif kind == "transformers":

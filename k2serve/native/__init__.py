@@ -42,7 +42,7 @@ def kernels():
             _module = load(name="k2serve_native", sources=[str(p) for p in _SOURCES],
                            extra_cflags=["-O3", "-march=native", "-fopenmp"],
                            extra_ldflags=["-fopenmp"], verbose=False)
-        except Exception as exc:  # no compiler, no ninja, a build error: run the fallbacks
+        except Exception as exc:  # noqa: BLE001 - no compiler or ninja, a build error: fallbacks
             log.warning("k2serve: native kernels unavailable, using PyTorch fallbacks (%s)",
                         str(exc).strip().splitlines()[-1] if str(exc).strip() else exc)
             _module = None

@@ -28,16 +28,25 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from k2serve.bench import BenchConfig, run_benchmark  # noqa: E402
-from k2serve.bench.datasets import WORDS  # noqa: E402
-from k2serve.models.embedded import embedded_smollm2_gguf_path  # noqa: E402
-from tests.conftest import start_server, stop_server  # noqa: E402
+from k2serve.bench import BenchConfig, run_benchmark
+from k2serve.bench.datasets import WORDS
+from k2serve.models.embedded import embedded_smollm2_gguf_path
+from tests.conftest import start_server, stop_server
 
 THREADS = 2
 
 LLAMA_CPP_DECODE = textwrap.dedent("""
     import sys, time
+    import llama_cpp.llama_cpp as llama_c
     from llama_cpp import Llama
+    if len(sys.argv) > 4 and sys.argv[4] == "no-extra-bufts":
+        # llama.cpp's AMX/repacked buffers die with SIGILL on VMs that report AMX unusable
+        default_params = llama_c.llama_model_default_params
+        def model_params():
+            params = default_params()
+            params.use_extra_bufts = False
+            return params
+        llama_c.llama_model_default_params = model_params
     llm = Llama(model_path=sys.argv[1], n_threads=int(sys.argv[2]), n_ctx=1024, verbose=False)
     n = int(sys.argv[3])
     prompt = llm.tokenize(b"Once upon a time, in a land far away,")
@@ -69,9 +78,15 @@ TRANSFORMERS_DECODE = textwrap.dedent("""
 """)
 
 
-def run_peer(script: str, tokens: int) -> float | None:
+SIGILL = -4
+
+
+def run_peer(script: str, tokens: int, *extra: str) -> float | None:
     out = subprocess.run([sys.executable, "-c", script, embedded_smollm2_gguf_path(), str(THREADS),
-                          str(tokens)], capture_output=True, text=True, timeout=1200)
+                          str(tokens), *extra], capture_output=True, text=True, timeout=1200)
+    if out.returncode == SIGILL and script is LLAMA_CPP_DECODE and not extra:
+        print("  (llama.cpp's default matmuls die with SIGILL here: use_extra_bufts=False)")
+        return run_peer(script, tokens, "no-extra-bufts")
     if out.returncode != 0:
         print(f"  (peer failed: {out.stderr.strip().splitlines()[-1:]})")
         return None

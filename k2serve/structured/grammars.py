@@ -102,7 +102,7 @@ def k2_tool_grammar(tools: list[ToolSpec], choice: str | None, parallel: bool,
                                                           else "call")
              + " <|tool_calls_section_end|>",
              "call: " + " | ".join(f"call_{i}" for i in range(len(chosen))),
-             "IDX: /[0-9]+/"]
+             "IDX: /[0-9]{1,6}/"]
     for i, tool in enumerate(chosen):
         lines.append(f'call_{i}: <|tool_call_begin|> "functions.{tool.name}:" IDX '
                      f"<|tool_call_argument_begin|> args_{i} <|tool_call_end|>")

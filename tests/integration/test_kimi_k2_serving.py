@@ -145,3 +145,87 @@ def test_tool_choice_errors(tool_server):
     assert r.json()["error"]["param"] == "tool_choice"
     r = post(tools=[{"type": "function", "function": {"description": "no name"}}])
     assert r.status_code == 400 and r.json()["error"]["param"] == "tools.0.function.name"
+
+
+# -- constrained tool calls (issue #5) --------------------------------------------------------
+TIME_TOOL = {"type": "function", "function": {
+    "name": "get_time", "description": "Current time in a time zone.",
+    "parameters": {"type": "object", "properties": {"tz": {"enum": ["UTC", "CET", "JST"]}},
+                   "required": ["tz"], "additionalProperties": False}}}
+
+
+def _check_calls(calls, tools):
+    import jsonschema
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in tools}
+    assert calls
+    for call in calls:
+        assert call.id == f"functions.{call.function.name}:{call.id.rsplit(':', 1)[1]}"
+        jsonschema.validate(json.loads(call.function.arguments), schemas[call.function.name])
+
+
+def test_required_makes_random_weights_call_validly(fp8_server):
+    """Random weights write nothing sensible on their own; the grammar alone makes every reply
+    a well-formed K2 call to a declared tool with schema-valid arguments."""
+    import openai
+    client = openai.OpenAI(base_url=fp8_server.base_v1, api_key="local", max_retries=0)
+    for seed in range(3):
+        reply = client.chat.completions.create(
+            model=K2_ID, messages=MESSAGES, tools=[TIME_TOOL], tool_choice="required",
+            parallel_tool_calls=False, max_tokens=40, temperature=1.0, seed=seed)
+        choice = reply.choices[0]
+        assert choice.finish_reason == "tool_calls", choice.message
+        assert len(choice.message.tool_calls) == 1
+        _check_calls(choice.message.tool_calls, [TIME_TOOL])
+
+
+def test_named_tool_choice_overrides_what_the_model_learned(tool_server):
+    import openai
+    client = openai.OpenAI(base_url=tool_server.base_v1, api_key="local", max_retries=0)
+    tools = TOOLS + [TIME_TOOL]
+    reply = client.chat.completions.create(
+        model=K2_ID, messages=MESSAGES, tools=tools, temperature=0, max_tokens=40,
+        tool_choice={"type": "function", "function": {"name": "get_time"}})
+    choice = reply.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    assert [c.function.name for c in choice.message.tool_calls] == ["get_time"]
+    _check_calls(choice.message.tool_calls, tools)
+
+
+def test_auto_call_is_held_to_the_declared_schema(tool_server):
+    """The model learned get_weather(city="Paris"); declared with an enum that excludes Paris,
+    the call it opens under `auto` still names the tool and validates."""
+    import openai
+    tools = [{"type": "function", "function": {**TOOLS[0]["function"], "parameters": {
+        "type": "object", "properties": {"city": {"enum": ["Berlin", "Rome"]}},
+        "required": ["city"], "additionalProperties": False}}}]
+    client = openai.OpenAI(base_url=tool_server.base_v1, api_key="local", max_retries=0)
+    reply = client.chat.completions.create(model=K2_ID, messages=MESSAGES, tools=tools,
+                                           temperature=0, max_tokens=40)
+    choice = reply.choices[0]
+    assert choice.message.content == "Let me check."  # free text before the section
+    assert choice.finish_reason == "tool_calls"
+    _check_calls(choice.message.tool_calls, tools)
+    assert json.loads(choice.message.tool_calls[0].function.arguments)["city"] in ("Berlin", "Rome")
+
+
+def test_required_streams_a_call_without_content(tool_server):
+    import together
+    client = together.Together(base_url=tool_server.root, api_key="local", max_retries=0)
+    stream = client.chat.completions.create(model=K2_ID, messages=MESSAGES, tools=TOOLS,
+                                            tool_choice="required", temperature=0,
+                                            max_tokens=40, stream=True)
+    content, header, arguments, finish = "", None, "", None
+    for chunk in stream:
+        if not chunk.choices:
+            continue
+        delta = chunk.choices[0].delta
+        content += delta.content or ""
+        for tc in delta.tool_calls or []:
+            if tc.function.name:
+                header = (tc.index, tc.id, tc.function.name)
+            else:
+                arguments += tc.function.arguments
+        finish = chunk.choices[0].finish_reason or finish
+    assert content == "" and finish == "tool_calls"
+    assert header == (0, "functions.get_weather:0", "get_weather")
+    assert json.loads(arguments) == json.loads(ARGUMENTS)

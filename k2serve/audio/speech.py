@@ -1,11 +1,13 @@
-"""Text to encoded speech: eSpeak NG makes int16 samples on a worker thread, the encoder turns
-them into the requested format there too, and the event loop receives bytes as they come."""
+"""Text to encoded speech: eSpeak NG makes int16 samples on its one worker thread, the encoder
+turns them into the requested format there too, and the event loop receives bytes as they
+come. At most MAX_PENDING syntheses wait for the worker; past that, `Busy`."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 
 from k2serve.audio.encoding import Encoder, OutputSpec
 from k2serve.audio.errors import AudioRequestError
@@ -39,48 +41,76 @@ def check_input(text: str) -> str:
     return text
 
 
-async def speak(engine: Espeak, text: str, voice: Voice, rate_wpm: int,
-                spec: OutputSpec) -> AsyncIterator[bytes]:
-    """Encoded audio, chunk by chunk. Closing the iterator early stops the synthesis."""
-    loop = asyncio.get_running_loop()
-    # Unbounded on purpose: eSpeak runs hundreds of times faster than real time, so the
-    # synthesis finishes and frees the process-wide lock at once, whatever the client's pace;
-    # MAX_INPUT_CHARS bounds what waits here (4096 characters: ~40 MB of 48 kHz float32).
-    queue: asyncio.Queue = asyncio.Queue()
-    stop = threading.Event()
+class Busy(Exception):
+    """More speech requests are waiting for eSpeak NG than the server queues."""
 
-    def put(item) -> None:
-        loop.call_soon_threadsafe(queue.put_nowait, item)
 
-    def work() -> None:
+MAX_PENDING = 64  # syntheses queued for the one eSpeak worker; more get 503
+_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="espeak")  # one: a global lock
+_pending = 0
+_pending_lock = threading.Lock()
+
+
+class SpeechJob:
+    """One synthesis, queued on the eSpeak worker as soon as it is made (so it always runs
+    to its end and frees its place, whether or not anyone reads it); `chunks()` yields the
+    encoded audio as it comes, and leaving it early stops the synthesis."""
+
+    def __init__(self, engine: Espeak, text: str, voice: Voice, rate_wpm: int,
+                 spec: OutputSpec) -> None:
+        global _pending
+        with _pending_lock:
+            if _pending >= MAX_PENDING:
+                raise Busy(f"{_pending} speech requests are queued")
+            _pending += 1
+        self._loop = asyncio.get_running_loop()
+        # Unbounded on purpose: eSpeak runs hundreds of times faster than real time, so a
+        # synthesis ends and frees the worker at once, whatever its client's pace;
+        # MAX_INPUT_CHARS bounds what waits here (4096 characters: ~40 MB of 48 kHz float32).
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._stop = threading.Event()
+        _worker.submit(self._work, engine, text, voice, rate_wpm, spec)
+
+    def _put(self, item) -> None:
+        try:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+        except RuntimeError:  # the event loop is gone (shutdown): nobody is listening
+            self._stop.set()
+
+    def _work(self, engine: Espeak, text: str, voice: Voice, rate_wpm: int,
+              spec: OutputSpec) -> None:
+        global _pending
         try:
             encoder = Encoder(spec, engine.sample_rate)
 
             def sink(samples) -> bool:
-                if stop.is_set():
+                if self._stop.is_set():
                     return False
                 data = encoder.feed(samples)
                 if data:
-                    put(data)
+                    self._put(data)
                 return True
 
-            engine.synthesize(text, voice.id, rate_wpm, sink)
-            if not stop.is_set():
-                put(encoder.finish())
-            put(_DONE)
-        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
-            put(exc)
+            if not self._stop.is_set():
+                engine.synthesize(text, voice.id, rate_wpm, sink)
+            if not self._stop.is_set():
+                self._put(encoder.finish())
+            self._put(_DONE)
+        except BaseException as exc:  # noqa: BLE001 - handed to the reader
+            self._put(exc)
+        finally:
+            with _pending_lock:
+                _pending -= 1
 
-    worker = threading.Thread(target=work, name="espeak-synth", daemon=True)
-    worker.start()
-    try:
-        while True:
-            item = await queue.get()
-            if item is _DONE:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            if item:
-                yield item
-    finally:
-        stop.set()
+    async def chunks(self) -> AsyncIterator[bytes]:
+        try:
+            while True:
+                item = await self._queue.get()
+                if item is _DONE:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                if item:
+                    yield item
+        finally:
+            self._stop.set()

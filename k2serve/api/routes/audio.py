@@ -72,7 +72,8 @@ def _backend(request: Request, model, kind: type, needed: str, action: str):
 
 async def _speech(request: Request):
     from k2serve.audio.encoding import output_spec
-    from k2serve.audio.speech import check_input, rate_for_speed, speak
+    from k2serve.audio.speech import Busy as SpeechBusy
+    from k2serve.audio.speech import SpeechJob, check_input, rate_for_speed
     from k2serve.audio.voices import find_voice, voice_list
 
     try:
@@ -109,9 +110,13 @@ async def _speech(request: Request):
     except AudioRequestError as exc:
         raise _audio_error(exc) from None
     engine = await backend.model.get()
+    try:
+        job = SpeechJob(engine, text, voice, rate, spec)
+    except SpeechBusy as exc:
+        raise overloaded(str(exc)) from None
     tracker = UsageTracker(request, model, "audio.speech", len(text), 1)
     headers = {"x-audio-sample-rate": str(spec.sample_rate), "x-audio-encoding": spec.encoding}
-    chunks = speak(engine, text, voice, rate, spec)
+    chunks = job.chunks()
 
     if not sse_events:
         try:

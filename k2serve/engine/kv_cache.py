@@ -76,18 +76,26 @@ class KVPool:
         """The step's context: decodes (count 1, listed first) batched, prefill chunks apart."""
         slot_parts, prefills = [], []
         decodes: list[Sequence] = []
+        decode_slots: list[int] = []  # slots of a run of decodes, computed without tensor ops
         row = 0
         for seq, count in batch:
             start = seq.num_computed
             if count == 1 and seq.is_decoding:
-                slot_parts.append(self.slots(seq, start, start + 1))
+                block, offset = divmod(start, self.block_size)
+                decode_slots.append(seq.block_table[block] * self.block_size + offset)
                 decodes.append(seq)
             else:
+                if decode_slots:
+                    slot_parts.append(torch.tensor(decode_slots, dtype=torch.long))
+                    decode_slots = []
                 seen = self.slots(seq, 0, start + count)  # every position this chunk attends to
                 slot_parts.append(seen[start:])
                 prefills.append(PrefillRun(row, count, start, seen))
             row += count
-        ctx = PagedAttention(self.k, self.v, torch.cat(slot_parts), prefills=prefills)
+        if decode_slots:
+            slot_parts.append(torch.tensor(decode_slots, dtype=torch.long))
+        slot_mapping = slot_parts[0] if len(slot_parts) == 1 else torch.cat(slot_parts)
+        ctx = PagedAttention(self.k, self.v, slot_mapping, prefills=prefills)
         if decodes:
             ctx.num_decode = len(decodes)
             lengths = [seq.num_computed + 1 for seq in decodes]

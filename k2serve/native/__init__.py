@@ -1,21 +1,28 @@
 """Native (C++) kernels for the hot paths PyTorch has no op for.
 
-Built once, on first use, with torch's JIT extension builder (g++ and ninja), and cached in
-torch's extensions directory (``$TORCH_EXTENSIONS_DIR``, default ~/.cache/torch_extensions);
-torch rebuilds when the source or flags change. Every kernel has a pure-PyTorch fallback,
-used when no compiler is available or ``K2SERVE_NATIVE=0`` is set.
+Built once, on first use, with torch's JIT extension builder (g++ and ninja), into a
+content-addressed cache directory (``$K2SERVE_NATIVE_CACHE``, default
+~/.cache/k2serve/native/<hash of source, torch version, flags>): every checkout and process
+with the same source shares one build, and a changed source builds anew. Every kernel has a
+pure-PyTorch fallback, used when no compiler is available or ``K2SERVE_NATIVE=0`` is set.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import sys
 import threading
 from pathlib import Path
 
 log = logging.getLogger("k2serve.native")
 
-_SOURCES = [Path(__file__).with_name("paged_attention.cpp")]
+_SOURCE = Path(__file__).with_name("paged_attention.cpp")
+# -fopenmp: at::parallel_for is OpenMP in torch's CPU build; without it the kernels would
+# silently run on one thread.
+_CFLAGS = ["-O3", "-march=native", "-fopenmp"]
+_LDFLAGS = ["-fopenmp"]
 _lock = threading.Lock()
 _module = None
 _tried = False
@@ -23,6 +30,25 @@ _tried = False
 
 def enabled() -> bool:
     return os.environ.get("K2SERVE_NATIVE", "1") not in ("0", "false", "no")
+
+
+def _build_directory(source: bytes) -> tuple[str, Path]:
+    import torch
+
+    key = hashlib.sha256(b"\0".join([source, torch.__version__.encode(), sys.version.encode(),
+                                     " ".join(_CFLAGS + _LDFLAGS).encode()])).hexdigest()[:16]
+    root = Path(os.environ.get("K2SERVE_NATIVE_CACHE")
+                or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "k2serve" / "native")
+    directory = root / key
+    directory.mkdir(parents=True, exist_ok=True)
+    # Compile a copy that lives in the build directory: the build files then name the same
+    # path whichever checkout asks, so ninja finds the build up to date.
+    copy = directory / _SOURCE.name
+    if not copy.exists():
+        partial = directory / f".{_SOURCE.name}.{os.getpid()}"
+        partial.write_bytes(source)
+        partial.replace(copy)
+    return f"k2serve_native_{key[:8]}", directory
 
 
 def kernels():
@@ -37,13 +63,13 @@ def kernels():
         try:
             from torch.utils.cpp_extension import load
 
-            # -fopenmp: at::parallel_for is OpenMP in torch's CPU build; without it the
-            # kernel would silently run on one thread.
-            _module = load(name="k2serve_native", sources=[str(p) for p in _SOURCES],
-                           extra_cflags=["-O3", "-march=native", "-fopenmp"],
-                           extra_ldflags=["-fopenmp"], verbose=False)
+            name, directory = _build_directory(_SOURCE.read_bytes())
+            _module = load(name=name, sources=[str(directory / _SOURCE.name)],
+                           build_directory=str(directory), extra_cflags=_CFLAGS,
+                           extra_ldflags=_LDFLAGS, verbose=False)
         except Exception as exc:  # noqa: BLE001 - no compiler or ninja, a build error: fallbacks
+            message = str(exc).strip()
             log.warning("k2serve: native kernels unavailable, using PyTorch fallbacks (%s)",
-                        str(exc).strip().splitlines()[-1] if str(exc).strip() else exc)
+                        message.splitlines()[-1] if message else type(exc).__name__)
             _module = None
         return _module

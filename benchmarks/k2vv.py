@@ -9,7 +9,9 @@ reports:
 - schema accuracy = responses with finish_reason "tool_calls" whose every call names a declared
   tool and has arguments that `jsonschema.validate` against that tool's parameters, over all
   responses with finish_reason "tool_calls" (an empty tool_calls list there is an error too);
-- and, stricter, every tool call emitted in any response, checked the same way;
+- and, stricter, every tool call in every reply that ended on its own (any finish_reason but
+  "length"), checked the same way; calls a stream began before max_tokens cut it are counted
+  apart (finish_reason "length" tells the client the reply is incomplete);
 - with --ground-truth (a results file of another run, matched by data_index), the
   tool-call-trigger F1 K2VV compares vendors by.
 
@@ -144,8 +146,12 @@ def summarize(results: list[dict], model: str) -> dict:
     schema_errors = sum(1 for r in tool_finish
                         if not r["response"]["tool_calls"] or r["tool_call_errors"])
     successful = len(tool_finish) - schema_errors
-    emitted = sum(len(r["response"]["tool_calls"]) for r in ok)
-    emitted_bad = sum(len(r["tool_call_errors"]) for r in ok)
+    # Every call in a reply that ended on its own (a stream cut by max_tokens may end inside a
+    # call it already announced; finish_reason "length" says so, and those are counted apart).
+    ended = [r for r in ok if r["finish_reason"] != "length"]
+    emitted = sum(len(r["response"]["tool_calls"]) for r in ended)
+    emitted_bad = sum(len(r["tool_call_errors"]) for r in ended)
+    cut = sum(len(r["response"]["tool_calls"]) for r in ok if r["finish_reason"] == "length")
     return {
         "model": model, "success_count": len(ok), "failure_count": len(results) - len(ok),
         "finish_stop": finish.get("stop", 0), "finish_tool_calls": len(tool_finish),
@@ -154,6 +160,7 @@ def summarize(results: list[dict], model: str) -> dict:
         "successful_tool_call_count": successful,
         "schema_accuracy": successful / len(tool_finish) if tool_finish else None,
         "tool_calls_emitted": emitted, "tool_calls_emitted_invalid": emitted_bad,
+        "tool_calls_in_length_replies": cut,
         "tool_call_accuracy_all_emitted": (emitted - emitted_bad) / emitted if emitted else None,
     }
 
@@ -186,9 +193,10 @@ def print_table(summary: dict) -> None:
         ("schema errors", summary["schema_validation_error_count"]),
         ("successful tool-call responses", summary["successful_tool_call_count"]),
         ("schema accuracy (K2VV)", "n/a" if acc is None else f"{acc:.2%}"),
-        ("tool calls emitted / invalid",
+        ("calls in replies that ended / invalid",
          f"{summary['tool_calls_emitted']} / {summary['tool_calls_emitted_invalid']}"),
-        ("accuracy over every call emitted", "n/a" if all_acc is None else f"{all_acc:.2%}"),
+        ("accuracy over every such call", "n/a" if all_acc is None else f"{all_acc:.2%}"),
+        ("calls streamed in replies cut by max_tokens", summary["tool_calls_in_length_replies"]),
     ]
     if "tool_call_f1" in summary:
         rows.append(("tool-call trigger F1", f"{summary['tool_call_f1']:.2%}"))

@@ -221,3 +221,42 @@ def test_k2_tool_grammar(k2, text, auto, required):
     assert accepts(compiler, tok, k2_tool_grammar([WEATHER, TIME], None, True, True), text) == auto
     assert accepts(compiler, tok, k2_tool_grammar([WEATHER, TIME], None, True, False),
                    text) == required
+
+
+# -- the JSON call format's parser ------------------------------------------------------------
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+from k2serve.text.tool_parsers.json_calls import (JsonStreamingToolParser,  # noqa: E402
+                                                  parse_json_tool_calls)
+
+CALLS_TEXT = ('<tool_call>[{"name": "get_weather", "arguments": {"city": "Pa\\"}ris", '
+              '"days": [1, {"a": "]"}]}}, {"name": "get_time", "arguments": {}}]</tool_call>')
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(min_value=1, max_value=len(CALLS_TEXT) - 1), max_size=12))
+def test_streamed_json_calls_do_not_depend_on_how_text_is_split(cuts):
+    bounds = [0, *sorted(set(cuts)), len(CALLS_TEXT)]
+    parser = JsonStreamingToolParser()
+    deltas = []
+    for a, b in zip(bounds, bounds[1:]):
+        deltas += parser.feed(CALLS_TEXT[a:b])
+    deltas += parser.finish()
+    assert not any("content" in d for d in deltas)
+    headers = [tc for d in deltas for tc in d.get("tool_calls", []) if "id" in tc]
+    assert [h["function"]["name"] for h in headers] == ["get_weather", "get_time"]
+    args = ["", ""]
+    for d in deltas:
+        for tc in d.get("tool_calls", []):
+            args[tc["index"]] += tc["function"]["arguments"]
+    final = parse_json_tool_calls(CALLS_TEXT).tool_calls
+    assert args == [c.arguments for c in final]
+    assert json.loads(args[0]) == {"city": 'Pa"}ris', "days": [1, {"a": "]"}]}
+
+
+def test_json_call_parser_text_and_cut_off():
+    assert parse_json_tool_calls("<tool").content == "<tool"  # text that only looked like one
+    cut = parse_json_tool_calls('<tool_call>[{"name": "f", "arguments": {"a": 1}}, '
+                                '{"name": "g", "arguments": {"b": ')
+    assert [c.name for c in cut.tool_calls] == ["f"] and cut.content is None
+    assert cut.invalid_tool_calls[0].reason == "cut off"

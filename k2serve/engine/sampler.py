@@ -50,7 +50,7 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> SampleResult:
     # Last, so no bias or penalty can bring back a token the grammar rules out.
     for i, row in enumerate(rows):
         if row.allowed is not None:
-            logits[i].masked_fill_(~row.allowed, float("-inf"))
+            logits[i].masked_fill_(~row.allowed.to(logits.device), float("-inf"))
     token_ids = _draw(logits, rows)
 
     logprobs: list[tuple[float, list[tuple[int, float]]] | None] = []

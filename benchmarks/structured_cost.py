@@ -13,7 +13,6 @@ shared and noisy, so read the ratio, not single figures.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 

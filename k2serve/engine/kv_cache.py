@@ -106,6 +106,8 @@ class KVPool:
                      for seq in decodes], dtype=torch.long)
                 ctx.decode_lens = torch.tensor(lengths, dtype=torch.long)
                 ctx.decode_kernel = self.native.paged_decode_attention
+                if self.v is not None:  # K and V apart (not MLA's latent cache)
+                    ctx.decode_rotary_kernel = self.native.decode_rotary_attention
                 ctx.block_size = self.block_size
             else:
                 longest = max(lengths)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from k2serve.models.config import ModelConfig
-from k2serve.models.layers.attention import AttentionContext, KVCacheSpec
+from k2serve.models.layers.attention import AttentionContext, KVCacheSpec, rotate_qkv
 from k2serve.models.layers.linear import Linear, MergedLinear
 from k2serve.models.layers.quantized import Int4Linear, QuantizationConfig, QuantizedLMHead, QuantizedTensor
 from k2serve.models.layers.norm import RMSNorm
@@ -37,7 +37,7 @@ def _linear(in_features: int, out: int | dict[str, int], dtype: torch.dtype,
             quant: QuantizationConfig | None) -> nn.Module:
     """A (merged, when ``out`` maps shard names to rows) linear: float, or int4 when quantized."""
     if quant is not None:
-        return Int4Linear(in_features, out, quant.dense_min_rows)
+        return Int4Linear(in_features, out, quant.dense_min_rows, quant.dense_copy)
     if isinstance(out, dict):
         return MergedLinear(in_features, out, dtype)
     return Linear(in_features, out, dtype)
@@ -121,12 +121,13 @@ class LlamaDecoderLayer(nn.Module):
         attn_mod, mlp = self.self_attn, self.mlp
         n = x.shape[0]
         heads, head_dim = attn_mod.num_heads, attn_mod.head_dim
-        qk_size = attn_mod.q_size + attn_mod.kv_size
         qkv = attn_mod.qkv_proj.forward_raw(norm1(residual))
-        qk = qkv[:, :qk_size].view(n, -1, head_dim)
-        qk = torch.addcmul(qk * cos, qk.roll(head_dim // 2, -1), sin_signed)  # float32 (cos is)
-        v = qkv[:, qk_size:].view(n, -1, head_dim).float()
-        out = attn.attend(attn_mod.layer_idx, qk[:, :heads], qk[:, heads:], v, attn_mod.scale)
+        if hasattr(attn, "attend_rotary"):  # the paged pool: decodes in one native call
+            out = attn.attend_rotary(attn_mod.layer_idx, qkv, cos, sin_signed, heads,
+                                     attn_mod.num_kv_heads, head_dim, attn_mod.scale)
+        else:
+            q, k, v = rotate_qkv(qkv, cos, sin_signed, heads, head_dim)
+            out = attn.attend(attn_mod.layer_idx, q, k, v, attn_mod.scale)
         residual = attn_mod.o_proj.forward_raw(out.reshape(n, attn_mod.q_size)) + residual
         gate, up = mlp.gate_up_proj.forward_raw(norm2(residual)).chunk(2, -1)
         return mlp.down_proj.forward_raw(F.silu(gate) * up), residual

@@ -21,7 +21,8 @@ log = logging.getLogger("k2serve.native")
 _SOURCE = Path(__file__).with_name("paged_attention.cpp")
 # -fopenmp: at::parallel_for is OpenMP in torch's CPU build; without it the kernels would
 # silently run on one thread.
-_CFLAGS = ["-O3", "-march=native", "-fopenmp"]
+# -ffp-contract=off: no FMA contraction, so elementwise maths rounds as PyTorch's does.
+_CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"]
 _LDFLAGS = ["-fopenmp"]
 _lock = threading.Lock()
 _module = None

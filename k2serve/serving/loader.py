@@ -22,11 +22,15 @@ from k2serve.text.chat_template import ChatTemplate
 from k2serve.text.k2_tokenizer import load_tokenizer
 from k2serve.text.tokenizer import Tokenizer
 
-
-# int4 kernels for every batch size and the int8 LM head with its exact top-16 recompute: one
-# kernel whatever the number of rows, so a sequence's tokens do not depend on what else is
-# in the batch (the engine's batch-invariance guarantee; greedy equals the fp32 model here).
-SERVING_QUANTIZATION = QuantizationConfig(dense_min_rows=None, head_dense_min_rows=1 << 30)
+# Kernels chosen so that a sequence's greedy tokens do not depend on what else is in the
+# batch (the engine's batch-invariance guarantee, tested): a token's linears never switch
+# kernel with the step's row count — int4 for generated tokens and short prompts, the dense
+# float32 copy in fixed-size row tiles for the prompt tokens of long prompts
+# (EngineConfig.dense_prompt_min_tokens). The LM head runs int8 for fewer than 8 rows and
+# dense float32 from 8 (the int8 kernel costs the same per row at any M), with each row's
+# top 16 logits recomputed exactly either way, so greedy picks and top logprobs match.
+SERVING_QUANTIZATION = QuantizationConfig(dense_min_rows=None, dense_copy=True,
+                                          head_dense_min_rows=8)
 
 
 @dataclass
@@ -86,6 +90,6 @@ def _default_model_id(model_path: str | None) -> str:
         if "/" in name and not os.path.isabs(name):
             return name
     name = os.path.basename(os.path.normpath(model_path))
-    name = name[:-5] if name.endswith(".gguf") else name
+    name = name.removesuffix(".gguf")
     # A checkout named like a catalog model ("Kimi-K2-Instruct-0905") serves under its id.
     return next((known for known in CATALOG if known.split("/")[-1] == name), name)

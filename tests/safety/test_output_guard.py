@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 from types import SimpleNamespace
 
-import pytest
 
 from k2serve.safety import guard as guard_module
 from k2serve.safety.guard import SafetyGuard

@@ -74,9 +74,20 @@ PROMPTS = [
 ]
 
 
-def test_greedy_tokens_same_alone_in_a_batch_with_cache_and_across_preemption(smollm2):
+LONG_PROMPT = (  # past EngineConfig.dense_prompt_min_tokens: its prompt rows run dense
+    "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face. "
+    "Answer briefly, in plain words, and say so when you do not know something. Never invent "
+    "facts, dates or names; prefer short lists to long paragraphs.<|im_end|>\n<|im_start|>user\n"
+    "Which river flows through Paris, and which sea does it reach?<|im_end|>\n"
+    "<|im_start|>assistant\n")
+
+
+@pytest.mark.parametrize("target_text", [PROMPTS[3], LONG_PROMPT], ids=["short", "long"])
+def test_greedy_tokens_same_alone_in_a_batch_with_cache_and_across_preemption(smollm2, target_text):
     model, config, tok = smollm2
-    target = tok.encode(PROMPTS[3])
+    target = tok.encode(target_text)
+    if target_text is LONG_PROMPT:
+        assert len(target) >= EngineConfig().dense_prompt_min_tokens
     alone = run(make_core(model), [greedy("t", target, 16)])["t"][0]
 
     # Inside a batch of 16 mixed requests: other prompts, lengths, sampling settings.

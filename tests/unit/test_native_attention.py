@@ -110,3 +110,35 @@ def test_engine_context_native_and_fallback_agree():
     assert native_ctx.decode_kernel is not None and fallback_ctx.decode_kernel is None
     torch.testing.assert_close(native_ctx.attend(0, q, k, v, 0.125),
                                fallback_ctx.attend(0, q, k, v, 0.125), atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fused_rotary_decode_writes_what_the_pytorch_path_writes(dtype):
+    """RoPE + KV write + attention in one call: the cached K/V and the output are bitwise
+    those of rotate_qkv + index_copy_ + paged_decode_attention (a preempted sequence's
+    generated tokens are recomputed by the PyTorch path and must cache the same K)."""
+    from k2serve.models.layers.attention import rotate_qkv
+    from k2serve.models.layers.rotary import RotaryEmbedding
+
+    heads, kv_heads, dim = 9, 3, 64
+    g = torch.Generator().manual_seed(5)
+    lengths = [37, 1, 200]
+    pool_shape = (64 * BLOCK, kv_heads, dim)
+    k_fused, v_fused = torch.randn(*pool_shape, generator=g), torch.randn(*pool_shape, generator=g)
+    k_ref, v_ref = k_fused.clone(), v_fused.clone()
+    tables = _random_tables(lengths, 64, g)
+    slots = torch.stack([_slots(tables[i], n)[-1] for i, n in enumerate(lengths)])
+    qkv = torch.randn(3, (heads + 2 * kv_heads) * dim, generator=g).to(dtype)
+    cos, sin = RotaryEmbedding(dim, 100000.0, None)(torch.tensor(lengths) - 1, torch.float32)
+    sin_signed = torch.cat((-sin[..., :dim // 2], sin[..., dim // 2:]), dim=-1)
+
+    fused = kernels.decode_rotary_attention(qkv, cos[:, 0], sin_signed[:, 0], k_fused, v_fused,
+                                            slots, tables, torch.tensor(lengths), BLOCK, 0.125,
+                                            heads, kv_heads)
+    q, k, v = rotate_qkv(qkv, cos, sin_signed, heads, dim)
+    k_ref.index_copy_(0, slots, k)
+    v_ref.index_copy_(0, slots, v)
+    reference = kernels.paged_decode_attention(q, k_ref, v_ref, tables, torch.tensor(lengths),
+                                               BLOCK, 0.125)
+    assert torch.equal(k_fused, k_ref) and torch.equal(v_fused, v_ref)
+    assert torch.equal(fused, reference)

@@ -249,3 +249,39 @@ def test_lm_head_two_stage_top_k(vocab, block):
     want = logits.topk(16, dim=-1).indices
     assert got.shape == (3, 16)
     assert [set(r) for r in got.tolist()] == [set(r) for r in want.tolist()]
+
+
+def test_dense_row_runs_take_the_dense_weight_and_the_rest_int4():
+    """Under a `dense_rows` plan a row's result depends only on its own kernel, not on M."""
+    from k2serve.models.layers.quantized import dense_rows
+
+    qt = _synthetic(Q.Q4_1, rows=96, cols=64, seed=5)
+    layer = Int4Linear(64, 96, dense_min_rows=None, dense_copy=True)
+    layer.load(qt)
+    layer.finish_loading()
+    x = torch.randn(7, 64, generator=torch.Generator().manual_seed(0))
+    int4_alone = torch.cat([layer(x[i:i + 1]) for i in range(7)])
+    dense_alone = torch.nn.functional.linear(x, layer.weight)
+    with dense_rows([(1, 3), (5, 6)]):
+        planned = layer(x)
+    for i in range(7):
+        expected = dense_alone[i] if i in (1, 2, 5) else int4_alone[i]
+        torch.testing.assert_close(planned[i], expected.to(torch.bfloat16).float())
+    with dense_rows([(0, 7)]):
+        torch.testing.assert_close(layer(x), dense_alone.to(torch.bfloat16).float())
+
+
+def test_a_dense_row_is_bitwise_the_same_whatever_the_run_length():
+    """MKL's float32 result for a row changes with M; the plan's fixed-size tiles keep it."""
+    from k2serve.models.layers.quantized import dense_rows
+
+    qt = _synthetic(Q.Q4_1, rows=256, cols=512, seed=6)
+    layer = Int4Linear(512, 256, dense_min_rows=None, dense_copy=True)
+    layer.load(qt)
+    layer.finish_loading()
+    x = torch.randn(300, 512, generator=torch.Generator().manual_seed(1))
+    with dense_rows([(0, 300)]):
+        everything = layer(x)
+    for start, end in [(10, 11), (10, 13), (0, 100), (250, 300), (5, 200)]:
+        with dense_rows([(0, end - start)]):
+            assert torch.equal(layer(x[start:end]), everything[start:end])

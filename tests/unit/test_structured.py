@@ -10,7 +10,6 @@ import json
 
 import jsonschema
 import pytest
-import torch
 
 from k2serve.engine.core import EngineConfig, EngineCore
 from k2serve.engine.sampling_params import SamplingParams

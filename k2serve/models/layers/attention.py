@@ -162,6 +162,7 @@ class PagedAttention:
     # native decode path: k2serve.native's paged_decode_attention, with per-decode block
     # tables [B, max_blocks] and lengths [B] (tokens attended, the new one included)
     decode_kernel: Callable | None = None
+    decode_rotary_kernel: Callable | None = None  # RoPE + KV write + decode attention
     decode_block_tables: torch.Tensor | None = None
     decode_lens: torch.Tensor | None = None
     block_size: int = 0
@@ -197,3 +198,38 @@ class PagedAttention:
             keys, values = gather(run.slots)
             out[rows] = _causal_attention(q[rows], keys, values, run.start_pos, scale)
         return out
+
+    def attend_rotary(self, layer_idx, qkv, cos, sin_signed, num_heads, num_kv_heads, head_dim,
+                      scale):
+        """``attend`` from a fused qkv projection's output [N, (H + 2 KV) * D] (RoPE not yet
+        applied): the decode rows in one native call (RoPE, KV write, attention), the other
+        rows by ``rotate_qkv`` + ``attend``. -> [N, H, D] float32."""
+        b = self.num_decode if self.decode_rotary_kernel is not None else 0
+        if not b:
+            return self.attend(layer_idx, *rotate_qkv(qkv, cos, sin_signed, num_heads, head_dim),
+                               scale)
+        n = qkv.shape[0]
+        out = torch.empty(n, num_heads, head_dim)
+        out[:b] = self.decode_rotary_kernel(
+            qkv[:b], cos[:b, 0], sin_signed[:b, 0], self.k_pool[layer_idx], self.v_pool[layer_idx],
+            self.slot_mapping[:b], self.decode_block_tables, self.decode_lens, self.block_size,
+            scale, num_heads, num_kv_heads)
+        if n > b:  # prefill chunks: their rows only, as a context without the decodes
+            rest = PagedAttention(self.k_pool, self.v_pool, self.slot_mapping[b:],
+                                  prefills=[PrefillRun(r.q_start - b, r.q_count, r.start_pos, r.slots)
+                                            for r in self.prefills])
+            out[b:] = rest.attend(layer_idx, *rotate_qkv(qkv[b:], cos[b:], sin_signed[b:],
+                                                         num_heads, head_dim), scale)
+        return out
+
+
+def rotate_qkv(qkv, cos, sin_signed, num_heads, head_dim):
+    """Split a fused qkv projection's output [N, (H + 2 KV) * D] into RoPE'd q [N, H, D],
+    k [N, KV, D] and v [N, KV, D], float32. cos, sin_signed: [N, 1, D]; ``sin_signed`` is sin
+    with its first half negated, so that rotate_half(t) * sin == t.roll(D / 2) * sin_signed."""
+    n = qkv.shape[0]
+    qk_size = qkv.shape[1] - (qkv.shape[1] - num_heads * head_dim) // 2
+    qk = qkv[:, :qk_size].view(n, -1, head_dim)
+    qk = torch.addcmul(qk * cos, qk.roll(head_dim // 2, -1), sin_signed)  # float32 (cos is)
+    v = qkv[:, qk_size:].view(n, -1, head_dim).float()
+    return qk[:, :num_heads], qk[:, num_heads:], v

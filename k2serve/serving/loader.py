@@ -49,31 +49,36 @@ class LoadOptions:
 def load_text_model(options: LoadOptions) -> tuple[ModelSpec, TextBackend]:
     path = options.model_path or embedded_smollm2_gguf_path()
     quantized = SERVING_QUANTIZATION if options.quantize and path.endswith(".gguf") else False
-    model, config = load_model(path, dtype=torch.float32, progress=options.progress,
-                               quantized=quantized)
-    model.eval()
     if path.endswith(".gguf"):
         tokenizer = Tokenizer.from_gguf(path)
     else:
         tokenizer = load_tokenizer(path)  # tiktoken (K2) or HF tokenizer.json
     template = ChatTemplate.from_tokenizer(tokenizer) if tokenizer.chat_template else None
 
-    if options.progress and native.enabled():
-        print("k2serve: loading native kernels (built once on first use, about a minute)",
-              file=sys.stderr, flush=True)
-    native.kernels()
-    context_length = config.context_length
-    if options.max_context_length:
-        context_length = min(context_length, options.max_context_length)
-    core = EngineCore(model, EngineConfig(max_num_seqs=options.max_num_seqs,
-                                          max_step_tokens=options.max_step_tokens,
-                                          context_length=context_length,
-                                          kv_cache_bytes=options.kv_cache_bytes,
-                                          max_waiting=options.max_waiting))
-    # A request must fit in the KV cache on its own, so the cache bounds the context too.
-    context_length = min(context_length, core.blocks.num_blocks * core.blocks.block_size)
-    core.config.context_length = context_length
-    backend = TextBackend(tokenizer, AsyncEngine(core), context_length=context_length,
+    def build_core() -> EngineCore:  # runs on the engine's own thread (see AsyncEngine)
+        model, config = load_model(path, dtype=torch.float32, progress=options.progress,
+                                   quantized=quantized)
+        model.eval()
+        if options.progress and native.enabled():
+            print("k2serve: loading native kernels (built once on first use, about a minute)",
+                  file=sys.stderr, flush=True)
+        native.kernels()
+        context_length = config.context_length
+        if options.max_context_length:
+            context_length = min(context_length, options.max_context_length)
+        core = EngineCore(model, EngineConfig(max_num_seqs=options.max_num_seqs,
+                                              max_step_tokens=options.max_step_tokens,
+                                              context_length=context_length,
+                                              kv_cache_bytes=options.kv_cache_bytes,
+                                              max_waiting=options.max_waiting))
+        # A request must fit in the KV cache on its own, so the cache bounds the context too.
+        core.config.context_length = min(context_length,
+                                         core.blocks.num_blocks * core.blocks.block_size)
+        return core
+
+    engine = AsyncEngine(build_core)
+    context_length = engine.core.config.context_length
+    backend = TextBackend(tokenizer, engine, context_length=context_length,
                           chat_template=template)
     model_id = options.served_model_name or _default_model_id(options.model_path)
     return model_spec(model_id, context_length=context_length), backend

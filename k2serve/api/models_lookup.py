@@ -15,15 +15,20 @@ def registry_of(request: Request) -> ModelRegistry:
     return request.app.state.registry
 
 
-def text_backend_for(request: Request, model_id: str) -> TextBackend:
-    registry = registry_of(request)
+def _entry_or_404(registry, model_id: str):
+    """(spec, backend) of a served model, or the 404 naming the models that are served."""
     entry = registry.get(model_id)
     if entry is None:
         available = ", ".join(sorted(s.id for s in registry.specs())) or "none"
         raise APIError(404, f"The model '{model_id}' does not exist or is not served here. "
                             f"Available models: {available}.", param="model",
                        code="model_not_found")
-    spec, backend = entry
+    return entry
+
+
+def text_backend_for(request: Request, model_id: str) -> TextBackend:
+    registry = registry_of(request)
+    spec, backend = _entry_or_404(registry, model_id)
     if spec.type not in TEXT_TYPES or not isinstance(backend, TextBackend):
         raise APIError(400, f"The model '{model_id}' is a {spec.type} model and cannot serve "
                             f"text generation; it serves {what_it_serves(spec.type)}.",
@@ -58,13 +63,7 @@ def embedding_backend_for(request: Request, model_id: str, action: str):
     registry = registry_of(request)
     capable = [s for s in registry.specs()
                if isinstance(registry.get(s.id)[1], EmbeddingBackend)]
-    entry = registry.get(model_id)
-    if entry is None:
-        available = ", ".join(sorted(s.id for s in registry.specs())) or "none"
-        raise APIError(404, f"The model '{model_id}' does not exist or is not served here. "
-                            f"Available models: {available}.", param="model",
-                       code="model_not_found")
-    spec, backend = entry
+    spec, backend = _entry_or_404(registry, model_id)
     if not isinstance(backend, EmbeddingBackend):
         if capable:
             alternatives = "Models that can: " + ", ".join(

@@ -18,7 +18,8 @@ from pathlib import Path
 
 log = logging.getLogger("k2serve.native")
 
-_SOURCE = Path(__file__).with_name("paged_attention.cpp")
+_SOURCES = [Path(__file__).with_name(name)
+            for name in ("bindings.cpp", "paged_attention.cpp")]
 # -fopenmp: at::parallel_for is OpenMP in torch's CPU build; without it the kernels would
 # silently run on one thread.
 # -ffp-contract=off: no FMA contraction, so elementwise maths rounds as PyTorch's does.
@@ -33,22 +34,37 @@ def enabled() -> bool:
     return os.environ.get("K2SERVE_NATIVE", "1") not in ("0", "false", "no")
 
 
-def _build_directory(source: bytes) -> tuple[str, Path]:
+def _cpu_flags() -> bytes:
+    """The CPU's feature flags: -march=native code built on one CPU may not run on another
+    sharing the cache (a home directory mounted on several machines)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line.encode()
+    except OSError:
+        pass
+    return b""
+
+
+def _build_directory(sources: dict[str, bytes]) -> tuple[str, Path]:
     import torch
 
-    key = hashlib.sha256(b"\0".join([source, torch.__version__.encode(), sys.version.encode(),
-                                     " ".join(_CFLAGS + _LDFLAGS).encode()])).hexdigest()[:16]
+    parts = [name.encode() + b"\0" + text for name, text in sorted(sources.items())]
+    key = hashlib.sha256(b"\0".join([*parts, torch.__version__.encode(), sys.version.encode(),
+                                     " ".join(_CFLAGS + _LDFLAGS).encode(),
+                                     _cpu_flags()])).hexdigest()[:16]
     root = Path(os.environ.get("K2SERVE_NATIVE_CACHE")
                 or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "k2serve" / "native")
     directory = root / key
     directory.mkdir(parents=True, exist_ok=True)
-    # Compile a copy that lives in the build directory: the build files then name the same
-    # path whichever checkout asks, so ninja finds the build up to date.
-    copy = directory / _SOURCE.name
-    if not copy.exists():
-        partial = directory / f".{_SOURCE.name}.{os.getpid()}"
-        partial.write_bytes(source)
-        partial.replace(copy)
+    # Compile copies that live in the build directory: the build files then name the same
+    # paths whichever checkout asks, so ninja finds the build up to date.
+    for name, text in sources.items():
+        copy = directory / name
+        if not copy.exists():
+            partial = directory / f".{name}.{os.getpid()}"
+            partial.write_bytes(text)
+            partial.replace(copy)
     return f"k2serve_native_{key[:8]}", directory
 
 
@@ -64,8 +80,9 @@ def kernels():
         try:
             from torch.utils.cpp_extension import load
 
-            name, directory = _build_directory(_SOURCE.read_bytes())
-            _module = load(name=name, sources=[str(directory / _SOURCE.name)],
+            sources = {path.name: path.read_bytes() for path in _SOURCES}
+            name, directory = _build_directory(sources)
+            _module = load(name=name, sources=[str(directory / n) for n in sources],
                            build_directory=str(directory), extra_cflags=_CFLAGS,
                            extra_ldflags=_LDFLAGS, verbose=False)
         except Exception as exc:  # noqa: BLE001 - no compiler or ninja, a build error: fallbacks

@@ -8,6 +8,10 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -16,6 +20,18 @@
 namespace {
 
 inline float dot(const float* a, const float* b, int64_t n) {
+#if defined(__AVX512F__)
+  if (n % 16 == 0) {  // head dims 64, 128, ...: two accumulators, one reduction at the end
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+      acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc0);
+      acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 16), _mm512_loadu_ps(b + i + 16), acc1);
+    }
+    if (i < n) acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc0);
+    return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+  }
+#endif
   float acc = 0.f;
 #pragma omp simd reduction(+ : acc)
   for (int64_t i = 0; i < n; ++i) acc += a[i] * b[i];
@@ -48,9 +64,90 @@ inline void exp_inplace(float* x, int64_t n) {
 }
 
 inline void axpy(float alpha, const float* x, float* y, int64_t n) {
+#if defined(__AVX512F__)
+  if (n % 16 == 0) {
+    const __m512 a = _mm512_set1_ps(alpha);
+    for (int64_t i = 0; i < n; i += 16)
+      _mm512_storeu_ps(y + i, _mm512_fmadd_ps(a, _mm512_loadu_ps(x + i), _mm512_loadu_ps(y + i)));
+    return;
+  }
+#endif
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) y[i] += alpha * x[i];
 }
+
+
+inline void softmax_inplace(float* row, int64_t len) {
+  const float peak = *std::max_element(row, row + len);
+  for (int64_t s = 0; s < len; ++s) row[s] -= peak;
+  exp_inplace(row, len);
+  float total = 0.f;
+#pragma omp simd reduction(+ : total)
+  for (int64_t s = 0; s < len; ++s) total += row[s];
+  const float inv = 1.f / total;
+  for (int64_t s = 0; s < len; ++s) row[s] *= inv;
+}
+
+#if defined(__AVX512F__)
+// Head dim 64 fast paths, for NH (<= 4) query heads sharing one kv head: q and the output
+// accumulators live in registers, each K or V row is loaded once for all NH heads. Every
+// head's arithmetic is the same whichever NH it is computed with.
+template <int NH>
+void scores64(const float* q, const float* krow0, int64_t kstride, int64_t count, float scale,
+              float* out, int64_t out_stride) {
+  __m512 qv[NH][4];
+  for (int h = 0; h < NH; ++h)
+    for (int c = 0; c < 4; ++c) qv[h][c] = _mm512_loadu_ps(q + h * 64 + c * 16);
+  for (int64_t i = 0; i < count; ++i) {
+    const float* k = krow0 + i * kstride;
+    const __m512 k0 = _mm512_loadu_ps(k), k1 = _mm512_loadu_ps(k + 16);
+    const __m512 k2 = _mm512_loadu_ps(k + 32), k3 = _mm512_loadu_ps(k + 48);
+    for (int h = 0; h < NH; ++h) {
+      const __m512 a = _mm512_fmadd_ps(qv[h][1], k1, _mm512_mul_ps(qv[h][0], k0));
+      const __m512 b = _mm512_fmadd_ps(qv[h][3], k3, _mm512_mul_ps(qv[h][2], k2));
+      out[h * out_stride + i] = _mm512_reduce_add_ps(_mm512_add_ps(a, b)) * scale;
+    }
+  }
+}
+
+template <int NH>
+void weighted_sum64(const float* probs, int64_t prob_stride, const float* vrow0, int64_t vstride,
+                    int64_t count, __m512 (&acc)[NH][4]) {
+  for (int64_t i = 0; i < count; ++i) {
+    const float* v = vrow0 + i * vstride;
+    const __m512 v0 = _mm512_loadu_ps(v), v1 = _mm512_loadu_ps(v + 16);
+    const __m512 v2 = _mm512_loadu_ps(v + 32), v3 = _mm512_loadu_ps(v + 48);
+    for (int h = 0; h < NH; ++h) {
+      const __m512 p = _mm512_set1_ps(probs[h * prob_stride + i]);
+      acc[h][0] = _mm512_fmadd_ps(p, v0, acc[h][0]);
+      acc[h][1] = _mm512_fmadd_ps(p, v1, acc[h][1]);
+      acc[h][2] = _mm512_fmadd_ps(p, v2, acc[h][2]);
+      acc[h][3] = _mm512_fmadd_ps(p, v3, acc[h][3]);
+    }
+  }
+}
+
+// NH query heads of one kv head over a sequence's blocks: scores, softmax, weighted sum.
+template <int NH>
+void attend64(const float* q, const float* kbase, int64_t ks0, const float* vbase, int64_t vs0,
+              const int64_t* table, int64_t block_size, int64_t len, float scale,
+              float* scores, float* out) {
+  for (int64_t s0 = 0; s0 < len; s0 += block_size) {
+    const int64_t block = table[s0 / block_size] * block_size;
+    scores64<NH>(q, kbase + block * ks0, ks0, std::min(block_size, len - s0), scale, scores + s0, len);
+  }
+  for (int h = 0; h < NH; ++h) softmax_inplace(scores + h * len, len);
+  __m512 acc[NH][4];
+  for (int h = 0; h < NH; ++h)
+    for (int c = 0; c < 4; ++c) acc[h][c] = _mm512_setzero_ps();
+  for (int64_t s0 = 0; s0 < len; s0 += block_size) {
+    const int64_t block = table[s0 / block_size] * block_size;
+    weighted_sum64<NH>(scores + s0, len, vbase + block * vs0, vs0, std::min(block_size, len - s0), acc);
+  }
+  for (int h = 0; h < NH; ++h)
+    for (int c = 0; c < 4; ++c) _mm512_storeu_ps(out + h * 64 + c * 16, acc[h][c]);
+}
+#endif
 
 }  // namespace
 
@@ -85,36 +182,56 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_pool, torc
   const int64_t vs0 = v_pool.stride(0), vs1 = v_pool.stride(1);
   const float fscale = static_cast<float>(scale);
 
-  at::parallel_for(0, B * KV, 1, [&](int64_t begin, int64_t end) {
+  // One work item is a sequence's kv heads [h0, h1): all of them when there are enough
+  // sequences to keep the threads busy (each slot's K and V rows are then read once, whole
+  // and in order), one per item otherwise. Each head's arithmetic is the same either way.
+  const int64_t heads_per_item = B >= at::get_num_threads() ? KV : 1;
+  const int64_t items_per_seq = KV / heads_per_item;
+  at::parallel_for(0, B * items_per_seq, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores;
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t b = item / KV, kvh = item % KV;
+      const int64_t b = item / items_per_seq;
+      const int64_t h0 = (item % items_per_seq) * heads_per_item, h1 = h0 + heads_per_item;
       const int64_t len = lens[b];
       TORCH_CHECK(len >= 1 && len <= max_blocks * block_size, "bad sequence length");
       const int64_t* table = tables + b * max_blocks;
-      const float* qg = qp + (b * H + kvh * G) * D;  // the G query heads of this kv head
-      scores.assign(G * len, 0.f);
-      for (int64_t s = 0; s < len; ++s) {
-        const int64_t slot = table[s / block_size] * block_size + s % block_size;
-        const float* krow = kp + slot * ks0 + kvh * ks1;
-        for (int64_t g = 0; g < G; ++g) scores[g * len + s] = dot(qg + g * D, krow, D) * fscale;
+      const int64_t rows = (h1 - h0) * G;  // query heads of this item; row j is head h0 * G + j
+      const float* qi = qp + (b * H + h0 * G) * D;
+      float* oi = op + (b * H + h0 * G) * Dv;
+      scores.resize(rows * len);
+#if defined(__AVX512F__)
+      if (D == 64 && Dv == 64) {
+        for (int64_t kvh = h0; kvh < h1; ++kvh)
+          for (int64_t g = 0; g < G; g += 4) {  // up to 4 query heads at a time
+            const int64_t j = (kvh - h0) * G + g, nh = std::min<int64_t>(4, G - g);
+            const float* kb = kp + kvh * ks1;
+            const float* vb = vp + kvh * vs1;
+            float* sc = scores.data() + j * len;
+            switch (nh) {
+              case 4: attend64<4>(qi + j * D, kb, ks0, vb, vs0, table, block_size, len, fscale, sc, oi + j * Dv); break;
+              case 3: attend64<3>(qi + j * D, kb, ks0, vb, vs0, table, block_size, len, fscale, sc, oi + j * Dv); break;
+              case 2: attend64<2>(qi + j * D, kb, ks0, vb, vs0, table, block_size, len, fscale, sc, oi + j * Dv); break;
+              default: attend64<1>(qi + j * D, kb, ks0, vb, vs0, table, block_size, len, fscale, sc, oi + j * Dv); break;
+            }
+          }
+        continue;
       }
-      for (int64_t g = 0; g < G; ++g) {  // softmax per query head
-        float* row = scores.data() + g * len;
-        const float peak = *std::max_element(row, row + len);
-        for (int64_t s = 0; s < len; ++s) row[s] -= peak;
-        exp_inplace(row, len);
-        float total = 0.f;
-#pragma omp simd reduction(+ : total)
-        for (int64_t s = 0; s < len; ++s) total += row[s];
-        const float inv = 1.f / total;
-        for (int64_t s = 0; s < len; ++s) row[s] *= inv;
+#endif
+      // positions block by block: a block's slots are consecutive rows of the pool
+      for (int64_t s0 = 0; s0 < len; s0 += block_size) {
+        const int64_t count = std::min(block_size, len - s0);
+        const float* kblock = kp + table[s0 / block_size] * block_size * ks0;
+        for (int64_t i = 0; i < count; ++i)
+          for (int64_t j = 0; j < rows; ++j)
+            scores[j * len + s0 + i] = dot(qi + j * D, kblock + i * ks0 + (h0 + j / G) * ks1, D) * fscale;
       }
-      float* og = op + (b * H + kvh * G) * Dv;
-      for (int64_t s = 0; s < len; ++s) {
-        const int64_t slot = table[s / block_size] * block_size + s % block_size;
-        const float* vrow = vp + slot * vs0 + kvh * vs1;
-        for (int64_t g = 0; g < G; ++g) axpy(scores[g * len + s], vrow, og + g * Dv, Dv);
+      for (int64_t j = 0; j < rows; ++j) softmax_inplace(scores.data() + j * len, len);
+      for (int64_t s0 = 0; s0 < len; s0 += block_size) {
+        const int64_t count = std::min(block_size, len - s0);
+        const float* vblock = vp + table[s0 / block_size] * block_size * vs0;
+        for (int64_t i = 0; i < count; ++i)
+          for (int64_t j = 0; j < rows; ++j)
+            axpy(scores[j * len + s0 + i], vblock + i * vs0 + (h0 + j / G) * vs1, oi + j * Dv, Dv);
       }
     }
   });
@@ -170,11 +287,4 @@ torch::Tensor decode_rotary_attention(torch::Tensor qkv, torch::Tensor cos, torc
     }
   });
   return paged_decode_attention(q, k_pool, v_pool, block_tables, seq_lens, block_size, scale);
-}
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("paged_decode_attention", &paged_decode_attention,
-        "decode attention over a paged KV pool (float32)");
-  m.def("decode_rotary_attention", &decode_rotary_attention,
-        "RoPE + KV write + paged decode attention for a fused qkv projection's decode rows");
 }

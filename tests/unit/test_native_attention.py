@@ -32,7 +32,8 @@ def _slots(table, length):
     return table[positions // BLOCK] * BLOCK + positions % BLOCK
 
 
-@pytest.mark.parametrize("heads,kv_heads,dim", [(9, 3, 64), (8, 8, 32), (4, 1, 128)])
+# (10, 2, 64): five query heads per kv head, which the head-dim-64 path takes 4 + 1 at a time
+@pytest.mark.parametrize("heads,kv_heads,dim", [(9, 3, 64), (10, 2, 64), (8, 8, 32), (4, 1, 128)])
 def test_grouped_query_decode_matches_sdpa(heads, kv_heads, dim):
     g = torch.Generator().manual_seed(heads * 100 + kv_heads)
     lengths = [1, 15, 16, 17, 300]
@@ -65,11 +66,23 @@ def test_values_inside_the_keys_as_in_mla():
         torch.testing.assert_close(out[i], ref, atol=2e-6, rtol=1e-5)
 
 
-def test_a_sequence_result_does_not_depend_on_the_batch():
+@pytest.mark.parametrize("heads,dim", [(9, 64), (15, 64), (9, 32)])
+def test_a_sequence_result_does_not_depend_on_the_batch(heads, dim):
+    """A batch at least as large as the thread count splits its work by sequence, a single
+    sequence by kv head: bitwise the same result either way."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # so that the batch of 6 (not 1) is split by sequence
+    try:
+        _sequence_alone_and_batched(heads, dim)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _sequence_alone_and_batched(heads, dim):
     g = torch.Generator().manual_seed(3)
-    k_pool = torch.randn(64 * BLOCK, 3, 64, generator=g)
-    v_pool = torch.randn(64 * BLOCK, 3, 64, generator=g)
-    q = torch.randn(6, 9, 64, generator=g)
+    k_pool = torch.randn(64 * BLOCK, 3, dim, generator=g)
+    v_pool = torch.randn(64 * BLOCK, 3, dim, generator=g)
+    q = torch.randn(6, heads, dim, generator=g)
     lengths = [40, 7, 100, 1, 64, 20]
     tables = _random_tables(lengths, 64, g)
     together = kernels.paged_decode_attention(q, k_pool, v_pool, tables, torch.tensor(lengths),

@@ -1,0 +1,19 @@
+// The Python module: one entry per kernel, defined in the other sources.
+
+#include <torch/extension.h>
+
+torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_pool, torch::Tensor v_pool,
+                                     torch::Tensor block_tables, torch::Tensor seq_lens,
+                                     int64_t block_size, double scale);
+torch::Tensor decode_rotary_attention(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin_signed,
+                                      torch::Tensor k_pool, torch::Tensor v_pool,
+                                      torch::Tensor slots, torch::Tensor block_tables,
+                                      torch::Tensor seq_lens, int64_t block_size, double scale,
+                                      int64_t num_heads, int64_t num_kv_heads);
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("paged_decode_attention", &paged_decode_attention,
+        "decode attention over a paged KV pool (float32)");
+  m.def("decode_rotary_attention", &decode_rotary_attention,
+        "RoPE + KV write + paged decode attention for a fused qkv projection's decode rows");
+}

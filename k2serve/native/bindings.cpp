@@ -10,10 +10,16 @@ torch::Tensor decode_rotary_attention(torch::Tensor qkv, torch::Tensor cos, torc
                                       torch::Tensor slots, torch::Tensor block_tables,
                                       torch::Tensor seq_lens, int64_t block_size, double scale,
                                       int64_t num_heads, int64_t num_kv_heads);
+std::tuple<torch::Tensor, torch::Tensor> add_rms_norm(torch::Tensor x, c10::optional<torch::Tensor> residual,
+                                                      torch::Tensor weight, double eps);
+torch::Tensor silu_mul(torch::Tensor gate_up);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_attention", &paged_decode_attention,
         "decode attention over a paged KV pool (float32)");
   m.def("decode_rotary_attention", &decode_rotary_attention,
         "RoPE + KV write + paged decode attention for a fused qkv projection's decode rows");
+  m.def("add_rms_norm", &add_rms_norm, "(RMSNorm(x + residual) * weight, x + residual), float32",
+        py::arg("x"), py::arg("residual"), py::arg("weight"), py::arg("eps"));
+  m.def("silu_mul", &silu_mul, "silu(gate) * up of a fused [M, 2I] gate/up projection");
 }

@@ -1,0 +1,130 @@
+// Elementwise steps of a Llama-style decoder layer fused into one call each, for the
+// quantized models' lean layer path, where the per-op cost of PyTorch's small ops (several
+// microseconds each, ~10 ops a layer) is a large share of a batch-1 decode step.
+//
+// Rows are independent and each row's arithmetic is fixed, so a token's result does not
+// depend on what else is in the batch or on the thread count.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <tuple>
+
+namespace {
+
+template <typename T>
+void add_rms_norm_rows(const T* x, const float* residual, const float* weight, float eps,
+                       int64_t rows, int64_t hidden, float* sum_out, float* normed) {
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const T* xr = x + r * hidden;
+      float* s = sum_out + r * hidden;
+      float squares = 0.f;
+      if (residual != nullptr) {
+        const float* rr = residual + r * hidden;
+#pragma omp simd reduction(+ : squares)
+        for (int64_t i = 0; i < hidden; ++i) {
+          s[i] = static_cast<float>(xr[i]) + rr[i];
+          squares += s[i] * s[i];
+        }
+      } else {
+#pragma omp simd reduction(+ : squares)
+        for (int64_t i = 0; i < hidden; ++i) {
+          s[i] = static_cast<float>(xr[i]);
+          squares += s[i] * s[i];
+        }
+      }
+      const float inv = 1.f / std::sqrt(squares / static_cast<float>(hidden) + eps);
+      float* n = normed + r * hidden;
+#pragma omp simd
+      for (int64_t i = 0; i < hidden; ++i) n[i] = s[i] * inv * weight[i];
+    }
+  });
+}
+
+// exp(x) in a loop the compiler vectorizes (std::exp is a scalar libm call): Cephes' expf,
+// x = n ln2 + r, exp(r) by a degree-6 polynomial, 2^n by exponent bits; about 1 ulp.
+// Inputs are clamped to [-87, 88], where float32 exp neither underflows nor overflows.
+inline float exp_vectorizable(float x) {
+  const float v = x < -87.f ? -87.f : (x > 88.f ? 88.f : x);
+  const float k = __builtin_floorf(v * 1.44269504088896341f + 0.5f);
+  float r = v - k * 0.693359375f;
+  r = r - k * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.f;
+  const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
+  float scale;
+  __builtin_memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+template <typename T>
+void silu_mul_rows(const T* gate_up, int64_t rows, int64_t inter, T* out) {
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const T* gate = gate_up + r * 2 * inter;
+      const T* up = gate + inter;
+      T* o = out + r * inter;
+#pragma omp simd
+      for (int64_t i = 0; i < inter; ++i) {
+        const float g = static_cast<float>(gate[i]);
+        o[i] = static_cast<T>(g / (1.f + exp_vectorizable(-g)) * static_cast<float>(up[i]));
+      }
+    }
+  });
+}
+
+}  // namespace
+
+// x [M, H] float32 or bfloat16; residual [M, H] float32 or None; weight [H] float32.
+// -> (RMSNorm(x + residual) * weight, x + residual), both float32.
+std::tuple<torch::Tensor, torch::Tensor> add_rms_norm(torch::Tensor x, c10::optional<torch::Tensor> residual,
+                                                      torch::Tensor weight, double eps) {
+  TORCH_CHECK(x.dim() == 2 && weight.dim() == 1 && weight.size(0) == x.size(1), "shape mismatch");
+  TORCH_CHECK(weight.scalar_type() == torch::kFloat && weight.is_contiguous(), "weight: float32");
+  x = x.contiguous();
+  const int64_t rows = x.size(0), hidden = x.size(1);
+  const float* res = nullptr;
+  torch::Tensor residual_in;
+  if (residual.has_value()) {
+    residual_in = residual->contiguous();
+    TORCH_CHECK(residual_in.scalar_type() == torch::kFloat && residual_in.sizes() == x.sizes(),
+                "residual: float32, the shape of x");
+    res = residual_in.data_ptr<float>();
+  }
+  auto options = x.options().dtype(torch::kFloat);
+  auto sum = torch::empty({rows, hidden}, options);
+  auto normed = torch::empty({rows, hidden}, options);
+  const float e = static_cast<float>(eps);
+  if (x.scalar_type() == torch::kFloat) {
+    add_rms_norm_rows(x.data_ptr<float>(), res, weight.data_ptr<float>(), e, rows, hidden,
+                      sum.data_ptr<float>(), normed.data_ptr<float>());
+  } else {
+    TORCH_CHECK(x.scalar_type() == torch::kBFloat16, "x: float32 or bfloat16");
+    add_rms_norm_rows(x.data_ptr<at::BFloat16>(), res, weight.data_ptr<float>(), e, rows, hidden,
+                      sum.data_ptr<float>(), normed.data_ptr<float>());
+  }
+  return {normed, sum};
+}
+
+// gate_up [M, 2I] (gate then up), float32 or bfloat16 -> silu(gate) * up [M, I], same dtype
+// (computed in float32, rounded once).
+torch::Tensor silu_mul(torch::Tensor gate_up) {
+  TORCH_CHECK(gate_up.dim() == 2 && gate_up.size(1) % 2 == 0, "gate_up: [M, 2I]");
+  gate_up = gate_up.contiguous();
+  const int64_t rows = gate_up.size(0), inter = gate_up.size(1) / 2;
+  auto out = torch::empty({rows, inter}, gate_up.options());
+  if (gate_up.scalar_type() == torch::kFloat) {
+    silu_mul_rows(gate_up.data_ptr<float>(), rows, inter, out.data_ptr<float>());
+  } else {
+    TORCH_CHECK(gate_up.scalar_type() == torch::kBFloat16, "gate_up: float32 or bfloat16");
+    silu_mul_rows(gate_up.data_ptr<at::BFloat16>(), rows, inter, out.data_ptr<at::BFloat16>());
+  }
+  return out;
+}

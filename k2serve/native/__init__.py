@@ -19,7 +19,7 @@ from pathlib import Path
 log = logging.getLogger("k2serve.native")
 
 _SOURCES = [Path(__file__).with_name(name)
-            for name in ("bindings.cpp", "paged_attention.cpp", "layer_ops.cpp")]
+            for name in ("bindings.cpp", "paged_attention.cpp", "layer_ops.cpp", "int8_linear.cpp")]
 # -fopenmp: at::parallel_for is OpenMP in torch's CPU build; without it the kernels would
 # silently run on one thread.
 # -ffp-contract=off: no FMA contraction, so elementwise maths rounds as PyTorch's does.

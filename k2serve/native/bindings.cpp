@@ -13,6 +13,7 @@ torch::Tensor decode_rotary_attention(torch::Tensor qkv, torch::Tensor cos, torc
 std::tuple<torch::Tensor, torch::Tensor> add_rms_norm(torch::Tensor x, c10::optional<torch::Tensor> residual,
                                                       torch::Tensor weight, double eps);
 torch::Tensor silu_mul(torch::Tensor gate_up);
+torch::Tensor int8_linear(torch::Tensor x, torch::Tensor w, torch::Tensor scale);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_attention", &paged_decode_attention,
@@ -22,4 +23,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("add_rms_norm", &add_rms_norm, "(RMSNorm(x + residual) * weight, x + residual), float32",
         py::arg("x"), py::arg("residual"), py::arg("weight"), py::arg("eps"));
   m.def("silu_mul", &silu_mul, "silu(gate) * up of a fused [M, 2I] gate/up projection");
+  m.def("int8_linear", &int8_linear, "x @ W^T, W int8 with a float32 scale per row, float32 x");
 }

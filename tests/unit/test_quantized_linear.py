@@ -26,6 +26,7 @@ from k2serve.models.layers.quantized import (  # noqa: E402
     requantize_int8,
 )
 from k2serve.models.loaders.gguf import GGUFCheckpoint  # noqa: E402
+from k2serve.native import kernels as native_kernels  # noqa: E402
 from tests.tiny_models import smollm2_gguf_path  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
@@ -200,10 +201,10 @@ def embeddings(smollm2):
     return qt, qt.dequantize()
 
 
-def _head(embeddings, kernel, exact_top):
+def _head(embeddings, kernel, exact_top, native=True):
     qt, weight = embeddings
     head = QuantizedLMHead(576, 49152, QuantizationConfig(head=kernel, head_dense_min_rows=4,
-                                                          head_exact_top=exact_top))
+                                                          head_exact_top=exact_top, native=native))
     head.load(qt)
     head.finish_loading(dense_weight=weight)
     assert head.weight is weight and head.small_kernel == kernel
@@ -211,14 +212,19 @@ def _head(embeddings, kernel, exact_top):
 
 
 # max |error| / (|x| @ |W|^T) of the approximate head, measured on this input: int8 0.0043
-# (per-row requantization of Q8_0's per-block scales), int4 0.035 (group-32 min/max)
-@pytest.mark.parametrize("kernel, rel_bound", [("int8", 0.006), ("int4", 0.05), ("dense", 0.0)])
-def test_lm_head_kernels(embeddings, kernel, rel_bound):
+# (per-row requantization of Q8_0's per-block scales; the same with torch's kernel, which
+# rounds x to bfloat16, and our native one, which quantizes x to int16), int4 0.035
+# (group-32 min/max)
+@pytest.mark.parametrize("kernel, rel_bound, native", [
+    ("int8", 0.006, True), ("int8", 0.006, False), ("int4", 0.05, True), ("dense", 0.0, True)])
+def test_lm_head_kernels(embeddings, kernel, rel_bound, native):
     _, weight = embeddings
     torch.manual_seed(0)
     x = torch.randn(4, 576) * 2
     ref = x @ weight.t()
-    head = _head(embeddings, kernel, exact_top=0)
+    head = _head(embeddings, kernel, exact_top=0, native=native)
+    if kernel == "int8":
+        assert (head._int8_native is not None) == (native and native_kernels() is not None)
     assert torch.equal(head(x), ref)  # M >= 4: dense float32
     small = head(x[:2])
     assert small.dtype == torch.float32 and small.shape == (2, 49152)

@@ -36,6 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from k2serve import native
+
 Q = gguf.GGMLQuantizationType
 GROUP_SIZE = 32  # every mapped GGUF format has 32-weight (sub-)blocks
 INT4_ACT_DTYPE = torch.bfloat16  # the only fast activation dtype of the CPU int4 kernel
@@ -56,7 +58,8 @@ class QuantizationConfig:
     dense_min_rows: M from which ``Int4Linear`` uses its dense float32 copy (None: int4 for
       every M and no dense copy).
     head: the LM head's kernel for M < head_dense_min_rows: "int8" (per-row int8 requantized
-      from the checkpoint weight, ``aten._weight_int8pack_mm``), "int4" (the int4 kernel;
+      from the checkpoint weight; our native kernel with float32 x where the native kernels
+      are built, else ``aten._weight_int8pack_mm``), "int4" (the int4 kernel;
       exact for a 4-bit head, a group-32 min/max requantization otherwise) or "dense".
     head_dense_min_rows: M from which the LM head uses the dense float32 weight.
     head_exact_top: after an int8/int4 head, recompute the logits of each row's top this-many
@@ -64,6 +67,7 @@ class QuantizationConfig:
       equal the dense head's whenever the true best token is among them (0: off).
     dense_copy: keep the dense float32 copy for ``dense_rows`` plans even when no M switches
       to it on its own (``dense_min_rows=None``).
+    native: use our native kernels where they are built (the int8 head); False: torch's.
     """
 
     dense_min_rows: int | None = DEFAULT_DENSE_MIN_ROWS
@@ -71,6 +75,7 @@ class QuantizationConfig:
     head: str = "int8"
     head_dense_min_rows: int = DEFAULT_HEAD_DENSE_MIN_ROWS
     head_exact_top: int = 16
+    native: bool = True
 
     def __post_init__(self):
         if self.head not in ("int8", "int4", "dense"):
@@ -355,6 +360,8 @@ class QuantizedLMHead(Int4Linear):
         self._token_ids = torch.arange(out_features).view(-1, self._block) if self._block and self.exact_top else None
         self.int8_weight: torch.Tensor | None = None
         self.int8_scales: torch.Tensor | None = None
+        self._int8_native = None  # the native int8 kernel, when built and asked for
+        self._use_native = config.native
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -379,7 +386,10 @@ class QuantizedLMHead(Int4Linear):
             self.packed, self.scale_zeros = pack_int4(*requantize_int4(dense_weight))
         elif self.kernel == "int8":
             self.int8_weight, scales = requantize_int8(dense_weight)
-            self.int8_scales = scales.to(INT4_ACT_DTYPE)
+            kernels = native.kernels() if self._use_native and self.in_features % 32 == 0 else None
+            self._int8_native = kernels.int8_linear if kernels is not None else None
+            # float32 scales for the native kernel (float32 x), bfloat16 for torch's
+            self.int8_scales = scales if self._int8_native is not None else scales.to(INT4_ACT_DTYPE)
         else:
             self.dense_min_rows = 0
 
@@ -393,6 +403,8 @@ class QuantizedLMHead(Int4Linear):
             return logits
         if self.packed is not None:
             logits = int4_mm(x, self.packed, self.scale_zeros).float()
+        elif self._int8_native is not None:
+            logits = self._int8_native(x, self.int8_weight, self.int8_scales)
         else:
             logits = torch.ops.aten._weight_int8pack_mm(
                 x.to(INT4_ACT_DTYPE), self.int8_weight, self.int8_scales).float()

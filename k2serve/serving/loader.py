@@ -18,6 +18,7 @@ from k2serve.models.layers.quantized import QuantizationConfig
 from k2serve.models.loader import load_model
 from k2serve.serving.registry import ModelSpec
 from k2serve.serving.text_backend import TextBackend
+from k2serve.structured import compiler_for
 from k2serve.text.chat_template import ChatTemplate
 from k2serve.text.k2_tokenizer import load_tokenizer
 from k2serve.text.tokenizer import Tokenizer
@@ -80,6 +81,7 @@ def load_text_model(options: LoadOptions) -> tuple[ModelSpec, TextBackend]:
     context_length = engine.core.config.context_length
     backend = TextBackend(tokenizer, engine, context_length=context_length,
                           chat_template=template)
+    compiler_for(tokenizer).prepare_in_background()  # structured outputs' vocabulary
     model_id = options.served_model_name or _default_model_id(options.model_path)
     return model_spec(model_id, context_length=context_length), backend
 

@@ -81,6 +81,14 @@ class GrammarCompiler:
                 self._lltok = lltokenizer(self._tokenizer)
             return self._lltok
 
+    def prepare_in_background(self) -> threading.Thread:
+        """Build llguidance's view of the vocabulary now, on a daemon thread (0.2-1 s for a
+        50k-160k vocabulary), so that the first structured request does not wait for it."""
+        thread = threading.Thread(target=lambda: self.lltokenizer, name="k2serve-llg-tokenizer",
+                                  daemon=True)
+        thread.start()
+        return thread
+
     def compile(self, grammar: str, *, what: str = "The grammar",
                 param: str = "response_format") -> CompiledGrammar:
         """Blocking (run it off the event loop). Raises GrammarError naming the problem."""

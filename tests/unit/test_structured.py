@@ -72,6 +72,16 @@ def test_unsupported_keyword_and_bad_regex_are_named(compiler):
         compiler.compile(regex_grammar("(?=a)b"))
 
 
+def test_vocabulary_prepared_ahead_is_the_one_compiling_uses(tok):
+    fresh = GrammarCompiler(tok)
+    assert fresh._lltok is None
+    fresh.prepare_in_background().join(timeout=60)
+    prepared = fresh._lltok
+    assert prepared is not None
+    fresh.compile('start: "yes" | "no"')
+    assert fresh.lltokenizer is prepared
+
+
 def test_compile_is_cached(compiler):
     grammar = json_schema_grammar({"type": "object", "properties": {"z": {"type": "number"}}})
     misses = compiler.misses

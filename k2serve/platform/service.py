@@ -175,27 +175,29 @@ class Platform:
                                                   ctx.reserved)
             ctx.decision = decision
             if not decision.allowed:
-                raise self._limited(key, decision, ctx.reserved)
+                raise self._limited(key, decision, ctx.reserved, ctx.endpoint)
             ctx.admitted_at = decision.admitted_at
         else:
             ctx.admitted_at = time.time()
 
     @staticmethod
-    def _limited(key: KeyInfo, d: Decision, reserved: int) -> APIError:
+    def _limited(key: KeyInfo, d: Decision, reserved: int, endpoint: str | None) -> APIError:
         headers = d.headers()
+        generates = endpoint in ("chat.completions", "completions")
+        counted = "prompt + n x max_tokens" if generates else "its input"
         if d.reason == "too_large":
             headers["x-should-retry"] = "false"
-            return APIError(429, f"This request reserves {reserved} tokens (prompt + n x "
-                                 f"max_tokens), more than the API key '{key.name}' may use in a "
-                                 f"minute ({d.tpm}). Lower max_tokens.",
-                            param="max_tokens", code="request_exceeds_token_limit",
-                            headers=headers)
+            advice = "Lower max_tokens." if generates else "Send a smaller input."
+            return APIError(429, f"This request reserves {reserved} tokens ({counted}), more "
+                                 f"than the API key '{key.name}' may use in a minute ({d.tpm}). "
+                                 f"{advice}", param="max_tokens" if generates else "input",
+                            code="request_exceeds_token_limit", headers=headers)
         wait = headers.get("retry-after", "1")
         if d.reason == "requests":
             what = f"{d.rpm} requests per minute"
         else:
             what = (f"{d.tpm} tokens per minute; this request reserves {reserved} tokens "
-                    f"(prompt + max_tokens) and {d.remaining_tokens} remain")
+                    f"({counted}) and {d.remaining_tokens} remain")
         return APIError(429, f"Rate limit reached for the API key '{key.name}': {what}. "
                              f"Retry in {wait} s.", code="rate_limit_exceeded", headers=headers)
 

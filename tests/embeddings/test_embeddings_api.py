@@ -326,6 +326,10 @@ def test_the_ledger_bills_embeddings_and_rerank_and_limits_apply(server, http):
                                                                "characters"})
         assert too_big.status_code == 429
         assert too_big.json()["error"]["code"] == "request_exceeds_token_limit"
+        # the advice fits the endpoint: there is no max_tokens to lower here
+        assert too_big.json()["error"]["param"] == "input"
+        assert "(its input)" in too_big.json()["error"]["message"]
+        assert too_big.json()["error"]["message"].endswith("Send a smaller input.")
         deadline = time.time() + 20
         while time.time() < deadline:
             rows = [row for row in ledger_rows(db, key_id=info.id) if row.status == "ok"]

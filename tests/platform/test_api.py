@@ -186,6 +186,9 @@ def test_rate_limit_headers_reservation_and_refund(database):
         r = completion(c, key=key, max_tokens=60)
         assert r.status_code == 429 and r.headers["x-should-retry"] == "false"
         assert r.json()["error"]["code"] == "request_exceeds_token_limit"
+        assert r.json()["error"]["param"] == "max_tokens"
+        assert "(prompt + n x max_tokens)" in r.json()["error"]["message"]
+        assert r.json()["error"]["message"].endswith("Lower max_tokens.")
         # 5 + 31 + 4 = 40 tokens: exactly the TPM; then the RPM has run out too.
         assert completion(c, key=key, max_tokens=28).status_code == 200
         assert completion(c, key=key, max_tokens=1).headers["x-tokenlimit-remaining"] == "0"

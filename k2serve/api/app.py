@@ -52,13 +52,16 @@ def create_app(registry: ModelRegistry, *, max_body_bytes: int = DEFAULT_MAX_BOD
 
     @app.get("/health")
     async def health():
-        """Liveness plus each engine's queue depths (running / waiting sequences)."""
-        engines = {spec.id: backend.engine for spec, backend in
-                   ((s, registry.get(s.id)[1]) for s in registry.specs())
+        """Liveness, each engine's queue depths (running / waiting sequences), and the load
+        state (loading / ready / failed) of each model that loads in the background."""
+        backends = {spec.id: registry.get(spec.id)[1] for spec in registry.specs()}
+        engines = {model_id: backend.engine for model_id, backend in backends.items()
                    if getattr(backend, "engine", None) is not None}
         ok = all(engine.health() for engine in engines.values())
         body = {"status": "ok" if ok else "unhealthy",
-                "engines": {model_id: engine.stats() for model_id, engine in engines.items()}}
+                "engines": {model_id: engine.stats() for model_id, engine in engines.items()},
+                "models": {model_id: backend.load_state for model_id, backend in backends.items()
+                           if hasattr(backend, "load_state")}}
         return JSONResponse(body, status_code=200 if ok else 503)
 
     if platform is not None:

@@ -66,6 +66,10 @@ class TranscriptionBackend:
         audio it may send (its duration is known only once decoded)."""
         return math.ceil(self.max_seconds)
 
+    @property
+    def load_state(self) -> str:
+        return self.model.state
+
 
 @dataclass
 class SpeechBackend:
@@ -74,6 +78,10 @@ class SpeechBackend:
     def reservation(self, body: dict) -> int:
         text = body.get("input")
         return len(text) if isinstance(text, str) else 0  # one token per character
+
+    @property
+    def load_state(self) -> str:
+        return self.model.state
 
 
 def _installed(*modules: str) -> bool:

@@ -45,7 +45,7 @@ class EmbeddingBackend:
         return self
 
     @property
-    def state(self) -> str:
+    def load_state(self) -> str:
         return self._model.state
 
     async def encoder(self):

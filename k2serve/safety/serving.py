@@ -24,6 +24,10 @@ class ModerationBackend:
     def __init__(self, model: BackgroundModel[ToxicityClassifier]):
         self.model = model
 
+    @property
+    def load_state(self) -> str:
+        return self.model.state
+
     async def classify(self, texts: list[str], *, tail: bool = False) -> list[TextScore]:
         classifier = await self.model.get()
         return await asyncio.get_running_loop().run_in_executor(

@@ -84,6 +84,15 @@ def test_models_are_listed_at_once_with_type_and_price(server):
                                                "base": 0.0, "finetune": 0.0}
 
 
+def test_health_shows_each_background_model_loading_then_ready(http):
+    states = http.get("/health").json()["models"]
+    assert {MINILM_ID, MPNET_ID} <= set(states) <= {MINILM_ID, MPNET_ID, E5_ID}  # not the chat model
+    assert set(states.values()) <= {"loading", "ready"}
+    ok = http.post("/v1/embeddings", json={"model": MINILM_ID, "input": "warm"})
+    assert ok.status_code == 200, ok.text  # a request waits for its model's load
+    assert http.get("/health").json()["models"][MINILM_ID] == "ready"
+
+
 def test_openai_sdk_base64_default_and_float_match_the_reference(oai, reference):
     default = oai.embeddings.create(model=MINILM_ID, input=TEXTS)  # the SDK asks for base64
     floats = oai.embeddings.create(model=MINILM_ID, input=TEXTS, encoding_format="float")

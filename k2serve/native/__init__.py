@@ -20,6 +20,7 @@ log = logging.getLogger("k2serve.native")
 
 _SOURCES = [Path(__file__).with_name(name)
             for name in ("bindings.cpp", "paged_attention.cpp", "layer_ops.cpp", "int8_linear.cpp")]
+_HEADERS = [Path(__file__).with_name("vector_math.h")]  # copied beside the sources, not compiled
 # -fopenmp: at::parallel_for is OpenMP in torch's CPU build; without it the kernels would
 # silently run on one thread.
 # -ffp-contract=off: no FMA contraction, so elementwise maths rounds as PyTorch's does.
@@ -81,7 +82,8 @@ def kernels():
             from torch.utils.cpp_extension import load
 
             sources = {path.name: path.read_bytes() for path in _SOURCES}
-            name, directory = _build_directory(sources)
+            headers = {path.name: path.read_bytes() for path in _HEADERS}
+            name, directory = _build_directory({**sources, **headers})
             _module = load(name=name, sources=[str(directory / n) for n in sources],
                            build_directory=str(directory), extra_cflags=_CFLAGS,
                            extra_ldflags=_LDFLAGS, verbose=False)

@@ -46,6 +46,8 @@ class AsyncEngine:
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._streams_lock = threading.Lock()
         self._stopped = False
+        # Requests accepted and not yet finished, and (expiry times of) requests admitted by
+        # `reserve` whose generation has not started yet; event loop thread only.
         self._in_flight = 0
         self._reservations: deque[float] = deque()
         self._ready = threading.Event()

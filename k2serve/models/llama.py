@@ -70,13 +70,18 @@ class _LeanRMSNorm:
         return self(residual), residual
 
 
-def _silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up of a fused [N, 2I] gate/up projection output."""
+def _silu_mul_op():
+    """silu(gate) * up of a fused [N, 2I] gate/up projection output (float32 or bfloat16):
+    one native call where the kernels are built. Chosen once, off the decode loop."""
     kernels = native.kernels()
-    if kernels is not None and gate_up.dtype in (torch.float32, torch.bfloat16):
-        return kernels.silu_mul(gate_up)
-    gate, up = gate_up.chunk(2, -1)
-    return F.silu(gate) * up
+    if kernels is not None:
+        return kernels.silu_mul
+
+    def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+        gate, up = gate_up.chunk(2, -1)
+        return F.silu(gate) * up
+
+    return silu_mul
 
 
 class LlamaAttention(nn.Module):
@@ -140,7 +145,7 @@ class LlamaDecoderLayer(nn.Module):
         bfloat16 for down_proj. With float32 weights (big steps) everything is float32 and
         the maths is ``forward``'s (up to float rounding: RMSNorm as ``_LeanRMSNorm``).
         Residual add + RMSNorm and silu * mul are one native call each where the kernels
-        are built (``_LeanRMSNorm.add_norm``, ``_silu_mul``)."""
+        are built (``_LeanRMSNorm.add_norm``, ``_silu_mul_op``)."""
         norm1, norm2 = self._lean_norms
         attn_mod, mlp = self.self_attn, self.mlp
         n = x.shape[0]
@@ -155,11 +160,12 @@ class LlamaDecoderLayer(nn.Module):
             out = attn.attend(attn_mod.layer_idx, q, k, v, attn_mod.scale)
         normed, residual = norm2.add_norm(attn_mod.o_proj.forward_raw(out.reshape(n, attn_mod.q_size)),
                                           residual)
-        return mlp.down_proj.forward_raw(_silu_mul(mlp.gate_up_proj.forward_raw(normed))), residual
+        return mlp.down_proj.forward_raw(self._silu_mul(mlp.gate_up_proj.forward_raw(normed))), residual
 
     def prepare_lean(self) -> None:
         """Derive what ``forward_lean`` needs from the loaded weights."""
         self._lean_norms = (_LeanRMSNorm(self.input_layernorm), _LeanRMSNorm(self.post_attention_layernorm))
+        self._silu_mul = _silu_mul_op()
 
 
 class LlamaModel(nn.Module):

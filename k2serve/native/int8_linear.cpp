@@ -27,10 +27,9 @@ namespace {
 
 constexpr int kRowTile = 4;  // activation rows per tile
 constexpr int kColTile = 4;  // output features per tile
+constexpr int64_t kFlushSteps = 256;  // 32-element steps between int32 -> float32 flushes
 
 #if defined(__AVX512F__)
-
-constexpr int64_t kFlushSteps = 256;  // 32-element steps between int32 -> float32 flushes
 
 template <int R, int NB>
 inline void int8_tile(const int16_t* x, int64_t ldx, const float* x_scale, const int8_t* w,
@@ -59,8 +58,6 @@ inline void int8_tile(const int16_t* x, int64_t ldx, const float* x_scale, const
 }
 
 #else  // portable: the same per-element order of operations, 16 lanes emulated
-
-constexpr int64_t kFlushSteps = 256;
 
 template <int R, int NB>
 inline void int8_tile(const int16_t* x, int64_t ldx, const float* x_scale, const int8_t* w,

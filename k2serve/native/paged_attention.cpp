@@ -60,7 +60,6 @@ inline void axpy(float alpha, const float* x, float* y, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] += alpha * x[i];
 }
 
-
 inline void softmax_inplace(float* row, int64_t len) {
   const float peak = *std::max_element(row, row + len);
   for (int64_t s = 0; s < len; ++s) row[s] -= peak;

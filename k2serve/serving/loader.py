@@ -14,7 +14,7 @@ from k2serve.config import CATALOG, EMBEDDED_CHAT_MODEL_ID, model_spec
 from k2serve.engine.async_engine import AsyncEngine
 from k2serve.engine.core import EngineConfig, EngineCore
 from k2serve.models.embedded import embedded_smollm2_gguf_path
-from k2serve.models.layers.quantized import QuantizationConfig
+from k2serve.models.layers.quantized import QuantizationConfig, fast_bfloat16_gemm
 from k2serve.models.loader import load_model
 from k2serve.serving.registry import ModelSpec
 from k2serve.serving.text_backend import TextBackend
@@ -26,12 +26,15 @@ from k2serve.text.tokenizer import Tokenizer
 # Kernels chosen so that a sequence's greedy tokens do not depend on what else is in the
 # batch (the engine's batch-invariance guarantee, tested): a token's linears never switch
 # kernel with the step's row count — int4 for generated tokens and short prompts, the dense
-# float32 copy in fixed-size row tiles for the prompt tokens of long prompts
+# copy in fixed-size row tiles for the prompt tokens of long prompts
 # (EngineConfig.dense_prompt_min_tokens). The LM head runs int8 for fewer than 8 rows and
-# dense float32 from 8 (the int8 kernel costs the same per row at any M), with each row's
-# top 16 logits recomputed exactly either way, so greedy picks and top logprobs match.
-SERVING_QUANTIZATION = QuantizationConfig(dense_min_rows=None, dense_copy=True,
-                                          head_dense_min_rows=8)
+# dense from 8 (the int8 kernel costs the same per row at any M), with each row's top 16
+# logits recomputed exactly (float32) either way, so greedy picks and top logprobs match.
+# Dense GEMMs run in bfloat16 where the CPU has it natively (AMX / AVX512-BF16), float32
+# elsewhere.
+SERVING_QUANTIZATION = QuantizationConfig(
+    dense_min_rows=None, dense_copy=True, head_dense_min_rows=8,
+    dense_dtype=torch.bfloat16 if fast_bfloat16_gemm() else torch.float32)
 
 
 @dataclass

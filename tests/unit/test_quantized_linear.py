@@ -232,6 +232,31 @@ def test_lm_head_kernels(embeddings, kernel, rel_bound, native):
     assert err <= rel_bound, err
 
 
+def test_bfloat16_lm_head_keeps_its_top_logits_exact(embeddings):
+    """A bfloat16 dense head (M >= head_dense_min_rows) still gives each row's top 16 logits
+    in float32 from the float32 weight, as the small-M kernels do: greedy picks and top
+    logprobs do not depend on which path a step took."""
+    qt, weight = embeddings
+    head = QuantizedLMHead(576, 49152, QuantizationConfig(head_dense_min_rows=4,
+                                                          dense_dtype=torch.bfloat16))
+    head.load(qt)
+    head.finish_loading(dense_weight=weight)
+    assert head.weight is weight and head.gemm_weight.dtype == torch.bfloat16
+    torch.manual_seed(2)
+    x = torch.randn(6, 576) * 2
+    ref = x @ weight.t()
+    big, small = head(x), head(x[:3])
+    assert big.dtype == small.dtype == torch.float32
+    assert torch.equal(big.argmax(-1), ref.argmax(-1))
+    top = ref.topk(5, dim=-1)
+    torch.testing.assert_close(big.gather(1, top.indices), top.values, rtol=0, atol=1e-4)
+    torch.testing.assert_close(small.gather(1, top.indices[:3]), big[:3].gather(1, top.indices[:3]),
+                               rtol=0, atol=1e-4)
+    # the rest of the vocabulary: bfloat16-sized errors
+    err = ((big - ref).abs() / (x.abs() @ weight.abs().t())).max().item()
+    assert 0 < err <= 2 ** -7, err
+
+
 def test_lm_head_exact_top(embeddings):
     """int8 logits, then the top 16 recomputed in float32: the argmax and top logprobs are
     the dense head's (the int4 head errs ~10x more: its top 16 can miss the best token)."""
@@ -257,17 +282,20 @@ def test_lm_head_two_stage_top_k(vocab, block):
     assert [set(r) for r in got.tolist()] == [set(r) for r in want.tolist()]
 
 
-def test_dense_row_runs_take_the_dense_weight_and_the_rest_int4():
+@pytest.mark.parametrize("dense_dtype", [torch.float32, torch.bfloat16])
+def test_dense_row_runs_take_the_dense_weight_and_the_rest_int4(dense_dtype):
     """Under a `dense_rows` plan a row's result depends only on its own kernel, not on M."""
     from k2serve.models.layers.quantized import dense_rows
 
     qt = _synthetic(Q.Q4_1, rows=96, cols=64, seed=5)
-    layer = Int4Linear(64, 96, dense_min_rows=None, dense_copy=True)
+    layer = Int4Linear(64, 96, dense_min_rows=None, dense_copy=True, dense_dtype=dense_dtype)
     layer.load(qt)
     layer.finish_loading()
+    assert layer.weight.dtype == dense_dtype
+    torch.testing.assert_close(layer.weight.float(), qt.dequantize(), rtol=2 ** -8, atol=0)
     x = torch.randn(7, 64, generator=torch.Generator().manual_seed(0))
     int4_alone = torch.cat([layer(x[i:i + 1]) for i in range(7)])
-    dense_alone = torch.nn.functional.linear(x, layer.weight)
+    dense_alone = torch.nn.functional.linear(x.to(dense_dtype), layer.weight).float()
     with dense_rows([(1, 3), (5, 6)]):
         planned = layer(x)
     for i in range(7):
@@ -277,12 +305,13 @@ def test_dense_row_runs_take_the_dense_weight_and_the_rest_int4():
         torch.testing.assert_close(layer(x), dense_alone.to(torch.bfloat16).float())
 
 
-def test_a_dense_row_is_bitwise_the_same_whatever_the_run_length():
-    """MKL's float32 result for a row changes with M; the plan's fixed-size tiles keep it."""
+@pytest.mark.parametrize("dense_dtype", [torch.float32, torch.bfloat16])
+def test_a_dense_row_is_bitwise_the_same_whatever_the_run_length(dense_dtype):
+    """MKL's (oneDNN's) result for a row changes with M; the plan's fixed-size tiles keep it."""
     from k2serve.models.layers.quantized import dense_rows
 
     qt = _synthetic(Q.Q4_1, rows=256, cols=512, seed=6)
-    layer = Int4Linear(512, 256, dense_min_rows=None, dense_copy=True)
+    layer = Int4Linear(512, 256, dense_min_rows=None, dense_copy=True, dense_dtype=dense_dtype)
     layer.load(qt)
     layer.finish_loading()
     x = torch.randn(300, 512, generator=torch.Generator().manual_seed(1))
@@ -291,3 +320,8 @@ def test_a_dense_row_is_bitwise_the_same_whatever_the_run_length():
     for start, end in [(10, 11), (10, 13), (0, 100), (250, 300), (5, 200)]:
         with dense_rows([(0, end - start)]):
             assert torch.equal(layer(x[start:end]), everything[start:end])
+
+
+def test_dense_dtype_is_float32_or_bfloat16():
+    with pytest.raises(ValueError, match="dense_dtype must be float32 or bfloat16"):
+        QuantizationConfig(dense_dtype=torch.float16)

@@ -15,10 +15,12 @@ reference loops, ~30-100x slower), so the int4 path rounds activations to bfloat
 returns float32.
 
 Which kernel runs depends on M, the number of rows (tokens) of the input: the int4 kernel
-is bandwidth-friendly and wins for small M (decode), a dense float32 GEMM wins for large M
-(prefill chunks, big decode batches). ``Int4Linear`` keeps a dense float32 copy of the
-(dequantized) weight for M >= ``dense_min_rows`` unless told not to (``dense_min_rows=None``:
-int4 for every M, 4-bit memory only).
+is bandwidth-friendly and wins for small M (decode), a dense GEMM wins for large M (prefill
+chunks, big decode batches). ``Int4Linear`` keeps a dense copy of the (dequantized) weight
+for M >= ``dense_min_rows`` unless told not to (``dense_min_rows=None``: int4 for every M,
+4-bit memory only). The copy is float32, or bfloat16 where the CPU multiplies bfloat16
+natively (AMX / AVX512-BF16: oneDNN's GEMM is 2.5-3.5x float32's there, and its activations
+are rounded to bfloat16 as the int4 kernel's already are).
 
 Tensors of other types (Q5_x, Q6_K, Q8_0, F16, F32, ...) are dequantized to a dense float32
 weight and use ``F.linear`` for every M.
@@ -69,6 +71,8 @@ class QuantizationConfig:
       to it on its own (``dense_min_rows=None``).
     native: run the int8 LM head with our native kernel where the kernels are built (x
       quantized per row to int16: finer than torch's kernel's bfloat16); False: torch's.
+    dense_dtype: the dtype of the dense copies and their GEMMs (the LM head's too), float32
+      or bfloat16 (see ``fast_bfloat16_gemm``). Layers with no int4 form stay float32.
     """
 
     dense_min_rows: int | None = DEFAULT_DENSE_MIN_ROWS
@@ -77,10 +81,19 @@ class QuantizationConfig:
     head_dense_min_rows: int = DEFAULT_HEAD_DENSE_MIN_ROWS
     head_exact_top: int = 16
     native: bool = True
+    dense_dtype: torch.dtype = torch.float32
 
     def __post_init__(self):
         if self.head not in ("int8", "int4", "dense"):
             raise ValueError(f"unknown LM head kernel {self.head!r} (int8, int4 or dense)")
+        if self.dense_dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"dense_dtype must be float32 or bfloat16, not {self.dense_dtype}")
+
+
+def fast_bfloat16_gemm() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AMX tiles or AVX512-BF16), where
+    oneDNN's bfloat16 GEMM beats float32's; elsewhere bfloat16 is emulated and slower."""
+    return torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
 
 
 @dataclass
@@ -216,9 +229,11 @@ class Int4Linear(nn.Module):
     """
 
     def __init__(self, in_features: int, out_features: int | dict[str, int],
-                 dense_min_rows: int | None = DEFAULT_DENSE_MIN_ROWS, dense_copy: bool = False):
+                 dense_min_rows: int | None = DEFAULT_DENSE_MIN_ROWS, dense_copy: bool = False,
+                 dense_dtype: torch.dtype = torch.float32):
         super().__init__()
         self.dense_copy = dense_copy
+        self.dense_dtype = dense_dtype
         if isinstance(out_features, dict):
             self.shard_sizes = dict(out_features)
         else:
@@ -232,7 +247,7 @@ class Int4Linear(nn.Module):
         self._pending: dict = {}
         self.packed: torch.Tensor | None = None
         self.scale_zeros: torch.Tensor | None = None
-        self.weight: torch.Tensor | None = None  # dense float32 (large M, or the only path)
+        self.weight: torch.Tensor | None = None  # dense (large M, or the only path)
 
     def extra_repr(self) -> str:
         kind = "int4" if self.packed is not None else "dense"
@@ -265,8 +280,9 @@ class Int4Linear(nn.Module):
             q, scale, zero = (torch.cat([g[i] for g in groups]) for i in range(3))
             self.packed, self.scale_zeros = pack_int4(q, scale, zero)
             if self.dense_min_rows is not None or self.dense_copy:
-                # exactly gguf's dequantization (w = d*q + m etc.), as the float32 model has
-                self.weight = torch.cat([p.dequantize() for p in parts])
+                # gguf's dequantization (w = d*q + m etc.), as the float32 model has; rounded
+                # to bfloat16 for a bfloat16 GEMM
+                self.weight = torch.cat([p.dequantize() for p in parts]).to(self.dense_dtype)
         else:
             self.dense_min_rows = 0
             self.weight = torch.cat([p.dequantize() if isinstance(p, QuantizedTensor) else p.float()
@@ -279,12 +295,12 @@ class Int4Linear(nn.Module):
     def forward_raw(self, x: torch.Tensor) -> torch.Tensor:
         """``forward`` in the kernel's own dtypes: x float32 or bfloat16; the result is
         bfloat16 when the int4 kernel ran (M < dense_min_rows) or a ``dense_rows`` plan is
-        active, else float32."""
+        active, else the dense weight's dtype."""
         runs = getattr(_row_plan, "runs", None)
         if runs is not None and self.packed is not None and self.weight is not None:
             return self._forward_planned(x, runs)
         if x.shape[0] >= self._dense_from:
-            return F.linear(x.float(), self.weight)
+            return F.linear(x.to(self.weight.dtype), self.weight)
         return self._int4(x)
 
     def _int4(self, x: torch.Tensor) -> torch.Tensor:
@@ -295,8 +311,8 @@ class Int4Linear(nn.Module):
         """bfloat16 [M, out]: the plan's dense runs through the dense weight, the rest int4.
 
         Dense rows go through GEMMs of exactly DENSE_TILE_ROWS rows (the last tile padded):
-        MKL picks its algorithm by M, and a row's float32 result is bitwise the same only
-        among GEMMs of one shape. Results are rounded to bfloat16 like the int4 kernel's, so
+        MKL and oneDNN pick their algorithm by M, and a row's result is bitwise the same
+        only among GEMMs of one shape (wherever the row sits in the tile). Results are rounded to bfloat16 like the int4 kernel's, so
         the ops that follow see one dtype whatever mix of kernels the step used."""
         m = x.shape[0]
         out = torch.empty(m, self.out_features, dtype=INT4_ACT_DTYPE)
@@ -306,7 +322,7 @@ class Int4Linear(nn.Module):
                 out[row:start] = self._int4(x[row:start])
             for tile in range(start, end, DENSE_TILE_ROWS):
                 rows = min(DENSE_TILE_ROWS, end - tile)
-                block = x[tile:tile + rows].float()
+                block = x[tile:tile + rows].to(self.weight.dtype)
                 if rows < DENSE_TILE_ROWS:
                     block = F.pad(block, (0, 0, 0, DENSE_TILE_ROWS - rows))
                 out[tile:tile + rows] = F.linear(block, self.weight)[:rows]
@@ -346,13 +362,16 @@ def requantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 class QuantizedLMHead(Int4Linear):
     """The LM head of a quantized model: float32 logits, kernel chosen by M.
 
-    M >= ``head_dense_min_rows``: dense float32 (the dequantized checkpoint weight, shared
-    with the embeddings when they are tied). Smaller M: ``config.head`` (see
-    ``QuantizationConfig``); a 4-bit checkpoint head always runs int4.
+    M >= ``head_dense_min_rows``: dense ``config.dense_dtype`` (the dequantized checkpoint
+    weight, shared with the embeddings when they are tied and float32). Smaller M:
+    ``config.head`` (see ``QuantizationConfig``); a 4-bit checkpoint head always runs int4.
+    ``weight`` stays float32 either way: the exact top logits are computed from it.
     """
 
     def __init__(self, in_features: int, out_features: int, config: QuantizationConfig):
-        super().__init__(in_features, out_features, dense_min_rows=config.head_dense_min_rows)
+        super().__init__(in_features, out_features, dense_min_rows=config.head_dense_min_rows,
+                         dense_dtype=config.dense_dtype)
+        self.gemm_weight: torch.Tensor | None = None  # `weight` in dense_dtype
         self.kernel = config.head
         self.exact_top = min(config.head_exact_top, out_features)
         # top-k in two stages (block maxima, then the best blocks): ~3x faster than topk
@@ -381,6 +400,7 @@ class QuantizedLMHead(Int4Linear):
         if dense_weight is None:
             dense_weight = source.dequantize() if isinstance(source, QuantizedTensor) else source.float()
         self.weight = dense_weight
+        self.gemm_weight = dense_weight.to(self.dense_dtype)  # the same tensor for float32
         if isinstance(source, QuantizedTensor) and source.int4_mappable:
             self.packed, self.scale_zeros = pack_int4(*source.int4_groups())
         elif self.kernel == "int4" and self.in_features % GROUP_SIZE == 0:
@@ -396,10 +416,11 @@ class QuantizedLMHead(Int4Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] >= self.dense_min_rows:
-            logits = F.linear(x.float(), self.weight)
-            if self.exact_top and self.dense_min_rows > 0:
+            logits = F.linear(x.to(self.gemm_weight.dtype), self.gemm_weight).float()
+            if self.exact_top and (self.dense_min_rows > 0 or self.gemm_weight is not self.weight):
                 # the top logits computed exactly as the small-M path does, so a row's greedy
-                # pick and top logprobs do not depend on which kernel its step used
+                # pick and top logprobs do not depend on which kernel its step used (nor on
+                # a bfloat16 GEMM's rounding)
                 self._recompute_top(logits, x)
             return logits
         if self.packed is not None:

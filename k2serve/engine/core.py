@@ -43,16 +43,20 @@ class EngineConfig:
     # prompts and every generated token use the int4 kernel. A property of the sequence, so
     # a token's kernel never depends on what else is in the step. None: int4 throughout.
     dense_prompt_min_tokens: int | None = 64
+    # The KV pool's dtype. None: the model's own choice (its ``kv_cache_dtype``, else float32):
+    # bfloat16 for quantized models, whose activations are bfloat16 already (half the bytes
+    # decode attention reads, twice the tokens a pool holds).
+    kv_cache_dtype: torch.dtype | None = None
 
 
 class EngineCore:
-    def __init__(self, model: torch.nn.Module, config: EngineConfig,
-                 dtype: torch.dtype = torch.float32):
+    def __init__(self, model: torch.nn.Module, config: EngineConfig):
         self.model = model
         self.config = config
+        kv_dtype = config.kv_cache_dtype or getattr(model, "kv_cache_dtype", torch.float32)
         self.kv = KVPool(model.kv_cache_spec(), config.block_size,
                          num_blocks=config.num_kv_blocks, max_bytes=config.kv_cache_bytes,
-                         dtype=dtype)
+                         dtype=kv_dtype)
         self.blocks = BlockManager(self.kv.num_blocks, config.block_size)
         self.scheduler = Scheduler(self.blocks, SchedulerConfig(config.max_num_seqs,
                                                                 config.max_step_tokens))

@@ -43,6 +43,9 @@ class KVPool:
     def __init__(self, spec: KVCacheSpec, block_size: int, *, num_blocks: int | None = None,
                  max_bytes: int | None = None, dtype: torch.dtype = torch.float32,
                  use_native: bool = True):
+        if dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"the KV cache is float32 or bfloat16, not {dtype}")
+        self.dtype = dtype
         per_token = spec.num_kv_heads * (spec.key_dim + (0 if spec.values_in_keys else spec.value_dim))
         bytes_per_block = spec.num_layers * block_size * per_token * dtype.itemsize
         if num_blocks is None:
@@ -63,8 +66,8 @@ class KVPool:
 
         self.k = pool(spec.key_dim)
         self.v = None if spec.values_in_keys else pool(spec.value_dim)
-        # the native decode-attention kernel (float32 pools), or None: gather + SDPA
-        self.native = native.kernels() if dtype == torch.float32 and use_native else None
+        # the native decode-attention kernel, or None: gather + SDPA
+        self.native = native.kernels() if use_native else None
 
     def slots(self, seq: Sequence, start: int, end: int) -> torch.Tensor:
         """Cache slots of positions start..end-1 of a sequence."""

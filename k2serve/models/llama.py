@@ -221,6 +221,12 @@ class LlamaForCausalLM(nn.Module):
         c = self.config
         return KVCacheSpec(c.num_layers, c.num_kv_heads, c.head_dim, c.head_dim)
 
+    @property
+    def kv_cache_dtype(self) -> torch.dtype:
+        """The engine's KV pool dtype for this model: bfloat16 when quantized (its linears
+        take bfloat16 activations, and k/v come out of them bfloat16), else its own dtype."""
+        return torch.bfloat16 if self.quantization is not None else self.model.embed_tokens.weight.dtype
+
     @torch.no_grad()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[M, hidden] -> float32 logits [M, vocab]."""

@@ -17,7 +17,7 @@ torch::Tensor int8_linear(torch::Tensor x, torch::Tensor w, torch::Tensor scale)
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_attention", &paged_decode_attention,
-        "decode attention over a paged KV pool (float32)");
+        "decode attention over a paged KV pool (float32 or bfloat16)");
   m.def("decode_rotary_attention", &decode_rotary_attention,
         "RoPE + KV write + paged decode attention for a fused qkv projection's decode rows");
   m.def("add_rms_norm", &add_rms_norm, "(RMSNorm(x + residual) * weight, x + residual), float32",

@@ -1,6 +1,8 @@
 // Decode attention straight out of the paged KV pool: one query token per sequence, its keys
 // and values read in place through the sequence's block table (no gather copy), grouped-query
-// heads sharing each K/V row they read. float32 in, float32 out, float32 accumulation.
+// heads sharing each K/V row they read. float32 queries and outputs, a float32 or bfloat16
+// pool (bfloat16 halves the bytes decode attention reads; rows are widened exactly on load),
+// float32 accumulation.
 //
 // Work is split over (sequence, kv head) pairs with ATen's thread pool (the threads torch
 // itself uses), so a sequence's result never depends on what else is in the batch.
@@ -21,22 +23,41 @@
 
 namespace {
 
-inline float dot(const float* a, const float* b, int64_t n) {
+using at::BFloat16;
+
+inline float to_float(float x) { return x; }
+inline float to_float(BFloat16 x) { return static_cast<float>(x); }
+
+// Stores a float into the pool: bfloat16 rounds to nearest even, as Tensor.to() does.
+inline void store(float* dst, float x) { *dst = x; }
+inline void store(BFloat16* dst, float x) { *dst = BFloat16(x); }
+
+#if defined(__AVX512F__)
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+// bfloat16 is the top half of a float32: widening is a 16-bit shift, exact.
+inline __m512 load16(const BFloat16* p) {
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+#endif
+
+template <typename T>
+inline float dot(const float* a, const T* b, int64_t n) {
 #if defined(__AVX512F__)
   if (n % 16 == 0) {  // head dims 64, 128, ...: two accumulators, one reduction at the end
     __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
     int64_t i = 0;
     for (; i + 32 <= n; i += 32) {
-      acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc0);
-      acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 16), _mm512_loadu_ps(b + i + 16), acc1);
+      acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), load16(b + i), acc0);
+      acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 16), load16(b + i + 16), acc1);
     }
-    if (i < n) acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc0);
+    if (i < n) acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), load16(b + i), acc0);
     return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
   }
 #endif
   float acc = 0.f;
 #pragma omp simd reduction(+ : acc)
-  for (int64_t i = 0; i < n; ++i) acc += a[i] * b[i];
+  for (int64_t i = 0; i < n; ++i) acc += a[i] * to_float(b[i]);
   return acc;
 }
 
@@ -47,17 +68,18 @@ inline void exp_inplace(float* x, int64_t n) {
   for (int64_t i = 0; i < n; ++i) x[i] = x[i] < -87.f ? 0.f : k2serve_native::exp_vectorizable(x[i]);
 }
 
-inline void axpy(float alpha, const float* x, float* y, int64_t n) {
+template <typename T>
+inline void axpy(float alpha, const T* x, float* y, int64_t n) {
 #if defined(__AVX512F__)
   if (n % 16 == 0) {
     const __m512 a = _mm512_set1_ps(alpha);
     for (int64_t i = 0; i < n; i += 16)
-      _mm512_storeu_ps(y + i, _mm512_fmadd_ps(a, _mm512_loadu_ps(x + i), _mm512_loadu_ps(y + i)));
+      _mm512_storeu_ps(y + i, _mm512_fmadd_ps(a, load16(x + i), _mm512_loadu_ps(y + i)));
     return;
   }
 #endif
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) y[i] += alpha * x[i];
+  for (int64_t i = 0; i < n; ++i) y[i] += alpha * to_float(x[i]);
 }
 
 inline void softmax_inplace(float* row, int64_t len) {
@@ -75,16 +97,15 @@ inline void softmax_inplace(float* row, int64_t len) {
 // Head dim 64 fast paths, for NH (<= 4) query heads sharing one kv head: q and the output
 // accumulators live in registers, each K or V row is loaded once for all NH heads. Every
 // head's arithmetic is the same whichever NH it is computed with.
-template <int NH>
-void scores64(const float* q, const float* krow0, int64_t kstride, int64_t count, float scale,
+template <int NH, typename T>
+void scores64(const float* q, const T* krow0, int64_t kstride, int64_t count, float scale,
               float* out, int64_t out_stride) {
   __m512 qv[NH][4];
   for (int h = 0; h < NH; ++h)
     for (int c = 0; c < 4; ++c) qv[h][c] = _mm512_loadu_ps(q + h * 64 + c * 16);
   for (int64_t i = 0; i < count; ++i) {
-    const float* k = krow0 + i * kstride;
-    const __m512 k0 = _mm512_loadu_ps(k), k1 = _mm512_loadu_ps(k + 16);
-    const __m512 k2 = _mm512_loadu_ps(k + 32), k3 = _mm512_loadu_ps(k + 48);
+    const T* k = krow0 + i * kstride;
+    const __m512 k0 = load16(k), k1 = load16(k + 16), k2 = load16(k + 32), k3 = load16(k + 48);
     for (int h = 0; h < NH; ++h) {
       const __m512 a = _mm512_fmadd_ps(qv[h][1], k1, _mm512_mul_ps(qv[h][0], k0));
       const __m512 b = _mm512_fmadd_ps(qv[h][3], k3, _mm512_mul_ps(qv[h][2], k2));
@@ -93,13 +114,12 @@ void scores64(const float* q, const float* krow0, int64_t kstride, int64_t count
   }
 }
 
-template <int NH>
-void weighted_sum64(const float* probs, int64_t prob_stride, const float* vrow0, int64_t vstride,
+template <int NH, typename T>
+void weighted_sum64(const float* probs, int64_t prob_stride, const T* vrow0, int64_t vstride,
                     int64_t count, __m512 (&acc)[NH][4]) {
   for (int64_t i = 0; i < count; ++i) {
-    const float* v = vrow0 + i * vstride;
-    const __m512 v0 = _mm512_loadu_ps(v), v1 = _mm512_loadu_ps(v + 16);
-    const __m512 v2 = _mm512_loadu_ps(v + 32), v3 = _mm512_loadu_ps(v + 48);
+    const T* v = vrow0 + i * vstride;
+    const __m512 v0 = load16(v), v1 = load16(v + 16), v2 = load16(v + 32), v3 = load16(v + 48);
     for (int h = 0; h < NH; ++h) {
       const __m512 p = _mm512_set1_ps(probs[h * prob_stride + i]);
       acc[h][0] = _mm512_fmadd_ps(p, v0, acc[h][0]);
@@ -111,13 +131,13 @@ void weighted_sum64(const float* probs, int64_t prob_stride, const float* vrow0,
 }
 
 // NH query heads of one kv head over a sequence's blocks: scores, softmax, weighted sum.
-template <int NH>
-void attend64(const float* q, const float* kbase, int64_t ks0, const float* vbase, int64_t vs0,
+template <int NH, typename T>
+void attend64(const float* q, const T* kbase, int64_t ks0, const T* vbase, int64_t vs0,
               const int64_t* table, int64_t block_size, int64_t len, float scale,
               float* scores, float* out) {
   for (int64_t s0 = 0; s0 < len; s0 += block_size) {
     const int64_t block = table[s0 / block_size] * block_size;
-    scores64<NH>(q, kbase + block * ks0, ks0, std::min(block_size, len - s0), scale, scores + s0, len);
+    scores64<NH, T>(q, kbase + block * ks0, ks0, std::min(block_size, len - s0), scale, scores + s0, len);
   }
   for (int h = 0; h < NH; ++h) softmax_inplace(scores + h * len, len);
   __m512 acc[NH][4];
@@ -125,46 +145,20 @@ void attend64(const float* q, const float* kbase, int64_t ks0, const float* vbas
     for (int c = 0; c < 4; ++c) acc[h][c] = _mm512_setzero_ps();
   for (int64_t s0 = 0; s0 < len; s0 += block_size) {
     const int64_t block = table[s0 / block_size] * block_size;
-    weighted_sum64<NH>(scores + s0, len, vbase + block * vs0, vs0, std::min(block_size, len - s0), acc);
+    weighted_sum64<NH, T>(scores + s0, len, vbase + block * vs0, vs0, std::min(block_size, len - s0), acc);
   }
   for (int h = 0; h < NH; ++h)
     for (int c = 0; c < 4; ++c) _mm512_storeu_ps(out + h * 64 + c * 16, acc[h][c]);
 }
 #endif
 
-}  // namespace
-
-// q: [B, H, D]; k_pool: [slots, KV, D] (last dim contiguous); v_pool: [slots, KV, Dv] with
-// any row strides (a view of k_pool's leading Dv dims when values live in the keys, as in
-// MLA); block_tables: [B, max_blocks] int64 block ids; seq_lens: [B] int64 (tokens to attend,
-// the new one included, its K/V already written). Returns [B, H, Dv].
-torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_pool, torch::Tensor v_pool,
-                                     torch::Tensor block_tables, torch::Tensor seq_lens,
-                                     int64_t block_size, double scale) {
-  TORCH_CHECK(q.dim() == 3 && k_pool.dim() == 3 && v_pool.dim() == 3, "bad ranks");
-  TORCH_CHECK(q.scalar_type() == torch::kFloat && k_pool.scalar_type() == torch::kFloat &&
-                  v_pool.scalar_type() == torch::kFloat, "float32 only");
-  TORCH_CHECK(k_pool.stride(2) == 1 && v_pool.stride(2) == 1, "pool rows must be contiguous");
-  q = q.contiguous();
-  block_tables = block_tables.to(torch::kLong).contiguous();
-  seq_lens = seq_lens.to(torch::kLong).contiguous();
-  const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
-  const int64_t KV = k_pool.size(1), Dv = v_pool.size(2);
-  TORCH_CHECK(k_pool.size(2) == D && H % KV == 0 && v_pool.size(1) == KV, "shape mismatch");
+// The kernel for one pool element type T (float or BFloat16); see paged_decode_attention.
+template <typename T>
+void decode_attention(const float* qp, const T* kp, const T* vp, const int64_t* tables,
+                      const int64_t* lens, float* op, int64_t B, int64_t H, int64_t D, int64_t KV,
+                      int64_t Dv, int64_t max_blocks, int64_t block_size, int64_t ks0, int64_t ks1,
+                      int64_t vs0, int64_t vs1, float fscale) {
   const int64_t G = H / KV;
-  const int64_t max_blocks = block_tables.size(1);
-  auto out = torch::zeros({B, H, Dv}, q.options());
-
-  const float* qp = q.data_ptr<float>();
-  const float* kp = k_pool.data_ptr<float>();
-  const float* vp = v_pool.data_ptr<float>();
-  const int64_t* tables = block_tables.data_ptr<int64_t>();
-  const int64_t* lens = seq_lens.data_ptr<int64_t>();
-  float* op = out.data_ptr<float>();
-  const int64_t ks0 = k_pool.stride(0), ks1 = k_pool.stride(1);
-  const int64_t vs0 = v_pool.stride(0), vs1 = v_pool.stride(1);
-  const float fscale = static_cast<float>(scale);
-
   // One work item is a sequence's kv heads [h0, h1): all of them when there are enough
   // sequences to keep the threads busy (each slot's K and V rows are then read once, whole
   // and in order), one per item otherwise. Each head's arithmetic is the same either way.
@@ -187,14 +181,14 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_pool, torc
         for (int64_t kvh = h0; kvh < h1; ++kvh)
           for (int64_t g = 0; g < G; g += 4) {  // up to 4 query heads at a time
             const int64_t j = (kvh - h0) * G + g, nh = std::min<int64_t>(4, G - g);
-            const float* kb = kp + kvh * ks1;
-            const float* vb = vp + kvh * vs1;
+            const T* kb = kp + kvh * ks1;
+            const T* vb = vp + kvh * vs1;
             float* sc = scores.data() + j * len;
             switch (nh) {
-              case 4: attend64<4>(qi + j * D, kb, ks0, vb, vs0, table, block_size, len, fscale, sc, oi + j * Dv); break;
-              case 3: attend64<3>(qi + j * D, kb, ks0, vb, vs0, table, block_size, len, fscale, sc, oi + j * Dv); break;
-              case 2: attend64<2>(qi + j * D, kb, ks0, vb, vs0, table, block_size, len, fscale, sc, oi + j * Dv); break;
-              default: attend64<1>(qi + j * D, kb, ks0, vb, vs0, table, block_size, len, fscale, sc, oi + j * Dv); break;
+              case 4: attend64<4, T>(qi + j * D, kb, ks0, vb, vs0, table, block_size, len, fscale, sc, oi + j * Dv); break;
+              case 3: attend64<3, T>(qi + j * D, kb, ks0, vb, vs0, table, block_size, len, fscale, sc, oi + j * Dv); break;
+              case 2: attend64<2, T>(qi + j * D, kb, ks0, vb, vs0, table, block_size, len, fscale, sc, oi + j * Dv); break;
+              default: attend64<1, T>(qi + j * D, kb, ks0, vb, vs0, table, block_size, len, fscale, sc, oi + j * Dv); break;
             }
           }
         continue;
@@ -203,7 +197,7 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_pool, torc
       // positions block by block: a block's slots are consecutive rows of the pool
       for (int64_t s0 = 0; s0 < len; s0 += block_size) {
         const int64_t count = std::min(block_size, len - s0);
-        const float* kblock = kp + table[s0 / block_size] * block_size * ks0;
+        const T* kblock = kp + table[s0 / block_size] * block_size * ks0;
         for (int64_t i = 0; i < count; ++i)
           for (int64_t j = 0; j < rows; ++j)
             scores[j * len + s0 + i] = dot(qi + j * D, kblock + i * ks0 + (h0 + j / G) * ks1, D) * fscale;
@@ -211,19 +205,82 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_pool, torc
       for (int64_t j = 0; j < rows; ++j) softmax_inplace(scores.data() + j * len, len);
       for (int64_t s0 = 0; s0 < len; s0 += block_size) {
         const int64_t count = std::min(block_size, len - s0);
-        const float* vblock = vp + table[s0 / block_size] * block_size * vs0;
+        const T* vblock = vp + table[s0 / block_size] * block_size * vs0;
         for (int64_t i = 0; i < count; ++i)
           for (int64_t j = 0; j < rows; ++j)
             axpy(scores[j * len + s0 + i], vblock + i * vs0 + (h0 + j / G) * vs1, oi + j * Dv, Dv);
       }
     }
   });
+}
+
+// RoPE'd q out, k and v into their pool slots, for the decode rows (see
+// decode_rotary_attention).
+template <typename T>
+void rotary_write(const float* rp, const float* cp, const float* sp, const int64_t* slot,
+                  float* qp, T* kp, T* vp, int64_t B, int64_t H, int64_t KV, int64_t D) {
+  const int64_t half = D / 2, width = (H + 2 * KV) * D;
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const float* row = rp + b * width;
+      const float* c = cp + b * D;
+      const float* sn = sp + b * D;
+      for (int64_t h = 0; h < H + KV; ++h) {  // q heads, then k heads
+        const float* t = row + h * D;
+        for (int64_t i = 0; i < D; ++i) {
+          const float rolled = t[i < half ? i + half : i - half];
+          const float x = std::fma(rolled, sn[i], t[i] * c[i]);  // as torch.addcmul computes it
+          if (h < H) qp[(b * H + h) * D + i] = x;
+          else store(kp + slot[b] * KV * D + (h - H) * D + i, x);
+        }
+      }
+      T* v = vp + slot[b] * KV * D;
+      for (int64_t i = 0; i < KV * D; ++i) store(v + i, row[(H + KV) * D + i]);
+    }
+  });
+}
+
+}  // namespace
+
+// q: [B, H, D] float32; k_pool: [slots, KV, D] float32 or bfloat16 (last dim contiguous);
+// v_pool: [slots, KV, Dv] of the same dtype with any row strides (a view of k_pool's leading
+// Dv dims when values live in the keys, as in MLA); block_tables: [B, max_blocks] int64 block ids; seq_lens: [B] int64 (tokens to attend,
+// the new one included, its K/V already written). Returns [B, H, Dv] float32.
+torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_pool, torch::Tensor v_pool,
+                                     torch::Tensor block_tables, torch::Tensor seq_lens,
+                                     int64_t block_size, double scale) {
+  TORCH_CHECK(q.dim() == 3 && k_pool.dim() == 3 && v_pool.dim() == 3, "bad ranks");
+  const auto pool_dtype = k_pool.scalar_type();
+  TORCH_CHECK(q.scalar_type() == torch::kFloat && v_pool.scalar_type() == pool_dtype &&
+                  (pool_dtype == torch::kFloat || pool_dtype == torch::kBFloat16),
+              "float32 queries, float32 or bfloat16 pools");
+  TORCH_CHECK(k_pool.stride(2) == 1 && v_pool.stride(2) == 1, "pool rows must be contiguous");
+  q = q.contiguous();
+  block_tables = block_tables.to(torch::kLong).contiguous();
+  seq_lens = seq_lens.to(torch::kLong).contiguous();
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
+  const int64_t KV = k_pool.size(1), Dv = v_pool.size(2);
+  TORCH_CHECK(k_pool.size(2) == D && H % KV == 0 && v_pool.size(1) == KV, "shape mismatch");
+  auto out = torch::zeros({B, H, Dv}, q.options());
+  const int64_t* tables = block_tables.data_ptr<int64_t>();
+  const int64_t* lens = seq_lens.data_ptr<int64_t>();
+  auto run = [&](auto* kp, auto* vp) {
+    decode_attention(q.data_ptr<float>(), kp, vp, tables, lens, out.data_ptr<float>(), B, H, D,
+                     KV, Dv, block_tables.size(1), block_size, k_pool.stride(0),
+                     k_pool.stride(1), v_pool.stride(0), v_pool.stride(1),
+                     static_cast<float>(scale));
+  };
+  if (pool_dtype == torch::kFloat)
+    run(k_pool.data_ptr<float>(), v_pool.data_ptr<float>());
+  else
+    run(k_pool.data_ptr<BFloat16>(), v_pool.data_ptr<BFloat16>());
   return out;
 }
 
 // The decode rows of a Llama-style layer in one call: RoPE on q and k straight from the
 // fused qkv projection's output, k and v written into their pool slots, then
-// paged_decode_attention. qkv: [B, (H + 2 KV) * D], bfloat16 or float32; cos, sin_signed:
+// paged_decode_attention. qkv: [B, (H + 2 KV) * D], bfloat16 or float32; the pools float32
+// or bfloat16 (k and v rounded to nearest even, as Tensor.to() does); cos, sin_signed:
 // [B, D] float32 (sin with its first half negated). RoPE is fma(roll(q, D/2), sin, q*cos),
 // bitwise what the PyTorch path (torch.addcmul(q * cos, q.roll(D/2), sin)) computes for
 // prefill rows, so a token's cached K does not depend on which path computed it
@@ -239,6 +296,9 @@ torch::Tensor decode_rotary_attention(torch::Tensor qkv, torch::Tensor cos, torc
   TORCH_CHECK(cos.scalar_type() == torch::kFloat && sin_signed.scalar_type() == torch::kFloat &&
                   cos.size(0) == B && cos.size(1) == D, "cos/sin shape or dtype");
   TORCH_CHECK(k_pool.is_contiguous() && v_pool.is_contiguous() && v_pool.size(2) == D, "pools");
+  TORCH_CHECK(k_pool.scalar_type() == v_pool.scalar_type() &&
+                  (k_pool.scalar_type() == torch::kFloat || k_pool.scalar_type() == torch::kBFloat16),
+              "float32 or bfloat16 pools");
   TORCH_CHECK(D % 2 == 0, "odd head dim");
   auto rows = qkv.to(torch::kFloat).contiguous();
   cos = cos.contiguous();
@@ -249,25 +309,11 @@ torch::Tensor decode_rotary_attention(torch::Tensor qkv, torch::Tensor cos, torc
   const float* cp = cos.data_ptr<float>();
   const float* sp = sin_signed.data_ptr<float>();
   const int64_t* slot = slots.data_ptr<int64_t>();
-  float* qp = q.data_ptr<float>();
-  float* kp = k_pool.data_ptr<float>();
-  float* vp = v_pool.data_ptr<float>();
-  const int64_t half = D / 2, width = (H + 2 * KV) * D;
-  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) {
-      const float* row = rp + b * width;
-      const float* c = cp + b * D;
-      const float* sn = sp + b * D;
-      for (int64_t h = 0; h < H + KV; ++h) {  // q heads, then k heads
-        const float* t = row + h * D;
-        float* dst = h < H ? qp + (b * H + h) * D : kp + slot[b] * KV * D + (h - H) * D;
-        for (int64_t i = 0; i < D; ++i) {
-          const float rolled = t[i < half ? i + half : i - half];
-          dst[i] = std::fma(rolled, sn[i], t[i] * c[i]);  // as torch.addcmul computes it
-        }
-      }
-      std::copy(row + (H + KV) * D, row + width, vp + slot[b] * KV * D);
-    }
-  });
+  if (k_pool.scalar_type() == torch::kFloat)
+    rotary_write(rp, cp, sp, slot, q.data_ptr<float>(), k_pool.data_ptr<float>(),
+                 v_pool.data_ptr<float>(), B, H, KV, D);
+  else
+    rotary_write(rp, cp, sp, slot, q.data_ptr<float>(), k_pool.data_ptr<BFloat16>(),
+                 v_pool.data_ptr<BFloat16>(), B, H, KV, D);
   return paged_decode_attention(q, k_pool, v_pool, block_tables, seq_lens, block_size, scale);
 }

@@ -143,7 +143,9 @@ class PrefillRun:
 
 @dataclass
 class PagedAttention:
-    """Attention over a paged KV pool (one [slots, kv_heads, head_dim] K and V tensor per layer).
+    """Attention over a paged KV pool (one [slots, kv_heads, head_dim] K and V tensor per layer,
+    float32 or bfloat16; attention computes in q's dtype over the stored values, so every
+    path, prefill chunks included, sees the same rounded K/V).
 
     The step's rows are laid out as `num_decode` single-token decodes first, then prefill
     chunks. Each layer writes its new k/v into their slots with one `index_copy_`. The
@@ -184,7 +186,7 @@ class PagedAttention:
 
         out = q.new_empty(*q.shape[:2], value_dim)
         b = self.num_decode
-        if b and self.decode_kernel is not None and q.dtype == k_pool.dtype == torch.float32:
+        if b and self.decode_kernel is not None and q.dtype == torch.float32:
             out[:b] = self.decode_kernel(q[:b], k_pool, v_pool, self.decode_block_tables,
                                          self.decode_lens, self.block_size, scale)
         elif b:

@@ -185,13 +185,13 @@ def _quantized_weight_bytes(model) -> int:
     for m in model.modules():
         if isinstance(m, QuantizedLMHead):
             if m.packed is not None:
-                weight_bytes += m.packed.nbytes + m.scale_zeros.nbytes
+                weight_bytes += m.int4_bytes
             elif m.int8_weight is not None:
                 weight_bytes += m.int8_weight.nbytes + m.int8_scales.nbytes
             else:
                 weight_bytes += m.weight.nbytes
         elif isinstance(m, Int4Linear):
-            weight_bytes += m.packed.nbytes + m.scale_zeros.nbytes if m.is_int4 else m.weight.nbytes
+            weight_bytes += m.int4_bytes if m.is_int4 else m.weight.nbytes
     return weight_bytes
 
 

@@ -38,7 +38,8 @@ def _linear(in_features: int, out: int | dict[str, int], dtype: torch.dtype,
             quant: QuantizationConfig | None) -> nn.Module:
     """A (merged, when ``out`` maps shard names to rows) linear: float, or int4 when quantized."""
     if quant is not None:
-        return Int4Linear(in_features, out, quant.dense_min_rows, quant.dense_copy, quant.dense_dtype)
+        return Int4Linear(in_features, out, quant.dense_min_rows, quant.dense_copy, quant.dense_dtype,
+                          quant.native)
     if isinstance(out, dict):
         return MergedLinear(in_features, out, dtype)
     return Linear(in_features, out, dtype)

@@ -14,6 +14,11 @@ std::tuple<torch::Tensor, torch::Tensor> add_rms_norm(torch::Tensor x, c10::opti
                                                       torch::Tensor weight, double eps);
 torch::Tensor silu_mul(torch::Tensor gate_up);
 torch::Tensor int8_linear(torch::Tensor x, torch::Tensor w, torch::Tensor scale);
+bool int4_amx_available();
+std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> int4_amx_pack(torch::Tensor q, torch::Tensor scale,
+                                                                      torch::Tensor min);
+torch::Tensor int4_amx_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor scales,
+                              torch::Tensor mins);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_attention", &paged_decode_attention,
@@ -24,4 +29,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("x"), py::arg("residual"), py::arg("weight"), py::arg("eps"));
   m.def("silu_mul", &silu_mul, "silu(gate) * up of a fused [M, 2I] gate/up projection");
   m.def("int8_linear", &int8_linear, "x @ W^T, W int8 with a float32 scale per row, float32 x");
+  m.def("int4_amx_available", &int4_amx_available,
+        "whether int4_amx_linear runs here (built with AMX, and the OS grants it)");
+  m.def("int4_amx_pack", &int4_amx_pack, "(q, scale, min) -> int4_amx_linear's weight layout",
+        py::arg("q"), py::arg("scale"), py::arg("min"));
+  m.def("int4_amx_linear", &int4_amx_linear, "bfloat16 x @ W^T, W 4-bit groups of 32, on AMX tiles");
 }

@@ -116,9 +116,9 @@ def test_weights_stay_4_bit(models):
     _, quantized, _ = models
     linears = [m for m in quantized.modules() if isinstance(m, Int4Linear) and not isinstance(m, QuantizedLMHead)]
     assert len(linears) == 30 * 4 and all(m.is_int4 for m in linears)
-    int4_bytes = sum(m.packed.numel() + m.scale_zeros.numel() * 2 for m in linears)
+    int4_bytes = sum(m.int4_bytes for m in linears)
     params = sum(m.in_features * m.out_features for m in linears)
-    assert int4_bytes * 8 / params == pytest.approx(5.0)  # 4 bits + bf16 scale/zero per 32
+    assert int4_bytes * 8 / params == pytest.approx(5.0)  # 4 bits + two 16-bit values per 32
     assert quantized.lm_head.small_kernel == "int8"
 
 

@@ -7,12 +7,17 @@ code q in [0, 15]:
 - Q4_0: ``w = d * (q - 8)``                    (fp16 d per block)
 - Q4_K: ``w = (d * sc) * q - dmin * mn``       (per 32-weight sub-block of a 256 super-block)
 
-torch's CPU int4 weight-only kernel (``aten._weight_int4pack_mm_for_cpu``, group size 32)
-dequantizes ``w = (q - 8) * scale + zero`` per group, so all three map onto it exactly with
-``scale = d`` and ``zero = m + 8 d`` (Q4_1), ``zero = 0`` (Q4_0), and likewise for Q4_K.
-The kernel is fast only with bfloat16 activations (its float32 and float16 paths are
-reference loops, ~30-100x slower), so the int4 path rounds activations to bfloat16 and
-returns float32.
+i.e. ``w = scale * q + min`` per group (``QuantizedTensor.int4_affine``). Two kernels run
+that form, both with bfloat16 activations and a bfloat16 result:
+
+- ours, on Intel AMX tiles (``k2serve/native/int4_amx.cpp``), where the CPU has AMX and the
+  native kernels are built: exact products, float32 scales and sums (float16 where that is
+  exact), and a row's result bitwise the same at any M; 1.15x torch's kernel's speed at
+  one row, 2.2x at 8, 3.1x at 32 (``python benchmarks/int4_kernels.py``);
+- torch's (``aten._weight_int4pack_mm_for_cpu``, group size 32), elsewhere: it dequantizes
+  ``w = (q - 8) * scale + zero``, so ``zero = min + 8 scale``, with scale and zero rounded to
+  bfloat16. It is fast only with bfloat16 activations (its float32 and float16 paths are
+  reference loops, ~30-100x slower) and costs about the same per row at any M.
 
 Which kernel runs depends on M, the number of rows (tokens) of the input: the int4 kernel
 is bandwidth-friendly and wins for small M (decode), a dense GEMM wins for large M (prefill
@@ -43,7 +48,7 @@ from k2serve import native
 Q = gguf.GGMLQuantizationType
 GROUP_SIZE = 32  # every mapped GGUF format has 32-weight (sub-)blocks
 INT4_ACT_DTYPE = torch.bfloat16  # the only fast activation dtype of the CPU int4 kernel
-# Rows (tokens) from which the dense float32 GEMM beats the int4 kernel (benchmarks/README.md).
+# Rows (tokens) from which the dense float32 GEMM beats torch's int4 kernel.
 DEFAULT_DENSE_MIN_ROWS = 32
 # Rows per dense GEMM under a `dense_rows` plan: large enough for GEMM efficiency (float32
 # GEMM ~1 ms/token here from 128 rows, vs the int4 kernel's ~2 ms at any M), small enough
@@ -70,7 +75,8 @@ class QuantizationConfig:
     dense_copy: keep the dense float32 copy for ``dense_rows`` plans even when no M switches
       to it on its own (``dense_min_rows=None``).
     native: run the int8 LM head with our native kernel where the kernels are built (x
-      quantized per row to int16: finer than torch's kernel's bfloat16); False: torch's.
+      quantized per row to int16: finer than torch's kernel's bfloat16), and the int4
+      linears with our AMX kernel where the CPU has AMX; False: torch's kernels.
     dense_dtype: the dtype of the dense copies and their GEMMs (the LM head's too), float32
       or bfloat16 (see ``fast_bfloat16_gemm``). Layers with no int4 form stay float32.
     """
@@ -129,14 +135,21 @@ class QuantizedTensor:
     def int4_mappable(self) -> bool:
         return self.qtype in _INT4_DECODERS and self.shape[1] % GROUP_SIZE == 0
 
-    def int4_groups(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(q uint8 [rows, cols] in 0..15, scale, zero float32 [rows, cols // 32]) such that
-        ``w = (q - 8) * scale + zero`` per 32-column group."""
+    def int4_affine(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(q uint8 [rows, cols] in 0..15, scale, min float32 [rows, cols // 32]) such that
+        ``w = scale * q + min`` per 32-column group: the format's own values (fp16 d and m
+        for Q4_1, d and -8 d for Q4_0)."""
         if not self.int4_mappable:
             raise ValueError(f"GGUF tensor {self.name!r}: {self.qtype.name} does not map onto int4")
         rows, cols = self.shape
-        q, scale, zero = _INT4_DECODERS[self.qtype](self.data, rows, cols)
-        return torch.from_numpy(q), torch.from_numpy(scale), torch.from_numpy(zero)
+        q, scale, minimum = _INT4_DECODERS[self.qtype](self.data, rows, cols)
+        return torch.from_numpy(q), torch.from_numpy(scale), torch.from_numpy(minimum)
+
+    def int4_groups(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(q uint8 [rows, cols] in 0..15, scale, zero float32 [rows, cols // 32]) such that
+        ``w = (q - 8) * scale + zero`` per 32-column group (torch's int4 kernel's form)."""
+        q, scale, minimum = self.int4_affine()
+        return q, scale, minimum + 8 * scale
 
 
 def _f16(raw: np.ndarray) -> np.ndarray:
@@ -149,18 +162,19 @@ def _nibbles(qs: np.ndarray) -> np.ndarray:
     return np.concatenate([qs & 0x0F, qs >> 4], axis=-1)
 
 
+# each -> (q, scale, min) with w = scale * q + min
 def _decode_q4_1(data, rows, cols):
     blocks = data.reshape(rows, cols // 32, 20)
     d, m = _f16(blocks[..., 0:2]), _f16(blocks[..., 2:4])
     q = _nibbles(blocks[..., 4:]).reshape(rows, cols)
-    return q, d, m + 8 * d
+    return q, d, m
 
 
 def _decode_q4_0(data, rows, cols):
     blocks = data.reshape(rows, cols // 32, 18)
     d = _f16(blocks[..., 0:2])
     q = _nibbles(blocks[..., 2:]).reshape(rows, cols)
-    return q, d, np.zeros_like(d)
+    return q, d, -8 * d
 
 
 def _decode_q4_k(data, rows, cols):
@@ -171,10 +185,10 @@ def _decode_q4_k(data, rows, cols):
     d, dmin = _f16(blocks[:, 0:2])[:, None], _f16(blocks[:, 2:4])[:, None]
     sc, mn = gguf.quants.Q4_K.get_scale_min(np.ascontiguousarray(blocks[:, 4:16]))
     scale = d * sc.astype(np.float32)
-    zero = 8 * scale - dmin * mn.astype(np.float32)
+    minimum = -(dmin * mn.astype(np.float32))
     qs = blocks[:, 16:].reshape(n, 4, 1, 32) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)
     q = (qs & 0x0F).reshape(rows, cols)
-    return q, scale.reshape(rows, cols // 32), zero.reshape(rows, cols // 32)
+    return q, scale.reshape(rows, cols // 32), minimum.reshape(rows, cols // 32)
 
 
 _INT4_DECODERS = {Q.Q4_1: _decode_q4_1, Q.Q4_0: _decode_q4_0, Q.Q4_K: _decode_q4_k}
@@ -230,10 +244,11 @@ class Int4Linear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int | dict[str, int],
                  dense_min_rows: int | None = DEFAULT_DENSE_MIN_ROWS, dense_copy: bool = False,
-                 dense_dtype: torch.dtype = torch.float32):
+                 dense_dtype: torch.dtype = torch.float32, native: bool = True):
         super().__init__()
         self.dense_copy = dense_copy
         self.dense_dtype = dense_dtype
+        self.native = native  # our AMX int4 kernel where it runs (module docstring)
         if isinstance(out_features, dict):
             self.shard_sizes = dict(out_features)
         else:
@@ -245,18 +260,27 @@ class Int4Linear(nn.Module):
         self.in_features, self.out_features = in_features, offset
         self.dense_min_rows = dense_min_rows
         self._pending: dict = {}
-        self.packed: torch.Tensor | None = None
-        self.scale_zeros: torch.Tensor | None = None
+        self.packed: torch.Tensor | None = None  # the int4 weight, in its kernel's layout
+        self.scale_zeros: torch.Tensor | None = None  # torch's kernel
+        self.scales: torch.Tensor | None = None  # ours (with mins)
+        self.mins: torch.Tensor | None = None
+        self._amx_linear = None  # our kernel's entry point, when it runs this layer
         self.weight: torch.Tensor | None = None  # dense (large M, or the only path)
 
     def extra_repr(self) -> str:
-        kind = "int4" if self.packed is not None else "dense"
+        kind = ("int4 (amx)" if self._amx_linear is not None else "int4") if self.packed is not None else "dense"
         return (f"in_features={self.in_features}, out_features={self.out_features}, {kind}, "
                 f"dense_min_rows={self.dense_min_rows if self.packed is not None else 0}")
 
     @property
     def is_int4(self) -> bool:
         return self.packed is not None
+
+    @property
+    def int4_bytes(self) -> int:
+        """Bytes of the int4 weight with its scales (what a one-row step reads)."""
+        parts = (self.packed, self.scale_zeros, self.scales, self.mins)
+        return sum(t.nbytes for t in parts if t is not None)
 
     def shard_shape(self, shard: str | None = None) -> tuple[int, int]:
         return (self.shard_sizes[shard], self.in_features)
@@ -276,9 +300,14 @@ class Int4Linear(nn.Module):
         parts = [self._pending[s] for s in self.shard_sizes]
         self._pending = {}
         if all(isinstance(p, QuantizedTensor) and p.int4_mappable for p in parts):
-            groups = [p.int4_groups() for p in parts]
-            q, scale, zero = (torch.cat([g[i] for g in groups]) for i in range(3))
-            self.packed, self.scale_zeros = pack_int4(q, scale, zero)
+            groups = [p.int4_affine() for p in parts]
+            q, scale, minimum = (torch.cat([g[i] for g in groups]) for i in range(3))
+            kernels = native.kernels() if self.native else None
+            if kernels is not None and self.out_features % 16 == 0 and kernels.int4_amx_available():
+                self.packed, self.scales, self.mins = kernels.int4_amx_pack(q, scale, minimum)
+                self._amx_linear = kernels.int4_amx_linear
+            else:
+                self.packed, self.scale_zeros = pack_int4(q, scale, minimum + 8 * scale)
             if self.dense_min_rows is not None or self.dense_copy:
                 # gguf's dequantization (w = d*q + m etc.), as the float32 model has; rounded
                 # to bfloat16 for a bfloat16 GEMM
@@ -304,6 +333,8 @@ class Int4Linear(nn.Module):
         return self._int4(x)
 
     def _int4(self, x: torch.Tensor) -> torch.Tensor:
+        if self._amx_linear is not None:
+            return self._amx_linear(x.to(INT4_ACT_DTYPE), self.packed, self.scales, self.mins)
         return torch.ops.aten._weight_int4pack_mm_for_cpu(
             x.to(INT4_ACT_DTYPE), self.packed, GROUP_SIZE, self.scale_zeros)
 

@@ -42,7 +42,7 @@ def _serve(args: argparse.Namespace) -> int:
                 max_num_seqs=args.max_num_seqs, max_context_length=args.max_context_length,
                 kv_cache_bytes=int(args.kv_cache_gb * (1 << 30)) if args.kv_cache_gb else None,
                 max_waiting=args.max_waiting, quantize=not args.no_quantize,
-                progress=not args.quiet))
+                kv_cache_dtype=args.kv_cache_dtype, progress=not args.quiet))
         except (FileNotFoundError, ValueError) as exc:
             print(f"k2serve: cannot load model: {exc}", file=sys.stderr)
             return 2
@@ -92,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="sequences decoded together in one batch")
     serve.add_argument("--kv-cache-gb", type=float, default=None,
                        help="KV cache size (default: a quarter of available memory, at most 4)")
+    serve.add_argument("--kv-cache-dtype", choices=["auto", "bfloat16", "float32"], default="auto",
+                       help="KV cache element type (auto: bfloat16 for a 4-bit GGUF, whose "
+                            "linears take bfloat16 activations; float32 otherwise)")
     serve.add_argument("--max-waiting", type=int, default=256,
                        help="requests queued beyond the running batch; more get 503")
     serve.add_argument("--no-quantize", action="store_true",

@@ -37,6 +37,11 @@ SERVING_QUANTIZATION = QuantizationConfig(
     dense_dtype=torch.bfloat16 if fast_bfloat16_gemm() else torch.float32)
 
 
+# --kv-cache-dtype: "auto" is the model's choice (bfloat16 for 4-bit GGUF weights, whose
+# linears take bfloat16 activations; float32 otherwise)
+KV_CACHE_DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
 @dataclass
 class LoadOptions:
     model_path: str | None = None  # None: the embedded SmolLM2 GGUF
@@ -48,6 +53,7 @@ class LoadOptions:
     quantize: bool = True  # keep a GGUF's 4-bit weights 4-bit (int4 kernels)
     max_waiting: int = 256
     progress: bool = True
+    kv_cache_dtype: str = "auto"  # a KV_CACHE_DTYPES key
 
 
 def load_text_model(options: LoadOptions) -> tuple[ModelSpec, TextBackend]:
@@ -60,13 +66,13 @@ def load_text_model(options: LoadOptions) -> tuple[ModelSpec, TextBackend]:
     template = ChatTemplate.from_tokenizer(tokenizer) if tokenizer.chat_template else None
 
     def build_core() -> EngineCore:  # runs on the engine's own thread (see AsyncEngine)
+        if options.progress and native.enabled():
+            print("k2serve: loading native kernels (built once on first use, 1-2 minutes)",
+                  file=sys.stderr, flush=True)
+        native.kernels()  # before the weights: the int4 linears pack for the kernel they get
         model, config = load_model(path, dtype=torch.float32, progress=options.progress,
                                    quantized=quantized)
         model.eval()
-        if options.progress and native.enabled():
-            print("k2serve: loading native kernels (built once on first use, about a minute)",
-                  file=sys.stderr, flush=True)
-        native.kernels()
         context_length = config.context_length
         if options.max_context_length:
             context_length = min(context_length, options.max_context_length)
@@ -74,6 +80,7 @@ def load_text_model(options: LoadOptions) -> tuple[ModelSpec, TextBackend]:
                                               max_step_tokens=options.max_step_tokens,
                                               context_length=context_length,
                                               kv_cache_bytes=options.kv_cache_bytes,
+                                              kv_cache_dtype=KV_CACHE_DTYPES[options.kv_cache_dtype],
                                               max_waiting=options.max_waiting))
         # A request must fit in the KV cache on its own, so the cache bounds the context too.
         core.config.context_length = min(context_length,

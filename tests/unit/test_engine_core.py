@@ -217,3 +217,16 @@ def test_request_larger_than_the_cache_is_refused(tiny):
     with pytest.raises(ValueError, match="KV blocks"):
         core.add(greedy("big", list(range(10)), 10))
     torch.testing.assert_close(torch.tensor(core.stats()["kv_blocks_free"]), torch.tensor(4))
+
+
+def test_kv_pool_dtype_follows_the_model_unless_configured(smollm2):
+    """4-bit weights: a bfloat16 pool (their linears take bfloat16 activations), twice the
+    blocks in the same bytes; float32 models keep float32; EngineConfig overrides either."""
+    model, _, _ = smollm2
+    expected = torch.bfloat16 if model.quantization is not None else torch.float32
+    default = EngineCore(model, EngineConfig(kv_cache_bytes=64 << 20))
+    assert default.kv.dtype == default.kv.k[0].dtype == expected
+    wide = EngineCore(model, EngineConfig(kv_cache_bytes=64 << 20, kv_cache_dtype=torch.float32))
+    narrow = EngineCore(model, EngineConfig(kv_cache_bytes=64 << 20, kv_cache_dtype=torch.bfloat16))
+    assert wide.kv.k[0].dtype == torch.float32 and narrow.kv.v[0].dtype == torch.bfloat16
+    assert narrow.blocks.num_blocks + 1 == 2 * (wide.blocks.num_blocks + 1)

@@ -3,7 +3,7 @@ import json
 import pytest
 import regex
 import tiktoken
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
 
@@ -109,10 +109,14 @@ def test_round_trip(tok, reference, text):
 
 @settings(max_examples=150, deadline=None)
 @given(text=TEXT)
+@example(text="<|end_header_id|>")
+@example(text="a<|im_end|>b")
 def test_property_same_ids_as_tiktoken_and_round_trip(tok, reference, text):
     ids = tok.encode(text)
     assert ids == reference.encode(text, allowed_special="all")
-    assert tok.decode(ids) == text
+    # keeping special tokens: hypothesis does write "<|end_header_id|>" now and then, which
+    # encodes to the special id that decode() skips by default
+    assert tok.decode(ids, skip_special_tokens=False) == text
     assert b"".join(tok.token_bytes(i) for i in ids) == text.encode("utf-8")
 
 

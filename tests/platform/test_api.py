@@ -380,3 +380,20 @@ def test_dropped_stream_on_a_real_server_is_billed_for_what_it_produced(database
     assert row.status == "client_closed" and row.http_status == 200 and row.billed
     assert row.prompt_tokens == 3 and 1 <= row.completion_tokens < 50
     assert int(peek.headers["x-tokenlimit-remaining"]) == 1000 - row.total_tokens
+
+
+# POST endpoints that are never billed: they answer 400/404 until such a model is served
+# (k2serve.api.routes.capabilities).
+UNBILLED_POSTS = {"/v1/images/generations", "/v1/videos", "/v2/videos"}
+
+
+def test_every_post_endpoint_is_metered_or_declared_unbilled(database):
+    """The middleware meters only the paths in GENERATION_PATHS: a new billed endpoint left out
+    of it would serve requests that never reach the ledger. Every POST route is either
+    metered or listed in UNBILLED_POSTS, so adding one forces the choice."""
+    from k2serve.platform.middleware import GENERATION_PATHS
+
+    app, _ = make_app(database)
+    posts = {path for path, operations in app.openapi()["paths"].items() if "post" in operations}
+    assert posts - set(GENERATION_PATHS) == UNBILLED_POSTS
+    assert set(GENERATION_PATHS) <= posts  # and nothing metered that does not exist

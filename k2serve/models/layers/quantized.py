@@ -24,7 +24,7 @@ is bandwidth-friendly and wins for small M (decode), a dense GEMM wins for large
 chunks, big decode batches). ``Int4Linear`` keeps a dense copy of the (dequantized) weight
 for M >= ``dense_min_rows`` unless told not to (``dense_min_rows=None``: int4 for every M,
 4-bit memory only). The copy is float32, or bfloat16 where the CPU multiplies bfloat16
-natively (AMX / AVX512-BF16: oneDNN's GEMM is 2.5-3.5x float32's there, and its activations
+natively (AMX / AVX512-BF16: oneDNN's GEMM is 2.3-3.3x float32's there, and its activations
 are rounded to bfloat16 as the int4 kernel's already are).
 
 Tensors of other types (Q5_x, Q6_K, Q8_0, F16, F32, ...) are dequantized to a dense float32

@@ -32,7 +32,8 @@ PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self
 
 
 def load_linears(kernels):
-    """[(in_features, ours (packed, scales, mins), torch's (packed, scale_zeros), bytes each)]."""
+    """[(in_features, ours (packed, scales, mins), torch's (packed, scale_zeros), our bytes,
+    torch's bytes)] for every projection, in model order."""
     checkpoint = GGUFCheckpoint(embedded_smollm2_gguf_path())
     layers = []
     for i in range(checkpoint.config.num_layers):

@@ -225,15 +225,14 @@ void rotary_write(const float* rp, const float* cp, const float* sp, const int64
       const float* row = rp + b * width;
       const float* c = cp + b * D;
       const float* sn = sp + b * D;
-      for (int64_t h = 0; h < H + KV; ++h) {  // q heads, then k heads
-        const float* t = row + h * D;
+      auto rope = [&](const float* t, auto* dst) {
         for (int64_t i = 0; i < D; ++i) {
           const float rolled = t[i < half ? i + half : i - half];
-          const float x = std::fma(rolled, sn[i], t[i] * c[i]);  // as torch.addcmul computes it
-          if (h < H) qp[(b * H + h) * D + i] = x;
-          else store(kp + slot[b] * KV * D + (h - H) * D + i, x);
+          store(dst + i, std::fma(rolled, sn[i], t[i] * c[i]));  // as torch.addcmul computes it
         }
-      }
+      };
+      for (int64_t h = 0; h < H; ++h) rope(row + h * D, qp + (b * H + h) * D);
+      for (int64_t h = 0; h < KV; ++h) rope(row + (H + h) * D, kp + slot[b] * KV * D + h * D);
       T* v = vp + slot[b] * KV * D;
       for (int64_t i = 0; i < KV * D; ++i) store(v + i, row[(H + KV) * D + i]);
     }

@@ -10,16 +10,16 @@ of |x| @ |W|^T.
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
 gguf = pytest.importorskip("gguf")
 
 from k2serve import native  # noqa: E402
-from k2serve.models.layers.quantized import Int4Linear, QuantizedTensor  # noqa: E402
+from k2serve.models.layers.quantized import Int4Linear  # noqa: E402
 from k2serve.models.loaders.gguf import GGUFCheckpoint  # noqa: E402
 from tests.tiny_models import smollm2_gguf_path  # noqa: E402
+from tests.unit.test_quantized_linear import _q4_k, _synthetic  # noqa: E402
 
 kernels = native.kernels()
 pytestmark = pytest.mark.skipif(kernels is None or not kernels.int4_amx_available(),
@@ -124,13 +124,7 @@ def test_bad_inputs_are_errors():
 
 def test_q4_0_and_q4_k_forms():
     """Q4_0 (min = -8 d) and Q4_K (products of a 6-bit scale and fp16 d: float32) round-trip."""
-    rng = np.random.default_rng(4)
-    w = (rng.standard_normal((32, 256)) * 0.1).astype(np.float32)
-    q40 = QuantizedTensor(Q.Q4_0, (32, 256), gguf.quants.quantize(w, Q.Q4_0))
-    raw = rng.integers(0, 256, size=(32 * 256 // 256, 144), dtype=np.uint8)
-    raw[:, 0:2] = np.frombuffer(np.float16(0.003).tobytes(), np.uint8)
-    raw[:, 2:4] = np.frombuffer(np.float16(0.01).tobytes(), np.uint8)
-    q4k = QuantizedTensor(Q.Q4_K, (32, 256), raw.reshape(32, -1))
+    q40, q4k = _synthetic(Q.Q4_0, rows=32, cols=256, seed=4), _q4_k(rows=32, cols=256, seed=4)
     x = torch.randn(4, 256, generator=torch.Generator().manual_seed(5)).bfloat16()
     for qt in (q40, q4k):
         q, scale, minimum = qt.int4_affine()

@@ -248,7 +248,7 @@ class Int4Linear(nn.Module):
         super().__init__()
         self.dense_copy = dense_copy
         self.dense_dtype = dense_dtype
-        self.native = native  # our AMX int4 kernel where it runs (module docstring)
+        self.native = native  # our native kernels where they run (AMX int4; the head's int8)
         if isinstance(out_features, dict):
             self.shard_sizes = dict(out_features)
         else:
@@ -401,7 +401,7 @@ class QuantizedLMHead(Int4Linear):
 
     def __init__(self, in_features: int, out_features: int, config: QuantizationConfig):
         super().__init__(in_features, out_features, dense_min_rows=config.head_dense_min_rows,
-                         dense_dtype=config.dense_dtype)
+                         dense_dtype=config.dense_dtype, native=config.native)
         self.gemm_weight: torch.Tensor | None = None  # `weight` in dense_dtype
         self.kernel = config.head
         self.exact_top = min(config.head_exact_top, out_features)
@@ -412,7 +412,6 @@ class QuantizedLMHead(Int4Linear):
         self.int8_weight: torch.Tensor | None = None
         self.int8_scales: torch.Tensor | None = None
         self._int8_native = None  # the native int8 kernel, when built and asked for
-        self._use_native = config.native
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -438,7 +437,7 @@ class QuantizedLMHead(Int4Linear):
             self.packed, self.scale_zeros = pack_int4(*requantize_int4(dense_weight))
         elif self.kernel == "int8":
             self.int8_weight, scales = requantize_int8(dense_weight)
-            kernels = native.kernels() if self._use_native and self.in_features % 32 == 0 else None
+            kernels = native.kernels() if self.native and self.in_features % 32 == 0 else None
             self._int8_native = kernels.int8_linear if kernels is not None else None
             # float32 scales for the native kernel (float32 x), bfloat16 for torch's
             self.int8_scales = scales if self._int8_native is not None else scales.to(INT4_ACT_DTYPE)

@@ -10,6 +10,7 @@ import sys
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from k2serve import native
     from k2serve.api.app import create_app
     from k2serve.serving.loader import LoadOptions, load_text_model
     from k2serve.platform.db import data_dir
@@ -64,7 +65,7 @@ def _serve(args: argparse.Namespace) -> int:
         if server.started:
             served = ", ".join(s.id for s in registry.specs()) or "no models"
             print(f"k2serve: serving {served} — API at {base}/v1, docs at {base}/docs — "
-                  f"{platform.startup_note()}", flush=True)
+                  f"{platform.startup_note()} — {native.describe(build=False)}", flush=True)
 
     server.startup = startup_then_announce
     server.run()
@@ -117,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_platform_parsers(sub)
     from k2serve.bench.cli import add_bench_parser
     add_bench_parser(sub)
+    from k2serve.doctor import add_doctor_parser
+    add_doctor_parser(sub)
 
     tiny = sub.add_parser("tiny-k2", help="write a tiny random-weight Kimi K2 checkpoint "
                                           "(K2's real on-disk layout: FP8 shards, tiktoken)")

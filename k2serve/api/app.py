@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
-from k2serve import __version__
+from k2serve import __version__, native
 from k2serve.api.errors import install_error_handlers
 from k2serve.api.middleware import (
     DEFAULT_MAX_BODY_BYTES,
@@ -52,13 +52,15 @@ def create_app(registry: ModelRegistry, *, max_body_bytes: int = DEFAULT_MAX_BOD
 
     @app.get("/health")
     async def health():
-        """Liveness, each engine's queue depths (running / waiting sequences), and the load
-        state (loading / ready / failed) of each model that loads in the background."""
+        """Liveness, the kernel path in use (native and its instruction set, or PyTorch
+        fallbacks and why), each engine's queue depths (running / waiting sequences), and
+        the load state (loading / ready / failed) of each model that loads in the background."""
         backends = {spec.id: registry.get(spec.id)[1] for spec in registry.specs()}
         engines = {model_id: backend.engine for model_id, backend in backends.items()
                    if getattr(backend, "engine", None) is not None}
         ok = all(engine.health() for engine in engines.values())
         body = {"status": "ok" if ok else "unhealthy",
+                "kernels": native.status(build=False),
                 "engines": {model_id: engine.stats() for model_id, engine in engines.items()},
                 "models": {model_id: backend.load_state for model_id, backend in backends.items()
                            if hasattr(backend, "load_state")}}

@@ -9,11 +9,13 @@ pure-PyTorch fallback, used when no compiler is available or ``K2SERVE_NATIVE=0`
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import logging
 import os
 import sys
 import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 log = logging.getLogger("k2serve.native")
@@ -30,6 +32,7 @@ _LDFLAGS = ["-fopenmp"]
 _lock = threading.Lock()
 _module = None
 _tried = False
+_failure: str | None = None  # why the build failed, for status()
 
 
 def enabled() -> bool:
@@ -70,9 +73,24 @@ def _build_directory(sources: dict[str, bytes]) -> tuple[str, Path]:
     return f"k2serve_native_{key[:8]}", directory
 
 
+@contextmanager
+def _build_lock(directory: Path):
+    """One build at a time per directory, across processes. torch's own lock is a file that
+    a killed build (Ctrl-C, kill -9, a timeout) leaves behind, and every later start would
+    wait on it forever; this flock is released by the OS when its holder dies, so whoever
+    holds it knows any torch lock file there is stale."""
+    with open(directory / ".build.flock", "a") as guard:
+        fcntl.flock(guard, fcntl.LOCK_EX)
+        try:
+            (directory / "lock").unlink(missing_ok=True)  # torch.utils.file_baton's
+            yield
+        finally:
+            fcntl.flock(guard, fcntl.LOCK_UN)
+
+
 def kernels():
     """The compiled extension module, or None (fallbacks apply). Builds on the first call."""
-    global _module, _tried
+    global _module, _tried, _failure
     if _tried or not enabled():
         return _module
     with _lock:
@@ -85,12 +103,46 @@ def kernels():
             sources = {path.name: path.read_bytes() for path in _SOURCES}
             headers = {path.name: path.read_bytes() for path in _HEADERS}
             name, directory = _build_directory({**sources, **headers})
-            _module = load(name=name, sources=[str(directory / n) for n in sources],
-                           build_directory=str(directory), extra_cflags=_CFLAGS,
-                           extra_ldflags=_LDFLAGS, verbose=False)
+            with _build_lock(directory):
+                _module = load(name=name, sources=[str(directory / n) for n in sources],
+                               build_directory=str(directory), extra_cflags=_CFLAGS,
+                               extra_ldflags=_LDFLAGS, verbose=False)
         except Exception as exc:  # noqa: BLE001 - no compiler or ninja, a build error: fallbacks
             message = str(exc).strip()
+            _failure = message.splitlines()[-1] if message else type(exc).__name__
             log.warning("k2serve: native kernels unavailable, using PyTorch fallbacks (%s)",
-                        message.splitlines()[-1] if message else type(exc).__name__)
+                        _failure)
             _module = None
         return _module
+
+
+CPU_FEATURES = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16")
+
+
+def cpu_features() -> dict[str, bool]:
+    """Which of the instruction sets the kernels care about this CPU has (/proc/cpuinfo)."""
+    flags = set(_cpu_flags().decode(errors="replace").partition(":")[2].split())
+    return {name: name in flags for name in CPU_FEATURES}
+
+
+def status(build: bool = True) -> dict:
+    """Which kernel path runs, and why when it is a fallback (for /health, the start-up line
+    and `k2serve doctor`). Builds the kernels if nothing asked for them yet, unless `build`
+    is False (then: "not loaded", as on a server whose models use none)."""
+    if not build and not _tried and enabled():
+        return {"native": False, "reason": "no model has used them yet", "path": "none loaded"}
+    module = kernels()
+    if module is None:
+        reason = ("disabled by K2SERVE_NATIVE=0" if not enabled()
+                  else f"build failed: {_failure}" if _failure else "not built")
+        return {"native": False, "reason": reason, "path": "PyTorch fallbacks"}
+    isa = module.vector_isa()
+    amx = bool(module.int4_amx_available())
+    return {"native": True, "vector_isa": isa, "int4_amx": amx,
+            "path": f"native {isa}" + (" + amx int4" if amx else "")}
+
+
+def describe(build: bool = True) -> str:
+    """One line for the start-up banner."""
+    s = status(build)
+    return f"kernels: {s['path']}" + ("" if s["native"] else f" ({s['reason']})")

@@ -20,7 +20,19 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> int4_amx_pack(torch::Ten
 torch::Tensor int4_amx_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor scales,
                               torch::Tensor mins);
 
+// The widest vector path the kernels were compiled with (-march=native picks it).
+static std::string vector_isa() {
+#if defined(__AVX512F__)
+  return "avx512";
+#elif defined(__AVX2__)
+  return "avx2";
+#else
+  return "portable";
+#endif
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("vector_isa", &vector_isa, "the vector instruction set the kernels were built for");
   m.def("paged_decode_attention", &paged_decode_attention,
         "decode attention over a paged KV pool (float32 or bfloat16)");
   m.def("decode_rotary_attention", &decode_rotary_attention,

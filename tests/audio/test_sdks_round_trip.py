@@ -149,7 +149,8 @@ def test_together2_with_v1_base_url(audio_stack):
 
 
 def test_curl_seed_speech_example(audio_stack, tmp_path):
-    """The seed's curl for /v1/audio/generations, with this server's speech model."""
+    """The seed's curl for /v1/audio/generations (its voice, Together's "helpful woman",
+    included), with this server's speech model."""
     import json
     import shutil
     import subprocess
@@ -157,7 +158,7 @@ def test_curl_seed_speech_example(audio_stack, tmp_path):
     if shutil.which("curl") is None:
         pytest.skip("curl is not installed")
     target = tmp_path / "speech.mp3"
-    body = {"input": SENTENCES[0], "voice": "american female", "response_format": "mp3",
+    body = {"input": SENTENCES[0], "voice": "helpful woman", "response_format": "mp3",
             "sample_rate": 44100, "stream": False, "model": SPEECH_MODEL}
     out = subprocess.run(["curl", "-sS", "--location", f"{audio_stack.server.base_v1}/audio/"
                           "generations", "--header", "Content-Type: application/json",

@@ -136,6 +136,18 @@ def test_voices_are_listed_and_each_one_speaks(http):
     assert http.get("/v1/voices", params={"model": WHISPER_MODEL}).json()["data"] == []
 
 
+def test_together_voice_names_speak_as_their_espeak_voice(http):
+    """Together's documented voice names (cartesia/sonic, orpheus, kokoro) are accepted and
+    read by the eSpeak voice the table maps them to; unknown names stay a 400."""
+    from k2serve.audio.voices import TOGETHER_VOICES, find_voice
+
+    assert find_voice("Helpful Woman").id == "en-us+f3" == TOGETHER_VOICES["helpful woman"]
+    assert all(find_voice(alias).id == voice for alias, voice in TOGETHER_VOICES.items())
+    for alias in ("helpful woman", "tara", "af_heart", "bm_george", "french narrator lady"):
+        pcm, _ = read_wav(speak(http, "One two three.", voice=alias, sample_rate=8000))
+        assert len(pcm) > 4000, alias
+
+
 @pytest.mark.parametrize("fields,param,fragment", [
     ({"voice": "alloy"}, "voice", "Unknown voice 'alloy'"),
     ({"voice": None}, "voice", "Missing required parameter: 'voice'"),

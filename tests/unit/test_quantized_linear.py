@@ -232,6 +232,18 @@ def test_lm_head_kernels(embeddings, kernel, rel_bound, native):
     assert err <= rel_bound, err
 
 
+def test_dense_lm_head_rows_do_not_depend_on_the_batch(embeddings):
+    """A row's float32 logits are bitwise the same whatever the step's row count: BLAS
+    libraries sum 1-3 rows in another order than a GEMM's (MKL on AMD), so the head pads
+    them (greedy and sampled output the same alone or batched, on every CPU)."""
+    head = _head(embeddings, "dense", exact_top=0)
+    torch.manual_seed(1)
+    x = torch.randn(40, 576)
+    full = head(x)
+    for m in (1, 2, 3, 4, 8, 33):
+        assert torch.equal(head(x[:m]), full[:m]), m
+
+
 def test_bfloat16_lm_head_keeps_its_top_logits_exact(embeddings):
     """A bfloat16 dense head (M >= head_dense_min_rows) still gives each row's top 16 logits
     in float32 from the float32 weight, as the small-M kernels do: greedy picks and top

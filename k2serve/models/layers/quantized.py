@@ -56,6 +56,12 @@ DEFAULT_DENSE_MIN_ROWS = 32
 DENSE_TILE_ROWS = 128
 # Rows from which the Q8_0 LM head uses the dense float32 GEMM rather than the int8 kernel.
 DEFAULT_HEAD_DENSE_MIN_ROWS = 8
+# MKL runs 1 row as a GEMV and 2-3 rows through another small-M kernel, each summing in its
+# own order: on AMD (AVX2 and Zen 4) a row of the LM head's float32 GEMM then differs with
+# M. From 4 rows on it runs one algorithm for the head's shape (measured: M = 4..300 bitwise
+# equal on an AVX2 EPYC; Intel's agreed from 1). Not so for every shape: a 96 x 256 weight
+# gives other sums at M = 5 than at M = 8.
+MIN_GEMM_ROWS = 4
 
 
 @dataclass(frozen=True)
@@ -371,6 +377,16 @@ class Int4Linear(nn.Module):
         return float("inf") if self.dense_min_rows is None else self.dense_min_rows
 
 
+def row_invariant_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``F.linear(x, weight)`` for the LM head's dense path, whose result for a row does not
+    depend on how many rows come with it: fewer than MIN_GEMM_ROWS rows are padded up to it
+    (a GEMM of a few rows is bound by reading the weight)."""
+    m = x.shape[0]
+    if 0 < m < MIN_GEMM_ROWS:
+        return F.linear(F.pad(x, (0, 0, 0, MIN_GEMM_ROWS - m)), weight)[:m]
+    return F.linear(x, weight)
+
+
 def requantize_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A float [N, K] weight -> group-32 min/max (q, scale, zero) for ``pack_int4`` (lossy)."""
     n, k = weight.shape
@@ -446,7 +462,7 @@ class QuantizedLMHead(Int4Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] >= self.dense_min_rows:
-            logits = F.linear(x.to(self.gemm_weight.dtype), self.gemm_weight).float()
+            logits = row_invariant_linear(x.to(self.gemm_weight.dtype), self.gemm_weight).float()
             if self.exact_top and (self.dense_min_rows > 0 or self.gemm_weight is not self.weight):
                 # the top logits computed exactly as the small-M path does, so a row's greedy
                 # pick and top logprobs do not depend on which kernel its step used (nor on

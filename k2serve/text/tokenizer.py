@@ -172,13 +172,18 @@ class Tokenizer:
 
     @cached_property
     def _plain_backend(self) -> HFTokenizer:
-        # The same tokenizer without the control tokens in its added vocabulary, so their text is
-        # split and BPE-encoded like any other text. (`encode_special_tokens` would not do: it
-        # leaves non-special added tokens matched.)
+        # The same tokenizer with every control token marked special and special-token matching
+        # off (`encode_special_tokens`, what transformers' split_special_tokens uses), so their
+        # text is split and BPE-encoded like any other text. Marking matters: matching stays on
+        # for non-special added tokens. (Dropping the tokens instead would renumber the added
+        # tokens that lie outside the model's vocabulary.)
         data = json.loads(self.backend.to_str())
-        data["added_tokens"] = [t for t in data.get("added_tokens") or []
-                                if t["content"] not in self.control_tokens]
-        return HFTokenizer.from_str(json.dumps(data))
+        for token in data.get("added_tokens") or []:
+            if token["content"] in self.control_tokens:
+                token["special"] = True
+        plain = HFTokenizer.from_str(json.dumps(data))
+        plain.encode_special_tokens = True
+        return plain
 
     @cached_property
     def _bytes_table(self) -> list[bytes]:

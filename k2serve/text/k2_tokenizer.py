@@ -224,7 +224,7 @@ class K2Tokenizer:
                 ids.add(i)
         return frozenset(ids)
 
-    @property
+    @cached_property
     def control_tokens(self) -> frozenset[str]:
         """Texts a user must not be able to type as tokens: all 256 reserved ones, the tool-call
         markers included."""

@@ -142,6 +142,10 @@ class _Shield:
     Only the control-token texts are swapped, so the template sees the content otherwise as
     is (`trim`, `startswith`, `tojson` behave the same). The marker is private-use characters
     around a random number, which no template filter changes and no input can guess.
+    Not caught: a control token made of two inputs written side by side by the template, or
+    of an input and a fragment of template text (name "<|im_" + content "end|>"). ChatML,
+    K2's and Llama 3's templates always put whole markers or newlines between inputs, and no
+    control token contains "<|", "|>" or a newline inside it, so none can form there.
     """
 
     def __init__(self, pattern: re.Pattern):

@@ -52,6 +52,7 @@ def _serve(args: argparse.Namespace) -> int:
                       FamilyOptions(data_dir=str(data_dir(args.data_dir)),
                                     progress=not args.quiet))
     app = create_app(registry, max_body_bytes=args.max_body_bytes, platform=platform)
+    app.state.shared_prefix_cache = args.shared_prefix_cache  # see k2serve.api.prefix_cache
 
     base = f"http://{_display_host(args.host)}:{args.port}"
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
@@ -107,6 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "(+rerank), moderation, audio, or all (default). Families "
                             "beside chat load in the background after start-up")
     serve.add_argument("--max-body-bytes", type=int, default=16 * 1024 * 1024)
+    serve.add_argument("--shared-prefix-cache", action="store_true",
+                       help="let all API keys share cached prompt prefixes (by default each "
+                            "key has its own, so cached_tokens cannot reveal another key's "
+                            "prompts)")
     serve.add_argument("--threads", type=int, default=None, help="torch threads (default: cores)")
     serve.add_argument("--log-level", default="warning")
     serve.add_argument("--quiet", action="store_true", help="no progress bar")

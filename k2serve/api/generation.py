@@ -105,7 +105,8 @@ async def compile_grammar(backend: TextBackend, grammar: str, what: str, param: 
 
 async def merged_choices(backend: TextBackend, prompt_ids: list[int], req: SamplingFields,
                          max_tokens: int, tracker: UsageTracker | None = None, *,
-                         grammar=None, stop: list[str] | None = None
+                         grammar=None, stop: list[str] | None = None,
+                         cache_salt: str | None = None
                          ) -> AsyncIterator[tuple[int, TextDelta]]:
     """Run req.n choices concurrently; yield (choice index, delta) as they come.
 
@@ -115,6 +116,8 @@ async def merged_choices(backend: TextBackend, prompt_ids: list[int], req: Sampl
     tracker sees every delta and is finished here, however the request ends.
     """
     params = [sampling_params(req, backend, max_tokens, i, grammar) for i in range(req.n)]
+    for p in params:
+        p.cache_salt = cache_salt  # the prefix-cache namespace (k2serve.api.prefix_cache)
     stop_strings = req.stop_list if stop is None else stop
     queue: asyncio.Queue = asyncio.Queue()
     done = object()

@@ -7,6 +7,10 @@ in a hash table after their sequences finish; a later sequence with the same pre
 reuses them instead of recomputing (automatic prefix caching). Free blocks form an LRU
 queue: a freed block goes to the back, allocation takes from the front, and a cached
 block is evicted (its hash forgotten) only when it is handed out again.
+
+A sequence may carry a cache salt (like vLLM's `cache_salt`): it seeds the hash of the first
+block, so sequences share cached blocks only when their salts are equal. The server salts with
+the API key, so one key cannot learn from `cached_tokens` what prompts another key sent.
 """
 
 from __future__ import annotations
@@ -15,6 +19,13 @@ import hashlib
 import struct
 from collections import OrderedDict
 from dataclasses import dataclass, field
+
+
+def salt_root(salt: str | None) -> bytes | None:
+    """The parent hash of a salted sequence's first block (None: unsalted)."""
+    if salt is None:
+        return None
+    return hashlib.blake2b(salt.encode("utf-8"), digest_size=16, person=b"k2serve-salt").digest()
 
 
 def chain_hash(parent: bytes | None, tokens: list[int]) -> bytes:
@@ -67,33 +78,35 @@ class BlockManager:
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
-    def prefix_hashes(self, token_ids: list[int]) -> list[bytes]:
+    def prefix_hashes(self, token_ids: list[int], salt: str | None = None) -> list[bytes]:
         """Chained hashes of the full blocks of `token_ids`."""
-        hashes, parent = [], None
+        hashes, parent = [], salt_root(salt)
         for start in range(0, len(token_ids) - self.block_size + 1, self.block_size):
             parent = chain_hash(parent, token_ids[start:start + self.block_size])
             hashes.append(parent)
         return hashes
 
-    def waits_for_in_flight(self, token_ids: list[int]) -> bool:
+    def waits_for_in_flight(self, token_ids: list[int], salt: str | None = None) -> bool:
         """True when the first uncached full block is being computed for another sequence."""
-        for h in self.prefix_hashes(token_ids):
+        for h in self.prefix_hashes(token_ids, salt):
             if h in self._by_hash:
                 continue
             return h in self._in_flight
         return False
 
     # -- allocation ---------------------------------------------------------------------
-    def hash_block(self, parent: bytes | None, tokens: list[int]) -> bytes:
-        return chain_hash(parent, tokens)
+    def hash_block(self, parent: bytes | None, tokens: list[int], salt: str | None = None) -> bytes:
+        """The hash of a full block; `parent` is the previous block's (None for the first)."""
+        return chain_hash(parent if parent is not None else salt_root(salt), tokens)
 
-    def allocate(self, token_ids: list[int], use_cache: bool = True) -> BlockAllocation | None:
+    def allocate(self, token_ids: list[int], use_cache: bool = True,
+                 salt: str | None = None) -> BlockAllocation | None:
         """Blocks for `token_ids`, reusing cached ones (later tokens get blocks as they come).
 
         Returns None when there are not enough free blocks; nothing is changed then.
         At least the last token is always left to compute, so the caller gets logits.
         """
-        hashes = self.prefix_hashes(token_ids)
+        hashes = self.prefix_hashes(token_ids, salt)
         cached: list[int] = []
         for h in hashes if use_cache else ():
             block_id = self._by_hash.get(h)

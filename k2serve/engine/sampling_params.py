@@ -26,6 +26,9 @@ class SamplingParams:
     # the output inside it (structured outputs, tool calls). Compiled before the request is
     # added; each sequence gets its own matcher from it.
     grammar: Any = None
+    # Prefix-cache namespace: only sequences with equal salts share cached KV blocks (the server
+    # salts with the API key; see BlockManager).
+    cache_salt: str | None = None
 
     @property
     def greedy(self) -> bool:

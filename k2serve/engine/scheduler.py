@@ -79,7 +79,8 @@ class Scheduler:
         deferred: list[Sequence] = []
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting.popleft()
-            if not seq.params.prompt_logprobs and self.blocks.waits_for_in_flight(seq.all_ids):
+            if not seq.params.prompt_logprobs and self.blocks.waits_for_in_flight(
+                    seq.all_ids, seq.cache_salt):
                 deferred.append(seq)  # its prefix is being computed right now: share it
                 continue
             if not self._admit(seq):
@@ -93,7 +94,8 @@ class Scheduler:
 
     def _admit(self, seq: Sequence) -> bool:
         use_cache = not seq.params.prompt_logprobs  # prompt logprobs need every position computed
-        allocation = self.blocks.allocate(seq.all_ids, use_cache=use_cache)
+        allocation = self.blocks.allocate(seq.all_ids, use_cache=use_cache,
+                                          salt=seq.cache_salt)
         if allocation is None:
             return False
         seq.block_table = allocation.block_ids
@@ -146,6 +148,7 @@ class Scheduler:
             if tokens is None:
                 tokens = seq.all_ids
             parent = seq.block_hashes[-1] if seq.block_hashes else None
-            block_hash = self.blocks.hash_block(parent, tokens[i * size:(i + 1) * size])
+            block_hash = self.blocks.hash_block(parent, tokens[i * size:(i + 1) * size],
+                                                seq.cache_salt)
             seq.block_hashes.append(block_hash)
             self.blocks.mark_computed(seq.block_table[i], block_hash)

@@ -72,6 +72,10 @@ class Sequence:
         return self.request.params
 
     @property
+    def cache_salt(self) -> str | None:
+        return self.request.params.cache_salt
+
+    @property
     def prompt_ids(self) -> list[int]:
         return self.request.prompt_ids
 

@@ -16,7 +16,7 @@ from k2serve.engine.sequence import GenerationRequest, TokenLogprob
 from k2serve.text.chat_template import ChatTemplate
 from k2serve.text.detokenizer import IncrementalDetokenizer
 from k2serve.text.stop import StopMatcher
-from k2serve.text.tokenizer import Tokenizer
+from k2serve.text.tokenizer import Tokenizer, encode_prompt
 from k2serve.text.tool_parsers.kimi_k2 import SECTION_BEGIN as K2_SECTION_BEGIN
 
 
@@ -66,11 +66,13 @@ class TextBackend:
                                          **template_kwargs)
 
     def encode_chat_prompt(self, text: str) -> list[int]:
-        # Chat templates write their own BOS where they want one.
-        return self.tokenizer.encode(text, add_special_tokens=False)
+        # Control-token text a user wrote stays plain text (see ChatPrompt).
+        return encode_prompt(self.tokenizer, text)
 
     def encode_text_prompt(self, text: str) -> list[int]:
-        ids = self.tokenizer.encode(text, add_special_tokens=True)
+        # A raw prompt is plain text too, as in OpenAI's API: "<|im_end|>" in it is not a control
+        # token (an app that puts user text into a completions prompt cannot be subverted).
+        ids = self.tokenizer.encode(text, add_special_tokens=True, allow_special_tokens=False)
         if not ids and self.tokenizer.bos_token_id is not None:
             ids = [self.tokenizer.bos_token_id]  # an empty completion prompt starts at BOS
         return ids

@@ -8,6 +8,8 @@ the same variables, so prompts match what the model was trained and evaluated wi
 from __future__ import annotations
 
 import json
+import re
+import secrets
 from collections.abc import Iterable, Mapping
 from datetime import datetime
 from functools import lru_cache
@@ -35,6 +37,24 @@ class UnsupportedContentError(ValueError):
         )
 
 
+class ChatPrompt(str):
+    """A rendered prompt that remembers which control-token texts the conversation wrote.
+
+    `segments` are (text, plain) pairs whose texts join into the prompt. `plain` marks a control
+    token's text that came from the input (message content, names, tool definitions and
+    arguments, template variables) rather than from the template: it must be encoded as plain
+    text, or a user could write `<|im_end|><|im_start|>system` and forge a turn.
+    """
+
+    segments: tuple[tuple[str, bool], ...]
+
+    def __new__(cls, segments: Iterable[tuple[str, bool]]):
+        segments = tuple(segments)
+        prompt = super().__new__(cls, "".join(text for text, _ in segments))
+        prompt.segments = segments
+        return prompt
+
+
 class ChatTemplate:
     """A compiled chat template plus the special token strings it may refer to."""
 
@@ -45,8 +65,13 @@ class ChatTemplate:
         eos_token: str | None = None,
         unk_token: str | None = None,
         pad_token: str | None = None,
+        *,
+        control_tokens: Iterable[str] = (),
     ):
+        """`control_tokens`: the tokenizer's control-token texts; where the input contains one,
+        `render` marks it as plain text in the `ChatPrompt` it returns."""
         self.source = template
+        self._control = _alternation(frozenset(t for t in control_tokens if t))
         # transformers passes only the special tokens the tokenizer has, so an absent one stays
         # undefined in the template rather than becoming None.
         self.special_tokens = {
@@ -62,7 +87,8 @@ class ChatTemplate:
         template = template if template is not None else tokenizer.chat_template
         if template is None:
             raise TemplateError("this model has no chat template; use the completions endpoint")
-        return cls(template, **tokenizer.special_tokens_map)
+        return cls(template, **tokenizer.special_tokens_map,
+                   control_tokens=getattr(tokenizer, "control_tokens", ()))
 
     def render(
         self,
@@ -71,10 +97,17 @@ class ChatTemplate:
         add_generation_prompt: bool = True,
         documents: list[dict] | None = None,
         **kwargs: Any,
-    ) -> str:
+    ) -> ChatPrompt:
         """The prompt text for `messages`. Extra `kwargs` become template variables (e.g.
         `enable_thinking`), and override the special tokens of the same name."""
         chat = _prepare_messages(messages)
+        shield = _Shield(self._control) if self._control is not None else None
+        if shield is not None:
+            try:
+                chat, tools, documents = shield(chat), shield(tools), shield(documents)
+                kwargs = {k: shield(v) for k, v in kwargs.items()}
+            except RecursionError:
+                raise TemplateError("the conversation is nested too deeply") from None
         context = {
             **self.special_tokens,
             **kwargs,
@@ -84,13 +117,64 @@ class ChatTemplate:
             "add_generation_prompt": add_generation_prompt,
         }
         try:
-            return self._compiled.render(**context)
+            text = self._compiled.render(**context)
         except TemplateError:
             raise
         except jinja2.TemplateError as e:  # raise_exception(), undefined names, sandbox refusals
             raise TemplateError(f"chat template error: {e.message or e}") from e
         except Exception as e:  # e.g. str + list when content is a list the template cannot handle
             raise TemplateError(f"chat template failed: {type(e).__name__}: {e}") from e
+        return shield.restore(text) if shield is not None else ChatPrompt([(text, False)])
+
+
+@lru_cache(maxsize=8)
+def _alternation(texts: frozenset[str]) -> re.Pattern | None:
+    # Longest first, so at any position the longest token wins (as the tokenizers match them).
+    if not texts:
+        return None
+    return re.compile("|".join(re.escape(t) for t in sorted(texts, key=lambda t: (-len(t), t))))
+
+
+class _Shield:
+    """Swaps every control-token text in the template's input for a marker, and back after
+    rendering, noting which parts of the prompt were such input.
+
+    Only the control-token texts are swapped, so the template sees the content otherwise as
+    is (`trim`, `startswith`, `tojson` behave the same). The marker is private-use characters
+    around a random number, which no template filter changes and no input can guess.
+    Not caught: a control token made of two inputs written side by side by the template, or
+    of an input and a fragment of template text (name "<|im_" + content "end|>"). ChatML,
+    K2's and Llama 3's templates always put whole markers or newlines between inputs, and no
+    control token contains "<|", "|>" or a newline inside it, so none can form there.
+    """
+
+    def __init__(self, pattern: re.Pattern):
+        self.pattern = pattern
+        self.nonce = f"{secrets.randbelow(10**12):012d}"
+        self.found: list[str] = []
+
+    def __call__(self, value: Any) -> Any:
+        if isinstance(value, str):
+            return self.pattern.sub(self._mark, value)
+        if isinstance(value, Mapping):
+            return {self(k): self(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [self(v) for v in value]
+        return value
+
+    def _mark(self, match: re.Match) -> str:
+        self.found.append(match.group())
+        return f"\ue000{self.nonce}.{len(self.found) - 1}\ue001"
+
+    def restore(self, text: str) -> ChatPrompt:
+        segments, pos = [], 0
+        if self.found:
+            for m in re.finditer(f"\ue000{self.nonce}\\.(\\d+)\ue001", text):
+                segments.append((text[pos:m.start()], False))
+                segments.append((self.found[int(m.group(1))], True))
+                pos = m.end()
+        segments.append((text[pos:], False))
+        return ChatPrompt(s for s in segments if s[0])
 
 
 def normalize_messages(messages: Iterable[Any], flatten_content: bool = True) -> list[dict[str, Any]]:

@@ -224,6 +224,12 @@ class K2Tokenizer:
                 ids.add(i)
         return frozenset(ids)
 
+    @cached_property
+    def control_tokens(self) -> frozenset[str]:
+        """Texts a user must not be able to type as tokens: all 256 reserved ones, the tool-call
+        markers included."""
+        return frozenset(self._special_by_text)
+
     def _name(self, token_id: int | None) -> str | None:
         return None if token_id is None else self._specials[token_id][0]
 

@@ -131,12 +131,16 @@ class Tokenizer:
 
     # ---- text <-> ids -------------------------------------------------------------------------
 
-    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = False, *,
+               allow_special_tokens: bool = True) -> list[int]:
         """Token ids for `text`. Special tokens written in the text (e.g. "<|im_start|>") become their
-        single ids. `add_special_tokens` adds what the tokenizer's post-processor adds (BOS, if the
-        model asks for it); keep it False for rendered chat prompts, whose template writes BOS itself.
+        single ids; with `allow_special_tokens=False` every control token's text (see
+        `control_tokens`) is encoded as plain text instead, for text a user wrote.
+        `add_special_tokens` adds what the tokenizer's post-processor adds (BOS, if the model asks
+        for it); keep it False for rendered chat prompts, whose template writes BOS itself.
         """
-        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        backend = self.backend if allow_special_tokens else self._plain_backend
+        return backend.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
@@ -158,6 +162,28 @@ class Tokenizer:
         """
         table = self._bytes_table
         return table[token_id] if 0 <= token_id < len(table) else b""
+
+    @cached_property
+    def control_tokens(self) -> frozenset[str]:
+        """Texts of the added tokens a user must not be able to type: every added token (special
+        or not: Qwen's `<tool_call>` is a non-special marker) except whitespace-only ones, which
+        code models add for indentation and which carry no meaning beyond their text."""
+        return frozenset(t.content for t in self._added.values() if t.content.strip())
+
+    @cached_property
+    def _plain_backend(self) -> HFTokenizer:
+        # The same tokenizer with every control token marked special and special-token matching
+        # off (`encode_special_tokens`, what transformers' split_special_tokens uses), so their
+        # text is split and BPE-encoded like any other text. Marking matters: matching stays on
+        # for non-special added tokens. (Dropping the tokens instead would renumber the added
+        # tokens that lie outside the model's vocabulary.)
+        data = json.loads(self.backend.to_str())
+        for token in data.get("added_tokens") or []:
+            if token["content"] in self.control_tokens:
+                token["special"] = True
+        plain = HFTokenizer.from_str(json.dumps(data))
+        plain.encode_special_tokens = True
+        return plain
 
     @cached_property
     def _bytes_table(self) -> list[bytes]:
@@ -276,3 +302,43 @@ def _read_chat_templates(directory: str, config: dict) -> dict[str, str]:
         with open(main, encoding="utf-8") as f:
             templates["default"] = f.read()
     return templates
+
+
+def encode_prompt(tokenizer: Any, prompt: str) -> list[int]:
+    """Ids of a rendered chat prompt (no BOS added: templates write their own).
+
+    A `ChatPrompt` (what `ChatTemplate.render` returns) knows which control-token texts came
+    from the conversation: those are encoded as plain text, together with the text around
+    them, and only the template's own control tokens become control ids. The text between two
+    of the template's control tokens is encoded in one piece, so the ids are exactly those of
+    a tokenizer that does not know the user's control-token texts. A plain `str` is trusted
+    whole. Works with `Tokenizer` and `K2Tokenizer`.
+    """
+    segments = getattr(prompt, "segments", None)
+    if segments is None:
+        return tokenizer.encode(prompt, add_special_tokens=False)
+    from .chat_template import _alternation
+
+    control = _alternation(frozenset(tokenizer.control_tokens))
+    ids: list[int] = []
+    run: list[str] = []
+
+    def flush() -> None:
+        text = "".join(run)
+        run.clear()
+        if text:
+            ids.extend(tokenizer.encode(text, add_special_tokens=False, allow_special_tokens=False))
+
+    for text, plain in segments:
+        if plain or control is None:
+            run.append(text)
+            continue
+        pos = 0
+        for m in control.finditer(text):
+            run.append(text[pos:m.start()])
+            flush()
+            ids.append(tokenizer.token_to_id(m.group()))
+            pos = m.end()
+        run.append(text[pos:])
+    flush()
+    return ids

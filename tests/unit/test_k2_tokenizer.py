@@ -84,6 +84,10 @@ def test_special_tokens_in_text_are_single_ids(tok):
     plain = tok.encode(text, allow_special_tokens=False)
     assert not set(plain) & set(range(n, tok.vocab_size)) and tok.decode(plain) == text
     assert tok.encode("hi", add_special_tokens=True) == tok.encode("hi")
+    # Every reserved text (tool-call markers too) is a control token a user must not type.
+    assert len(tok.control_tokens) == 256 and "<|tool_calls_section_begin|>" in tok.control_tokens
+    every = "".join(sorted(tok.control_tokens))
+    assert max(tok.encode(every, allow_special_tokens=False)) < n
 
 
 def test_unknown_ids_and_token_strings(tok):

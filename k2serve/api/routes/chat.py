@@ -22,6 +22,7 @@ from k2serve.api.generation import (
     usage_dict,
 )
 from k2serve.api.models_lookup import text_backend_for
+from k2serve.api.prefix_cache import cache_salt
 from k2serve.api.schemas.chat import ChatCompletionRequest
 from k2serve.api.response_format import response_format_grammar
 from k2serve.api.tools import (StreamingToolState, ToolPlan, finish_with_tools, parse_message,
@@ -90,7 +91,7 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
     created = int(time.time())
     tracker = UsageTracker(request, req.model, "chat.completions", len(prepared.ids), req.n)
     choices = merged_choices(backend, prepared.ids, req, prepared.max_tokens, tracker,
-                             grammar=grammar, stop=stop)
+                             grammar=grammar, stop=stop, cache_salt=cache_salt(request, req))
     if guard is not None:  # input checked first, output released in checked pieces
         choices = guard.guarded(request, choices, chat_input_texts(req.messages), req.n,
                                 len(prepared.ids), tracker)

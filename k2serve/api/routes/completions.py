@@ -19,6 +19,7 @@ from k2serve.api.generation import (
     usage_dict,
 )
 from k2serve.api.models_lookup import text_backend_for
+from k2serve.api.prefix_cache import cache_salt
 from k2serve.api.schemas.completions import CompletionRequest
 from k2serve.api.usage import UsageTracker
 from k2serve.safety.guard import safety_guard
@@ -47,7 +48,8 @@ async def completions(req: CompletionRequest, request: Request):
     else:
         backend.ensure_capacity(req.n)
         tracker = UsageTracker(request, req.model, "completions", len(prepared.ids), req.n)
-        choices = merged_choices(backend, prepared.ids, req, prepared.max_tokens, tracker)
+        choices = merged_choices(backend, prepared.ids, req, prepared.max_tokens, tracker,
+                                 cache_salt=cache_salt(request, req))
         if guard is not None:  # prompt checked first, output released in checked pieces
             choices = guard.guarded(request, choices, [req.prompt], req.n, len(prepared.ids),
                                     tracker)

@@ -41,6 +41,9 @@ class SamplingFields(BaseModel):
     context_length_exceeded_behavior: Literal["truncate", "error"] = "error"
     ignore_eos: bool = False  # vLLM's benchmark extension
     safety_model: str | None = None
+    # vLLM's field: only requests with the same salt (and, unless the server shares its prefix
+    # cache, the same API key) reuse each other's cached prompt prefixes.
+    cache_salt: str | None = Field(default=None, min_length=1, max_length=256)
 
     @field_validator("stop")
     @classmethod

@@ -50,11 +50,12 @@ def _serve(args: argparse.Namespace) -> int:
     register_families(registry, families - {"chat"},
                       FamilyOptions(data_dir=str(data_dir(args.data_dir)),
                                     progress=not args.quiet))
-    app = create_app(registry, max_body_bytes=args.max_body_bytes, platform=platform)
+    app = create_app(registry, max_body_bytes=args.max_body_bytes,
+                     body_timeout_s=args.body_timeout, platform=platform)
 
     base = f"http://{_display_host(args.host)}:{args.port}"
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                            access_log=False)
+                            access_log=False, timeout_keep_alive=args.keep_alive_timeout)
     server = uvicorn.Server(config)
 
     original_startup = server.startup
@@ -105,7 +106,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="model families to serve, comma-separated: chat, embedding "
                             "(+rerank), moderation, audio, or all (default). Families "
                             "beside chat load in the background after start-up")
-    serve.add_argument("--max-body-bytes", type=int, default=16 * 1024 * 1024)
+    serve.add_argument("--max-body-bytes", type=int, default=16 * 1024 * 1024,
+                       help="larger request bodies get 413")
+    serve.add_argument("--body-timeout", type=float, default=30.0,
+                       help="seconds a client has to send a request's whole body; a slower "
+                            "one gets 408 and its connection is closed (default: 30)")
+    serve.add_argument("--keep-alive-timeout", type=int, default=5,
+                       help="seconds an idle keep-alive connection stays open (default: 5)")
     serve.add_argument("--threads", type=int, default=None, help="torch threads (default: cores)")
     serve.add_argument("--log-level", default="warning")
     serve.add_argument("--quiet", action="store_true", help="no progress bar")

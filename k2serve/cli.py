@@ -11,6 +11,7 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from k2serve.api.app import create_app
+    from k2serve.api.http_protocol import h11_protocol
     from k2serve.serving.loader import LoadOptions, load_text_model
     from k2serve.platform.db import data_dir
     from k2serve.serving.families import FamilyOptions, parse_families, register_families
@@ -55,7 +56,8 @@ def _serve(args: argparse.Namespace) -> int:
 
     base = f"http://{_display_host(args.host)}:{args.port}"
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                            access_log=False, timeout_keep_alive=args.keep_alive_timeout)
+                            access_log=False, timeout_keep_alive=args.keep_alive_timeout,
+                            http=h11_protocol(args.header_timeout))
     server = uvicorn.Server(config)
 
     original_startup = server.startup
@@ -111,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--body-timeout", type=float, default=30.0,
                        help="seconds a client has to send a request's whole body; a slower "
                             "one gets 408 and its connection is closed (default: 30)")
+    serve.add_argument("--header-timeout", type=float, default=30.0,
+                       help="seconds a connection has to send each request's headers before "
+                            "it is closed (default: 30)")
     serve.add_argument("--keep-alive-timeout", type=int, default=5,
                        help="seconds an idle keep-alive connection stays open (default: 5)")
     serve.add_argument("--threads", type=int, default=None, help="torch threads (default: cores)")

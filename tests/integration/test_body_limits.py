@@ -1,7 +1,9 @@
-"""Request bodies through uvicorn, as `k2serve serve` runs them: the API key is checked before
-a byte of the body is read (a bad key gets 401 while its body is still unsent), a body that
-is not all sent within the deadline gets 408, one over the size limit 413 — each in the API's
-error shape, and the connection closed after a 408/413. Scripted model, raw sockets."""
+"""Request heads and bodies through uvicorn, as `k2serve serve` runs them: the API key is
+checked before a byte of the body is read (a bad key gets 401 while its body is still
+unsent), a body that is not all sent within the deadline gets 408, one over the size limit
+413 — each in the API's error shape, and the connection closed after a 408/413; a connection
+that stalls before its request head is complete is closed. Scripted model, raw sockets; the
+last test runs the real `k2serve serve` with these flags."""
 
 from __future__ import annotations
 
@@ -15,14 +17,16 @@ import httpx
 import pytest
 
 from k2serve.api.app import create_app
+from k2serve.api.http_protocol import h11_protocol
 from k2serve.platform.db import Database
 from k2serve.platform.keys import KeyStore
 from k2serve.platform.service import Platform
 from k2serve.serving.registry import ModelRegistry, ModelSpec
-from tests.conftest import free_port
+from tests.conftest import free_port, start_server, stop_server
 from tests.platform.test_api import MODEL, PRICE, FakeBackend
 
 BODY_TIMEOUT_S = 1.0
+HEADER_TIMEOUT_S = 1.0
 MAX_BODY_BYTES = 4096
 
 
@@ -37,23 +41,32 @@ def make_app(tmp_path, body_timeout_s=BODY_TIMEOUT_S):
     return app, key, database
 
 
-@pytest.fixture(scope="module")
-def live(tmp_path_factory):
+def serve_in_thread(app):
+    """uvicorn in a thread, configured as `k2serve serve` configures it; yields the port."""
     import uvicorn
 
-    app, key, database = make_app(tmp_path_factory.mktemp("body-limits"))
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
-                                           log_level="warning"))
+                                           log_level="warning",
+                                           http=h11_protocol(HEADER_TIMEOUT_S)))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.time() + 30
     while not server.started and time.time() < deadline:
         time.sleep(0.05)
     assert server.started
-    yield port, key
-    server.should_exit = True
-    thread.join(10)
+    try:
+        yield port
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory):
+    app, key, database = make_app(tmp_path_factory.mktemp("body-limits"))
+    for port in serve_in_thread(app):
+        yield port, key
     database.close()
 
 
@@ -204,11 +217,82 @@ def test_normal_requests_still_work(live):
         assert r.status_code in (400, 404) and "error" in r.json()
 
 
+def closed_within(port: int, sent: bytes, limit: float) -> float | None:
+    """Seconds until the server closes a connection that sent `sent` and then stalled."""
+    with socket.create_connection(("127.0.0.1", port), timeout=limit) as s:
+        s.sendall(sent)
+        t0 = time.monotonic()
+        try:
+            while s.recv(65536):
+                pass
+        except socket.timeout:
+            return None
+        return time.monotonic() - t0
+
+
+@pytest.mark.parametrize("sent", [b"", b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n",
+                                  b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\nGET /he"])
+def test_a_stalled_request_head_is_closed(live, sent):
+    """Nothing, part of a head, or a second request's partial head after a first one (keep-
+    alive): closed after the head deadline instead of held for ever."""
+    port, _ = live
+    elapsed = closed_within(port, sent, HEADER_TIMEOUT_S + 4)
+    assert elapsed is not None and elapsed < HEADER_TIMEOUT_S + 3
+
+
+def test_a_request_outlasts_the_head_deadline():
+    """The head deadline ends when the head is in: a reply that takes longer still arrives,
+    and a keep-alive connection carries a second request after it."""
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+
+    async def slow(request):
+        await asyncio.sleep(HEADER_TIMEOUT_S * 2)
+        return PlainTextResponse("done")
+
+    for port in serve_in_thread(Starlette(routes=[Route("/slow", slow)])):
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as c:
+            assert c.get("/slow").text == "done"
+            assert c.get("/slow").text == "done"
+
+
+@pytest.fixture(scope="module")
+def real_server():
+    server = start_server("--body-timeout", str(BODY_TIMEOUT_S), "--header-timeout",
+                          str(HEADER_TIMEOUT_S), "--max-body-bytes", str(MAX_BODY_BYTES),
+                          "--threads", "1")
+    yield server
+    stop_server(server)
+
+
+def test_k2serve_serve_runs_these_limits(real_server):
+    """`k2serve serve` (open mode: loopback, no key): a DNS-rebinding Host and a cross-site
+    Origin are refused, a stalled body is 408, an oversized one 413, a stalled head closed."""
+    port = real_server.port
+    with httpx.Client(base_url=real_server.root, timeout=30) as c:
+        assert c.get("/admin/usage").status_code == 200
+        r = c.get("/admin/usage", headers={"Host": "evil.example"})
+        assert r.status_code == 403 and r.json()["error"]["code"] == "host_not_allowed"
+        r = c.post("/v1/completions", headers={"Origin": "http://evil.example"},
+                   json={"model": real_server.model, "prompt": "hi", "max_tokens": 1})
+        assert r.status_code == 403 and r.json()["error"]["code"] == "origin_not_allowed"
+    elapsed, status, body, closed = exchange(port, head("/v1/completions", None,
+                                                        Content_Length="1000"), b"{")
+    assert status == 408 and elapsed < BODY_TIMEOUT_S + 3 and closed
+    _, status, body, _ = exchange(port, head("/v1/completions", None,
+                                             Content_Length=str(MAX_BODY_BYTES + 1)))
+    assert status == 413 and body["error"]["code"] == "request_too_large"
+    elapsed = closed_within(port, b"GET /health HTTP/1.1\r\n", HEADER_TIMEOUT_S + 4)
+    assert elapsed is not None and elapsed < HEADER_TIMEOUT_S + 3
+
+
 def test_serve_flags():
     from k2serve.cli import build_parser
 
-    args = build_parser().parse_args(["serve", "--body-timeout", "2.5",
-                                      "--keep-alive-timeout", "3"])
-    assert args.body_timeout == 2.5 and args.keep_alive_timeout == 3
+    args = build_parser().parse_args(["serve", "--body-timeout", "2.5", "--header-timeout",
+                                      "4", "--keep-alive-timeout", "3"])
+    assert (args.body_timeout, args.header_timeout, args.keep_alive_timeout) == (2.5, 4, 3)
     defaults = build_parser().parse_args(["serve"])
-    assert defaults.body_timeout == 30.0 and defaults.max_body_bytes == 16 * 1024 * 1024
+    assert defaults.body_timeout == defaults.header_timeout == 30.0
+    assert defaults.max_body_bytes == 16 * 1024 * 1024

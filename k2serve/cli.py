@@ -12,6 +12,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     from k2serve import native
     from k2serve.api.app import create_app
+    from k2serve.api.http_protocol import h11_protocol
     from k2serve.serving.loader import LoadOptions, load_text_model
     from k2serve.platform.db import data_dir
     from k2serve.serving.families import FamilyOptions, parse_families, register_families
@@ -51,12 +52,14 @@ def _serve(args: argparse.Namespace) -> int:
     register_families(registry, families - {"chat"},
                       FamilyOptions(data_dir=str(data_dir(args.data_dir)),
                                     progress=not args.quiet))
-    app = create_app(registry, max_body_bytes=args.max_body_bytes, platform=platform)
+    app = create_app(registry, max_body_bytes=args.max_body_bytes,
+                     body_timeout_s=args.body_timeout, platform=platform)
     app.state.shared_prefix_cache = args.shared_prefix_cache  # see k2serve.api.prefix_cache
 
     base = f"http://{_display_host(args.host)}:{args.port}"
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                            access_log=False)
+                            access_log=False, timeout_keep_alive=args.keep_alive_timeout,
+                            http=h11_protocol(args.header_timeout))
     server = uvicorn.Server(config)
 
     original_startup = server.startup
@@ -107,7 +110,16 @@ def build_parser() -> argparse.ArgumentParser:
                        help="model families to serve, comma-separated: chat, embedding "
                             "(+rerank), moderation, audio, or all (default). Families "
                             "beside chat load in the background after start-up")
-    serve.add_argument("--max-body-bytes", type=int, default=16 * 1024 * 1024)
+    serve.add_argument("--max-body-bytes", type=int, default=16 * 1024 * 1024,
+                       help="larger request bodies get 413")
+    serve.add_argument("--body-timeout", type=float, default=30.0,
+                       help="seconds a client has to send a request's whole body; a slower "
+                            "one gets 408 and its connection is closed (default: 30)")
+    serve.add_argument("--header-timeout", type=float, default=30.0,
+                       help="seconds a connection has to send each request's headers before "
+                            "it is closed (default: 30)")
+    serve.add_argument("--keep-alive-timeout", type=int, default=5,
+                       help="seconds an idle keep-alive connection stays open (default: 5)")
     serve.add_argument("--shared-prefix-cache", action="store_true",
                        help="let all API keys share cached prompt prefixes (by default each "
                             "key has its own, so cached_tokens cannot reveal another key's "

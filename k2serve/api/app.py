@@ -11,7 +11,9 @@ from fastapi.responses import JSONResponse
 from k2serve import __version__, native
 from k2serve.api.errors import install_error_handlers
 from k2serve.api.middleware import (
+    DEFAULT_BODY_TIMEOUT_S,
     DEFAULT_MAX_BODY_BYTES,
+    BodyLimits,
     BodySizeLimitMiddleware,
     PathAliasMiddleware,
     RequestIdMiddleware,
@@ -27,9 +29,11 @@ if TYPE_CHECKING:
 
 
 def create_app(registry: ModelRegistry, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+               body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
                platform: Platform | None = None) -> FastAPI:
     """The API. With a `platform` (k2serve.platform): API keys, rate limits, the usage
-    ledger and /admin routes; without one, open and unmetered."""
+    ledger and /admin routes; without one, open and unmetered. A request body larger than
+    `max_body_bytes` gets 413, one not all received within `body_timeout_s` seconds 408."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -66,11 +70,14 @@ def create_app(registry: ModelRegistry, *, max_body_bytes: int = DEFAULT_MAX_BOD
                            if hasattr(backend, "load_state")}}
         return JSONResponse(body, status_code=200 if ok else 503)
 
+    limits = BodyLimits(max_bytes=max_body_bytes, timeout_s=body_timeout_s)
+    # Added innermost first. Outermost: ids on every reply (errors included), the alias, then
+    # authentication (which reads a generation's body itself, once the key is known), then
+    # the body read for everything else: no body byte is read before the key is checked.
+    app.add_middleware(BodySizeLimitMiddleware, limits=limits)
     if platform is not None:
         platform.install(app)
-        app.add_middleware(PlatformMiddleware, platform=platform)
-    # Outermost first: ids on every reply (errors included), then the alias, then the limit.
-    app.add_middleware(BodySizeLimitMiddleware, max_bytes=max_body_bytes)
+        app.add_middleware(PlatformMiddleware, platform=platform, body_limits=limits)
     app.add_middleware(PathAliasMiddleware)
     app.add_middleware(RequestIdMiddleware)
     return app

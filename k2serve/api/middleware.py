@@ -1,21 +1,16 @@
-"""Plain ASGI middleware: request ids, the body-size limit, and the /v1/v1 path alias."""
+"""Plain ASGI middleware: request ids, the /v1/v1 path alias, and the one read of a
+request's body (size limit and read deadline)."""
 
 from __future__ import annotations
 
-import json
+import asyncio
 import uuid
+from dataclasses import dataclass
+
+from k2serve.api.errors import APIError, error_response
 
 DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
-
-
-def _error_message(status: int, message: str, code: str) -> tuple[dict, dict]:
-    body = json.dumps({"error": {"message": message, "type": "invalid_request_error",
-                                 "param": None, "code": code}}).encode()
-    start = {"type": "http.response.start", "status": status,
-             "headers": [(b"content-type", b"application/json"),
-                         (b"content-length", str(len(body)).encode()),
-                         (b"x-should-retry", b"false")]}
-    return start, {"type": "http.response.body", "body": body}
+DEFAULT_BODY_TIMEOUT_S = 30.0
 
 
 class RequestIdMiddleware:
@@ -55,51 +50,95 @@ class PathAliasMiddleware:
         await self.app(scope, receive, send)
 
 
-class BodySizeLimitMiddleware:
-    """413 for bodies over the limit, by Content-Length or while a chunked body streams."""
+@dataclass(frozen=True)
+class BodyLimits:
+    """How much body a request may send, and how long it may take to send all of it."""
 
-    def __init__(self, app, max_bytes: int = DEFAULT_MAX_BODY_BYTES):
+    max_bytes: int = DEFAULT_MAX_BODY_BYTES
+    timeout_s: float = DEFAULT_BODY_TIMEOUT_S
+
+
+# The connection is closed after these: the rest of the body is never read.
+_CLOSE = {"connection": "close"}
+
+
+def _too_large(limits: BodyLimits) -> APIError:
+    return APIError(413, f"Request body is larger than this server's limit of "
+                         f"{limits.max_bytes} bytes.", code="request_too_large", headers=_CLOSE)
+
+
+async def read_body(scope, receive, limits: BodyLimits) -> bytes | None:
+    """The request's whole body, read once and kept in `scope["state"]["body"]`; None when
+    the client left first. Raises APIError 413 (over the limit, by Content-Length before a
+    byte is read) or 408 (not all sent within the deadline: a slow client cannot hold a
+    connection and its buffered bytes for ever). Callers run it after authentication."""
+    state = scope.setdefault("state", {})
+    if "body" in state:
+        return state["body"]
+    length = dict(scope["headers"]).get(b"content-length")
+    if length is not None and length.isdigit() and int(length) > limits.max_bytes:
+        raise _too_large(limits)
+
+    async def collect() -> bytes | None:
+        chunks: list[bytes] = []
+        received = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunk = message.get("body", b"")
+            received += len(chunk)
+            if received > limits.max_bytes:  # a chunked body, or a Content-Length lie
+                raise _too_large(limits)
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+    try:
+        body = await asyncio.wait_for(collect(), limits.timeout_s)
+    except asyncio.TimeoutError:
+        raise APIError(408, f"The request body was not received within this server's limit "
+                            f"of {limits.timeout_s:g} seconds.", code="request_timeout",
+                       type="invalid_request_error", headers=_CLOSE) from None
+    if body is not None:
+        state["body"] = body
+    return body
+
+
+def replay(body: bytes, receive):
+    """A `receive` that gives the app the body read already, then waits as usual."""
+    sent = False
+
+    async def replayed():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()  # later calls wait for the disconnect
+
+    return replayed
+
+
+class BodySizeLimitMiddleware:
+    """Reads the body (see read_body) before the app does, unless a layer outside already
+    did and passes it on: the app never reads more than the limit or waits past the deadline.
+    Read here rather than inside the app, where FastAPI would turn an error raised from the
+    body read into a generic 400. Sits inside authentication, so unauthenticated requests
+    never get a byte of their body read."""
+
+    def __init__(self, app, limits: BodyLimits | None = None):
         self.app = app
-        self.max_bytes = max_bytes
+        self.limits = limits or BodyLimits()
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        message = (f"Request body is larger than this server's limit of {self.max_bytes} bytes.",
-                   "request_too_large")
-        length = dict(scope["headers"]).get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            start, body = _error_message(413, *message)
-            await send(start)
-            await send(body)
-            return
-
-        # Read the body here, up to the limit, then replay it: an error raised from inside
-        # the app's own body read would be turned into a generic 400 by FastAPI.
-        chunks: list[bytes] = []
-        received = 0
-        while True:
-            msg = await receive()
-            if msg["type"] == "http.disconnect":
-                return
-            chunk = msg.get("body", b"")
-            received += len(chunk)
-            if received > self.max_bytes:
-                start, body = _error_message(413, *message)
-                await send(start)
-                await send(body)
-                return
-            chunks.append(chunk)
-            if not msg.get("more_body", False):
-                break
-        body = b"".join(chunks)
-        replayed = False
-
-        async def replay_receive():
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()  # later calls wait for the disconnect, as usual
-
-        await self.app(scope, replay_receive, send)
+        if "body" in scope.get("state", {}):  # read outside; `receive` replays it
+            return await self.app(scope, receive, send)
+        try:
+            body = await read_body(scope, receive, self.limits)
+        except APIError as exc:
+            return await error_response(exc)(scope, receive, send)
+        if body is None:
+            return  # the client left before sending its body
+        await self.app(scope, replay(body, receive), send)

@@ -1,8 +1,10 @@
 """The platform's ASGI middleware: API keys, limits, rate-limit headers, ledger rows.
 
-It sits inside the request-id / path-alias / body-limit middleware, so it sees the final
-path, a body of bounded size, and a request id. Deny by default: every path but the public
-ones below needs a key, unless the server runs open (loopback, no key ever made).
+It sits inside the request-id / path-alias middleware, so it sees the final path and a
+request id, and outside the body read: it checks the key before any body byte is read, then
+reads a generation's body itself (once, bounded in size and time: k2serve.api.middleware).
+Deny by default: every path but the public ones below needs a key, unless the server runs
+open (loopback, no key ever made — and then only for loopback Host/Origin values).
 
 How it pairs a request with its generation's usage record without touching the routes:
 - `request.state.request_id` is replaced by an equal string that carries the request's
@@ -24,6 +26,7 @@ import uuid
 from starlette.datastructures import Headers
 
 from k2serve.api.errors import APIError, error_response
+from k2serve.api.middleware import BodyLimits, read_body, replay
 from k2serve.platform.form_fields import multipart_model
 from k2serve.platform.service import Platform, RequestContext, _log_request
 
@@ -80,9 +83,10 @@ def hook_usage_trackers() -> None:
 
 
 class PlatformMiddleware:
-    def __init__(self, app, platform: Platform):
+    def __init__(self, app, platform: Platform, body_limits: BodyLimits | None = None):
         self.app = app
         self.platform = platform
+        self.body_limits = body_limits or BodyLimits()
         hook_usage_trackers()
 
     async def __call__(self, scope, receive, send):
@@ -98,7 +102,9 @@ class PlatformMiddleware:
         headers = Headers(scope=scope)
 
         try:
-            key = await platform.authenticate(headers.get("authorization"))
+            key = await platform.authenticate(headers.get("authorization"),
+                                              host=headers.get("host"),
+                                              origin=headers.get("origin"))
         except APIError as exc:
             return await self._refuse(ctx, exc, scope, receive, send)
         ctx.key = key
@@ -123,10 +129,13 @@ class PlatformMiddleware:
             return
 
         ctx.endpoint = endpoint
-        raw = await _read_body(receive)
+        try:  # only now, the key known: read the body (once; the layers inside reuse it)
+            raw = await read_body(scope, receive, self.body_limits)
+        except APIError as exc:
+            return await self._refuse(ctx, exc, scope, receive, send)
         if raw is None:
             return  # the client left before sending its body
-        receive = _replay(raw, receive)
+        receive = replay(raw, receive)
         try:
             body = json.loads(raw) if raw else {}
         except (ValueError, UnicodeDecodeError):
@@ -218,27 +227,3 @@ def _capture_sse_usage(ctx: RequestContext, chunk: bytes) -> None:
                 continue
             if isinstance(doc.get("usage"), dict):
                 ctx.captured_usage = doc["usage"]
-
-
-async def _read_body(receive) -> bytes | None:
-    chunks = []
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            return None
-        chunks.append(message.get("body", b""))
-        if not message.get("more_body", False):
-            return b"".join(chunks)
-
-
-def _replay(body: bytes, receive):
-    sent = False
-
-    async def replay():
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()
-
-    return replay

@@ -10,6 +10,7 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 from starlette.concurrency import run_in_threadpool
 
@@ -35,12 +36,44 @@ MAX_RETRY_COUNT = 1000
 
 
 def is_loopback(host: str) -> bool:
-    if host in ("localhost",):
+    if host.lower() in ("localhost",):
         return True
     try:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
+
+
+def _authority_host(authority: str) -> str:
+    """The host of a Host header value: `localhost:8000` -> localhost, `[::1]:80` -> ::1."""
+    authority = authority.strip()
+    if authority.startswith("["):
+        return authority[1:authority.find("]")] if "]" in authority else authority
+    name, sep, port = authority.rpartition(":")
+    return name if sep and ":" not in name and port.isdigit() else authority
+
+
+def _origin_host(origin: str) -> str:
+    try:  # `null` (a sandboxed frame, a file: page) has no host, so it is not loopback
+        return urlsplit(origin.strip()).hostname or ""
+    except ValueError:
+        return ""
+
+
+def check_open_mode_request(host: str | None, origin: str | None) -> None:
+    """Open mode trusts the machine, not the network: a request must be addressed to a
+    loopback name (a DNS-rebinding page reaches 127.0.0.1 under its own host name) and, when
+    a browser sends one, come from a loopback Origin (a cross-site page can POST without
+    reading the reply). Raises 403."""
+    hint = "Create an API key (`k2serve keys create --name NAME`) to serve it with keys."
+    if host is None or not is_loopback(_authority_host(host)):
+        raise APIError(403, f"This server runs without API keys (open mode), so it answers only "
+                            f"requests addressed to localhost, 127.0.0.1 or [::1], not to Host "
+                            f"'{(host or '')[:100]}'. {hint}", code="host_not_allowed")
+    if origin is not None and not is_loopback(_origin_host(origin)):
+        raise APIError(403, f"This server runs without API keys (open mode), so it refuses "
+                            f"browser requests from other sites (Origin '{origin[:100]}'). "
+                            f"{hint}", code="origin_not_allowed")
 
 
 @dataclass(eq=False)
@@ -131,8 +164,10 @@ class Platform:
         self.db.close()
 
     # -- authentication ------------------------------------------------------------------
-    async def authenticate(self, authorization: str | None) -> KeyInfo | None:
-        """The request's key; None in open mode. Raises 401."""
+    async def authenticate(self, authorization: str | None, host: str | None = None,
+                           origin: str | None = None) -> KeyInfo | None:
+        """The request's key; None in open mode, for a request with a loopback Host (and
+        Origin, if any: check_open_mode_request). Raises 401, or 403 in open mode."""
         token = None
         if authorization:
             scheme, _, value = authorization.strip().partition(" ")
@@ -142,6 +177,7 @@ class Platform:
         if info is not None and not info.revoked:
             return info
         if self.loopback and not await run_in_threadpool(self.keys.any_key_exists):
+            check_open_mode_request(host, origin)
             return None  # open mode
         headers = {"www-authenticate": 'Bearer realm="k2serve"'}
         if info is not None:

@@ -9,7 +9,7 @@ import json
 import logging
 
 import pytest
-from starlette.testclient import TestClient
+from starlette.testclient import TestClient as _TestClient
 
 from k2serve.api.app import create_app
 from k2serve.platform.keys import KeyStore
@@ -17,6 +17,16 @@ from k2serve.platform.ledger import ledger_rows, usage_totals
 from k2serve.platform.service import Platform
 from k2serve.serving.registry import ModelRegistry, ModelSpec, Pricing
 from k2serve.serving.text_backend import TextBackend, TextDelta
+
+
+class TestClient(_TestClient):
+    """Addressed to 127.0.0.1: open mode answers loopback Host values only."""
+
+    __test__ = False  # not a test class
+
+    def __init__(self, app, base_url="http://127.0.0.1", **kwargs):
+        super().__init__(app, base_url=base_url, **kwargs)
+
 
 MODEL = "fake/k2"
 OTHER = "fake/other"

@@ -235,7 +235,7 @@ class Platform:
 
     @staticmethod
     def _over_budget(key: KeyInfo, spent: float, held: float) -> APIError:
-        if held <= 0:
+        if spent >= key.budget_usd:  # spent: retrying will not help
             return APIError(429, f"The API key '{key.name}' has used its budget of "
                                  f"${key.budget_usd:.6g} (spent ${spent:.6g}).",
                             type="insufficient_quota", code="insufficient_quota",
@@ -428,6 +428,10 @@ class Platform:
         headers += [(b"content-length", str(len(body)).encode()),
                     (b"idempotent-replayed", b"true"),
                     (b"original-request-id", str(stored.get("request_id", "")).encode("latin-1"))]
+        key = ctx.key
+        if key is not None and key.has_limits:  # as on every reply to a limited key
+            peek = await self.limiter.peek(key.id, key.rpm_limit, key.tpm_limit)
+            headers += [(k.encode(), v.encode()) for k, v in peek.headers().items()]
         ctx.status = stored["status"]
         await send({"type": "http.response.start", "status": stored["status"], "headers": headers})
         await send({"type": "http.response.body", "body": body, "more_body": False})

@@ -257,7 +257,6 @@ def test_abuse_patterns_never_get_tokens_unbilled(database, limiter_kind):
                                                                       **{"Idempotency-Key": "x"}))
             codes.append(r.status_code)
             received["abuser"].reply(r)
-        assert codes == [200, 422, 422, 422, 422]
         # 2. Retry-count headers chosen by the client, on new and repeated bodies.
         for i, s in enumerate(stories):
             for count in (str(i + 1), "0", "1", "1000", "-5", "junk"):
@@ -282,7 +281,6 @@ def test_abuse_patterns_never_get_tokens_unbilled(database, limiter_kind):
             replies = list(pool.map(lambda _: c.post(
                 "/v1/completions", json=body("race", 10),
                 headers=auth("dropper", **{"Idempotency-Key": "race"})), range(4)))
-        assert sorted({r.status_code for r in replies}) in ([200], [200, 409])
         for r in replies:
             received["dropper"].reply(r)
         for _ in range(100):  # the dropped streams' rows land when their generations end
@@ -296,6 +294,8 @@ def test_abuse_patterns_never_get_tokens_unbilled(database, limiter_kind):
     for name, got in received.items():
         assert got.tokens > 0
         assert billed[name] >= got.tokens, (name, billed[name], got.tokens)
+    assert codes == [200, 422, 422, 422, 422]  # one story; the other four refused
+    assert sorted({r.status_code for r in replies}) in ([200], [200, 409])
     assert received["sdk"].replays == 5 * 2  # "1" and "1000" after a "0": replays
 
 

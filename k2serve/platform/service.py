@@ -182,12 +182,12 @@ class Platform:
         self._loop = asyncio.get_running_loop()
         key = ctx.key
         body = self._check_models(ctx, body)
-        if key is not None and key.budget_usd is not None and key.spent_usd >= key.budget_usd:
-            raise self._over_budget(key, key.spent_usd, 0.0)
         await self._retry_identity(ctx, raw, headers)
         if ctx.replay is not None:
-            return  # nothing generated, nothing reserved
+            return  # nothing generated, nothing reserved: a spent budget does not matter
         try:
+            if key is not None and key.budget_usd is not None and key.spent_usd >= key.budget_usd:
+                raise self._over_budget(key, key.spent_usd, 0.0)
             # Tokenizing a long prompt takes a while: not on the event loop.
             prompt, completion = await run_in_threadpool(self.reservation_split, ctx.endpoint,
                                                          body, raw)

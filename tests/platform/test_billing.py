@@ -345,11 +345,15 @@ def test_budget_holds_are_released_when_rows_are_written(database, limiter_kind)
     with TestClient(app) as c:
         for _ in range(3):
             assert post(c, key, **{**body, "max_tokens": 70}).status_code == 400
+        paid = {"Idempotency-Key": "paid"}
         for i in range(10):
             wait_for_holds(c, platform, info.id)
-            assert post(c, key, **body).status_code == 200, i
+            assert post(c, key, headers=paid if i == 0 else None, **body).status_code == 200, i
         wait_for_holds(c, platform, info.id)
         assert post(c, key, **body).status_code == 429
+        # A reply already paid for is still replayed.
+        replay = post(c, key, headers=paid, **body)
+        assert replay.status_code == 200 and replay.headers["idempotent-replayed"] == "true"
     assert KeyStore(database).get_by_name("ten").spent_usd == pytest.approx(10 * COST)
 
 

@@ -58,7 +58,7 @@ def _eligible(prompt_tokens, completion_tokens):
 
 
 def apply_row(session, row: LedgerRow) -> UsageEntry:
-    """Insert one row, elect the billed row of its retry group, move the key's spend."""
+    """Insert one row (billed when it used tokens) and move the key's spend."""
     if row.api_key_id is not None:
         session.execute(select(ApiKey.id).where(ApiKey.id == row.api_key_id).with_for_update())
     entry = UsageEntry(

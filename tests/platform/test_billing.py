@@ -131,17 +131,17 @@ def test_idempotency_key_replays_refuses_other_bodies_and_bills_what_generates(d
 def test_concurrent_duplicate_is_409_then_replayed(database, limiter_kind):
     _, key = KeyStore(database).create("k")
     app, _ = make_app(database, limiter_kind, backend=PacedBackend(0.05))
-    body = {"model": MODEL, "prompt": "a b c", "max_tokens": 10}
+    body = {"model": MODEL, "prompt": "a b c", "max_tokens": 20}  # 1 s of generation
     with TestClient(app) as c:
-        with ThreadPoolExecutor(1) as pool:
-            slow = pool.submit(post, c, key, headers={"Idempotency-Key": "op"}, **body)
-            time.sleep(0.2)  # the first is generating (0.5 s)
-            busy = post(c, key, headers={"Idempotency-Key": "op"}, **body)
-            first = slow.result(30)
-        assert busy.status_code == 409
+        with ThreadPoolExecutor(2) as pool:
+            one = pool.submit(post, c, key, headers={"Idempotency-Key": "op"}, **body)
+            time.sleep(0.2)
+            two = pool.submit(post, c, key, headers={"Idempotency-Key": "op"}, **body)
+            replies = sorted([one.result(30), two.result(30)], key=lambda r: r.status_code)
+        first, busy = replies
+        assert (first.status_code, busy.status_code) == (200, 409)
         assert error_of(busy)["code"] == "idempotency_key_in_use"
         assert busy.headers["retry-after"] == "1" and "x-should-retry" not in busy.headers
-        assert first.status_code == 200
         later = post(c, key, headers={"Idempotency-Key": "op"}, **body)
         assert later.headers["idempotent-replayed"] == "true"
         assert later.json() == first.json()

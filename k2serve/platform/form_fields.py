@@ -1,6 +1,9 @@
 """The `model` field of a multipart/form-data body (the audio uploads), so the platform's
 model allow-list and ledger see it as they see a JSON body's. File parts are skipped, not
-copied."""
+copied.
+
+It must be the field the route reads: Starlette's form keeps the LAST value of a repeated
+field, and a `model` part that is a file (has a filename) is no model at all to the route."""
 
 from __future__ import annotations
 
@@ -14,8 +17,8 @@ def multipart_model(raw: bytes, content_type: str) -> str | None:
     boundary = params.get(b"boundary")
     if kind != b"multipart/form-data" or not boundary:
         return None
-    part = {"field": bytearray(), "value": bytearray(), "name": None}
-    found: list[str] = []
+    part = {"field": bytearray(), "value": bytearray(), "name": None, "file": False}
+    found: list[str | None] = []
 
     def on_header_field(data, start, end):
         part["field"] += data[start:end]
@@ -27,6 +30,7 @@ def multipart_model(raw: bytes, content_type: str) -> str | None:
         if bytes(part["field"]).strip().lower() == b"content-disposition":
             _, disposition = parse_options_header(bytes(part["value"]))
             part["name"] = disposition.get(b"name")
+            part["file"] = b"filename" in disposition
         part["field"], part["value"] = bytearray(), bytearray()
 
     body = bytearray()
@@ -36,9 +40,11 @@ def multipart_model(raw: bytes, content_type: str) -> str | None:
             body.extend(data[start:end])
 
     def on_part_end():
-        if part["name"] == b"model" and not found:
-            found.append(bytes(body[:MAX_MODEL_BYTES]).decode("utf-8", "replace"))
-        part["name"] = None
+        if part["name"] == b"model":  # a later one replaces it, as in the route's form
+            value = bytes(body[:MAX_MODEL_BYTES]).decode("utf-8", "replace")
+            found[:] = [None if part["file"] else value]
+        body.clear()
+        part["name"], part["file"] = None, False
 
     parser = MultipartParser(boundary, callbacks={
         "on_header_field": on_header_field, "on_header_value": on_header_value,

@@ -163,6 +163,12 @@ class KeyStore:
             return None
         return _info(row)
 
+    def spent_usd(self, key_id: str) -> float:
+        """The key's settled spend as the database has it now (budgets read it after taking
+        their hold: see Platform._hold_budget)."""
+        with self.db.session() as session:
+            return session.scalar(select(ApiKey.spent_usd).where(ApiKey.id == key_id)) or 0.0
+
     def any_key_exists(self) -> bool:
         """Has any key ever been made here (revoked ones count)? Once true, stays true."""
         if self._any_key_seen:

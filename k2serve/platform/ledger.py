@@ -1,15 +1,14 @@
 """The usage ledger: one row per request, written by a background thread in small batches.
 
-Billing rule for retries (see README, "Keys, usage and limits"): every attempt gets its own
-row, with the tokens it really used; the attempts of one logical request share a
-`retry_group`, and within a group exactly one row is `billed` — the attempt that generated
-something and came last (highest `x-stainless-retry-count`, then latest admission). Totals,
-budgets and `spent_usd` count billed rows only, so a retried request is never billed twice,
-while a dropped stream that nobody retried is billed for the tokens it produced.
+Billing rule (see README, "Retries"): every row that used tokens is billed, with the tokens
+it really used — retries included, so every token delivered is billed. The attempts of one
+logical request share a `retry_group` (for the record); a retry of a request that completed
+is answered with its stored reply and leaves a `replayed` row with no tokens. Totals,
+budgets and `spent_usd` count billed rows.
 
 Each row is applied in one transaction that also moves the key's `spent_usd`; on PostgreSQL
 the key's row is locked first (SELECT ... FOR UPDATE) and on SQLite the transaction takes
-the write lock at BEGIN, so two servers writing the same group cannot both bill it.
+the write lock at BEGIN.
 """
 
 from __future__ import annotations
@@ -59,7 +58,7 @@ def _eligible(prompt_tokens, completion_tokens):
 
 
 def apply_row(session, row: LedgerRow) -> UsageEntry:
-    """Insert one row, elect the billed row of its retry group, move the key's spend."""
+    """Insert one row (billed when it used tokens) and move the key's spend."""
     if row.api_key_id is not None:
         session.execute(select(ApiKey.id).where(ApiKey.id == row.api_key_id).with_for_update())
     entry = UsageEntry(
@@ -73,25 +72,12 @@ def apply_row(session, row: LedgerRow) -> UsageEntry:
         billed=False)
     session.add(entry)
     session.flush()
+    # Every attempt is billed for the tokens it used, retries included: an attempt that
+    # generates again delivers its tokens again (a completed one is replayed instead, unbilled).
     delta = 0.0
     if _eligible(row.prompt_tokens, row.completion_tokens):
-        if row.retry_group is None:
-            entry.billed = True
-            delta = row.cost_usd
-        else:
-            group = session.execute(
-                select(UsageEntry.id, UsageEntry.retry_count, UsageEntry.admitted_at,
-                       UsageEntry.started_at, UsageEntry.cost_usd, UsageEntry.billed)
-                .where(UsageEntry.retry_group == row.retry_group,
-                       (UsageEntry.prompt_tokens + UsageEntry.completion_tokens) > 0)).all()
-            winner = max(group, key=lambda r: (r.retry_count, r.admitted_at or r.started_at, r.id))
-            for r in group:
-                want = r.id == winner.id
-                if bool(r.billed) != want:
-                    session.execute(update(UsageEntry).where(UsageEntry.id == r.id)
-                                    .values(billed=want))
-                    delta += r.cost_usd if want else -r.cost_usd
-            session.expire(entry, ["billed"])
+        entry.billed = True
+        delta = row.cost_usd
     if row.api_key_id is not None:
         last = ApiKey.last_used_at
         session.execute(update(ApiKey).where(ApiKey.id == row.api_key_id).values(

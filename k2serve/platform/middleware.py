@@ -151,10 +151,19 @@ class PlatformMiddleware:
             await platform.admit(ctx, body, raw, headers)
         except APIError as exc:
             return await self._refuse(ctx, exc, scope, receive, send)
+        if ctx.replay is not None:  # the same request completed before: its stored reply
+            try:
+                await platform.send_replay(ctx, send)
+            finally:
+                platform.after_app(ctx)
+            return
 
         extra = ctx.decision.headers() if ctx.decision is not None else {}
+        sender = self._sender(ctx, send, extra)
+        if ctx.slot is not None:  # stores the reply for a retry (README: "Retries")
+            sender = platform.recording_sender(ctx, sender)
         try:
-            await self.app(scope, receive, self._sender(ctx, send, extra))
+            await self.app(scope, receive, sender)
         finally:
             platform.after_app(ctx)
 

@@ -20,6 +20,7 @@ seconds until the oldest entry leaves the window (when capacity next grows). A 4
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import threading
 import time
@@ -28,7 +29,7 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass
 
 WINDOW_S = 60.0
-RETRY_GROUP_TTL_S = 900  # how long a body fingerprint is remembered for retries
+RETRY_GROUP_TTL_S = 900  # how long a body fingerprint is remembered for SDK retries
 
 
 @dataclass
@@ -298,38 +299,246 @@ class RedisRateLimiter:
 
 
 # -- which requests are retries of one another ------------------------------------------
+# A slot is one logical request: an `Idempotency-Key` of a key, or (for the SDKs' retries)
+# the fingerprint of a body. Its record: the hash of the body that claimed it, its state
+# (`running` while an attempt generates, `done` with the stored reply, `open` when the
+# attempt ended without a reply worth replaying), the attempt's token (so a finished
+# attempt only ever touches its own claim) and its retry group.
+RUNNING_TTL_S = 300  # a claim left by a crashed server frees itself after this long
+IDEMPOTENCY_TTL_S = 24 * 3600  # how long an Idempotency-Key is remembered (Stripe's 24 h)
+
+
+@dataclass
+class Claim:
+    outcome: str  # "new" (generate), "replay", "conflict" (running), "mismatch" (other body)
+    group: str | None = None
+    token: str | None = None
+    response: dict | None = None  # for "replay": {"status", "headers", "body"}
+
+
+def _claim(record: dict | None, body_hash: str, mode: str, group: str, token: str) -> tuple[Claim, dict | None]:
+    """The decision, and the record to store (None: leave it as it is). `mode`: "idem"
+    (Idempotency-Key), "first" (an SDK's first attempt: always claims anew), "retry"."""
+    if record is None or mode == "first":
+        return Claim("new", group, token), {"body": body_hash, "state": "running",
+                                             "token": token, "group": group}
+    if record["body"] != body_hash:
+        return Claim("mismatch"), None
+    if record["state"] == "done":
+        return Claim("replay", record["group"], None, record["response"]), None
+    if record["state"] == "running" and mode == "idem":
+        return Claim("conflict", record["group"]), None
+    return Claim("new", record["group"], token), dict(record, state="running", token=token,
+                                                       response=None)
+
+
 class MemoryRetryStore:
-    """Body fingerprint -> the retry group of its latest first attempt (this process)."""
+    """Slots in this process, bounded in count and in stored reply bytes (oldest first out)."""
 
-    def __init__(self, ttl_s: float = RETRY_GROUP_TTL_S, max_entries: int = 100_000):
-        self.ttl = ttl_s
+    def __init__(self, max_entries: int = 10_000, max_bytes: int = 64 << 20):
         self.max_entries = max_entries
-        self._groups: OrderedDict[str, tuple[float, str]] = OrderedDict()
+        self.max_bytes = max_bytes
+        self._slots: OrderedDict[str, tuple[float, dict]] = OrderedDict()  # slot -> (expiry, record)
+        self._bytes = 0
 
-    async def get(self, fingerprint: str) -> str | None:
-        item = self._groups.get(fingerprint)
-        if item is None or item[0] < time.monotonic():
+    def _get(self, slot: str) -> dict | None:
+        item = self._slots.get(slot)
+        if item is None:
+            return None
+        if item[0] < time.monotonic():
+            self._drop(slot)
             return None
         return item[1]
 
-    async def put(self, fingerprint: str, group: str) -> None:
-        self._groups[fingerprint] = (time.monotonic() + self.ttl, group)
-        self._groups.move_to_end(fingerprint)
-        while len(self._groups) > self.max_entries:
-            self._groups.popitem(last=False)
+    def _drop(self, slot: str) -> None:
+        _, record = self._slots.pop(slot)
+        self._bytes -= _size(record)
+
+    def _set(self, slot: str, record: dict, ttl: float) -> None:
+        if slot in self._slots:
+            self._drop(slot)
+        self._slots[slot] = (time.monotonic() + ttl, record)
+        self._bytes += _size(record)
+        while self._slots and (len(self._slots) > self.max_entries or self._bytes > self.max_bytes):
+            self._drop(next(iter(self._slots)))
+
+    async def claim(self, slot: str, body_hash: str, mode: str, group: str, ttl: float) -> Claim:
+        token = uuid.uuid4().hex
+        claim, record = _claim(self._get(slot), body_hash, mode, group, token)
+        if record is not None:
+            self._set(slot, record, min(ttl, RUNNING_TTL_S))
+        return claim
+
+    async def finish(self, slot: str, token: str, response: dict | None, ttl: float) -> None:
+        record = self._get(slot)
+        if record is None or record.get("token") != token:
+            return  # expired, or claimed since by a later attempt
+        done = dict(record, state="done" if response else "open", response=response)
+        self._set(slot, done, ttl)
+
+
+def _size(record: dict) -> int:
+    response = record.get("response")
+    return len(response["body"]) if response else 0
+
+
+# KEYS[1]: the slot (a hash). ARGV: body hash, mode, new group, token, running TTL.
+# Returns {outcome, group, response JSON or ""}; the decision is _claim's.
+_CLAIM_LUA = """
+local rec = redis.call('HMGET', KEYS[1], 'body', 'state', 'group', 'response')
+local body, state, group, response = rec[1], rec[2], rec[3], rec[4]
+local mode = ARGV[2]
+if (not body) or mode == 'first' then
+  redis.call('DEL', KEYS[1])
+  redis.call('HSET', KEYS[1], 'body', ARGV[1], 'state', 'running', 'token', ARGV[4],
+             'group', ARGV[3])
+  redis.call('EXPIRE', KEYS[1], ARGV[5])
+  return {'new', ARGV[3], ''}
+end
+if body ~= ARGV[1] then return {'mismatch', '', ''} end
+if state == 'done' then return {'replay', group, response or ''} end
+if state == 'running' and mode == 'idem' then return {'conflict', group, ''} end
+redis.call('HSET', KEYS[1], 'state', 'running', 'token', ARGV[4])
+redis.call('HDEL', KEYS[1], 'response')
+redis.call('EXPIRE', KEYS[1], ARGV[5])
+return {'new', group, ''}
+"""
+
+# KEYS[1]: the slot. ARGV: token, state ("done" | "open"), response JSON, TTL.
+_FINISH_LUA = """
+if redis.call('HGET', KEYS[1], 'token') ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'state', ARGV[2])
+if ARGV[3] ~= '' then redis.call('HSET', KEYS[1], 'response', ARGV[3]) end
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+return 1
+"""
 
 
 class RedisRetryStore:
-    def __init__(self, limiter: RedisRateLimiter, ttl_s: int = RETRY_GROUP_TTL_S):
+    """The same slots in Redis, shared by every server using it (replies stored as JSON)."""
+
+    def __init__(self, limiter: RedisRateLimiter):
+        self._redis = limiter._redis
+        self._ns = limiter.namespace
+        self._claim = self._redis.register_script(_CLAIM_LUA)
+        self._finish = self._redis.register_script(_FINISH_LUA)
+
+    def _key(self, slot: str) -> str:
+        return f"{self._ns}:retry:{slot}"
+
+    async def claim(self, slot: str, body_hash: str, mode: str, group: str, ttl: float) -> Claim:
+        token = uuid.uuid4().hex
+        outcome, group, response = await self._claim(
+            keys=[self._key(slot)],
+            args=[body_hash, mode, group, token, int(min(ttl, RUNNING_TTL_S))])
+        if outcome == "replay":
+            return Claim("replay", group, None, json.loads(response))
+        return Claim(outcome, group or None, token if outcome == "new" else None)
+
+    async def finish(self, slot: str, token: str, response: dict | None, ttl: float) -> None:
+        await self._finish(keys=[self._key(slot)],
+                           args=[token, "done" if response else "open",
+                                 json.dumps(response) if response else "", int(ttl)])
+
+
+# -- budgets: the worst-case cost of requests in progress --------------------------------
+HOLD_TTL_S = 900  # a hold left by a crashed server frees itself after this long
+
+
+class MemoryBudgetHolds:
+    """Per key: hold id -> (USD, expiry). `hold` adds one and returns what the key's other
+    live holds add up to, in one step."""
+
+    def __init__(self, ttl_s: float = HOLD_TTL_S, clock=time.monotonic):
+        self.ttl = ttl_s
+        self._clock = clock
+        self._holds: dict[str, dict[str, tuple[float, float]]] = {}
+
+    async def hold(self, key: str, usd: float) -> tuple[str, float]:
+        now = self._clock()
+        holds = self._holds.setdefault(key, {})
+        for hid in [h for h, (_, expiry) in holds.items() if expiry <= now]:
+            del holds[hid]
+        others = sum(usd for usd, _ in holds.values())
+        hold_id = uuid.uuid4().hex
+        holds[hold_id] = (usd, now + self.ttl)
+        return hold_id, others
+
+    async def settle(self, key: str, hold_id: str, usd: float) -> None:
+        """The request's real cost is known: hold that (until its row is written)."""
+        holds = self._holds.get(key)
+        if holds is not None and hold_id in holds:
+            holds[hold_id] = (usd, holds[hold_id][1])
+
+    async def release(self, key: str, hold_id: str) -> None:
+        holds = self._holds.get(key)
+        if holds is not None:
+            holds.pop(hold_id, None)
+            if not holds:
+                del self._holds[key]
+
+    async def outstanding(self, key: str) -> float:
+        now = self._clock()
+        return sum(usd for usd, expiry in self._holds.get(key, {}).values() if expiry > now)
+
+
+# KEYS[1]: hash hold id -> "usd|expiry" (Redis clock). ARGV: hold id, usd, ttl.
+_HOLD_LUA = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local all = redis.call('HGETALL', KEYS[1])
+local sum = 0
+for i = 1, #all, 2 do
+  local v = all[i + 1]
+  local sep = string.find(v, '|', 1, true)
+  if tonumber(string.sub(v, sep + 1)) <= now then
+    redis.call('HDEL', KEYS[1], all[i])
+  else
+    sum = sum + tonumber(string.sub(v, 1, sep - 1))
+  end
+end
+if ARGV[1] ~= '' then
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2] .. '|' .. string.format('%.6f', now + tonumber(ARGV[3])))
+  redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]) + 5)
+end
+return string.format('%.17g', sum)
+"""
+
+
+# KEYS[1]: as above. ARGV: hold id, usd. Changes the amount of a hold that still exists.
+_SETTLE_HOLD_LUA = """
+local v = redis.call('HGET', KEYS[1], ARGV[1])
+if not v then return 0 end
+local sep = string.find(v, '|', 1, true)
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2] .. string.sub(v, sep))
+return 1
+"""
+
+
+class RedisBudgetHolds:
+    def __init__(self, limiter: RedisRateLimiter, ttl_s: int = HOLD_TTL_S):
         self._redis = limiter._redis
         self._ns = limiter.namespace
         self.ttl = ttl_s
+        self._hold = self._redis.register_script(_HOLD_LUA)
+        self._settle = self._redis.register_script(_SETTLE_HOLD_LUA)
 
-    async def get(self, fingerprint: str) -> str | None:
-        return await self._redis.get(f"{self._ns}:retry:{fingerprint}")
+    def _key(self, key: str) -> str:
+        return f"{self._ns}:budget:{{{key}}}"
 
-    async def put(self, fingerprint: str, group: str) -> None:
-        await self._redis.set(f"{self._ns}:retry:{fingerprint}", group, ex=self.ttl)
+    async def hold(self, key: str, usd: float) -> tuple[str, float]:
+        hold_id = uuid.uuid4().hex
+        others = await self._hold(keys=[self._key(key)], args=[hold_id, repr(float(usd)), self.ttl])
+        return hold_id, float(others)
+
+    async def settle(self, key: str, hold_id: str, usd: float) -> None:
+        await self._settle(keys=[self._key(key)], args=[hold_id, repr(float(usd))])
+
+    async def release(self, key: str, hold_id: str) -> None:
+        await self._redis.hdel(self._key(key), hold_id)
+
+    async def outstanding(self, key: str) -> float:
+        return float(await self._hold(keys=[self._key(key)], args=["", "0", self.ttl]))
 
 
 def run_soon(coro) -> asyncio.Task | None:

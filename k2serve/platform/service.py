@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import ipaddress
 import json
@@ -20,10 +21,14 @@ from k2serve.platform.keys import KeyInfo, KeyStore
 from k2serve.platform.ledger import LedgerRow, LedgerWriter, usage_totals
 from k2serve.platform.pricing import cost_usd, pricing_for
 from k2serve.platform.ratelimit import (
+    IDEMPOTENCY_TTL_S,
+    RETRY_GROUP_TTL_S,
     WINDOW_S,
     Decision,
+    MemoryBudgetHolds,
     MemoryRateLimiter,
     MemoryRetryStore,
+    RedisBudgetHolds,
     RedisRateLimiter,
     RedisRetryStore,
     run_soon,
@@ -33,6 +38,11 @@ log = logging.getLogger("k2serve.platform")
 request_log = logging.getLogger("k2serve.requests")
 
 MAX_RETRY_COUNT = 1000
+MAX_IDEMPOTENCY_KEY = 255  # characters, as Stripe
+MAX_REPLAY_BYTES = 1 << 20  # a larger reply is not stored: its retry generates again
+# Reply headers not stored for a replay (the replay gets its own).
+_NOT_REPLAYED = frozenset({b"content-length", b"x-request-id", b"date", b"server",
+                           b"set-cookie", b"transfer-encoding"})
 
 
 def is_loopback(host: str) -> bool:
@@ -93,6 +103,11 @@ class RequestContext:
     admitted_at: float | None = None
     retry_group: str | None = None
     retry_count: int = 0
+    slot: str | None = None  # its claim in the retry store (README: "Retries")
+    slot_token: str | None = None
+    slot_ttl: float = 0.0
+    replay: dict | None = None  # a stored reply to send instead of generating
+    budget_hold: str | None = None  # its worst-case cost, held against the key's budget
     refused: bool = False
     status: int | None = None
     error_code: str | None = None
@@ -115,12 +130,17 @@ class Platform:
         if redis_url:
             self.limiter = RedisRateLimiter(redis_url, window_s)
             self.retries = RedisRetryStore(self.limiter)
+            self.budgets = RedisBudgetHolds(self.limiter)
         else:
             self.limiter = MemoryRateLimiter(window_s)
             self.retries = MemoryRetryStore()
+            self.budgets = MemoryBudgetHolds()
         self.writer = LedgerWriter(db)
         self.registry = None
         self._closed = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._written_holds: list[tuple[str, str]] = []  # released once their rows are written
+        self._releaser: asyncio.Task | None = None
 
     # -- wiring ------------------------------------------------------------------------
     def install(self, app) -> None:
@@ -193,28 +213,140 @@ class Platform:
     async def admit(self, ctx: RequestContext, body: dict, raw: bytes, headers) -> None:
         """Model allow-list, budget, retry identity, reservation and rate limits.
 
-        Raises APIError (403 / 429); otherwise the request holds its reservation."""
+        Raises APIError (403 / 409 / 422 / 429); otherwise the request holds its reservation,
+        or `ctx.replay` is the stored reply of the same request, to send instead."""
+        self._loop = asyncio.get_running_loop()
         key = ctx.key
-        if key is not None and ctx.model is not None and not key.allows_model(ctx.model):
-            raise APIError(403, f"The API key '{key.name}' may not use the model "
-                                f"'{ctx.model}'. Allowed: {', '.join(key.allowed_models)}.",
-                           param="model", code="model_not_allowed")
-        if key is not None and key.budget_usd is not None and key.spent_usd >= key.budget_usd:
-            raise APIError(429, f"The API key '{key.name}' has used its budget of "
-                                f"${key.budget_usd:.6g} (spent ${key.spent_usd:.6g}).",
-                           type="insufficient_quota", code="insufficient_quota",
-                           headers={"x-should-retry": "false"})
+        body = self._check_models(ctx, body)
         await self._retry_identity(ctx, raw, headers)
-        ctx.reserved = self.reservation(ctx.endpoint, body, raw)
-        if key is not None and key.has_limits:
-            decision = await self.limiter.acquire(key.id, key.rpm_limit, key.tpm_limit,
-                                                  ctx.reserved)
-            ctx.decision = decision
-            if not decision.allowed:
-                raise self._limited(key, decision, ctx.reserved, ctx.endpoint)
-            ctx.admitted_at = decision.admitted_at
-        else:
-            ctx.admitted_at = time.time()
+        if ctx.replay is not None:
+            return  # nothing generated, nothing reserved: a spent budget does not matter
+        try:
+            if key is not None and key.budget_usd is not None and key.spent_usd >= key.budget_usd:
+                raise self._over_budget(key, key.spent_usd, 0.0)
+            # Tokenizing a long prompt takes a while: not on the event loop.
+            prompt, completion = await run_in_threadpool(self.reservation_split, ctx.endpoint,
+                                                         body, raw)
+            ctx.reserved = prompt + completion
+            if key is not None and key.budget_usd is not None:
+                await self._hold_budget(ctx, key, prompt, completion)
+            if key is not None and key.has_limits:
+                decision = await self.limiter.acquire(key.id, key.rpm_limit, key.tpm_limit,
+                                                      ctx.reserved)
+                ctx.decision = decision
+                if not decision.allowed:
+                    raise self._limited(key, decision, ctx.reserved, ctx.endpoint)
+                ctx.admitted_at = decision.admitted_at
+            else:
+                ctx.admitted_at = time.time()
+        except Exception:  # refused: give back the claim and the hold now
+            await self._close_slot(ctx, None)
+            await self._release_hold(ctx)
+            raise
+        except BaseException:  # cancelled (client gone): the same, outside the cancel scope
+            run_soon(self._close_slot(ctx, None))
+            run_soon(self._release_hold(ctx))
+            raise
+
+    def _check_models(self, ctx: RequestContext, body: dict) -> dict:
+        """The key's allow-list, for every model the request would use: `model` (or, when it
+        names none, the one the route would pick) and `safety_model`. Returns the body with
+        that model filled in, for the reservation."""
+        model = body.get("model")
+        if model is None or (model == "" and (ctx.endpoint or "").startswith("audio.")):
+            default = _default_model(self.registry, ctx.endpoint)
+            if default is not None:
+                ctx.model = default
+                body = dict(body, model=default)
+                model = default
+        key = ctx.key
+        if key is None or key.allowed_models is None:
+            return body
+        for param, name in (("model", model), ("safety_model", body.get("safety_model"))):
+            if isinstance(name, str) and not key.allows_model(name):
+                raise APIError(403, f"The API key '{key.name}' may not use the model "
+                                    f"'{name[:256]}'. Allowed: {', '.join(key.allowed_models)}.",
+                               param=param, code="model_not_allowed")
+        return body
+
+    @staticmethod
+    def _over_budget(key: KeyInfo, spent: float, held: float) -> APIError:
+        if spent >= key.budget_usd:  # spent: retrying will not help
+            return APIError(429, f"The API key '{key.name}' has used its budget of "
+                                 f"${key.budget_usd:.6g} (spent ${spent:.6g}).",
+                            type="insufficient_quota", code="insufficient_quota",
+                            headers={"x-should-retry": "false"})
+        return APIError(429, f"The API key '{key.name}' has reached its budget of "
+                             f"${key.budget_usd:.6g}: spent ${spent:.6g}, and ${held:.6g} is "
+                             f"held by its requests in progress (their worst-case cost). "
+                             f"Retry when they have finished.",
+                        type="insufficient_quota", code="insufficient_quota",
+                        headers={"retry-after": "1"})
+
+    async def _hold_budget(self, ctx: RequestContext, key: KeyInfo, prompt: int,
+                           completion: int) -> None:
+        """Hold the request's worst-case cost (prompt + n x max_tokens at the model's prices)
+        until its ledger row is written, and admit it only if the key's spend plus the holds
+        of its other requests leave some budget. So at most one request (the last admitted)
+        can take the key past its budget, by at most its own cost.
+
+        The spend is read AFTER the holds: a request that finishes in between is counted in
+        the holds (released only once its row is written) or in the spend, never neither."""
+        worst = cost_usd(pricing_for(self.registry, ctx.model), prompt, 0, completion)
+        ctx.budget_hold, held = await self.budgets.hold(key.id, worst)
+        spent = await run_in_threadpool(self.keys.spent_usd, key.id)
+        if spent + held >= key.budget_usd:
+            raise self._over_budget(key, spent, held)
+
+    async def _release_hold(self, ctx: RequestContext) -> None:
+        hold, ctx.budget_hold = ctx.budget_hold, None
+        if hold is not None and ctx.key is not None:
+            try:
+                await self.budgets.release(ctx.key.id, hold)
+            except Exception:
+                log.exception("releasing a budget hold failed (it expires by itself)")
+
+    def _release_hold_after_write(self, ctx: RequestContext, cost: float) -> None:
+        """The row with the request's real cost is queued: hold just that cost now, and
+        release the hold once the ledger writer has written the row (a flush), so the key's
+        spend counts it first."""
+        hold, ctx.budget_hold = ctx.budget_hold, None
+        if hold is None or ctx.key is None:
+            return
+        item = (ctx.key.id, hold)
+
+        def queue() -> None:
+            run_soon(self._settle_hold(item, cost))
+            self._written_holds.append(item)
+            if self._releaser is None or self._releaser.done():
+                self._releaser = run_soon(self._release_written())
+
+        loop = self._loop
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if loop is None or running is loop:
+            queue()
+        elif not loop.is_closed():
+            loop.call_soon_threadsafe(queue)
+
+    async def _settle_hold(self, item: tuple[str, str], cost: float) -> None:
+        try:
+            await self.budgets.settle(*item, cost)
+        except Exception:
+            log.exception("settling a budget hold failed")
+
+    async def _release_written(self) -> None:
+        while self._written_holds:
+            batch, self._written_holds = self._written_holds, []
+            if not self._closed:
+                await run_in_threadpool(self.writer.flush)
+            for key_id, hold in batch:
+                try:
+                    await self.budgets.release(key_id, hold)
+                except Exception:
+                    log.exception("releasing a budget hold failed (it expires by itself)")
 
     @staticmethod
     def _limited(key: KeyInfo, d: Decision, reserved: int, endpoint: str | None) -> APIError:
@@ -240,12 +372,17 @@ class Platform:
     async def _retry_identity(self, ctx: RequestContext, raw: bytes, headers) -> None:
         """Which logical request this attempt belongs to (README: "Retries").
 
-        - `Idempotency-Key: K`: every request of this key (or of open mode) with the same K.
+        - `Idempotency-Key: K`: the request of this key (or of open mode) that first sent K.
+          The same body on the same endpoint again: its stored reply is replayed once it has
+          completed (409 while it runs); another body: 422. A first attempt that ended
+          without a reply to replay (an error, a stream, a drop) lets the next one generate.
         - else `x-stainless-retry-count: N` (N >= 1), as the OpenAI / Together SDKs send on
-          their retries: the latest request of this key whose body was byte-identical and
-          that itself carried the header (the SDK's first attempt sends 0), within 15 min.
+          their retries: the latest request of this key with a byte-identical body that
+          itself carried the header (the SDK's first attempt sends 0), within 15 min: its
+          stored reply is replayed if it completed; if not, the retry generates again.
         - else: a request of its own. Identical bodies sent without these headers are
-          separate requests (sampling twice is legitimate) and are billed separately.
+          separate requests (sampling twice is legitimate).
+        Every attempt that generates is billed for what it generated; a replay for nothing.
         """
         count = headers.get("x-stainless-retry-count")
         try:
@@ -254,29 +391,112 @@ class Platform:
             ctx.retry_count = 0
         scope_id = ctx.key.id if ctx.key is not None else "-"
         idem = headers.get("idempotency-key")
-        if idem:
-            ctx.retry_group = "i" + hashlib.sha256(
-                f"{scope_id}\0{idem}".encode("utf-8", "surrogateescape")).hexdigest()[:31]
-            return
-        if count is None:
+        if not idem and count is None:
             ctx.retry_group = uuid.uuid4().hex
             return
-        fingerprint = hashlib.sha256(scope_id.encode() + b"\0" + raw).hexdigest()
-        group = await self.retries.get(fingerprint) if ctx.retry_count > 0 else None
-        if group is None:
-            group = uuid.uuid4().hex
-            await self.retries.put(fingerprint, group)
-        ctx.retry_group = group
+        body_hash = _body_hash(ctx.endpoint, raw, headers.get("content-type", ""))
+        if idem:
+            if len(idem) > MAX_IDEMPOTENCY_KEY:
+                raise APIError(400, f"The Idempotency-Key header has {len(idem)} characters; at "
+                                    f"most {MAX_IDEMPOTENCY_KEY} are allowed.",
+                               code="invalid_idempotency_key")
+            slot = "i" + _digest(f"{scope_id}\0{idem}".encode("utf-8", "surrogateescape"))
+            mode, group, ttl = "idem", slot, IDEMPOTENCY_TTL_S
+        else:
+            slot = "f" + _digest(f"{scope_id}\0{body_hash}".encode())
+            mode = "retry" if ctx.retry_count > 0 else "first"
+            group, ttl = uuid.uuid4().hex, RETRY_GROUP_TTL_S
+        claim = await self.retries.claim(slot, body_hash, mode, group, ttl)
+        if claim.outcome == "mismatch":
+            raise APIError(422, "This Idempotency-Key was already used with a different request "
+                                "(another body or endpoint). Use a new key for a new request.",
+                           code="idempotency_key_reused")
+        if claim.outcome == "conflict":
+            raise APIError(409, "A request with this Idempotency-Key is still in progress. Retry "
+                                "when it has finished: its reply is then replayed.",
+                           code="idempotency_key_in_use", type="invalid_request_error",
+                           headers={"retry-after": "1"})
+        ctx.retry_group = claim.group
+        if claim.outcome == "replay":
+            ctx.replay = claim.response
+            return
+        ctx.slot, ctx.slot_token, ctx.slot_ttl = slot, claim.token, ttl
+
+    def recording_sender(self, ctx: RequestContext, send):
+        """Wraps the reply's `send` for a request with a claim: before its final byte, store a
+        complete 200 reply that is not a stream (up to MAX_REPLAY_BYTES) for replay, or free
+        the claim, so that a retry sent once the client has the reply finds it settled."""
+        state = {"keep": False, "buf": bytearray(), "status": 200, "headers": []}
+
+        async def sender(message):
+            if message["type"] == "http.response.start":
+                headers = message.get("headers", [])
+                ctype = next((v for k, v in headers if k.lower() == b"content-type"), b"")
+                state["status"] = message["status"]
+                state["keep"] = (message["status"] == 200
+                                 and not ctype.startswith(b"text/event-stream"))
+                state["headers"] = [(k.decode("latin-1"), v.decode("latin-1"))
+                                    for k, v in headers if k.lower() not in _NOT_REPLAYED]
+            elif message["type"] == "http.response.body":
+                chunk = message.get("body", b"")
+                if state["keep"]:
+                    if len(state["buf"]) + len(chunk) > MAX_REPLAY_BYTES:
+                        state["keep"], state["buf"] = False, bytearray()
+                    else:
+                        state["buf"] += chunk
+                if not message.get("more_body", False):
+                    stored = None
+                    if state["keep"]:
+                        stored = {"status": state["status"], "headers": state["headers"],
+                                  "body": base64.b64encode(bytes(state["buf"])).decode(),
+                                  "request_id": ctx.request_id}
+                    await self._close_slot(ctx, stored)
+            await send(message)
+
+        return sender
+
+    async def send_replay(self, ctx: RequestContext, send) -> None:
+        """Send a stored reply (marked `idempotent-replayed: true`, with the request id of the
+        request that generated it); its ledger row has no tokens and status `replayed`."""
+        stored = ctx.replay
+        headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in stored["headers"]]
+        body = base64.b64decode(stored["body"])
+        headers += [(b"content-length", str(len(body)).encode()),
+                    (b"idempotent-replayed", b"true"),
+                    (b"original-request-id", str(stored.get("request_id", "")).encode("latin-1"))]
+        key = ctx.key
+        if key is not None and key.has_limits:  # as on every reply to a limited key
+            peek = await self.limiter.peek(key.id, key.rpm_limit, key.tpm_limit)
+            headers += [(k.encode(), v.encode()) for k, v in peek.headers().items()]
+        ctx.status = stored["status"]
+        await send({"type": "http.response.start", "status": stored["status"], "headers": headers})
+        await send({"type": "http.response.body", "body": body, "more_body": False})
+
+    async def _close_slot(self, ctx: RequestContext, stored: dict | None) -> None:
+        slot, ctx.slot = ctx.slot, None
+        if slot is None:
+            return
+        try:
+            await self.retries.finish(slot, ctx.slot_token, stored, ctx.slot_ttl)
+        except Exception:
+            log.exception("closing a retry claim failed (it expires by itself)")
 
     def reservation(self, endpoint: str | None, body: dict, raw: bytes) -> int:
-        """Tokens to hold against TPM: prompt tokens + n x the most the request may generate.
+        """Tokens to hold against TPM: prompt tokens + n x the most the request may generate."""
+        return sum(self.reservation_split(endpoint, body, raw))
+
+    def reservation_split(self, endpoint: str | None, body: dict, raw: bytes) -> tuple[int, int]:
+        """(prompt tokens, n x the most the request may generate), for TPM and budgets.
 
         The prompt is tokenized with the model's own tokenizer (and chat template), so the
         reservation bounds what the request can really use."""
         try:
             return _reservation(self.registry, endpoint, body)
-        except Exception:  # most likely the route will refuse this request too
-            log.debug("reservation estimate failed; using an upper bound", exc_info=True)
+        except (APIError, ValueError):  # an invalid request: the route will refuse it too
+            log.debug("reservation of an invalid request: using an upper bound", exc_info=True)
+            return _upper_bound(self.registry, body, raw)
+        except Exception:  # a bug here must not hide behind the upper bound (it did once)
+            log.warning("reservation estimate failed; using an upper bound", exc_info=True)
             return _upper_bound(self.registry, body, raw)
 
     # -- the end of a request ----------------------------------------------------------------
@@ -299,6 +519,8 @@ class Platform:
     def after_app(self, ctx: RequestContext) -> None:
         """Called by the middleware when the app has finished with the request."""
         ctx.app_done = True
+        if ctx.slot is not None:  # no final byte was sent (an exception, a drop)
+            run_soon(self._close_slot(ctx, None))
         if ctx.endpoint is None or ctx.settled:
             return
         if ctx.record is None and ctx.tracker is not None:
@@ -359,6 +581,9 @@ class Platform:
                 status = "rejected"
             else:
                 status = "client_closed" if ctx.status == 499 else "error"
+            if ctx.replay is not None:  # a stored reply sent again: nothing generated
+                prompt = completion = cached = 0
+                status = "replayed" if status == "ok" else status
             error = ctx.error_code
             ttft, duration = None, time.perf_counter() - ctx.t0
             model = ctx.model
@@ -373,6 +598,7 @@ class Platform:
             admitted_at=ctx.admitted_at, retry_group=ctx.retry_group,
             retry_count=ctx.retry_count)
         self.writer.submit(row)
+        self._release_hold_after_write(ctx, row.cost_usd)
         ctx.tracker = ctx.record = None  # the record's request id refers back to ctx
 
     def _submit_record(self, record) -> None:
@@ -396,15 +622,16 @@ def _int(value) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
-def _reservation(registry, endpoint: str | None, body: dict) -> int:
+def _reservation(registry, endpoint: str | None, body: dict) -> tuple[int, int]:
     from k2serve.serving.text_backend import TextBackend
 
     model = body.get("model")
     entry = registry.get(model) if (registry is not None and isinstance(model, str)) else None
     if entry is not None and hasattr(entry[1], "reservation"):
-        return entry[1].reservation(body)  # a backend that bounds its own requests' tokens
+        # A backend that bounds its own requests' tokens (all billed as input).
+        return entry[1].reservation(body), 0
     if entry is None or not isinstance(entry[1], TextBackend):
-        return 0  # the route answers 404 / 400
+        return 0, 0  # the route answers 404 / 400
     backend: TextBackend = entry[1]
     context = backend.context_length
     n = body.get("n", 1)
@@ -412,15 +639,17 @@ def _reservation(registry, endpoint: str | None, body: dict) -> int:
     if endpoint == "completions":
         prompt = body.get("prompt")
         if not isinstance(prompt, str):
-            return 0
+            return 0, 0
         prompt_tokens = len(backend.encode_text_prompt(prompt))
         requested, default = body.get("max_tokens"), 16
     else:
         from k2serve.api.routes.chat import _render_prompt
         from k2serve.api.schemas.chat import ChatCompletionRequest
+        from k2serve.api.tools import plan_tools
 
-        req = ChatCompletionRequest.model_validate(body)
-        prompt_tokens = len(backend.encode_chat_prompt(_render_prompt(req, backend)))
+        req = ChatCompletionRequest.model_validate(body)  # the prompt exactly as the route renders it
+        prompt = _render_prompt(req, backend, plan_tools(req, backend))
+        prompt_tokens = len(backend.encode_chat_prompt(prompt))
         requested, default = req.requested_max_tokens, None
     if body.get("context_length_exceeded_behavior") == "truncate":
         prompt_tokens = min(prompt_tokens, max(context - 1, 1))
@@ -429,10 +658,10 @@ def _reservation(registry, endpoint: str | None, body: dict) -> int:
         completion = room if default is None else min(default, room)
     else:
         completion = min(max(requested, 0), room)
-    return prompt_tokens + n * completion
+    return prompt_tokens, n * completion
 
 
-def _upper_bound(registry, body: dict, raw: bytes) -> int:
+def _upper_bound(registry, body: dict, raw: bytes) -> tuple[int, int]:
     """A reservation without tokenizing: no prompt has more tokens than bytes (+ a template's
     worth), nor may it generate more than the model's context."""
     model = body.get("model")
@@ -445,7 +674,40 @@ def _upper_bound(registry, body: dict, raw: bytes) -> int:
         requested = context or 4096
     if context:
         requested = min(requested, context)
-    return len(raw) + 1024 + n * requested
+    return len(raw) + 1024, n * requested
+
+
+def _default_model(registry, endpoint: str | None) -> str | None:
+    """The model a route uses when the request names none (so the allow-list checks it):
+    moderations, the first moderation model; audio, the one model of that kind, if one."""
+    if registry is None:
+        return None
+    if endpoint == "moderations":
+        return next((s.id for s in registry.specs() if s.type == "moderation"), None)
+    if endpoint not in ("audio.speech", "audio.transcribe", "audio.translate"):
+        return None
+    try:
+        from k2serve.audio.serving import SpeechBackend, TranscriptionBackend
+    except ImportError:
+        return None
+    kind = SpeechBackend if endpoint == "audio.speech" else TranscriptionBackend
+    found = [s.id for s in registry.specs() if isinstance(registry.get(s.id)[1], kind)]
+    return found[0] if len(found) == 1 else None
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:31]
+
+
+def _body_hash(endpoint: str | None, raw: bytes, content_type: str) -> str:
+    """What makes two attempts the same request: the endpoint and the body's bytes. A
+    multipart body's boundary is random per attempt (an SDK's retry draws a new one), so it
+    is left out."""
+    if content_type.startswith("multipart/"):
+        boundary = content_type.partition("boundary=")[2].split(";")[0].strip().strip('"')
+        if boundary:
+            raw = raw.replace(boundary.encode("latin-1", "replace"), b"")
+    return hashlib.sha256(f"{endpoint}\0".encode() + raw).hexdigest()
 
 
 def _log_request(ctx: RequestContext, status: str) -> None:

@@ -1,6 +1,6 @@
 """The platform inside the real app and routes, with a scripted model (no weights, fast):
-auth, policies, limits and headers, ledger rows and the retry rule — over SQLite and
-PostgreSQL."""
+auth, policies, limits and headers, ledger rows — over SQLite and PostgreSQL. Retries,
+budgets and the allow-list in depth: test_billing.py."""
 
 from __future__ import annotations
 
@@ -260,36 +260,6 @@ def test_streams_and_chat_are_billed_from_the_tracker(database):
     assert (rows["c1"].prompt_tokens, rows["c1"].completion_tokens) == (
         chat_usage["prompt_tokens"], chat_usage["completion_tokens"])
     assert len(rows) == 2
-
-
-def test_retries_are_billed_once(database):
-    _, key = KeyStore(database).create("k")
-    app, _ = make_app(database)
-    with TestClient(app) as c:
-        def send(rid, prompt="a b c", **headers):
-            return completion(c, key=key, prompt=prompt, max_tokens=2,
-                              headers={"x-request-id": rid, **headers})
-
-        # An SDK's first attempt and its retry (same body): one billed, the retry.
-        send("sdk-0", **{"x-stainless-retry-count": "0"})
-        send("sdk-1", **{"x-stainless-retry-count": "1"})
-        # Idempotency-Key: the same logical request whatever the body.
-        send("idem-a", prompt="p q", **{"Idempotency-Key": "op-7"})
-        send("idem-b", prompt="p q r", **{"Idempotency-Key": "op-7"})
-        # Identical bodies without retry headers: two requests, both billed.
-        send("plain-1")
-        send("plain-2")
-        # A retry header for a body never seen: a request of its own.
-        send("orphan", prompt="never seen", **{"x-stainless-retry-count": "2"})
-    rows = rows_by_request(database)
-    assert len(rows) == 7
-    billed = {rid for rid, r in rows.items() if r.billed}
-    assert billed == {"sdk-1", "idem-b", "plain-1", "plain-2", "orphan"}
-    assert rows["sdk-0"].retry_group == rows["sdk-1"].retry_group
-    assert rows["plain-1"].retry_group != rows["plain-2"].retry_group
-    totals = usage_totals(database)["total"]
-    assert totals["requests"] == 7 and totals["billed_requests"] == 5
-    assert totals["total_tokens"] == sum(r.total_tokens for r in rows.values() if r.billed)
 
 
 def test_admin_usage_endpoint(database):

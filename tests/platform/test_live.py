@@ -3,8 +3,9 @@ PostgreSQL with two servers sharing one Redis (limits and retries across instanc
 
 The load test is issue 7's acceptance: 400 concurrent requests over 5 keys, with random
 client disconnects and retries; afterwards every attempt has exactly one ledger row, the
-billed tokens per key equal what the clients received (plus the streams they dropped), and
-no key got more than its limits in any 60-second window.
+billed tokens per key equal what the clients received (plus the streams they dropped; a
+retry of a completed request is a replay, billed nothing — issue 12), and no key got more
+than its limits in any 60-second window.
 """
 
 from __future__ import annotations
@@ -155,8 +156,11 @@ def test_sdks_with_keys(stack):
             poor.completions.create(model=EMBEDDED_ID, prompt="x", max_tokens=1)
         except openai.RateLimitError as exc:
             assert exc.code == "insufficient_quota"
-            assert exc.response.headers["x-should-retry"] == "false"
-            break
+            # Until the first request's row is written its cost is held, not yet spent:
+            # refused then too, but as retryable (retry-after).
+            if exc.response.headers.get("x-should-retry") == "false":
+                break
+            assert exc.response.headers["retry-after"] == "1"
         assert time.time() < deadline, "the budget was never enforced"
         time.sleep(0.1)
 
@@ -184,6 +188,7 @@ class Attempt:
     max_tokens: int
     status: int | None = None
     outcome: str = ""  # ok | lost (full reply, treated as lost and retried) | dropped | refused
+    replayed: bool = False  # the stored reply of an earlier attempt (README: "Retries")
     usage: dict | None = None
     chunks: int = 0
     headers: dict = field(default_factory=dict)
@@ -224,6 +229,7 @@ async def _one_chain(i, plan, key, servers, clients, sem, attempts, tag):
             else:
                 r = await client.post("/v1/completions", json=body, headers=headers)
                 a.status, a.headers = r.status_code, dict(r.headers)
+                a.replayed = r.headers.get("idempotent-replayed") == "true"
                 if r.status_code == 200:
                     a.usage = r.json()["usage"]
                     a.outcome = "lost" if (plan["lose"] and number == 0) else "ok"
@@ -233,6 +239,10 @@ async def _one_chain(i, plan, key, servers, clients, sem, attempts, tag):
             number += 1
             continue
         if a.outcome == "lost":
+            number += 1
+            continue
+        if a.status == 409 and number < 50:  # the dropped attempt with its key still runs
+            await asyncio.sleep(0.2)
             number += 1
             continue
         if a.status == 503 and number < 3:
@@ -294,8 +304,8 @@ def test_load_400_requests_5_keys_drops_and_retries(stack):
     # Every attempt gets a reply carrying its own request id.
     assert all(a.status is not None for a in attempts)
     assert all(a.headers.get("x-request-id") == a.rid for a in attempts)
-    assert {a.status for a in attempts} <= {200, 429}, {a.status for a in attempts}
-    assert all("retry-after" in a.headers for a in attempts if a.status == 429)
+    assert {a.status for a in attempts} <= {200, 409, 429}, {a.status for a in attempts}
+    assert all("retry-after" in a.headers for a in attempts if a.status in (409, 429))
 
     key_ids = {}
     db = stack.db()
@@ -321,16 +331,17 @@ def test_load_400_requests_5_keys_drops_and_retries(stack):
     assert all(len(v) == 1 for v in by_rid.values())
     row = {rid: v[0] for rid, v in by_rid.items()}
 
-    # The retry rule: per logical request, the last attempt that generated is billed.
+    # The retry rule: every attempt that generated is billed; the retry of a completed
+    # (non-streamed) attempt is its stored reply, replayed and billed nothing.
     chains = defaultdict(list)
     for a in attempts:
         chains[a.chain].append(a)
-    expected_billed = set()
-    for chain in chains.values():
-        generated = [a for a in sorted(chain, key=lambda a: a.number) if a.status == 200]
-        if generated:
-            expected_billed.add(generated[-1].rid)
+    expected_billed = {a.rid for a in attempts if a.status == 200 and not a.replayed}
     assert {rid for rid, r in row.items() if r.billed} == expected_billed
+    for chain in chains.values():
+        for a in chain:
+            if a.number > 0 and chain[a.number - 1].outcome == "lost":
+                assert a.replayed and a.usage == chain[a.number - 1].usage
 
     figures = {}
     for name in key_ids:
@@ -338,8 +349,11 @@ def test_load_400_requests_5_keys_drops_and_retries(stack):
         client_tokens = partial_tokens = 0
         for a in mine:
             r = row[a.rid]
-            if a.status == 429:
+            if a.status in (409, 429):
                 assert r.status == "rejected" and r.total_tokens == 0 and r.admitted_at is None
+                continue
+            if a.replayed:
+                assert r.status == "replayed" and r.total_tokens == 0 and not r.billed
                 continue
             if a.usage is not None:  # what the client received equals the row, exactly
                 assert (r.prompt_tokens, r.completion_tokens,
@@ -377,6 +391,8 @@ def test_load_400_requests_5_keys_drops_and_retries(stack):
                              partial_tokens=partial_tokens, max_requests_60s=most_requests,
                              max_tokens_60s=most_tokens)
         for a in mine:  # every reply of a limited key carries its headers
+            if a.status == 409:  # refused before the limits are looked at
+                continue
             if "rpm" in limits:
                 assert a.headers["x-ratelimit-limit"] == str(limits["rpm"])
                 assert "x-ratelimit-remaining-requests" in a.headers

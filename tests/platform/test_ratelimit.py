@@ -10,8 +10,10 @@ import pytest
 
 from k2serve.platform.ratelimit import (
     Decision,
+    MemoryBudgetHolds,
     MemoryRateLimiter,
     MemoryRetryStore,
+    RedisBudgetHolds,
     RedisRateLimiter,
     RedisRetryStore,
     go_duration,
@@ -131,25 +133,114 @@ def test_two_instances_share_one_redis_window():
         assert all(d.reason == "requests" for d in results if not d.allowed)
         tokens = await b.peek("shared", 20, 1000)
         assert tokens.tokens_used == 200 and tokens.requests_used == 20
-        # Retry groups are shared too.
+        # Retry claims and budget holds are shared too.
         ra, rb = RedisRetryStore(a), RedisRetryStore(b)
-        await ra.put("fingerprint", "group-1")
-        assert await rb.get("fingerprint") == "group-1"
+        first = await ra.claim("slot", "body", "idem", "group-1", 60)
+        assert (await rb.claim("slot", "body", "idem", "g", 60)).outcome == "conflict"
+        await ra.finish("slot", first.token, {"status": 200, "headers": [], "body": ""}, 60)
+        replay = await rb.claim("slot", "body", "idem", "g", 60)
+        assert replay.outcome == "replay" and replay.group == "group-1"
+        ha, hb = RedisBudgetHolds(a), RedisBudgetHolds(b)
+        await ha.hold("k", 0.25)
+        assert (await hb.hold("k", 0.5))[1] == 0.25
         await a.aclose()
         await b.aclose()
 
     asyncio.run(run())
 
 
-def test_memory_retry_store_expires():
+def make_stores(kind: str):
+    if kind == "memory":
+        return MemoryRetryStore(), MemoryBudgetHolds(), None
+    limiter = make_limiter(kind, 30.0)
+    return RedisRetryStore(limiter), RedisBudgetHolds(limiter), limiter
+
+
+@pytest.mark.parametrize("kind", ["memory", "redis"])
+def test_retry_claims(kind):
+    """One slot per logical request: the first claim generates; the same body again
+    conflicts while it runs (Idempotency-Key) and replays once it is done; another body is
+    a mismatch; an attempt that ended without a reply lets the next one generate; a finish
+    by an attempt whose claim was taken over changes nothing."""
     async def run():
-        store = MemoryRetryStore(ttl_s=0.05, max_entries=2)
-        await store.put("a", "g1")
-        assert await store.get("a") == "g1"
+        store, _, limiter = make_stores(kind)
+        reply = {"status": 200, "headers": [["content-type", "application/json"]],
+                 "body": "e30=", "request_id": "r1"}
+        first = await store.claim("s1", "h1", "idem", "g1", 60)
+        assert (first.outcome, first.group) == ("new", "g1") and first.token
+        assert (await store.claim("s1", "h1", "idem", "gx", 60)).outcome == "conflict"
+        assert (await store.claim("s1", "h2", "idem", "gx", 60)).outcome == "mismatch"
+        await store.finish("s1", first.token, reply, 60)
+        again = await store.claim("s1", "h1", "idem", "gx", 60)
+        assert (again.outcome, again.group, again.response) == ("replay", "g1", reply)
+        assert (await store.claim("s1", "h2", "idem", "gx", 60)).outcome == "mismatch"
+        # Ended without a reply: the next attempt generates, in the same group.
+        a = await store.claim("s2", "h", "idem", "g2", 60)
+        await store.finish("s2", a.token, None, 60)
+        b = await store.claim("s2", "h", "idem", "gx", 60)
+        assert (b.outcome, b.group) == ("new", "g2")
+        assert (await store.claim("s2", "h", "idem", "gx", 60)).outcome == "conflict"
+        await store.finish("s2", a.token, reply, 60)  # a's claim is b's now: no effect
+        assert (await store.claim("s2", "h", "idem", "gx", 60)).outcome == "conflict"
+        # SDK retries: a retry of a running first attempt generates too; a new first
+        # attempt always claims anew.
+        f = await store.claim("s3", "h", "first", "g3", 60)
+        assert (await store.claim("s3", "h", "retry", "gx", 60)).outcome == "new"
+        assert (await store.claim("s3", "h", "first", "g4", 60)).group == "g4"
+        assert f.outcome == "new"
+        if limiter is not None:
+            await limiter.aclose()
+
+    asyncio.run(run())
+
+
+def test_memory_retry_store_is_bounded():
+    async def run():
+        store = MemoryRetryStore(max_entries=2, max_bytes=10)
+        reply = {"status": 200, "headers": [], "body": "x" * 8}
+        for slot in "abc":
+            claim = await store.claim(slot, "h", "idem", slot, 60)
+            await store.finish(slot, claim.token, reply, 60)
+        # 3 slots of 8 bytes > 2 entries and > 10 bytes: only the newest is kept.
+        assert (await store.claim("a", "h", "idem", "a", 60)).outcome == "new"
+        assert (await store.claim("c", "h", "idem", "c", 60)).outcome == "replay"
+        expiring = await store.claim("d", "h", "idem", "d", 0.05)
+        await store.finish("d", expiring.token, reply, 0.05)
         await asyncio.sleep(0.08)
-        assert await store.get("a") is None
-        for k in "bcd":
-            await store.put(k, k)
-        assert await store.get("b") is None and await store.get("d") == "d"
+        assert (await store.claim("d", "h", "idem", "d", 60)).outcome == "new"
+
+    asyncio.run(run())
+
+
+@pytest.mark.parametrize("kind", ["memory", "redis"])
+def test_budget_holds(kind):
+    async def run():
+        _, holds, limiter = make_stores(kind)
+        a, before = await holds.hold("k", 1.5e-5)
+        assert before == 0.0
+        b, before = await holds.hold("k", 2.5e-5)
+        assert before == pytest.approx(1.5e-5)
+        assert (await holds.hold("other", 1.0))[1] == 0.0
+        await holds.settle("k", a, 1e-6)  # a's real cost is known
+        assert await holds.outstanding("k") == pytest.approx(2.6e-5)
+        await holds.release("k", a)
+        await holds.release("k", b)
+        await holds.settle("k", b, 1.0)  # settled after release: nothing comes back
+        assert await holds.outstanding("k") == 0.0
+        if limiter is not None:
+            await limiter.aclose()
+
+    asyncio.run(run())
+
+
+def test_memory_budget_holds_expire():
+    now = [0.0]
+    holds = MemoryBudgetHolds(ttl_s=10, clock=lambda: now[0])
+
+    async def run():
+        await holds.hold("k", 1.0)
+        now[0] = 11.0
+        assert (await holds.hold("k", 2.0))[1] == 0.0  # a crashed request's hold lapsed
+        assert await holds.outstanding("k") == 2.0
 
     asyncio.run(run())

@@ -108,36 +108,31 @@ def _row(rid, key, tokens=(10, 0, 5), group=None, retry=0, status="ok", t=100.0,
                      retry_group=group, retry_count=retry)
 
 
-def test_ledger_bills_one_attempt_per_retry_group(database):
+def test_ledger_bills_every_attempt_that_used_tokens(database):
+    """Retries included (README: "Retries"): an attempt that generated again delivered its
+    tokens again. Only rows without tokens (refusals, replays) are not billed."""
     info, _ = KeyStore(database).create("k", budget_usd=1.0)
     writer = LedgerWriter(database)
-    # A dropped stream (partial), then its retry completes: only the retry is billed.
+    # A dropped stream (partial), then its retry completes: both billed.
     writer.submit(_row("a0", info.id, (10, 0, 2), group="g1", retry=0, status="client_closed"))
     writer.submit(_row("a1", info.id, (10, 0, 5), group="g1", retry=1, t=101))
-    # The retry's row lands first (another server); the election does not depend on order.
-    writer.submit(_row("b1", info.id, (7, 0, 3), group="g2", retry=1, t=103))
-    writer.submit(_row("b0", info.id, (7, 0, 3), group="g2", retry=0, t=102))
-    # A retry refused with 429 (no tokens) leaves the earlier attempt billed.
-    writer.submit(_row("c0", info.id, (4, 0, 1), group="g3", retry=0, status="client_closed"))
-    writer.submit(_row("c1", info.id, (0, 0, 0), group="g3", retry=1, status="rejected"))
-    # Same retry count (Idempotency-Key without the SDK header): the later admission wins.
-    writer.submit(_row("d0", info.id, (5, 0, 1), group="g4", t=104))
-    writer.submit(_row("d1", info.id, (5, 0, 2), group="g4", t=105))
+    # A retry refused with 429 (no tokens) and a replay of a stored reply: not billed.
+    writer.submit(_row("c1", info.id, (0, 0, 0), group="g1", retry=2, status="rejected"))
+    writer.submit(_row("r", info.id, (0, 0, 0), group="g1", retry=3, status="replayed"))
     # A request of its own.
-    writer.submit(_row("e", info.id, (3, 1, 3)))
+    writer.submit(_row("e", info.id, (3, 1, 3), t=105))
     assert writer.flush()
     writer.close()
 
     billed = {r.request_id for r in ledger_rows(database) if r.billed}
-    assert billed == {"a1", "b1", "c0", "d1", "e"}
-    assert len(ledger_rows(database)) == 9
+    assert billed == {"a0", "a1", "e"}
     totals = usage_totals(database)
     (k,) = totals["keys"]
-    assert k["requests"] == 9 and k["billed_requests"] == 5
-    assert k["prompt_tokens"] == 10 + 7 + 4 + 5 + 3
-    assert k["completion_tokens"] == 5 + 3 + 1 + 2 + 3
+    assert k["requests"] == 5 and k["billed_requests"] == 3
+    assert k["prompt_tokens"] == 10 + 10 + 3
+    assert k["completion_tokens"] == 2 + 5 + 3
     assert k["cached_tokens"] == 1
-    assert k["cost_usd"] == pytest.approx((15 + 10 + 5 + 7 + 6) * 1e-6)
+    assert k["cost_usd"] == pytest.approx((12 + 15 + 6) * 1e-6)
     spent = KeyStore(database).get_by_name("k").spent_usd
     assert spent == pytest.approx(k["cost_usd"])
     assert KeyStore(database).get_by_name("k").last_used_at == 105

@@ -3,10 +3,14 @@
 A generation's tracker sees every delta of every choice, so a stream the client drops
 mid-way is still counted for the tokens it produced. Sinks are plain callables on
 `app.state.usage_sinks`; they run once per request, on the event loop, and must not raise.
+While it generates, the tracker also hands a snapshot (status `in_progress`) to the
+callables on `app.state.usage_progress_sinks` every PROGRESS_S, so the ledger holds the
+tokens produced so far should the server die.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -20,6 +24,8 @@ from k2serve.serving.text_backend import TextDelta
 log = logging.getLogger("k2serve.requests")
 
 UsageSink = Callable[["UsageRecord"], None]
+
+PROGRESS_S = 2.0  # how often a running generation reports its tokens so far
 
 
 @dataclass
@@ -48,6 +54,7 @@ class UsageTracker:
         self._start = time.perf_counter()
         self._completion = [0] * n
         self._done = False
+        self._next_progress = time.monotonic() + PROGRESS_S
         self.record = UsageRecord(
             request_id=getattr(request.state, "request_id", ""),
             model=model, endpoint=endpoint, prompt_tokens=prompt_tokens,
@@ -59,6 +66,28 @@ class UsageTracker:
         self._completion[index] = delta.completion_tokens
         if index == 0:
             self.record.cached_tokens = delta.cached_tokens
+        now = time.monotonic()
+        if now >= self._next_progress:
+            self._next_progress = now + PROGRESS_S
+            self._report_progress()
+
+    def snapshot(self) -> "UsageRecord":
+        """The usage so far, as a record with status `in_progress` (the same request id
+        object, so sinks can find their request from it)."""
+        return dataclasses.replace(self.record, completion_tokens=sum(self._completion),
+                                   status="in_progress",
+                                   duration_s=time.perf_counter() - self._start)
+
+    def _report_progress(self) -> None:
+        sinks = getattr(self._request.app.state, "usage_progress_sinks", ())
+        if not sinks:
+            return
+        snapshot = self.snapshot()
+        for sink in sinks:
+            try:
+                sink(snapshot)
+            except Exception:  # accounting must not break the generation
+                log.exception("usage progress sink failed")
 
     def mark(self, status: str, error: str | None = None) -> None:
         """A final status decided above the generation (the safety guard's

@@ -10,6 +10,7 @@ tokens produced so far should the server die.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import logging
@@ -55,6 +56,7 @@ class UsageTracker:
         self._completion = [0] * n
         self._done = False
         self._next_progress = time.monotonic() + PROGRESS_S
+        self._progress_timer: asyncio.TimerHandle | None = None
         self.record = UsageRecord(
             request_id=getattr(request.state, "request_id", ""),
             model=model, endpoint=endpoint, prompt_tokens=prompt_tokens,
@@ -66,10 +68,17 @@ class UsageTracker:
         self._completion[index] = delta.completion_tokens
         if index == 0:
             self.record.cached_tokens = delta.cached_tokens
+        # Every token is reported within PROGRESS_S of being produced: now, or by a timer
+        # (the engine may stall right after a token the client has already been sent).
         now = time.monotonic()
         if now >= self._next_progress:
-            self._next_progress = now + PROGRESS_S
             self._report_progress()
+        elif self._progress_timer is None:
+            try:
+                self._progress_timer = asyncio.get_running_loop().call_later(
+                    self._next_progress - now, self._report_progress)
+            except RuntimeError:  # no event loop (a direct caller): report on the next delta
+                pass
 
     def snapshot(self) -> "UsageRecord":
         """The usage so far, as a record with status `in_progress` (the same request id
@@ -79,8 +88,12 @@ class UsageTracker:
                                    duration_s=time.perf_counter() - self._start)
 
     def _report_progress(self) -> None:
+        if self._progress_timer is not None:
+            self._progress_timer.cancel()
+            self._progress_timer = None
+        self._next_progress = time.monotonic() + PROGRESS_S
         sinks = getattr(self._request.app.state, "usage_progress_sinks", ())
-        if not sinks:
+        if self._done or not sinks:
             return
         snapshot = self.snapshot()
         for sink in sinks:
@@ -100,6 +113,9 @@ class UsageTracker:
         if status != "error" and getattr(self, "_marked", None):
             status, error = self._marked
         self._done = True
+        if self._progress_timer is not None:
+            self._progress_timer.cancel()
+            self._progress_timer = None
         self.record.completion_tokens = sum(self._completion)
         self.record.status = status
         self.record.error = error

@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass, field
 
 from sqlalchemy import case, func, select, update
 from sqlalchemy.exc import DBAPIError, DisconnectionError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from k2serve.platform.db import Database
 from k2serve.platform.models import ApiKey, UsageEntry
@@ -193,7 +194,7 @@ class LedgerWriter:
     ATTEMPTS = 3
     OUTAGE_S = 60.0
     HEARTBEAT_S = 2.0
-    STALE_S = 15.0
+    STALE_S = 10.0
     SWEEP_S = 5.0
 
     def __init__(self, db: Database):
@@ -392,8 +393,9 @@ class LedgerWriter:
     def _sweep(self) -> None:
         """Close the rows of requests whose server died: `in_progress`, not written for
         STALE_S (their server would have refreshed them every HEARTBEAT_S). Their tokens and
-        billing are those last recorded; only the status changes. (Servers sharing a
-        database need clocks in step to well within STALE_S.)"""
+        billing are those last recorded; only the status changes, so closing the row of a
+        server that is merely slow is harmless: its next write sets the status again.
+        (Servers sharing a database need clocks in step to well within STALE_S.)"""
         cutoff = time.time() - self.STALE_S
         stale = ((UsageEntry.status == IN_PROGRESS) & (UsageEntry.updated_at < cutoff))
         if self._open:
@@ -429,8 +431,9 @@ class LedgerWriter:
 
 
 def _unreachable(exc: Exception) -> bool:
-    """The database, not the row, is the problem (down, locked, connection lost)."""
-    if isinstance(exc, (OperationalError, DisconnectionError)):
+    """The database, not the row, is the problem (down, locked, connection lost, no free
+    connection)."""
+    if isinstance(exc, (OperationalError, DisconnectionError, PoolTimeout)):
         return True
     return isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)
 

@@ -32,7 +32,7 @@ log = logging.getLogger("k2serve.platform")
 request_log = logging.getLogger("k2serve.requests")
 
 MAX_RETRY_COUNT = 1000
-ADMISSION_WRITE_TIMEOUT_S = 10.0  # a request whose ledger row cannot be written is not run
+LEDGER_WAIT_S = 10.0  # the longest a request waits for its ledger row to be committed
 
 
 def is_loopback(host: str) -> bool:
@@ -254,7 +254,7 @@ class Platform:
         crash at any later point leaves a row (the next server closes it as `interrupted`).
         Written by the ledger thread; raises 503 when it cannot be written."""
         row = self._row(ctx, IN_PROGRESS, model=ctx.model)
-        ctx.entry_id = await self.writer.write(row, timeout=ADMISSION_WRITE_TIMEOUT_S)
+        ctx.entry_id = await self.writer.write(row, timeout=LEDGER_WAIT_S)
         if ctx.entry_id is None:
             raise APIError(503, "The usage ledger could not be written, so the request was "
                                 "not run. Retry shortly.", code="ledger_unavailable",
@@ -277,10 +277,10 @@ class Platform:
         if ctx.record is not None or (final and ctx.tracker is None):
             row = self._settle(ctx)
             if row is not None:
-                await self.writer.write(row, ctx.entry_id)
+                await self.writer.write(row, ctx.entry_id, timeout=LEDGER_WAIT_S)
         elif final:  # a tracker that has not reported: its tokens so far
             await self.writer.write(self._record_row(ctx, ctx.tracker.snapshot(), IN_PROGRESS),
-                                    ctx.entry_id)
+                                    ctx.entry_id, timeout=LEDGER_WAIT_S)
 
     # -- the end of a request ----------------------------------------------------------------
     def ledger_sink(self, record) -> None:

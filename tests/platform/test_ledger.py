@@ -200,3 +200,25 @@ def test_updates_move_spend_by_the_change_and_shutdown_interrupts_running_rows(d
     assert (rows["a"].status, rows["a"].completion_tokens, rows["a"].billed) == ("ok", 9, True)
     assert rows["b"].status == "interrupted" and rows["b"].billed
     assert KeyStore(database).get_by_name("k").spent_usd == pytest.approx((12 + 4) * 1e-6)
+
+
+def test_a_request_whose_row_cannot_be_written_is_not_run(database, monkeypatch):
+    """No row, no generation: a clear 503 the SDKs retry, and the TPM reservation is freed."""
+    _, key = KeyStore(database).create("k", tpm=100)
+    app, platform = make_app(database)
+
+    async def unavailable(row, entry_id=None, timeout=30.0):
+        return None
+
+    with TestClient(app) as c:
+        monkeypatch.setattr(platform.writer, "write", unavailable)
+        r = completion(c, key=key, max_tokens=20, headers={"x-request-id": "down"})
+        assert r.status_code == 503
+        assert r.json()["error"]["code"] == "ledger_unavailable"
+        assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+        assert r.headers["retry-after"] == "1"
+        monkeypatch.undo()
+        peek = c.get("/v1/models", headers={"Authorization": f"Bearer {key}"})
+        assert peek.headers["x-tokenlimit-remaining"] == "100"
+    row = rows_by_request(database)["down"]
+    assert (row.status, row.http_status, row.total_tokens) == ("error", 503, 0)

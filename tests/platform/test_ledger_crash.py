@@ -47,6 +47,7 @@ async def _stream(client, i, key, received, statuses):
 
 
 def test_sigkill_during_50_streams_loses_no_delivered_usage():
+    t0 = time.time()
     home = tempfile.mkdtemp(prefix="k2serve-crash-")
     url = f"sqlite:///{home}/k2serve.db"
     args = ("--threads", "1", "--max-num-seqs", "64")
@@ -82,6 +83,7 @@ def test_sigkill_during_50_streams_loses_no_delivered_usage():
                 await asyncio.gather(*tasks)
                 return killed_at
 
+        started = time.time()
         killed_at = asyncio.run(run())
         ok = [i for i in range(STREAMS) if statuses.get(i) == 200]
         assert len(ok) >= STREAMS - 5, statuses
@@ -89,7 +91,9 @@ def test_sigkill_during_50_streams_loses_no_delivered_usage():
         recent = {i: sum(n for t, n in received[i] if t > killed_at - ALLOWANCE_S) for i in ok}
         assert sum(got.values()) >= 3 * STREAMS  # the streams were well under way
 
+        restart = time.time()
         restarted = start_server(*args, env={"K2SERVE_HOME": home})
+        up = time.time()
         db = Database(url, migrate=False)
         try:  # the new server closes the dead one's rows once they are clearly abandoned
             deadline = time.time() + LedgerWriter.STALE_S + 3 * LedgerWriter.SWEEP_S
@@ -124,7 +128,9 @@ def test_sigkill_during_50_streams_loses_no_delivered_usage():
         lost = sum(got.values()) - sum(r.completion_tokens for r in rows.values())
         print(f"\ndelivered {sum(got.values())} tokens to {len(ok)} streams; billed "
               f"{sum(r.completion_tokens for r in rows.values())}; "
-              f"unbilled {max(lost, 0)} (allowed {sum(recent.values())})")
+              f"unbilled {max(lost, 0)} (allowed {sum(recent.values())}); start "
+              f"{started - t0:.0f} s, streams {killed_at - started:.0f} s, restart "
+              f"{up - restart:.0f} s, rows closed after {time.time() - up:.0f} s")
     finally:
         for s in (server, restarted):
             if s is not None and s.process.poll() is None:

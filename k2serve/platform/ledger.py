@@ -31,7 +31,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 
-from sqlalchemy import case, func, select, update
+from sqlalchemy import case, func, insert, select, update
 from sqlalchemy.exc import DBAPIError, DisconnectionError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
@@ -107,15 +107,21 @@ def apply_row(session, row: LedgerRow, entry_id: int | None = None) -> int:
     """Write one row's state — a new row, or (`entry_id`) the latest state of a row written
     at admission — keep its retry group's billed row elected, and move the key's spend by
     the change in billed cost. Returns the row's id."""
-    if row.api_key_id is not None:
-        session.execute(select(ApiKey.id).where(ApiKey.id == row.api_key_id).with_for_update())
     values = _columns(row, time.time())
+    if entry_id is None and row.status == IN_PROGRESS and \
+            not _eligible(values["prompt_tokens"], values["completion_tokens"]):
+        # A row written at admission bills nothing yet and changes no group's election:
+        # just the insert, no key lock (every request pays for this one).
+        return session.execute(insert(UsageEntry).values(**values, billed=False)
+                               .returning(UsageEntry.id)).scalar_one()
+    if row.api_key_id is not None and session.bind.dialect.name != "sqlite":
+        # (SQLite's BEGIN IMMEDIATE already holds the one write lock.)
+        session.execute(select(ApiKey.id).where(ApiKey.id == row.api_key_id).with_for_update())
     delta = 0.0
     if entry_id is None:
-        entry = UsageEntry(**values, billed=False)
-        session.add(entry)
-        session.flush()
-        entry_id, was_billed = entry.id, False
+        entry_id = session.execute(insert(UsageEntry).values(**values, billed=False)
+                                   .returning(UsageEntry.id)).scalar_one()
+        was_billed = False
     else:
         old = session.execute(select(UsageEntry.cost_usd, UsageEntry.billed)
                               .where(UsageEntry.id == entry_id)).one_or_none()

@@ -3,10 +3,15 @@
 A generation's tracker sees every delta of every choice, so a stream the client drops
 mid-way is still counted for the tokens it produced. Sinks are plain callables on
 `app.state.usage_sinks`; they run once per request, on the event loop, and must not raise.
+While it generates, the tracker also hands a snapshot (status `in_progress`) to the
+callables on `app.state.usage_progress_sinks` every PROGRESS_S, so the ledger holds the
+tokens produced so far should the server die.
 """
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import json
 import logging
 import time
@@ -20,6 +25,8 @@ from k2serve.serving.text_backend import TextDelta
 log = logging.getLogger("k2serve.requests")
 
 UsageSink = Callable[["UsageRecord"], None]
+
+PROGRESS_S = 2.0  # how often a running generation reports its tokens so far
 
 
 @dataclass
@@ -48,6 +55,8 @@ class UsageTracker:
         self._start = time.perf_counter()
         self._completion = [0] * n
         self._done = False
+        self._next_progress = time.monotonic() + PROGRESS_S
+        self._progress_timer: asyncio.TimerHandle | None = None
         self.record = UsageRecord(
             request_id=getattr(request.state, "request_id", ""),
             model=model, endpoint=endpoint, prompt_tokens=prompt_tokens,
@@ -59,6 +68,39 @@ class UsageTracker:
         self._completion[index] = delta.completion_tokens
         if index == 0:
             self.record.cached_tokens = delta.cached_tokens
+        # Every token is reported within PROGRESS_S of being produced: now, or by a timer
+        # (the engine may stall right after a token the client has already been sent).
+        now = time.monotonic()
+        if now >= self._next_progress:
+            self._report_progress()
+        elif self._progress_timer is None:
+            try:
+                self._progress_timer = asyncio.get_running_loop().call_later(
+                    self._next_progress - now, self._report_progress)
+            except RuntimeError:  # no event loop (a direct caller): report on the next delta
+                pass
+
+    def snapshot(self) -> "UsageRecord":
+        """The usage so far, as a record with status `in_progress` (the same request id
+        object, so sinks can find their request from it)."""
+        return dataclasses.replace(self.record, completion_tokens=sum(self._completion),
+                                   status="in_progress",
+                                   duration_s=time.perf_counter() - self._start)
+
+    def _report_progress(self) -> None:
+        if self._progress_timer is not None:
+            self._progress_timer.cancel()
+            self._progress_timer = None
+        self._next_progress = time.monotonic() + PROGRESS_S
+        sinks = getattr(self._request.app.state, "usage_progress_sinks", ())
+        if self._done or not sinks:
+            return
+        snapshot = self.snapshot()
+        for sink in sinks:
+            try:
+                sink(snapshot)
+            except Exception:  # accounting must not break the generation
+                log.exception("usage progress sink failed")
 
     def mark(self, status: str, error: str | None = None) -> None:
         """A final status decided above the generation (the safety guard's
@@ -71,6 +113,9 @@ class UsageTracker:
         if status != "error" and getattr(self, "_marked", None):
             status, error = self._marked
         self._done = True
+        if self._progress_timer is not None:
+            self._progress_timer.cancel()
+            self._progress_timer = None
         self.record.completion_tokens = sum(self._completion)
         self.record.status = status
         self.record.error = error

@@ -1,4 +1,11 @@
-"""The usage ledger: one row per request, written by a background thread in small batches.
+"""The usage ledger: one row per request, from its admission to its end.
+
+A generation's row is inserted when it is admitted (status `in_progress`), before the app
+runs; its token counts are updated while it generates (every few seconds) and committed
+before the last byte of its reply is sent; the final write sets its status. A server that
+dies leaves `in_progress` rows that stop being updated: any server on the database closes
+them as `interrupted` (billed for the tokens they recorded) once they are STALE_S old.
+Refusals at admission get a single, final row.
 
 Billing rule (see README, "Retries"): every row that used tokens is billed, with the tokens
 it really used — retries included, so every token delivered is billed. The attempts of one
@@ -6,25 +13,34 @@ logical request share a `retry_group` (for the record); a retry of a request tha
 is answered with its stored reply and leaves a `replayed` row with no tokens. Totals,
 budgets and `spent_usd` count billed rows.
 
-Each row is applied in one transaction that also moves the key's `spent_usd`; on PostgreSQL
-the key's row is locked first (SELECT ... FOR UPDATE) and on SQLite the transaction takes
-the write lock at BEGIN.
+Each write is applied in one transaction that also moves the key's `spent_usd` by the change
+in billed cost; on PostgreSQL the key's row is locked first (SELECT ... FOR UPDATE) and on
+SQLite the transaction takes the write lock at BEGIN.
 """
 
 from __future__ import annotations
 
+import asyncio
+import collections
+import json
 import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 
-from sqlalchemy import case, func, select, update
+from sqlalchemy import case, func, insert, select, update
+from sqlalchemy.exc import DBAPIError, DisconnectionError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from k2serve.platform.db import Database
 from k2serve.platform.models import ApiKey, UsageEntry
 
 log = logging.getLogger("k2serve.platform.ledger")
+
+IN_PROGRESS = "in_progress"
+INTERRUPTED = "interrupted"
+_INT_MAX = 2**31 - 1  # INTEGER columns on PostgreSQL
 
 
 @dataclass
@@ -57,55 +73,171 @@ def _eligible(prompt_tokens, completion_tokens):
     return (prompt_tokens + completion_tokens) > 0
 
 
-def apply_row(session, row: LedgerRow) -> UsageEntry:
-    """Insert one row (billed when it used tokens) and move the key's spend."""
-    if row.api_key_id is not None:
+def _text(value, limit: int) -> str | None:
+    """A string every database stores: no NUL (PostgreSQL refuses it), no lone surrogate
+    (from JSON's "\\ud800": not encodable as UTF-8), cut to the column's length. Client
+    text such as `model` reaches the ledger, and a row the database refuses is lost usage."""
+    if value is None:
+        return None
+    text = str(value).replace("\x00", "\ufffd")
+    text = text.encode("utf-8", "replace").decode("utf-8")
+    return text[:limit]
+
+
+def _count(value) -> int:
+    return max(0, min(int(value or 0), _INT_MAX))
+
+
+def _columns(row: LedgerRow, now: float) -> dict:
+    return dict(
+        request_id=_text(row.request_id, 128) or "", api_key_id=row.api_key_id,
+        model=_text(row.model, 256) or None, endpoint=_text(row.endpoint, 64) or "",
+        prompt_tokens=_count(row.prompt_tokens), cached_tokens=_count(row.cached_tokens),
+        completion_tokens=_count(row.completion_tokens), cost_usd=float(row.cost_usd),
+        status=_text(row.status, 16), http_status=row.http_status,
+        error=_text(row.error, 64) or None, ttft_s=row.ttft_s, duration_s=row.duration_s,
+        started_at=row.started_at, admitted_at=row.admitted_at,
+        retry_group=_text(row.retry_group, 64), retry_count=_count(row.retry_count),
+        updated_at=now)
+
+
+def apply_row(session, row: LedgerRow, entry_id: int | None = None) -> int:
+    """Write one row's state — a new row, or (`entry_id`) the latest state of a row written
+    at admission — bill it when it used tokens, and move the key's spend by the change in
+    billed cost. Returns the row's id."""
+    values = _columns(row, time.time())
+    if entry_id is None and row.status == IN_PROGRESS and \
+            not _eligible(values["prompt_tokens"], values["completion_tokens"]):
+        # A row written at admission bills nothing yet: just the insert, no key lock (every
+        # request pays for this one).
+        return session.execute(insert(UsageEntry).values(**values, billed=False)
+                               .returning(UsageEntry.id)).scalar_one()
+    if row.api_key_id is not None and session.bind.dialect.name != "sqlite":
+        # (SQLite's BEGIN IMMEDIATE already holds the one write lock.)
         session.execute(select(ApiKey.id).where(ApiKey.id == row.api_key_id).with_for_update())
-    entry = UsageEntry(
-        request_id=str(row.request_id)[:128], api_key_id=row.api_key_id,
-        model=(row.model or None) and str(row.model)[:256], endpoint=row.endpoint,
-        prompt_tokens=row.prompt_tokens, cached_tokens=row.cached_tokens,
-        completion_tokens=row.completion_tokens, cost_usd=row.cost_usd, status=row.status,
-        http_status=row.http_status, error=(row.error or None) and str(row.error)[:64],
-        ttft_s=row.ttft_s, duration_s=row.duration_s, started_at=row.started_at,
-        admitted_at=row.admitted_at, retry_group=row.retry_group, retry_count=row.retry_count,
-        billed=False)
-    session.add(entry)
-    session.flush()
-    # Every attempt is billed for the tokens it used, retries included: an attempt that
-    # generates again delivers its tokens again (a completed one is replayed instead, unbilled).
     delta = 0.0
-    if _eligible(row.prompt_tokens, row.completion_tokens):
-        entry.billed = True
-        delta = row.cost_usd
+    if entry_id is None:
+        entry_id = session.execute(insert(UsageEntry).values(**values, billed=False)
+                                   .returning(UsageEntry.id)).scalar_one()
+        was_billed = False
+    else:
+        old = session.execute(select(UsageEntry.cost_usd, UsageEntry.billed)
+                              .where(UsageEntry.id == entry_id)).one_or_none()
+        if old is None:
+            raise LookupError(f"no ledger row {entry_id}")
+        session.execute(update(UsageEntry).where(UsageEntry.id == entry_id).values(**values))
+        was_billed = bool(old.billed)
+        if was_billed:
+            delta += values["cost_usd"] - old.cost_usd
+    delta += _bill(session, entry_id, values, was_billed)
     if row.api_key_id is not None:
         last = ApiKey.last_used_at
         session.execute(update(ApiKey).where(ApiKey.id == row.api_key_id).values(
             spent_usd=ApiKey.spent_usd + delta,
             last_used_at=case((last.is_(None) | (last < row.started_at), row.started_at),
                               else_=last)))
-    return entry
+    return entry_id
+
+
+def _bill(session, entry_id: int, values: dict, was_billed: bool) -> float:
+    """Set `billed` on a row that used tokens (every attempt is billed for what it used,
+    retries included: README "Retries"); returns the change in billed cost."""
+    want = _eligible(values["prompt_tokens"], values["completion_tokens"])
+    if want == was_billed:
+        return 0.0
+    session.execute(update(UsageEntry).where(UsageEntry.id == entry_id).values(billed=want))
+    return values["cost_usd"] if want else -values["cost_usd"]
+
+
+@dataclass(eq=False)
+class _Op:
+    """One write: insert `row` (entry_id None) or set row `entry_id` to `row`'s state."""
+
+    row: LedgerRow
+    entry_id: int | None
+    notify: list = field(default_factory=list)  # callables(entry id, or None if set aside)
+    attempts: int = 0
+    failing_since: float | None = None
+    not_before: float = 0.0
+
+    @property
+    def key(self):
+        return ("row", self.entry_id) if self.entry_id is not None else ("op", id(self))
+
+
+_TICK = object()
 
 
 class LedgerWriter:
-    """Rows go on a queue; one thread writes them, a batch at a time, and never drops one:
-    a failed write is retried (and logged) until it lands or the writer is closed."""
+    """Writes go on a queue; one thread applies them, a batch per transaction.
+
+    Updates of one row carry its whole state, so a newer one replaces a queued older one. A
+    write that fails is retried with backoff while the others go on; one the database keeps
+    refusing (ATTEMPTS times, or for OUTAGE_S when it is unreachable) is logged in full at
+    ERROR and set aside (`set_aside`) — never retried forever, never holding later rows back.
+    The thread also keeps this process's running rows fresh (HEARTBEAT_S) and closes rows
+    left `in_progress` by a dead server (not updated for STALE_S) as `interrupted`.
+    """
 
     BATCH = 200
+    ATTEMPTS = 3
+    OUTAGE_S = 60.0
+    HEARTBEAT_S = 2.0
+    STALE_S = 10.0
+    SWEEP_S = 5.0
 
     def __init__(self, db: Database):
         self.db = db
         self._queue: queue.Queue = queue.Queue()
+        self._pending: dict = {}  # op key -> _Op, oldest first
+        self._open: set[int] = set()  # this process's in_progress rows
         self._closed = False
+        self._stopping = False
+        self._next_heartbeat = 0.0
+        self._next_sweep = 0.0
+        self.set_aside: collections.deque = collections.deque(maxlen=10_000)
+        self.written = 0
+        self.interrupted_closed = 0
         self._thread = threading.Thread(target=self._run, name="k2serve-ledger", daemon=True)
         self._thread.start()
-        self.written = 0
 
-    def submit(self, row: LedgerRow) -> None:
-        self._queue.put(row)
+    # -- producers (any thread) ------------------------------------------------------------
+    def submit(self, row: LedgerRow, entry_id: int | None = None, notify=None) -> None:
+        """Queue a write; `notify(entry id or None)` runs on the writer thread when it has
+        landed (or been set aside)."""
+        if self._closed:
+            log.error("ledger writer closed; row not written: %s", _describe(row))
+            if notify is not None:
+                notify(None)
+            return
+        self._queue.put(_Op(row, entry_id, [notify] if notify is not None else []))
+
+    async def write(self, row: LedgerRow, entry_id: int | None = None,
+                    timeout: float = 30.0) -> int | None:
+        """Queue a write and wait (without blocking the event loop) until it is committed:
+        the row's id, or None if it was set aside or did not land within `timeout`."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+
+        def landed(result):
+            def resolve():
+                if not future.done():
+                    future.set_result(result)
+            try:
+                loop.call_soon_threadsafe(resolve)
+            except RuntimeError:  # the loop has closed
+                pass
+
+        self.submit(row, entry_id, landed)
+        try:
+            return await asyncio.wait_for(future, timeout)
+        except asyncio.TimeoutError:
+            log.error("ledger write of request %s not committed within %.0f s",
+                      row.request_id, timeout)
+            return None
 
     def flush(self, timeout: float = 30.0) -> bool:
-        """Wait until every row submitted so far is in the database."""
+        """Wait until every write submitted so far has landed (or been set aside)."""
         marker = threading.Event()
         self._queue.put(marker)
         return marker.wait(timeout)
@@ -117,43 +249,189 @@ class LedgerWriter:
         self._queue.put(None)
         self._thread.join(timeout)
 
+    # -- the writer thread ---------------------------------------------------------------
     def _run(self) -> None:
-        stop = False
-        while not stop:
-            items = [self._queue.get()]
+        markers: list[threading.Event] = []
+        while True:
+            try:
+                items = [self._queue.get(timeout=self._wait_s())]
+            except queue.Empty:
+                items = [_TICK]
             while len(items) < self.BATCH:
                 try:
                     items.append(self._queue.get_nowait())
                 except queue.Empty:
                     break
-            rows = [i for i in items if isinstance(i, LedgerRow)]
-            markers = [i for i in items if isinstance(i, threading.Event)]
-            stop = any(i is None for i in items)
-            if rows:
-                self._write(rows)
-            for m in markers:
-                m.set()
+            for item in items:
+                if item is None:
+                    self._stopping = True
+                elif isinstance(item, threading.Event):
+                    markers.append(item)
+                elif isinstance(item, _Op):
+                    self._add(item)
+            self._write_due()
+            self._housekeeping()
+            if not self._pending:
+                for m in markers:
+                    m.set()
+                markers = []
+                if self._stopping:
+                    break
+        self._close_own_rows()
 
-    def _write(self, rows: list[LedgerRow]) -> None:
-        delay = 0.05
+    def _wait_s(self) -> float:
+        now = time.monotonic()
+        wake = min([self._next_sweep] + [op.not_before for op in self._pending.values()]
+                   + ([self._next_heartbeat] if self._open else []))
+        return min(max(wake - now, 0.001), self.SWEEP_S)
+
+    def _add(self, op: _Op) -> None:
+        older = self._pending.get(op.key)
+        if older is not None:  # a newer state of the same row replaces the queued one
+            op.notify = older.notify + op.notify
+            op.attempts, op.failing_since = older.attempts, older.failing_since
+            op.not_before = older.not_before
+        self._pending[op.key] = op
+
+    def _write_due(self) -> None:
         while True:
-            try:
-                with self.db.write() as session:
-                    for row in rows:
-                        apply_row(session, row)
-                self.written += len(rows)
+            now = time.monotonic()
+            due = [op for op in self._pending.values() if op.not_before <= now][:self.BATCH]
+            if not due:
                 return
+            try:
+                ids = self._apply(due)
+            except Exception as exc:
+                if _unreachable(exc) or len(due) == 1:
+                    for op in due:
+                        self._failed(op, exc)
+                    continue
+                for op in due:  # find the bad row rather than hold the good ones back
+                    try:
+                        ids = self._apply([op])
+                    except Exception as one:
+                        self._failed(op, one)
+                    else:
+                        self._landed(op, ids[0])
+                continue
+            for op, entry_id in zip(due, ids):
+                self._landed(op, entry_id)
+
+    def _apply(self, ops: list[_Op]) -> list[int]:
+        with self.db.write() as session:
+            return [apply_row(session, op.row, op.entry_id) for op in ops]
+
+    def _landed(self, op: _Op, entry_id: int) -> None:
+        self._pending.pop(op.key, None)
+        self.written += 1
+        if op.row.status == IN_PROGRESS:
+            self._open.add(entry_id)
+        else:
+            self._open.discard(entry_id)
+        self._notify(op, entry_id)
+
+    def _failed(self, op: _Op, exc: Exception) -> None:
+        now = time.monotonic()
+        op.attempts += 1
+        op.failing_since = op.failing_since or now
+        unreachable = _unreachable(exc)
+        give_up = (op.attempts >= self.ATTEMPTS and (not unreachable or self._stopping)) or \
+            now - op.failing_since >= self.OUTAGE_S
+        if not give_up:
+            if op.attempts == 1:
+                log.warning("ledger write failed (request %s), retrying: %s",
+                            op.row.request_id, exc)
+            op.not_before = now + min(0.05 * 4 ** op.attempts, 5.0)
+            return
+        self._pending.pop(op.key, None)
+        self.set_aside.append(op.row)
+        log.error("ledger row set aside after %d failed writes (%s): %s", op.attempts,
+                  exc, _describe(op.row, op.entry_id))
+        self._notify(op, None)
+
+    @staticmethod
+    def _notify(op: _Op, result) -> None:
+        for fn in op.notify:
+            try:
+                fn(result)
             except Exception:
-                if len(rows) > 1:  # find the bad row rather than hold the good ones back
-                    for row in rows:
-                        self._write([row])
-                    return
-                log.exception("ledger write failed (request %s); retrying", rows[0].request_id)
-                if self._closed and delay > 2:
-                    log.error("dropping ledger row for request %s at shutdown", rows[0].request_id)
-                    return
-                time.sleep(delay)
-                delay = min(delay * 2, 5.0)
+                log.exception("ledger notify failed")
+
+    def _housekeeping(self) -> None:
+        now = time.monotonic()
+        try:
+            if self._open and now >= self._next_heartbeat:
+                self._next_heartbeat = now + self.HEARTBEAT_S
+                self._heartbeat()
+            if now >= self._next_sweep:
+                self._next_sweep = now + self.SWEEP_S
+                self._sweep()
+        except Exception:  # the database may be down: the next round tries again
+            log.warning("ledger housekeeping failed", exc_info=True)
+
+    def _heartbeat(self) -> None:
+        """Keep this process's running rows from looking abandoned."""
+        ids = sorted(self._open)
+        with self.db.write() as session:
+            for i in range(0, len(ids), 500):
+                session.execute(update(UsageEntry)
+                                .where(UsageEntry.id.in_(ids[i:i + 500]),
+                                       UsageEntry.status == IN_PROGRESS)
+                                .values(updated_at=time.time()))
+
+    def _sweep(self) -> None:
+        """Close the rows of requests whose server died: `in_progress`, not written for
+        STALE_S (their server would have refreshed them every HEARTBEAT_S). Their tokens and
+        billing are those last recorded; only the status changes, so closing the row of a
+        server that is merely slow is harmless: its next write sets the status again.
+        (Servers sharing a database need clocks in step to well within STALE_S.)"""
+        cutoff = time.time() - self.STALE_S
+        stale = ((UsageEntry.status == IN_PROGRESS) & (UsageEntry.updated_at < cutoff))
+        if self._open:
+            stale = stale & UsageEntry.id.not_in(sorted(self._open))
+        with self.db.write() as session:
+            closed = session.execute(update(UsageEntry).where(stale).values(
+                status=INTERRUPTED, error="server_stopped",
+                duration_s=func.coalesce(UsageEntry.duration_s,
+                                         UsageEntry.updated_at - UsageEntry.started_at))
+            ).rowcount
+        if closed:
+            self.interrupted_closed += closed
+            log.warning("closed %d ledger rows of requests interrupted by a server that "
+                        "stopped (status interrupted, billed for the tokens recorded)", closed)
+
+    def _close_own_rows(self) -> None:
+        """At shutdown: rows of requests still running here are interrupted."""
+        if not self._open:
+            return
+        ids = sorted(self._open)
+        try:
+            with self.db.write() as session:
+                for i in range(0, len(ids), 500):
+                    session.execute(update(UsageEntry)
+                                    .where(UsageEntry.id.in_(ids[i:i + 500]),
+                                           UsageEntry.status == IN_PROGRESS)
+                                    .values(status=INTERRUPTED, error="server_shutdown",
+                                            updated_at=time.time()))
+            self._open.clear()
+        except Exception:
+            log.warning("could not close %d running ledger rows at shutdown; the next "
+                        "server closes them", len(ids), exc_info=True)
+
+
+def _unreachable(exc: Exception) -> bool:
+    """The database, not the row, is the problem (down, locked, connection lost, no free
+    connection)."""
+    if isinstance(exc, (OperationalError, DisconnectionError, PoolTimeout)):
+        return True
+    return isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)
+
+
+def _describe(row: LedgerRow, entry_id: int | None = None) -> str:
+    """The whole row, for the log: enough to replay it by hand."""
+    fields = asdict(row)
+    fields["entry_id"] = entry_id
+    return json.dumps(fields, default=str, ensure_ascii=True)
 
 
 # -- reading ----------------------------------------------------------------------------

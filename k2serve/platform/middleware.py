@@ -149,6 +149,7 @@ class PlatformMiddleware:
         ctx.model = model[:256] if isinstance(model, str) else None
         try:
             await platform.admit(ctx, body, raw, headers)
+            await platform.open_row(ctx)  # its ledger row exists before the app runs
         except APIError as exc:
             return await self._refuse(ctx, exc, scope, receive, send)
         if ctx.replay is not None:  # the same request completed before: its stored reply
@@ -207,6 +208,8 @@ class PlatformMiddleware:
                     state["buf"] += chunk
                     if not message.get("more_body", False):
                         _capture_json(ctx, bytes(state["buf"]))
+                if ctx.entry_id is not None:  # usage committed before the bytes leave
+                    await self.platform.before_body(ctx, not message.get("more_body", False))
             await send(message)
 
         return sender

@@ -68,7 +68,9 @@ class UsageEntry(Base):
     cached_tokens: Mapped[int] = mapped_column(Integer, default=0)
     completion_tokens: Mapped[int] = mapped_column(Integer, default=0)
     cost_usd: Mapped[float] = mapped_column(Double, default=0.0)
-    # ok | error | client_closed (a generation ran) | rejected (refused before generating)
+    # ok | error | client_closed | content_filter (a generation ran) | rejected (refused
+    # before generating) | in_progress (running: written at admission, updated as it
+    # generates) | interrupted (its server died while it ran; billed for what it produced)
     status: Mapped[str] = mapped_column(String(16))
     http_status: Mapped[int | None] = mapped_column(Integer, nullable=True)
     error: Mapped[str | None] = mapped_column(String(64), nullable=True)  # error code
@@ -79,9 +81,11 @@ class UsageEntry(Base):
     retry_group: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
     retry_count: Mapped[int] = mapped_column(Integer, default=0)
     billed: Mapped[bool] = mapped_column(Boolean, default=False)
+    updated_at: Mapped[float | None] = mapped_column(Double, nullable=True)  # last write
 
     __table_args__ = (Index("ix_usage_ledger_key_started", "api_key_id", "started_at"),
-                      Index("ix_usage_ledger_started", "started_at"))
+                      Index("ix_usage_ledger_started", "started_at"),
+                      Index("ix_usage_ledger_status_updated", "status", "updated_at"))
 
     @property
     def total_tokens(self) -> int:

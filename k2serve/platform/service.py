@@ -18,7 +18,7 @@ from starlette.concurrency import run_in_threadpool
 from k2serve.api.errors import APIError
 from k2serve.platform.db import Database, open_database, redact
 from k2serve.platform.keys import KeyInfo, KeyStore
-from k2serve.platform.ledger import LedgerRow, LedgerWriter, usage_totals
+from k2serve.platform.ledger import IN_PROGRESS, LedgerRow, LedgerWriter, usage_totals
 from k2serve.platform.pricing import cost_usd, pricing_for
 from k2serve.platform.ratelimit import (
     IDEMPOTENCY_TTL_S,
@@ -43,6 +43,7 @@ MAX_REPLAY_BYTES = 1 << 20  # a larger reply is not stored: its retry generates 
 # Reply headers not stored for a replay (the replay gets its own).
 _NOT_REPLAYED = frozenset({b"content-length", b"x-request-id", b"date", b"server",
                            b"set-cookie", b"transfer-encoding"})
+LEDGER_WAIT_S = 10.0  # the longest a request waits for its ledger row to be committed
 
 
 def is_loopback(host: str) -> bool:
@@ -117,6 +118,7 @@ class RequestContext:
     app_done: bool = False
     settled: bool = False
     refunded: bool = False
+    entry_id: int | None = None  # its ledger row, written at admission (Platform.open_row)
 
 
 class Platform:
@@ -150,6 +152,9 @@ class Platform:
         self.registry = app.state.registry
         app.state.platform = self
         app.state.usage_sinks.append(self.ledger_sink)
+        if getattr(app.state, "usage_progress_sinks", None) is None:
+            app.state.usage_progress_sinks = []
+        app.state.usage_progress_sinks.append(self.ledger_progress)
         app.include_router(admin.router)
 
     def open_mode(self) -> bool:
@@ -499,6 +504,40 @@ class Platform:
             log.warning("reservation estimate failed; using an upper bound", exc_info=True)
             return _upper_bound(self.registry, body, raw)
 
+    # -- the ledger row of a request --------------------------------------------------------
+    async def open_row(self, ctx: RequestContext) -> None:
+        """Write the request's ledger row (`in_progress`) before the app runs, so that a
+        crash at any later point leaves a row (the next server closes it as `interrupted`).
+        Written by the ledger thread; raises 503 when it cannot be written."""
+        row = self._row(ctx, IN_PROGRESS, model=ctx.model)
+        ctx.entry_id = await self.writer.write(row, timeout=LEDGER_WAIT_S)
+        if ctx.entry_id is None:
+            raise APIError(503, "The usage ledger could not be written, so the request was "
+                                "not run. Retry shortly.", code="ledger_unavailable",
+                           type="service_unavailable", headers={"retry-after": "1"})
+
+    def ledger_progress(self, snapshot) -> None:
+        """Usage progress sink (see k2serve.api.usage): a running generation's tokens so
+        far, written to its row without waiting."""
+        ctx = getattr(snapshot.request_id, "k2serve_ctx", None)
+        if ctx is None or ctx.entry_id is None or ctx.settled:
+            return
+        self.writer.submit(self._record_row(ctx, snapshot, IN_PROGRESS), ctx.entry_id)
+
+    async def before_body(self, ctx: RequestContext, final: bool) -> None:
+        """Called by the middleware before each body message of a generation's reply: once
+        the generation has reported (all its tokens are known), and before the reply's last
+        message in any case, the row is committed before the bytes leave."""
+        if ctx.entry_id is None or ctx.settled:
+            return
+        if ctx.record is not None or (final and ctx.tracker is None):
+            row = self._settle(ctx)
+            if row is not None:
+                await self.writer.write(row, ctx.entry_id, timeout=LEDGER_WAIT_S)
+        elif final:  # a tracker that has not reported: its tokens so far
+            await self.writer.write(self._record_row(ctx, ctx.tracker.snapshot(), IN_PROGRESS),
+                                    ctx.entry_id, timeout=LEDGER_WAIT_S)
+
     # -- the end of a request ----------------------------------------------------------------
     def ledger_sink(self, record) -> None:
         """Usage sink: called once per generation when it ends (see k2serve.api.usage)."""
@@ -554,20 +593,24 @@ class Platform:
             log.exception("rate limiter settle failed")
 
     def _finalize(self, ctx: RequestContext) -> None:
+        """Queue the request's final row (no wait: the reply has gone, or never will)."""
+        row = self._settle(ctx)
+        if row is not None:
+            self.writer.submit(row, ctx.entry_id)
+
+    def _settle(self, ctx: RequestContext) -> LedgerRow | None:
+        """The request's final row, once (None if already settled)."""
         if ctx.settled:
-            return
+            return None
         ctx.settled = True
         record = ctx.record
         if record is not None:
-            prompt, cached, completion = (record.prompt_tokens, record.cached_tokens,
-                                          record.completion_tokens)
             status, error = record.status, None
             if status == "error":
                 error = ctx.error_code or "generation_error"
             elif status == "content_filter":  # the safety model's stage and labels
                 error = record.error
-            ttft, duration = record.ttft_s, record.duration_s
-            model = record.model
+            row = self._record_row(ctx, record, status, error)
         else:
             usage = ctx.captured_usage or {}
             prompt = _int(usage.get("prompt_tokens"))
@@ -584,12 +627,25 @@ class Platform:
             if ctx.replay is not None:  # a stored reply sent again: nothing generated
                 prompt = completion = cached = 0
                 status = "replayed" if status == "ok" else status
-            error = ctx.error_code
-            ttft, duration = None, time.perf_counter() - ctx.t0
-            model = ctx.model
+            row = self._row(ctx, status, model=ctx.model, prompt=prompt, cached=cached,
+                            completion=completion, error=ctx.error_code,
+                            duration=time.perf_counter() - ctx.t0)
             self._refund(ctx, prompt + completion)
             _log_request(ctx, status)
-        row = LedgerRow(
+        self._release_hold_after_write(ctx, row.cost_usd)
+        ctx.tracker = ctx.record = None  # the record's request id refers back to ctx
+        return row
+
+    def _record_row(self, ctx: RequestContext, record, status: str,
+                    error: str | None = None) -> LedgerRow:
+        return self._row(ctx, status, model=record.model, prompt=record.prompt_tokens,
+                         cached=record.cached_tokens, completion=record.completion_tokens,
+                         error=error, ttft=record.ttft_s, duration=record.duration_s)
+
+    def _row(self, ctx: RequestContext, status: str, *, model, prompt: int = 0,
+             cached: int = 0, completion: int = 0, error: str | None = None,
+             ttft: float | None = None, duration: float | None = None) -> LedgerRow:
+        return LedgerRow(
             request_id=str(ctx.request_id), api_key_id=ctx.key.id if ctx.key else None,
             model=model, endpoint=ctx.endpoint or "", status=status, started_at=ctx.started_at,
             prompt_tokens=prompt, cached_tokens=cached, completion_tokens=completion,
@@ -597,9 +653,6 @@ class Platform:
             http_status=ctx.status, error=error, ttft_s=ttft, duration_s=duration,
             admitted_at=ctx.admitted_at, retry_group=ctx.retry_group,
             retry_count=ctx.retry_count)
-        self.writer.submit(row)
-        self._release_hold_after_write(ctx, row.cost_usd)
-        ctx.tracker = ctx.record = None  # the record's request id refers back to ctx
 
     def _submit_record(self, record) -> None:
         model = record.model

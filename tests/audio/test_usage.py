@@ -26,7 +26,7 @@ def _rows(audio_stack, request_id: str, timeout: float = 15.0):
                     if r.request_id == request_id]
         finally:
             db.close()
-        if rows:
+        if rows and all(r.status != "in_progress" for r in rows):  # rows exist from admission
             return rows
         time.sleep(0.2)
     raise AssertionError(f"no ledger row for request {request_id}")

@@ -304,7 +304,7 @@ def _ledger_row(live, request_id: str, timeout: float = 20.0):
             rows = [r for r in ledger_rows(db) if r.request_id == request_id]
         finally:
             db.close()
-        if rows:
+        if rows and rows[0].status != "in_progress":  # rows exist from admission
             return rows[0]
         time.sleep(0.2)
     raise AssertionError(f"no ledger row for request {request_id}")

@@ -57,6 +57,12 @@ def overloaded(message: str) -> APIError:
                     headers={"retry-after": str(OVERLOAD_RETRY_AFTER_S)})
 
 
+def too_deep() -> APIError:
+    """400 for a JSON body nested deeper than the parser's recursion limit (about 1,000)."""
+    return APIError(400, "Request body is not valid JSON: it is nested too deeply.",
+                    code="invalid_json")
+
+
 def error_response(error: APIError) -> JSONResponse:
     headers = dict(error.headers)
     # Deterministic failures: tell Stainless SDKs not to retry them.
@@ -92,6 +98,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
+        if isinstance(exc.__cause__, RecursionError):  # FastAPI's json.loads gave up
+            return error_response(too_deep())
         message = {404: f"Unknown path: {request.method} {request.url.path}",
                    405: f"Method {request.method} not allowed on {request.url.path}"}.get(
                        exc.status_code, str(exc.detail))

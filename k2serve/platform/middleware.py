@@ -129,7 +129,7 @@ class PlatformMiddleware:
         receive = _replay(raw, receive)
         try:
             body = json.loads(raw) if raw else {}
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):  # the route answers 400
             body = {}
         if not isinstance(body, dict):
             body = {}

@@ -117,3 +117,41 @@ def test_completions_specific_errors(http):
 def test_unknown_path_and_method(http):
     assert_error(http.get("/v1/nothing-here"), 404)
     assert_error(http.get("/v1/chat/completions"), 405)
+
+
+# Issue #12, row 3: each of these was a 500 (over the real server, with its platform).
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+@pytest.mark.parametrize("fields,param,contains", [
+    ({"seed": 2**64}, "seed", ""),  # torch: "Overflow when unpacking long long"
+    ({"seed": -(2**63) - 1}, "seed", ""),
+    ({"logit_bias": {"²": 1}}, "logit_bias", "token ids"),  # "²".isdigit(), int("²") fails
+    ({"logit_bias": {"9" * 5000: 1}}, "logit_bias", "token ids"),  # int() digit limit
+])
+def test_out_of_range_sampling_fields_are_400(http, path, fields, param, contains):
+    body = {"model": EMBEDDED_ID, "max_tokens": 1}
+    body.update({"messages": USER} if path == "/v1/chat/completions" else {"prompt": "Hi"})
+    body.update(fields)
+    assert_error(http.post(path, json=body), 400, param=param, contains=contains)
+
+
+def test_largest_seed_is_accepted(http):
+    r = http.post("/v1/completions", json={"model": EMBEDDED_ID, "prompt": "Hi", "max_tokens": 1,
+                                           "seed": 2**63 - 1, "n": 2})
+    assert r.status_code == 200, r.text
+    assert [c["seed"] for c in r.json()["choices"]] == [2**63 - 1, 2**63]
+
+
+@pytest.mark.parametrize("key", ["tools", "messages", "add_generation_prompt", "self"])
+def test_chat_template_kwargs_cannot_override_the_request(http, key):
+    assert_error(http.post("/v1/chat/completions", json={
+        "model": EMBEDDED_ID, "messages": USER, "max_tokens": 1,
+        "chat_template_kwargs": {key: 1}}), 400, param="chat_template_kwargs", contains=key)
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions", "/v1/embeddings"])
+def test_json_nested_100000_deep_is_400(http, path):
+    deep = b'{"model": "%s", "messages": %s}' % (EMBEDDED_ID.encode(), b"[" * 100_000 + b"]" * 100_000)
+    err = assert_error(http.post(path, content=deep, headers={"content-type": "application/json"}),
+                       400, contains="nested too deeply")
+    assert err["code"] == "invalid_json"
+    assert http.get("/health").status_code == 200

@@ -169,7 +169,8 @@ class Platform:
                            type="insufficient_quota", code="insufficient_quota",
                            headers={"x-should-retry": "false"})
         await self._retry_identity(ctx, raw, headers)
-        ctx.reserved = self.reservation(ctx.endpoint, body, raw)
+        # tokenizes the prompt: seconds for a large one, so off the event loop
+        ctx.reserved = await run_in_threadpool(self.reservation, ctx.endpoint, body, raw)
         if key is not None and key.has_limits:
             decision = await self.limiter.acquire(key.id, key.rpm_limit, key.tpm_limit,
                                                   ctx.reserved)

@@ -136,7 +136,9 @@ class Tokenizer:
         single ids. `add_special_tokens` adds what the tokenizer's post-processor adds (BOS, if the
         model asks for it); keep it False for rendered chat prompts, whose template writes BOS itself.
         """
-        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        # encode_batch releases the GIL while it works (encode holds it: seconds for a 4 MB
+        # prompt, during which no other thread, the event loop included, runs)
+        return self.backend.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)

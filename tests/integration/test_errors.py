@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import threading
+import time
+
+import httpx
 import pytest
 
 from tests.conftest import EMBEDDED_ID
@@ -155,3 +159,34 @@ def test_json_nested_100000_deep_is_400(http, path):
                        400, contains="nested too deeply")
     assert err["code"] == "invalid_json"
     assert http.get("/health").status_code == 200
+
+
+def test_a_huge_prompt_does_not_block_other_requests(server):
+    """Tokenizing a 4 MB prompt takes seconds; it runs on a worker thread, so /health (and
+    every other request) answers meanwhile. On the event loop, /health waited for it."""
+    http = httpx.Client(base_url=server.root, timeout=120)  # its own connections
+    prompt = "hello world, " * 300_000  # ~3.9 MB, ~900k tokens: over the context -> 400
+    done = threading.Event()
+    result = {}
+
+    def big():
+        start = time.monotonic()
+        with httpx.Client(base_url=server.root, timeout=120) as client:
+            result["r"] = client.post("/v1/completions", json={
+                "model": EMBEDDED_ID, "prompt": prompt, "max_tokens": 1})
+        result["s"] = time.monotonic() - start
+        done.set()
+
+    thread = threading.Thread(target=big)
+    thread.start()
+    worst = 0.0
+    while not done.is_set():
+        start = time.monotonic()
+        assert http.get("/health").status_code == 200
+        worst = max(worst, time.monotonic() - start)
+        time.sleep(0.05)
+    thread.join()
+    http.close()
+    assert_error(result["r"], 400, param="prompt", contains="context length")
+    assert result["s"] > 1.0, "the prompt tokenized too fast to show anything"
+    assert worst < result["s"] / 2, (worst, result["s"])

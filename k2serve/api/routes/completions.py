@@ -7,6 +7,7 @@ import uuid
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
 from k2serve.api.generation import (
     collect,
@@ -32,7 +33,9 @@ DEFAULT_MAX_TOKENS = 16  # OpenAI's default for this endpoint
 async def completions(req: CompletionRequest, request: Request):
     backend = text_backend_for(request, req.model)
     guard = safety_guard(request, req.safety_model)  # 400 for a safety model not served
-    prepared = fit_context(backend.encode_text_prompt(req.prompt), req.max_tokens,
+    # A 4 MB prompt tokenizes for seconds: off the event loop, which serves everyone.
+    prompt_ids = await run_in_threadpool(backend.encode_text_prompt, req.prompt)
+    prepared = fit_context(prompt_ids, req.max_tokens,
                            DEFAULT_MAX_TOKENS, backend.context_length,
                            req.context_length_exceeded_behavior, "max_tokens")
     reply_id = f"cmpl-{uuid.uuid4().hex}"

@@ -7,6 +7,7 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from k2serve.engine.async_engine import EngineOverloaded
@@ -23,6 +24,25 @@ _TYPE_BY_STATUS = {
     422: "invalid_request_error",
     429: "rate_limit_error",
     503: "service_unavailable",
+}
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+# Every router declares these, so the OpenAPI schema says what an error looks like (and no
+# longer lists FastAPI's 422, which this server never sends: its validation errors are 400).
+ERROR_RESPONSES: dict = {
+    "4XX": {"model": ErrorResponse, "description": "The request cannot be served as sent"},
+    "5XX": {"model": ErrorResponse, "description": "Overloaded (503) or a server fault"},
 }
 
 

@@ -152,7 +152,8 @@ def test_chat_template_kwargs_cannot_override_the_request(http, key):
         "chat_template_kwargs": {key: 1}}), 400, param="chat_template_kwargs", contains=key)
 
 
-@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions", "/v1/embeddings"])
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions", "/v1/embeddings",
+                                  "/v1/moderations", "/v1/audio/speech"])
 def test_json_nested_100000_deep_is_400(http, path):
     deep = b'{"model": "%s", "messages": %s}' % (EMBEDDED_ID.encode(), b"[" * 100_000 + b"]" * 100_000)
     err = assert_error(http.post(path, content=deep, headers={"content-type": "application/json"}),

@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
-from k2serve.api.errors import APIError, bad_request, overloaded
+from k2serve.api.errors import ERROR_RESPONSES, APIError, bad_request, overloaded, too_deep
 from k2serve.api.generation import SSE_DONE, sse
 from k2serve.api.models_lookup import registry_of
 from k2serve.api.schemas.audio import SpeechRequest
@@ -25,7 +25,7 @@ from k2serve.api.usage import UsageTracker
 from k2serve.audio.errors import AudioRequestError
 from k2serve.audio.serving import Busy, SpeechBackend, TranscriptionBackend
 
-router = APIRouter()
+router = APIRouter(responses=ERROR_RESPONSES)
 
 ENGLISH = ("en", "english")
 
@@ -80,6 +80,8 @@ async def _speech(request: Request):
         body = json.loads(await request.body() or b"null")
     except (ValueError, UnicodeDecodeError) as exc:
         raise bad_request(f"Request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise too_deep() from None
     if not isinstance(body, dict):
         raise bad_request("Request body must be a JSON object.")
     model, backend = _backend(request, body.get("model"), SpeechBackend, "audio",

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from k2serve.api.errors import bad_request
+from k2serve.api.errors import ERROR_RESPONSES, bad_request
 from k2serve.api.generation import (
     collect,
     compile_grammar,
@@ -37,7 +37,7 @@ from k2serve.text.chat_template import (
     normalize_messages,
 )
 
-router = APIRouter()
+router = APIRouter(responses=ERROR_RESPONSES)
 
 
 def _message_dicts(req: ChatCompletionRequest) -> list[dict]:

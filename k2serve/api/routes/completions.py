@@ -9,6 +9,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
+from k2serve.api.errors import ERROR_RESPONSES
 from k2serve.api.generation import (
     collect,
     fit_context,
@@ -24,7 +25,7 @@ from k2serve.api.schemas.completions import CompletionRequest
 from k2serve.api.usage import UsageTracker
 from k2serve.safety.guard import safety_guard
 
-router = APIRouter()
+router = APIRouter(responses=ERROR_RESPONSES)
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for this endpoint
 

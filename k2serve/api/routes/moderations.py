@@ -13,12 +13,12 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from k2serve.api.errors import bad_request
+from k2serve.api.errors import ERROR_RESPONSES, bad_request, too_deep
 from k2serve.api.usage import UsageTracker
 from k2serve.safety.guard import moderation_backend, moderation_models
 from k2serve.safety.labels import LABELS, THRESHOLD, assessed, flagged_labels, openai_scores
 
-router = APIRouter()
+router = APIRouter(responses=ERROR_RESPONSES)
 
 MAX_INPUTS = 32  # texts per request
 MAX_INPUT_CHARS = 32_768  # characters per text (a long text is scored in 100-word windows)
@@ -90,6 +90,8 @@ async def moderations(request: Request):
         body = await request.json()
     except ValueError:
         raise bad_request("Request body is not valid JSON.") from None
+    except RecursionError:
+        raise too_deep() from None
     if not isinstance(body, dict):
         raise bad_request("The request body must be a JSON object.")
     model_id = _model_id(request, body)

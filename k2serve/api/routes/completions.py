@@ -76,9 +76,10 @@ async def completions(req: CompletionRequest, request: Request):
         if req.num_top_logprobs is not None and r is not None:
             entries = (prompt_logprobs if req.echo else []) + r.logprobs
             logprobs = together_logprobs(entries)
+        # Together's schema types logprobs as an object, not null: present only when asked
         body_choices.append({"index": i, "text": text,
                              "finish_reason": r.finish_reason if r else "length",
-                             "logprobs": logprobs,
+                             **({"logprobs": logprobs} if logprobs is not None else {}),
                              **({"seed": req.seed + i} if req.seed is not None else {})})
     body = {"id": reply_id, "object": "text.completion", "created": created, "model": req.model,
             "prompt": prompt_field, "choices": body_choices,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -91,13 +92,27 @@ def error_response(error: APIError) -> JSONResponse:
     return JSONResponse(error.body(), status_code=error.status, headers=headers)
 
 
-def _describe_validation_error(err: dict) -> tuple[str, str | None]:
-    loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+# pydantic names the member of a union that failed in the error's location
+# (`tool_choice.str`, `stop.list[str]`): not part of the field's name.
+_UNION_MEMBER = re.compile(r"(str|bool|int|float|none|[a-z][a-z0-9_-]*\[.*\])")
+
+
+def _loc(err: dict) -> list[str]:
+    loc = [p for p in err.get("loc", ()) if p != "body"]
+    return [str(p) for i, p in enumerate(loc)
+            if not (i and isinstance(p, str) and _UNION_MEMBER.fullmatch(p))]
+
+
+def _describe_validation_error(err: dict, others: list[dict] = ()) -> tuple[str, str | None]:
+    loc = _loc(err)
     param = ".".join(loc) or None
     kind = err.get("type", "")
     if kind == "json_invalid":
         return "Request body is not valid JSON: " + str(err.get("ctx", {}).get("error", "")), None
-    msg = err.get("msg", "invalid value")
+    # every member of a union failed: say what each wanted
+    msgs = [err.get("msg", "invalid value")] + [o.get("msg", "") for o in others
+                                                if _loc(o) == loc and o.get("msg")]
+    msg = " or ".join(dict.fromkeys(msgs))
     if kind == "missing":
         return f"Missing required parameter: '{param}'.", param
     if param:
@@ -113,7 +128,8 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError):
         errors = exc.errors()
-        message, param = _describe_validation_error(errors[0]) if errors else ("Invalid request.", None)
+        message, param = (_describe_validation_error(errors[0], errors[1:]) if errors
+                          else ("Invalid request.", None))
         return error_response(APIError(400, message, param=param, code="invalid_request"))
 
     @app.exception_handler(StarletteHTTPException)

@@ -62,6 +62,11 @@ def test_unknown_model_is_404(http):
      "messages.0.content", "text only"),
     ({"messages": [{"role": "user"}]}, "messages.0.content", "must have content"),
     ({"context_length_exceeded_behavior": "explode"}, "context_length_exceeded_behavior", ""),
+    # union fields: the param is the field, not pydantic's union member (`tool_choice.str`)
+    ({"tool_choice": 5}, "tool_choice", "valid dictionary"),
+    ({"stop": 5}, "stop", "valid list"),
+    ({"logprobs": "x"}, "logprobs", "valid integer"),
+    ({"messages": [{"role": "user", "content": 5}]}, "messages.0.content", ""),
 ])
 def test_invalid_chat_fields_are_400_naming_the_param(http, fields, param, contains):
     body = {"model": EMBEDDED_ID, "messages": USER, "max_tokens": 2}

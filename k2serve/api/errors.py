@@ -47,6 +47,11 @@ ERROR_RESPONSES: dict = {
 }
 
 
+# Generation routes answer JSON, or server-sent events when the request sets `stream`.
+STREAM_OR_JSON: dict = {200: {"description": "The reply, or its chunks as server-sent events",
+                              "content": {"application/json": {}, "text/event-stream": {}}}}
+
+
 class APIError(Exception):
     def __init__(self, status: int, message: str, *, param: str | None = None,
                  code: str | None = None, type: str | None = None,

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-FUZZ_EXAMPLES = int(os.environ.get("K2SERVE_FUZZ_EXAMPLES", "25"))
+FUZZ_EXAMPLES = int(os.environ.get("K2SERVE_FUZZ_EXAMPLES", "50"))
 FUZZ_CONTEXT = 128
 
 

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from k2serve.api.errors import ERROR_RESPONSES, bad_request
+from k2serve.api.errors import ERROR_RESPONSES, STREAM_OR_JSON, bad_request
 from k2serve.api.generation import (
     collect,
     compile_grammar,
@@ -69,7 +69,7 @@ def _render_prompt(req: ChatCompletionRequest, backend: TextBackend, plan: ToolP
                           f"template: {exc}", param="messages") from exc
 
 
-@router.post("/v1/chat/completions")
+@router.post("/v1/chat/completions", responses=STREAM_OR_JSON)
 async def chat_completions(req: ChatCompletionRequest, request: Request):
     backend = text_backend_for(request, req.model)
     guard = safety_guard(request, req.safety_model)  # 400 for a safety model not served

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from k2serve.api.errors import ERROR_RESPONSES
+from k2serve.api.errors import ERROR_RESPONSES, STREAM_OR_JSON
 from k2serve.api.generation import (
     collect,
     fit_context,
@@ -30,7 +30,7 @@ router = APIRouter(responses=ERROR_RESPONSES)
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for this endpoint
 
 
-@router.post("/v1/completions")
+@router.post("/v1/completions", responses=STREAM_OR_JSON)
 async def completions(req: CompletionRequest, request: Request):
     backend = text_backend_for(request, req.model)
     guard = safety_guard(request, req.safety_model)  # 400 for a safety model not served

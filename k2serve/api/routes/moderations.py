@@ -14,6 +14,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from k2serve.api.errors import ERROR_RESPONSES, bad_request, too_deep
+from k2serve.api.schemas.moderations import ModerationRequest
 from k2serve.api.usage import UsageTracker
 from k2serve.safety.guard import moderation_backend, moderation_models
 from k2serve.safety.labels import LABELS, THRESHOLD, assessed, flagged_labels, openai_scores
@@ -84,7 +85,8 @@ def _result(scores: dict[str, float]) -> dict:
     }
 
 
-@router.post("/v1/moderations")
+@router.post("/v1/moderations", openapi_extra={"requestBody": {"required": True, "content": {
+    "application/json": {"schema": ModerationRequest.model_json_schema()}}}})
 async def moderations(request: Request):
     try:
         body = await request.json()

@@ -20,7 +20,7 @@ MAX_LOGPROBS = 20  # Together's and OpenAI's limit on top logprobs
 # generators take up to 2^64 - 1.
 MIN_SEED, MAX_SEED = -(2**63), 2**63 - 1
 # ASCII digits only (str.isdigit() also accepts "²"), and short enough for int()
-_TOKEN_ID = re.compile(r"-?[0-9]{1,12}")
+_TOKEN_ID = re.compile(r"^-?[0-9]{1,12}$")
 
 
 class SamplingFields(BaseModel):
@@ -35,7 +35,8 @@ class SamplingFields(BaseModel):
     repetition_penalty: float | None = Field(default=None, gt=0.0, le=10.0)
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, float] | None = Field(
+        default=None, json_schema_extra={"propertyNames": {"pattern": _TOKEN_ID.pattern}})
     seed: int | None = Field(default=None, ge=MIN_SEED, le=MAX_SEED)
     stop: Union[str, list[str], None] = None
     n: int = Field(default=1, ge=1, le=MAX_N)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import logging
+import re
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from k2serve.engine.async_engine import EngineOverloaded
@@ -24,6 +26,30 @@ _TYPE_BY_STATUS = {
     429: "rate_limit_error",
     503: "service_unavailable",
 }
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+# Every router declares these, so the OpenAPI schema says what an error looks like (and no
+# longer lists FastAPI's 422, which this server never sends: its validation errors are 400).
+ERROR_RESPONSES: dict = {
+    "4XX": {"model": ErrorResponse, "description": "The request cannot be served as sent"},
+    "5XX": {"model": ErrorResponse, "description": "Overloaded (503) or a server fault"},
+}
+
+
+# Generation routes answer JSON, or server-sent events when the request sets `stream`.
+STREAM_OR_JSON: dict = {200: {"description": "The reply, or its chunks as server-sent events",
+                              "content": {"application/json": {}, "text/event-stream": {}}}}
 
 
 class APIError(Exception):
@@ -57,6 +83,12 @@ def overloaded(message: str) -> APIError:
                     headers={"retry-after": str(OVERLOAD_RETRY_AFTER_S)})
 
 
+def too_deep() -> APIError:
+    """400 for a JSON body nested deeper than the parser's recursion limit (about 1,000)."""
+    return APIError(400, "Request body is not valid JSON: it is nested too deeply.",
+                    code="invalid_json")
+
+
 def error_response(error: APIError) -> JSONResponse:
     headers = dict(error.headers)
     # Deterministic failures: tell Stainless SDKs not to retry them.
@@ -65,13 +97,27 @@ def error_response(error: APIError) -> JSONResponse:
     return JSONResponse(error.body(), status_code=error.status, headers=headers)
 
 
-def _describe_validation_error(err: dict) -> tuple[str, str | None]:
-    loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+# pydantic names the member of a union that failed in the error's location
+# (`tool_choice.str`, `stop.list[str]`): not part of the field's name.
+_UNION_MEMBER = re.compile(r"(str|bool|int|float|none|[a-z][a-z0-9_-]*\[.*\])")
+
+
+def _loc(err: dict) -> list[str]:
+    loc = [p for p in err.get("loc", ()) if p != "body"]
+    return [str(p) for i, p in enumerate(loc)
+            if not (i and isinstance(p, str) and _UNION_MEMBER.fullmatch(p))]
+
+
+def _describe_validation_error(err: dict, others: list[dict] = ()) -> tuple[str, str | None]:
+    loc = _loc(err)
     param = ".".join(loc) or None
     kind = err.get("type", "")
     if kind == "json_invalid":
         return "Request body is not valid JSON: " + str(err.get("ctx", {}).get("error", "")), None
-    msg = err.get("msg", "invalid value")
+    # every member of a union failed: say what each wanted
+    msgs = [err.get("msg", "invalid value")] + [o.get("msg", "") for o in others
+                                                if _loc(o) == loc and o.get("msg")]
+    msg = " or ".join(dict.fromkeys(msgs))
     if kind == "missing":
         return f"Missing required parameter: '{param}'.", param
     if param:
@@ -87,11 +133,14 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError):
         errors = exc.errors()
-        message, param = _describe_validation_error(errors[0]) if errors else ("Invalid request.", None)
+        message, param = (_describe_validation_error(errors[0], errors[1:]) if errors
+                          else ("Invalid request.", None))
         return error_response(APIError(400, message, param=param, code="invalid_request"))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
+        if isinstance(exc.__cause__, RecursionError):  # FastAPI's json.loads gave up
+            return error_response(too_deep())
         message = {404: f"Unknown path: {request.method} {request.url.path}",
                    405: f"Method {request.method} not allowed on {request.url.path}"}.get(
                        exc.status_code, str(exc.detail))

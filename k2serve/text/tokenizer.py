@@ -140,7 +140,9 @@ class Tokenizer:
         for it); keep it False for rendered chat prompts, whose template writes BOS itself.
         """
         backend = self.backend if allow_special_tokens else self._plain_backend
-        return backend.encode(text, add_special_tokens=add_special_tokens).ids
+        # encode_batch releases the GIL while it works (encode holds it: seconds for a 4 MB
+        # prompt, during which no other thread, the event loop included, runs)
+        return backend.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)

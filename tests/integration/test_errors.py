@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import threading
+import time
+
+import httpx
 import pytest
 
 from tests.conftest import EMBEDDED_ID
@@ -58,6 +62,11 @@ def test_unknown_model_is_404(http):
      "messages.0.content", "text only"),
     ({"messages": [{"role": "user"}]}, "messages.0.content", "must have content"),
     ({"context_length_exceeded_behavior": "explode"}, "context_length_exceeded_behavior", ""),
+    # union fields: the param is the field, not pydantic's union member (`tool_choice.str`)
+    ({"tool_choice": 5}, "tool_choice", "valid dictionary"),
+    ({"stop": 5}, "stop", "valid list"),
+    ({"logprobs": "x"}, "logprobs", "valid integer"),
+    ({"messages": [{"role": "user", "content": 5}]}, "messages.0.content", ""),
 ])
 def test_invalid_chat_fields_are_400_naming_the_param(http, fields, param, contains):
     body = {"model": EMBEDDED_ID, "messages": USER, "max_tokens": 2}
@@ -117,3 +126,73 @@ def test_completions_specific_errors(http):
 def test_unknown_path_and_method(http):
     assert_error(http.get("/v1/nothing-here"), 404)
     assert_error(http.get("/v1/chat/completions"), 405)
+
+
+# Issue #12, row 3: each of these was a 500 (over the real server, with its platform).
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+@pytest.mark.parametrize("fields,param,contains", [
+    ({"seed": 2**64}, "seed", ""),  # torch: "Overflow when unpacking long long"
+    ({"seed": -(2**63) - 1}, "seed", ""),
+    ({"logit_bias": {"²": 1}}, "logit_bias", "token ids"),  # "²".isdigit(), int("²") fails
+    ({"logit_bias": {"9" * 5000: 1}}, "logit_bias", "token ids"),  # int() digit limit
+])
+def test_out_of_range_sampling_fields_are_400(http, path, fields, param, contains):
+    body = {"model": EMBEDDED_ID, "max_tokens": 1}
+    body.update({"messages": USER} if path == "/v1/chat/completions" else {"prompt": "Hi"})
+    body.update(fields)
+    assert_error(http.post(path, json=body), 400, param=param, contains=contains)
+
+
+def test_largest_seed_is_accepted(http):
+    r = http.post("/v1/completions", json={"model": EMBEDDED_ID, "prompt": "Hi", "max_tokens": 1,
+                                           "seed": 2**63 - 1, "n": 2})
+    assert r.status_code == 200, r.text
+    assert [c["seed"] for c in r.json()["choices"]] == [2**63 - 1, 2**63]
+
+
+@pytest.mark.parametrize("key", ["tools", "messages", "add_generation_prompt", "self"])
+def test_chat_template_kwargs_cannot_override_the_request(http, key):
+    assert_error(http.post("/v1/chat/completions", json={
+        "model": EMBEDDED_ID, "messages": USER, "max_tokens": 1,
+        "chat_template_kwargs": {key: 1}}), 400, param="chat_template_kwargs", contains=key)
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions", "/v1/embeddings",
+                                  "/v1/moderations", "/v1/audio/speech"])
+def test_json_nested_100000_deep_is_400(http, path):
+    deep = b'{"model": "%s", "messages": %s}' % (EMBEDDED_ID.encode(), b"[" * 100_000 + b"]" * 100_000)
+    err = assert_error(http.post(path, content=deep, headers={"content-type": "application/json"}),
+                       400, contains="nested too deeply")
+    assert err["code"] == "invalid_json"
+    assert http.get("/health").status_code == 200
+
+
+def test_a_huge_prompt_does_not_block_other_requests(server):
+    """Tokenizing a 4 MB prompt takes seconds; it runs on a worker thread, so /health (and
+    every other request) answers meanwhile. On the event loop, /health waited for it."""
+    http = httpx.Client(base_url=server.root, timeout=120)  # its own connections
+    prompt = "hello world, " * 300_000  # ~3.9 MB, ~900k tokens: over the context -> 400
+    done = threading.Event()
+    result = {}
+
+    def big():
+        start = time.monotonic()
+        with httpx.Client(base_url=server.root, timeout=120) as client:
+            result["r"] = client.post("/v1/completions", json={
+                "model": EMBEDDED_ID, "prompt": prompt, "max_tokens": 1})
+        result["s"] = time.monotonic() - start
+        done.set()
+
+    thread = threading.Thread(target=big)
+    thread.start()
+    worst = 0.0
+    while not done.is_set():
+        start = time.monotonic()
+        assert http.get("/health").status_code == 200
+        worst = max(worst, time.monotonic() - start)
+        time.sleep(0.05)
+    thread.join()
+    http.close()
+    assert_error(result["r"], 400, param="prompt", contains="context length")
+    assert result["s"] > 1.0, "the prompt tokenized too fast to show anything"
+    assert worst < result["s"] / 2, (worst, result["s"])

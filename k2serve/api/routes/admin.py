@@ -10,10 +10,10 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from k2serve.api.errors import APIError
+from k2serve.api.errors import ERROR_RESPONSES, APIError
 from k2serve.platform.timeparse import parse_since
 
-router = APIRouter()
+router = APIRouter(responses=ERROR_RESPONSES)
 
 
 @router.get("/admin/usage")

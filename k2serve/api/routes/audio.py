@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
-from k2serve.api.errors import APIError, bad_request, overloaded
+from k2serve.api.errors import ERROR_RESPONSES, APIError, bad_request, overloaded, too_deep
 from k2serve.api.generation import SSE_DONE, sse
 from k2serve.api.models_lookup import registry_of
 from k2serve.api.schemas.audio import SpeechRequest
@@ -25,7 +25,7 @@ from k2serve.api.usage import UsageTracker
 from k2serve.audio.errors import AudioRequestError
 from k2serve.audio.serving import Busy, SpeechBackend, TranscriptionBackend
 
-router = APIRouter()
+router = APIRouter(responses=ERROR_RESPONSES)
 
 ENGLISH = ("en", "english")
 
@@ -80,6 +80,8 @@ async def _speech(request: Request):
         body = json.loads(await request.body() or b"null")
     except (ValueError, UnicodeDecodeError) as exc:
         raise bad_request(f"Request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise too_deep() from None
     if not isinstance(body, dict):
         raise bad_request("Request body must be a JSON object.")
     model, backend = _backend(request, body.get("model"), SpeechBackend, "audio",
@@ -155,10 +157,20 @@ async def _speech(request: Request):
                              headers={"cache-control": "no-cache", **headers})
 
 
+# The route reads its body itself (the model is checked before the fields); the schema says
+# what it takes and what it answers.
+_SPEECH_OPENAPI = {"requestBody": {"required": True, "content": {"application/json": {
+    "schema": SpeechRequest.model_json_schema()}}}}
+_SPEECH_RESPONSES = {200: {"description": "The audio, or SSE events with base64 audio",
+                           "content": {media: {} for media in (
+                               "audio/wav", "audio/mpeg", "audio/flac", "audio/ogg",
+                               "audio/aac", "audio/pcm", "text/event-stream")}}}
 router.add_api_route("/v1/audio/speech", _speech, methods=["POST"],
-                     summary="Synthesize speech (eSpeak NG)")
+                     summary="Synthesize speech (eSpeak NG)", openapi_extra=_SPEECH_OPENAPI,
+                     responses=_SPEECH_RESPONSES)
 router.add_api_route("/v1/audio/generations", _speech, methods=["POST"],
-                     summary="Synthesize speech (the seed's path; same as /v1/audio/speech)")
+                     summary="Synthesize speech (the seed's path; same as /v1/audio/speech)",
+                     openapi_extra=_SPEECH_OPENAPI, responses=_SPEECH_RESPONSES)
 
 
 @router.get("/v1/voices")
@@ -285,12 +297,25 @@ async def _transcribe_closing_files(request: Request, task: str):
         await request.close()  # closes the parsed form's spooled upload
 
 
-@router.post("/v1/audio/transcriptions", summary="Transcribe audio (Whisper tiny.en)")
+# The multipart form, as OpenAI's and Together's SDKs send it (read by _transcribe).
+_TRANSCRIBE_OPENAPI = {"requestBody": {"required": True, "content": {"multipart/form-data": {
+    "schema": {"type": "object", "required": ["file"], "properties": {
+        "file": {"type": "string", "format": "binary"}, "model": {"type": "string"},
+        "language": {"type": "string"}, "prompt": {"type": "string"},
+        "response_format": {"type": "string"}, "temperature": {"type": "number"},
+        "timestamp_granularities": {"type": "array", "items": {"type": "string"}}}}}}}}
+_TRANSCRIBE_RESPONSES = {200: {"description": "The transcript", "content": {
+    "application/json": {}, "text/plain": {}, "text/vtt": {}}}}
+
+
+@router.post("/v1/audio/transcriptions", summary="Transcribe audio (Whisper tiny.en)",
+             openapi_extra=_TRANSCRIBE_OPENAPI, responses=_TRANSCRIBE_RESPONSES)
 async def transcriptions(request: Request):
     return await _transcribe_closing_files(request, "transcribe")
 
 
 @router.post("/v1/audio/translations",
-             summary="Translate audio into English (tiny.en: English speech only)")
+             summary="Translate audio into English (tiny.en: English speech only)",
+             openapi_extra=_TRANSCRIBE_OPENAPI, responses=_TRANSCRIBE_RESPONSES)
 async def translations(request: Request):
     return await _transcribe_closing_files(request, "translate")

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
-from k2serve.api.errors import APIError
+from k2serve.api.errors import ERROR_RESPONSES, APIError
 from k2serve.api.models_lookup import registry_of
 
-router = APIRouter()
+router = APIRouter(responses=ERROR_RESPONSES)
 
 # path -> (model type it needs, what it does)
 ENDPOINTS = {

@@ -7,8 +7,9 @@ import uuid
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
-from k2serve.api.errors import bad_request
+from k2serve.api.errors import ERROR_RESPONSES, STREAM_OR_JSON, bad_request
 from k2serve.api.generation import (
     collect,
     compile_grammar,
@@ -37,7 +38,7 @@ from k2serve.text.chat_template import (
     normalize_messages,
 )
 
-router = APIRouter()
+router = APIRouter(responses=ERROR_RESPONSES)
 
 
 def _message_dicts(req: ChatCompletionRequest) -> list[dict]:
@@ -69,18 +70,21 @@ def _render_prompt(req: ChatCompletionRequest, backend: TextBackend, plan: ToolP
                           f"template: {exc}", param="messages") from exc
 
 
-@router.post("/v1/chat/completions")
+@router.post("/v1/chat/completions", responses=STREAM_OR_JSON)
 async def chat_completions(req: ChatCompletionRequest, request: Request):
     backend = text_backend_for(request, req.model)
     guard = safety_guard(request, req.safety_model)  # 400 for a safety model not served
-    plan = plan_tools(req, backend)
+    # Off the event loop: checking large tool schemas, rendering and tokenizing a long
+    # prompt take seconds that every other request would wait for.
+    plan = await run_in_threadpool(plan_tools, req, backend)
     grammar, stop = await _grammar(req, backend, plan)
     if req.max_completion_tokens == 0 or req.max_tokens == 0:
         raise bad_request("max_tokens must be at least 1 for chat completions.", param="max_tokens")
 
-    prompt_text = _render_prompt(req, backend, plan)
+    prompt_text = await run_in_threadpool(_render_prompt, req, backend, plan)
+    prompt_ids = await run_in_threadpool(backend.encode_chat_prompt, prompt_text)
     param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
-    prepared = fit_context(backend.encode_chat_prompt(prompt_text), req.requested_max_tokens,
+    prepared = fit_context(prompt_ids, req.requested_max_tokens,
                            None, backend.context_length, req.context_length_exceeded_behavior,
                            param)
     if stop is not None and req.stop_list:
@@ -132,7 +136,7 @@ async def _grammar(req: ChatCompletionRequest, backend: TextBackend, plan: ToolP
     Stop strings would cut structured output short of valid, so they apply only to free text.
     """
     try:
-        fmt = response_format_grammar(req.response_format)
+        fmt = await run_in_threadpool(response_format_grammar, req.response_format)
     except GrammarError as exc:
         raise bad_request(str(exc), param=exc.param) from None
     if fmt is not None and plan is not None:

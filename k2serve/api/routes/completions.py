@@ -7,7 +7,9 @@ import uuid
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
+from k2serve.api.errors import ERROR_RESPONSES, STREAM_OR_JSON
 from k2serve.api.generation import (
     collect,
     fit_context,
@@ -24,16 +26,18 @@ from k2serve.api.schemas.completions import CompletionRequest
 from k2serve.api.usage import UsageTracker
 from k2serve.safety.guard import safety_guard
 
-router = APIRouter()
+router = APIRouter(responses=ERROR_RESPONSES)
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for this endpoint
 
 
-@router.post("/v1/completions")
+@router.post("/v1/completions", responses=STREAM_OR_JSON)
 async def completions(req: CompletionRequest, request: Request):
     backend = text_backend_for(request, req.model)
     guard = safety_guard(request, req.safety_model)  # 400 for a safety model not served
-    prepared = fit_context(backend.encode_text_prompt(req.prompt), req.max_tokens,
+    # A 4 MB prompt tokenizes for seconds: off the event loop, which serves everyone.
+    prompt_ids = await run_in_threadpool(backend.encode_text_prompt, req.prompt)
+    prepared = fit_context(prompt_ids, req.max_tokens,
                            DEFAULT_MAX_TOKENS, backend.context_length,
                            req.context_length_exceeded_behavior, "max_tokens")
     reply_id = f"cmpl-{uuid.uuid4().hex}"
@@ -74,9 +78,10 @@ async def completions(req: CompletionRequest, request: Request):
         if req.num_top_logprobs is not None and r is not None:
             entries = (prompt_logprobs if req.echo else []) + r.logprobs
             logprobs = together_logprobs(entries)
+        # Together's schema types logprobs as an object, not null: present only when asked
         body_choices.append({"index": i, "text": text,
                              "finish_reason": r.finish_reason if r else "length",
-                             "logprobs": logprobs,
+                             **({"logprobs": logprobs} if logprobs is not None else {}),
                              **({"seed": req.seed + i} if req.seed is not None else {})})
     body = {"id": reply_id, "object": "text.completion", "created": created, "model": req.model,
             "prompt": prompt_field, "choices": body_choices,

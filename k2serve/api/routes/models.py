@@ -9,10 +9,19 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from k2serve.api.errors import APIError
+from k2serve.api.errors import ERROR_RESPONSES, APIError
 from k2serve.api.models_lookup import registry_of
 
-router = APIRouter()
+router = APIRouter(responses=ERROR_RESPONSES)
+
+
+def _model_object(spec) -> dict:
+    # A model without a context (speech, transcription) leaves context_length out: Together's
+    # schema types it as an integer, not null.
+    obj = spec.as_model_object()
+    if obj.get("context_length") is None:
+        obj.pop("context_length", None)
+    return obj
 
 
 def wants_openai_shape(request: Request) -> bool:
@@ -21,7 +30,7 @@ def wants_openai_shape(request: Request) -> bool:
 
 @router.get("/v1/models")
 async def list_models(request: Request, dedicated: bool | None = None):
-    models = [spec.as_model_object() for spec in registry_of(request).specs()]
+    models = [_model_object(spec) for spec in registry_of(request).specs()]
     if wants_openai_shape(request):
         return JSONResponse({"object": "list", "data": models})
     return JSONResponse(models)
@@ -33,4 +42,4 @@ async def retrieve_model(model_id: str, request: Request):
     if entry is None:
         raise APIError(404, f"The model '{model_id}' does not exist or is not served here.",
                        param="model", code="model_not_found")
-    return JSONResponse(entry[0].as_model_object())
+    return JSONResponse(_model_object(entry[0]))

@@ -13,12 +13,13 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from k2serve.api.errors import bad_request
+from k2serve.api.errors import ERROR_RESPONSES, bad_request, too_deep
+from k2serve.api.schemas.moderations import ModerationRequest
 from k2serve.api.usage import UsageTracker
 from k2serve.safety.guard import moderation_backend, moderation_models
 from k2serve.safety.labels import LABELS, THRESHOLD, assessed, flagged_labels, openai_scores
 
-router = APIRouter()
+router = APIRouter(responses=ERROR_RESPONSES)
 
 MAX_INPUTS = 32  # texts per request
 MAX_INPUT_CHARS = 32_768  # characters per text (a long text is scored in 100-word windows)
@@ -84,12 +85,15 @@ def _result(scores: dict[str, float]) -> dict:
     }
 
 
-@router.post("/v1/moderations")
+@router.post("/v1/moderations", openapi_extra={"requestBody": {"required": True, "content": {
+    "application/json": {"schema": ModerationRequest.model_json_schema()}}}})
 async def moderations(request: Request):
     try:
         body = await request.json()
     except ValueError:
         raise bad_request("Request body is not valid JSON.") from None
+    except RecursionError:
+        raise too_deep() from None
     if not isinstance(body, dict):
         raise bad_request("The request body must be a JSON object.")
     model_id = _model_id(request, body)

@@ -17,12 +17,12 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from k2serve.api.embedding_inputs import document_texts
-from k2serve.api.errors import bad_request
+from k2serve.api.errors import ERROR_RESPONSES, bad_request
 from k2serve.api.models_lookup import embedding_backend_for
 from k2serve.api.routes.embeddings import embed_billed
 from k2serve.api.schemas.embeddings import RerankRequest
 
-router = APIRouter()
+router = APIRouter(responses=ERROR_RESPONSES)
 
 
 def relevance(vectors: np.ndarray) -> np.ndarray:

@@ -9,6 +9,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from k2serve.api.schemas.common import SamplingFields
 
 MAX_MESSAGES = 2048
+# Template variables the server sets itself; chat_template_kwargs may not override them.
+RESERVED_TEMPLATE_KWARGS = frozenset({"messages", "tools", "add_generation_prompt", "self"})
 
 
 class ChatMessage(BaseModel):
@@ -37,6 +39,15 @@ class ChatCompletionRequest(SamplingFields):
     def _messages_not_empty(cls, value):
         if isinstance(value, list) and not value:
             raise ValueError("messages must contain at least one message")
+        return value
+
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _template_kwargs_not_reserved(cls, value):
+        taken = sorted(RESERVED_TEMPLATE_KWARGS & set(value or {}))
+        if taken:
+            raise ValueError(f"{', '.join(taken)} cannot be set here; they come from the "
+                             f"request itself (use the top-level field)")
         return value
 
     @property

@@ -7,6 +7,7 @@ the server's own limits (n, stop list, logprobs) are explicit constants below.
 
 from __future__ import annotations
 
+import re
 from typing import Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator
@@ -15,6 +16,11 @@ MAX_N = 16  # choices per request; each is a full generation on this machine
 MAX_STOP_SEQUENCES = 16
 MAX_STOP_LENGTH = 512  # characters per stop string
 MAX_LOGPROBS = 20  # Together's and OpenAI's limit on top logprobs
+# OpenAI's documented seed range (int64); choice i samples with seed + i, which torch's
+# generators take up to 2^64 - 1.
+MIN_SEED, MAX_SEED = -(2**63), 2**63 - 1
+# ASCII digits only (str.isdigit() also accepts "²"), and short enough for int()
+_TOKEN_ID = re.compile(r"^-?[0-9]{1,12}$")
 
 
 class SamplingFields(BaseModel):
@@ -29,8 +35,9 @@ class SamplingFields(BaseModel):
     repetition_penalty: float | None = Field(default=None, gt=0.0, le=10.0)
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
-    logit_bias: dict[str, float] | None = None
-    seed: int | None = None
+    logit_bias: dict[str, float] | None = Field(
+        default=None, json_schema_extra={"propertyNames": {"pattern": _TOKEN_ID.pattern}})
+    seed: int | None = Field(default=None, ge=MIN_SEED, le=MAX_SEED)
     stop: Union[str, list[str], None] = None
     n: int = Field(default=1, ge=1, le=MAX_N)
     stream: bool = False
@@ -70,7 +77,7 @@ class SamplingFields(BaseModel):
     @classmethod
     def _check_logit_bias(cls, value):
         for key, bias in (value or {}).items():
-            if not key.lstrip("-").isdigit():
+            if not _TOKEN_ID.fullmatch(key):
                 raise ValueError(f"keys must be token ids, got {key!r}")
             if not -100.0 <= bias <= 100.0:
                 raise ValueError(f"bias for token {key} must be between -100 and 100")

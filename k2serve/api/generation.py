@@ -17,11 +17,47 @@ from fastapi import Request
 from k2serve.api.errors import APIError, bad_request
 from k2serve.api.schemas.common import SamplingFields
 from k2serve.api.usage import UsageTracker
+from k2serve.engine.async_engine import Reservation
 from k2serve.engine.sampling_params import SamplingParams
 from k2serve.serving.text_backend import LogprobEntry, TextBackend, TextDelta
 from k2serve.structured import GrammarError, compiler_for
 
 DISCONNECT_POLL_S = 0.25
+
+
+class RequestCapacity:
+    """The engine capacity one HTTP request holds, from admission until its reply has ended.
+
+    Routes get it from the `request_capacity` dependency, whose exit runs after the response
+    has been sent or abandoned (a streamed body included): every reservation made here is
+    released on every path — a 4xx after admission, a flagged input, a client gone before the
+    stream started, an engine error — never left to time out.
+    """
+
+    def __init__(self, owner: str | None):
+        self.owner = owner  # the API key id: the engine shares itself fairly between keys
+        self._reservations: list[Reservation] = []
+
+    def reserve(self, backend: TextBackend, num_requests: int) -> Reservation | None:
+        """Admit `num_requests` choices now (before a streamed reply's 200), or raise
+        EngineOverloaded (503) / ShareExceeded (429)."""
+        reservation = backend.reserve(num_requests, self.owner)
+        if reservation is not None:
+            self._reservations.append(reservation)
+        return reservation
+
+    def release(self) -> None:
+        for reservation in self._reservations:
+            reservation.release()
+
+
+async def request_capacity(request: Request) -> AsyncIterator[RequestCapacity]:
+    """FastAPI dependency: the request's RequestCapacity, released when the exchange ends."""
+    capacity = RequestCapacity(getattr(request.state, "api_key_id", None))
+    try:
+        yield capacity
+    finally:
+        capacity.release()
 
 
 @dataclass
@@ -105,11 +141,13 @@ async def compile_grammar(backend: TextBackend, grammar: str, what: str, param: 
 
 async def merged_choices(backend: TextBackend, prompt_ids: list[int], req: SamplingFields,
                          max_tokens: int, tracker: UsageTracker | None = None, *,
-                         grammar=None, stop: list[str] | None = None
+                         grammar=None, stop: list[str] | None = None,
+                         reservation: Reservation | None = None
                          ) -> AsyncIterator[tuple[int, TextDelta]]:
     """Run req.n choices concurrently; yield (choice index, delta) as they come.
 
-    `grammar` (compiled) constrains every choice; `stop` replaces req's stop strings.
+    `grammar` (compiled) constrains every choice; `stop` replaces req's stop strings;
+    `reservation` (RequestCapacity.reserve) is the capacity the choices run in.
 
     Closing this iterator cancels every choice, which aborts their engine requests. The
     tracker sees every delta and is finished here, however the request ends.
@@ -121,7 +159,8 @@ async def merged_choices(backend: TextBackend, prompt_ids: list[int], req: Sampl
 
     async def pump(index: int) -> None:
         try:
-            async for delta in backend.generate(prompt_ids, params[index], stop_strings):
+            async for delta in backend.generate(prompt_ids, params[index], stop_strings,
+                                                reservation=reservation):
                 await queue.put((index, delta))
         except Exception as exc:  # delivered to the consumer, which raises it
             await queue.put((index, exc))

@@ -5,16 +5,18 @@ from __future__ import annotations
 import time
 import uuid
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from k2serve.api.errors import bad_request
 from k2serve.api.generation import (
+    RequestCapacity,
     collect,
     compile_grammar,
     fit_context,
     merged_choices,
     openai_chat_logprobs,
+    request_capacity,
     sse_stream,
     stream_deltas,
     together_logprobs,
@@ -69,7 +71,8 @@ def _render_prompt(req: ChatCompletionRequest, backend: TextBackend, plan: ToolP
 
 
 @router.post("/v1/chat/completions")
-async def chat_completions(req: ChatCompletionRequest, request: Request):
+async def chat_completions(req: ChatCompletionRequest, request: Request,
+                           capacity: RequestCapacity = Depends(request_capacity)):
     backend = text_backend_for(request, req.model)
     guard = safety_guard(request, req.safety_model)  # 400 for a safety model not served
     plan = plan_tools(req, backend)
@@ -85,12 +88,12 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
     if stop is not None and req.stop_list:
         prepared.warnings.append("stop sequences are not applied to structured output: the "
                                  "grammar decides where it ends.")
-    backend.ensure_capacity(req.n)
+    reservation = capacity.reserve(backend, req.n)  # released when the exchange ends
     reply_id = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())
     tracker = UsageTracker(request, req.model, "chat.completions", len(prepared.ids), req.n)
     choices = merged_choices(backend, prepared.ids, req, prepared.max_tokens, tracker,
-                             grammar=grammar, stop=stop)
+                             grammar=grammar, stop=stop, reservation=reservation)
     if guard is not None:  # input checked first, output released in checked pieces
         choices = guard.guarded(request, choices, chat_input_texts(req.messages), req.n,
                                 len(prepared.ids), tracker)

@@ -5,13 +5,15 @@ from __future__ import annotations
 import time
 import uuid
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from k2serve.api.generation import (
+    RequestCapacity,
     collect,
     fit_context,
     merged_choices,
+    request_capacity,
     sse_stream,
     stream_deltas,
     together_logprobs,
@@ -29,7 +31,8 @@ DEFAULT_MAX_TOKENS = 16  # OpenAI's default for this endpoint
 
 
 @router.post("/v1/completions")
-async def completions(req: CompletionRequest, request: Request):
+async def completions(req: CompletionRequest, request: Request,
+                      capacity: RequestCapacity = Depends(request_capacity)):
     backend = text_backend_for(request, req.model)
     guard = safety_guard(request, req.safety_model)  # 400 for a safety model not served
     prepared = fit_context(backend.encode_text_prompt(req.prompt), req.max_tokens,
@@ -45,9 +48,10 @@ async def completions(req: CompletionRequest, request: Request):
     if prepared.max_tokens == 0 and req.num_top_logprobs is None:
         choices = None  # nothing to compute
     else:
-        backend.ensure_capacity(req.n)
+        reservation = capacity.reserve(backend, req.n)  # released when the exchange ends
         tracker = UsageTracker(request, req.model, "completions", len(prepared.ids), req.n)
-        choices = merged_choices(backend, prepared.ids, req, prepared.max_tokens, tracker)
+        choices = merged_choices(backend, prepared.ids, req, prepared.max_tokens, tracker,
+                                 reservation=reservation)
         if guard is not None:  # prompt checked first, output released in checked pieces
             choices = guard.guarded(request, choices, [req.prompt], req.n, len(prepared.ids),
                                     tracker)

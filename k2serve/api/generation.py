@@ -139,21 +139,29 @@ async def compile_grammar(backend: TextBackend, grammar: str, what: str, param: 
         raise bad_request(str(exc), param=exc.param) from None
 
 
-async def merged_choices(backend: TextBackend, prompt_ids: list[int], req: SamplingFields,
-                         max_tokens: int, tracker: UsageTracker | None = None, *,
-                         grammar=None, stop: list[str] | None = None,
-                         reservation: Reservation | None = None
-                         ) -> AsyncIterator[tuple[int, TextDelta]]:
+def merged_choices(backend: TextBackend, prompt_ids: list[int], req: SamplingFields,
+                   max_tokens: int, tracker: UsageTracker | None = None, *,
+                   grammar=None, stop: list[str] | None = None,
+                   reservation: Reservation | None = None
+                   ) -> AsyncIterator[tuple[int, TextDelta]]:
     """Run req.n choices concurrently; yield (choice index, delta) as they come.
 
     `grammar` (compiled) constrains every choice; `stop` replaces req's stop strings;
     `reservation` (RequestCapacity.reserve) is the capacity the choices run in.
 
     Closing this iterator cancels every choice, which aborts their engine requests. The
-    tracker sees every delta and is finished here, however the request ends.
+    tracker sees every delta and is finished here, however the request ends. Bad sampling
+    fields are a 400 raised by this call itself, before a streamed reply's 200.
     """
     params = [sampling_params(req, backend, max_tokens, i, grammar) for i in range(req.n)]
     stop_strings = req.stop_list if stop is None else stop
+    return _run_choices(backend, prompt_ids, params, stop_strings, tracker, reservation)
+
+
+async def _run_choices(backend: TextBackend, prompt_ids: list[int], params: list[SamplingParams],
+                       stop_strings: list[str], tracker: UsageTracker | None,
+                       reservation: Reservation | None) -> AsyncIterator[tuple[int, TextDelta]]:
+    n = len(params)
     queue: asyncio.Queue = asyncio.Queue()
     done = object()
 
@@ -167,8 +175,8 @@ async def merged_choices(backend: TextBackend, prompt_ids: list[int], req: Sampl
         finally:
             await queue.put((index, done))
 
-    tasks = [asyncio.create_task(pump(i)) for i in range(req.n)]
-    remaining = req.n
+    tasks = [asyncio.create_task(pump(i)) for i in range(n)]
+    remaining = n
     status, error = "client_closed", None
     try:
         while remaining:

@@ -29,14 +29,17 @@ class RequestCapacity:
     """The engine capacity one HTTP request holds, from admission until its reply has ended.
 
     Routes get it from the `request_capacity` dependency, whose exit runs after the response
-    has been sent or abandoned (a streamed body included): every reservation made here is
-    released on every path — a 4xx after admission, a flagged input, a client gone before the
-    stream started, an engine error — never left to time out.
+    has been sent or abandoned (a streamed body included). Then the request's generation is
+    closed (aborting whatever still runs: a client gone mid-stream is not left to garbage
+    collection) and its reservations released — on every path: a 4xx after admission, a
+    flagged input, a client gone before the stream started, an engine error. Nothing is
+    left to time out.
     """
 
     def __init__(self, owner: str | None):
         self.owner = owner  # the API key id: the engine shares itself fairly between keys
         self._reservations: list[Reservation] = []
+        self._streams: list[AsyncIterator] = []
 
     def reserve(self, backend: TextBackend, num_requests: int) -> Reservation | None:
         """Admit `num_requests` choices now (before a streamed reply's 200), or raise
@@ -46,18 +49,28 @@ class RequestCapacity:
             self._reservations.append(reservation)
         return reservation
 
-    def release(self) -> None:
-        for reservation in self._reservations:
-            reservation.release()
+    def owns(self, stream: AsyncIterator) -> AsyncIterator:
+        """`stream` (the request's choices) is closed when the exchange ends."""
+        self._streams.append(stream)
+        return stream
+
+    async def close(self) -> None:
+        try:
+            with anyio.CancelScope(shield=True):  # the exchange may end by cancellation
+                for stream in self._streams:
+                    await stream.aclose()
+        finally:
+            for reservation in self._reservations:
+                reservation.release()
 
 
 async def request_capacity(request: Request) -> AsyncIterator[RequestCapacity]:
-    """FastAPI dependency: the request's RequestCapacity, released when the exchange ends."""
+    """FastAPI dependency: the request's RequestCapacity, closed when the exchange ends."""
     capacity = RequestCapacity(getattr(request.state, "api_key_id", None))
     try:
         yield capacity
     finally:
-        capacity.release()
+        await capacity.close()
 
 
 @dataclass

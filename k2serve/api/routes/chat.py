@@ -97,6 +97,7 @@ async def chat_completions(req: ChatCompletionRequest, request: Request,
     if guard is not None:  # input checked first, output released in checked pieces
         choices = guard.guarded(request, choices, chat_input_texts(req.messages), req.n,
                                 len(prepared.ids), tracker)
+    capacity.owns(choices)
     prompt_field = [{"text": prompt_text}] if req.echo else []
 
     def logprobs_of(entries):

@@ -55,6 +55,7 @@ async def completions(req: CompletionRequest, request: Request,
         if guard is not None:  # prompt checked first, output released in checked pieces
             choices = guard.guarded(request, choices, [req.prompt], req.n, len(prepared.ids),
                                     tracker)
+        capacity.owns(choices)
 
     if req.stream:
         return StreamingResponse(sse_stream(_stream(req, reply_id, created, choices, prepared,

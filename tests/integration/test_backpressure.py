@@ -121,9 +121,9 @@ def keyed_server(tmp_path_factory):
 
 
 def test_one_key_flooding_cannot_lock_another_key_out(keyed_server):
-    """300 streams from one key fill the engine (its excess: 503, then 429 once another key
-    is waiting); the other key's requests are admitted and answered while the flood's own
-    requests are still queued, and every slot comes back afterwards."""
+    """300 streams from one key fill the engine (its excess: 503 while it is alone, 429 once
+    another key waits); the other key's requests are admitted, not 503, and are answered
+    while the flood's own requests are still queued; every slot comes back afterwards."""
     import asyncio
 
     live, keys = keyed_server
@@ -131,53 +131,59 @@ def test_one_key_flooding_cannot_lock_another_key_out(keyed_server):
     def auth(name):
         return {"Authorization": f"Bearer {keys[name]}"}
 
-    flood_body = {**LONG, "max_tokens": 400}  # outlives the test: closed by the client
+    # The flood's running streams outlive the checks below (the client closes them).
+    flood_body = {**LONG, "max_tokens": 1500}
     small = {"model": EMBEDDED_ID, "max_tokens": 2, "ignore_eos": True,
              "messages": [{"role": "user", "content": "Hi"}]}
 
     async def scenario():
         limits = httpx.Limits(max_connections=FLOOD + 20, max_keepalive_connections=0)
         async with httpx.AsyncClient(base_url=live.root, timeout=120, limits=limits) as c:
-            release = asyncio.Event()
+            stop_running, release = asyncio.Event(), asyncio.Event()
             answered: list[int] = []
+
+            async def engine():
+                return (await c.get("/health")).json()["engines"][EMBEDDED_ID]
 
             async def flood_stream():
                 async with c.stream("POST", "/v1/chat/completions", json=flood_body,
                                     headers=auth("flood")) as r:
                     answered.append(r.status_code)
-                    if r.status_code == 200:
-                        await release.wait()  # hold the slot; leaving aborts it
-                    else:
+                    if r.status_code != 200:
                         await r.aread()
-                return r.status_code, r.headers.get("retry-after")
+                        return r.status_code, r.headers.get("retry-after")
+                    lines = r.aiter_lines()
+                    while not (await anext(lines)).startswith("data:"):
+                        pass  # queued until its first token arrives
+                    if not stop_running.is_set():
+                        await stop_running.wait()  # running at the start: closed (aborted)
+                    else:
+                        await release.wait()  # admitted later: held until the end
+                    return 200, None
 
             flood = [asyncio.create_task(flood_stream()) for _ in range(FLOOD)]
             while len(answered) < FLOOD:
                 await asyncio.sleep(0.05)
-            health = (await c.get("/health")).json()["engines"][EMBEDDED_ID]
-            # The other key: one stream held open, then a second-key share refusal for the
-            # flood, then short requests answered while the flood's requests still queue.
-            async with c.stream("POST", "/v1/chat/completions", json=LONG,
-                                headers=auth("other")) as other_stream:
-                excess = await c.post("/v1/chat/completions", json=small,
-                                      headers=auth("flood"))
-                others = await asyncio.gather(*[
-                    c.post("/v1/chat/completions", json=small, headers=auth("other"))
-                    for _ in range(4)])
-                after = (await c.get("/health")).json()["engines"][EMBEDDED_ID]
-                other_status = other_stream.status_code
+            full = await engine()
+            others = [asyncio.create_task(c.post("/v1/chat/completions", json=small,
+                                                 headers=auth("other"))) for _ in range(4)]
+            while (await engine())["owners"] < 2:
+                await asyncio.sleep(0.05)
+            excess = await c.post("/v1/chat/completions", json=small, headers=auth("flood"))
+            stop_running.set()  # the flood's running streams end; its queue stays
+            others = await asyncio.gather(*others)
+            after = await engine()
             release.set()
             flood_results = await asyncio.gather(*flood)
-            return health, flood_results, other_status, excess, others, after
+            return full, flood_results, excess, others, after
 
-    health, flood_results, other_status, excess, others, after = asyncio.run(scenario())
+    full, flood_results, excess, others, after = asyncio.run(scenario())
     statuses = sorted(s for s, _ in flood_results)
-    capacity = health["capacity"]
+    capacity = full["capacity"]
     assert capacity == 20
     assert statuses == [200] * capacity + [503] * (FLOOD - capacity), statuses
     assert all(ra == "1" for s, ra in flood_results if s == 503)
-    assert health["capacity_free"] == 0
-    assert other_status == 200
+    assert full["capacity_free"] == 0 and full["waiting"] == 16
     assert excess.status_code == 429, excess.text
     assert excess.json()["error"]["code"] == "too_many_concurrent_requests"
     assert excess.headers["retry-after"] == "1"

@@ -93,10 +93,11 @@ def chat(**extra) -> dict:
             **extra}
 
 
-async def asgi_call(app, path: str, body: dict, *, client_gone: bool = False
+async def asgi_call(app, path: str, body: dict, *, client_gone: str | None = None
                     ) -> tuple[int, bytes]:
-    """One raw ASGI exchange. `client_gone`: the client disconnects right after its body —
-    sending the response fails (what uvicorn raises) and receive() reports the disconnect."""
+    """One raw ASGI exchange. `client_gone`: the client disconnects right after its body:
+    receive() reports it, and sending fails (what uvicorn raises) from the response's "start"
+    or from its first "body" bytes on."""
     raw = json.dumps(body).encode()
     scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"},
              "http_version": "1.1", "method": "POST", "scheme": "http", "path": path,
@@ -119,6 +120,8 @@ async def asgi_call(app, path: str, body: dict, *, client_gone: bool = False
     async def send(message):
         nonlocal status
         if message["type"] == "http.response.start":
+            if client_gone == "start":
+                raise OSError("client disconnected")
             status = message["status"]
         elif message["type"] == "http.response.body":
             if client_gone and message.get("body"):
@@ -153,7 +156,7 @@ def assert_all_free(stats: dict) -> None:
 async def run_kind(app, engine, kind: str) -> list[int]:
     """KINDS failing requests of one kind, `batch` at a time (each batch fits the engine)."""
     path = "/v1/chat/completions"
-    client_gone = False
+    client_gone = None
     batch = 1
     if kind == "validation":  # a 400 found after admission (n=16 takes half the engine)
         body = chat(n=16, logit_bias={"99999999": 1})
@@ -166,10 +169,12 @@ async def run_kind(app, engine, kind: str) -> list[int]:
     elif kind == "grammar":  # a schema the grammar compiler refuses
         body = chat(n=16, response_format={"type": "json_schema", "json_schema": {
             "name": "x", "schema": {"type": "object", "properties": {"a": {"type": "nope"}}}}})
+    elif kind == "disconnect_before_stream":  # gone before a stream's headers
+        body, client_gone = chat(n=16, stream=True), "start"
     elif kind == "disconnect_stream":  # gone at the first byte of a stream
-        body, client_gone, batch = chat(stream=True), True, 50
+        body, client_gone, batch = chat(stream=True), "body", 50
     elif kind == "disconnect":  # gone while a non-streamed reply is generated
-        path, client_gone, batch = "/v1/completions", True, 50
+        path, client_gone, batch = "/v1/completions", "body", 50
         body = {"model": CHAT, "prompt": "Hi", "max_tokens": 400, "ignore_eos": True}
     elif kind == "upstream":  # the engine fails while generating
         body, batch = chat(), 50
@@ -184,8 +189,9 @@ async def run_kind(app, engine, kind: str) -> list[int]:
 
 
 EXPECTED = {"validation": {400}, "validation_stream": {400}, "safety": {200},
-            "safety_stream": {200}, "grammar": {400}, "disconnect_stream": {200},
-            "disconnect": {499, 0}, "upstream": {500}}
+            "safety_stream": {200}, "grammar": {400}, "disconnect_before_stream": {0},
+            "disconnect_stream": {200},
+            "disconnect": {499}, "upstream": {500}}
 
 
 @pytest.mark.parametrize("kind", list(EXPECTED))

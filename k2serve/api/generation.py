@@ -171,9 +171,10 @@ def merged_choices(backend: TextBackend, prompt_ids: list[int], req: SamplingFie
     return _run_choices(backend, prompt_ids, params, stop_strings, tracker, reservation)
 
 
-async def _run_choices(backend: TextBackend, prompt_ids: list[int], params: list[SamplingParams],
-                       stop_strings: list[str], tracker: UsageTracker | None,
-                       reservation: Reservation | None) -> AsyncIterator[tuple[int, TextDelta]]:
+async def _run_choices(backend: TextBackend, prompt_ids: list[int],
+                       params: list[SamplingParams], stop_strings: list[str],
+                       tracker: UsageTracker | None, reservation: Reservation | None
+                       ) -> AsyncIterator[tuple[int, TextDelta]]:
     n = len(params)
     queue: asyncio.Queue = asyncio.Queue()
     done = object()

@@ -101,8 +101,8 @@ class TextBackend:
         matcher = StopMatcher(stop) if stop else None
         completion_tokens = 0
         owner = reservation.owner if reservation is not None else None
-        stream = self.engine.generate(GenerationRequest(request_id, prompt_ids, params, owner=owner),
-                                      reservation)
+        request = GenerationRequest(request_id, prompt_ids, params, owner=owner)
+        stream = self.engine.generate(request, reservation)
         try:
             async for out in stream:
                 completion_tokens += len(out.token_ids)

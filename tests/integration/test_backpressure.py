@@ -183,7 +183,7 @@ def test_one_key_flooding_cannot_lock_another_key_out(keyed_server):
     assert capacity == 20
     assert statuses == [200] * capacity + [503] * (FLOOD - capacity), statuses
     assert all(ra == "1" for s, ra in flood_results if s == 503)
-    assert full["capacity_free"] == 0 and full["waiting"] == 16
+    assert full["capacity_free"] == 0 and full["in_flight"] + full["reserved"] == capacity
     assert excess.status_code == 429, excess.text
     assert excess.json()["error"]["code"] == "too_many_concurrent_requests"
     assert excess.headers["retry-after"] == "1"

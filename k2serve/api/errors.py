@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from k2serve.engine.async_engine import EngineOverloaded
+from k2serve.engine.async_engine import EngineOverloaded, ShareExceeded
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +89,14 @@ def too_deep() -> APIError:
                     code="invalid_json")
 
 
+def share_exceeded(message: str) -> APIError:
+    """429: the server is full and this key holds more than its share of it; other keys'
+    requests are still admitted. Retry shortly."""
+    return APIError(429, f"Too many concurrent requests: {message}. Retry shortly.",
+                    code="too_many_concurrent_requests",
+                    headers={"retry-after": str(OVERLOAD_RETRY_AFTER_S)})
+
+
 def error_response(error: APIError) -> JSONResponse:
     headers = dict(error.headers)
     # Deterministic failures: tell Stainless SDKs not to retry them.
@@ -148,6 +156,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(EngineOverloaded)
     async def _overloaded(request: Request, exc: EngineOverloaded):
+        if isinstance(exc, ShareExceeded):
+            return error_response(share_exceeded(str(exc)))
         return error_response(overloaded(str(exc)))
 
     @app.exception_handler(Exception)

@@ -17,11 +17,60 @@ from fastapi import Request
 from k2serve.api.errors import APIError, bad_request
 from k2serve.api.schemas.common import SamplingFields
 from k2serve.api.usage import UsageTracker
+from k2serve.engine.async_engine import Reservation
 from k2serve.engine.sampling_params import SamplingParams
 from k2serve.serving.text_backend import LogprobEntry, TextBackend, TextDelta
 from k2serve.structured import GrammarError, compiler_for
 
 DISCONNECT_POLL_S = 0.25
+
+
+class RequestCapacity:
+    """The engine capacity one HTTP request holds, from admission until its reply has ended.
+
+    Routes get it from the `request_capacity` dependency, whose exit runs after the response
+    has been sent or abandoned (a streamed body included). Then the request's generation is
+    closed (aborting whatever still runs: a client gone mid-stream is not left to garbage
+    collection) and its reservations released — on every path: a 4xx after admission, a
+    flagged input, a client gone before the stream started, an engine error. Nothing is
+    left to time out.
+    """
+
+    def __init__(self, owner: str | None):
+        self.owner = owner  # the API key id: the engine shares itself fairly between keys
+        self._reservations: list[Reservation] = []
+        self._streams: list[AsyncIterator] = []
+
+    def reserve(self, backend: TextBackend, num_requests: int) -> Reservation | None:
+        """Admit `num_requests` choices now (before a streamed reply's 200), or raise
+        EngineOverloaded (503) / ShareExceeded (429)."""
+        reservation = backend.reserve(num_requests, self.owner)
+        if reservation is not None:
+            self._reservations.append(reservation)
+        return reservation
+
+    def owns(self, stream: AsyncIterator) -> AsyncIterator:
+        """`stream` (the request's choices) is closed when the exchange ends."""
+        self._streams.append(stream)
+        return stream
+
+    async def close(self) -> None:
+        try:
+            with anyio.CancelScope(shield=True):  # the exchange may end by cancellation
+                for stream in self._streams:
+                    await stream.aclose()
+        finally:
+            for reservation in self._reservations:
+                reservation.release()
+
+
+async def request_capacity(request: Request) -> AsyncIterator[RequestCapacity]:
+    """FastAPI dependency: the request's RequestCapacity, closed when the exchange ends."""
+    capacity = RequestCapacity(getattr(request.state, "api_key_id", None))
+    try:
+        yield capacity
+    finally:
+        await capacity.close()
 
 
 @dataclass
@@ -103,36 +152,48 @@ async def compile_grammar(backend: TextBackend, grammar: str, what: str, param: 
         raise bad_request(str(exc), param=exc.param) from None
 
 
-async def merged_choices(backend: TextBackend, prompt_ids: list[int], req: SamplingFields,
-                         max_tokens: int, tracker: UsageTracker | None = None, *,
-                         grammar=None, stop: list[str] | None = None,
-                         cache_salt: str | None = None
-                         ) -> AsyncIterator[tuple[int, TextDelta]]:
+def merged_choices(backend: TextBackend, prompt_ids: list[int], req: SamplingFields,
+                   max_tokens: int, tracker: UsageTracker | None = None, *,
+                   grammar=None, stop: list[str] | None = None,
+                   reservation: Reservation | None = None, cache_salt: str | None = None
+                   ) -> AsyncIterator[tuple[int, TextDelta]]:
     """Run req.n choices concurrently; yield (choice index, delta) as they come.
 
-    `grammar` (compiled) constrains every choice; `stop` replaces req's stop strings.
+    `grammar` (compiled) constrains every choice; `stop` replaces req's stop strings;
+    `reservation` (RequestCapacity.reserve) is the capacity the choices run in;
+    `cache_salt` the prefix-cache namespace (k2serve.api.prefix_cache).
 
     Closing this iterator cancels every choice, which aborts their engine requests. The
-    tracker sees every delta and is finished here, however the request ends.
+    tracker sees every delta and is finished here, however the request ends. Bad sampling
+    fields are a 400 raised by this call itself, before a streamed reply's 200.
     """
     params = [sampling_params(req, backend, max_tokens, i, grammar) for i in range(req.n)]
     for p in params:
         p.cache_salt = cache_salt  # the prefix-cache namespace (k2serve.api.prefix_cache)
     stop_strings = req.stop_list if stop is None else stop
+    return _run_choices(backend, prompt_ids, params, stop_strings, tracker, reservation)
+
+
+async def _run_choices(backend: TextBackend, prompt_ids: list[int],
+                       params: list[SamplingParams], stop_strings: list[str],
+                       tracker: UsageTracker | None, reservation: Reservation | None
+                       ) -> AsyncIterator[tuple[int, TextDelta]]:
+    n = len(params)
     queue: asyncio.Queue = asyncio.Queue()
     done = object()
 
     async def pump(index: int) -> None:
         try:
-            async for delta in backend.generate(prompt_ids, params[index], stop_strings):
+            async for delta in backend.generate(prompt_ids, params[index], stop_strings,
+                                                reservation=reservation):
                 await queue.put((index, delta))
         except Exception as exc:  # delivered to the consumer, which raises it
             await queue.put((index, exc))
         finally:
             await queue.put((index, done))
 
-    tasks = [asyncio.create_task(pump(i)) for i in range(req.n)]
-    remaining = req.n
+    tasks = [asyncio.create_task(pump(i)) for i in range(n)]
+    remaining = n
     status, error = "client_closed", None
     try:
         while remaining:

@@ -10,8 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -21,7 +20,9 @@ from k2serve.engine.sequence import GenerationRequest, RequestOutput
 log = logging.getLogger(__name__)
 
 
-RESERVATION_TTL_S = 10.0  # how long an admitted request may take to start generating
+# Past its fair share of a full engine a key is refused; under its share it is admitted even
+# when the engine is full, up to this many times the configured queue bound (the memory bound).
+OVERFLOW_FACTOR = 2
 
 
 class EngineError(RuntimeError):
@@ -30,6 +31,44 @@ class EngineError(RuntimeError):
 
 class EngineOverloaded(RuntimeError):
     """The running batch and the waiting queue are full; try again later."""
+
+
+class ShareExceeded(EngineOverloaded):
+    """The engine is full and this owner (API key) holds more than its fair share of it."""
+
+
+class Reservation:
+    """Engine capacity admitted for one caller's requests (an HTTP request's `n` choices).
+
+    Each generation started with it turns one reserved slot into a running request, which
+    `generate` gives back when it ends; `release()` gives back the slots never started. It is
+    idempotent: call it in a `finally` (or use `with`) around everything between admission
+    and the end of the reply, so no failure path keeps capacity (no timed leases).
+    Event loop thread only.
+    """
+
+    def __init__(self, engine: AsyncEngine | None, owner: str | None, slots: int):
+        self._engine = engine
+        self.owner = owner
+        self.unstarted = slots
+
+    def start_one(self) -> None:
+        """One slot starts generating: generate() counts it as in flight from now on."""
+        self.unstarted -= 1
+        if self._engine is not None:
+            self._engine._reserved -= 1
+
+    def release(self) -> None:
+        slots, self.unstarted = self.unstarted, 0
+        if slots and self._engine is not None:
+            self._engine._reserved -= slots
+            self._engine._drop(self.owner, slots)
+
+    def __enter__(self) -> Reservation:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
 
 
 class AsyncEngine:
@@ -46,10 +85,11 @@ class AsyncEngine:
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._streams_lock = threading.Lock()
         self._stopped = False
-        # Requests accepted and not yet finished, and (expiry times of) requests admitted by
-        # `reserve` whose generation has not started yet; event loop thread only.
+        # Event loop thread only: requests generating (accepted, not finished), slots of
+        # reservations not started yet, and both together per owner (API key).
         self._in_flight = 0
-        self._reservations: deque[float] = deque()
+        self._reserved = 0
+        self._held: Counter[str | None] = Counter()
         self._ready = threading.Event()
         self._startup_error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, args=(factory,), name=name, daemon=True)
@@ -63,28 +103,34 @@ class AsyncEngine:
     def core(self) -> EngineCore:
         return self._core
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]:
+    async def generate(self, request: GenerationRequest, reservation: Reservation | None = None
+                       ) -> AsyncIterator[RequestOutput]:
         """Yields one output per engine step for this request, the last with finish_reason.
 
+        `reservation`: capacity admitted earlier by `reserve` for `request.owner` (one of
+        its slots is used); without one the request is admitted here, or EngineOverloaded
+        is raised.
         Closing the iterator early (client gone, stop string hit) aborts the request.
         """
         if self._stopped:
             raise EngineError("engine is shut down")
-        if self._reservations:
-            self._reservations.popleft()  # this request was admitted by reserve()
-        elif self._in_flight >= self.max_in_flight:
-            raise EngineOverloaded(f"{self._in_flight} requests are running or waiting, the "
-                                   f"most this server queues")
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
         with self._streams_lock:
             if request.request_id in self._streams:
                 raise ValueError(f"duplicate request id {request.request_id}")
-            self._streams[request.request_id] = (loop, queue)
-        self._submit("add", request)
+        owner = request.owner
+        if reservation is not None and reservation.unstarted:
+            owner = reservation.owner  # its slot is counted against the reservation's owner
+            reservation.start_one()
+        else:  # no reservation, or one released already: admitted on its own
+            self._admit(owner, 1)
         self._in_flight += 1
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        with self._streams_lock:
+            self._streams[request.request_id] = (loop, queue)
         finished = False
         try:
+            self._submit("add", request)
             while True:
                 output: RequestOutput = await queue.get()
                 if output.error:
@@ -97,6 +143,7 @@ class AsyncEngine:
                     return
         finally:
             self._in_flight -= 1
+            self._drop(owner, 1)
             with self._streams_lock:
                 self._streams.pop(request.request_id, None)
             if not finished:
@@ -109,20 +156,46 @@ class AsyncEngine:
     def in_flight(self) -> int:
         return self._in_flight
 
-    def reserve(self, num_requests: int) -> None:
-        """Admit requests now, before their generation starts (a streamed reply starts it
-        only after its headers are sent), or raise EngineOverloaded."""
-        now = time.monotonic()
-        while self._reservations and self._reservations[0] < now:
-            self._reservations.popleft()  # admitted but never started (client left)
-        pending = self._in_flight + len(self._reservations)
-        if pending + num_requests > self.max_in_flight:
-            raise EngineOverloaded(f"{pending} requests are running or waiting, the most "
-                                   f"this server queues is {self.max_in_flight}")
-        self._reservations.extend([now + RESERVATION_TTL_S] * num_requests)
+    def reserve(self, num_requests: int, owner: str | None = None) -> Reservation:
+        """Admit `num_requests` requests of `owner` (an API key id; None: anonymous) now,
+        before their generation starts (a streamed reply starts it only after its headers are
+        sent), or raise EngineOverloaded / ShareExceeded. Release the result when done."""
+        self._admit(owner, num_requests)
+        self._reserved += num_requests
+        return Reservation(self, owner, num_requests)
+
+    def _admit(self, owner: str | None, count: int) -> None:
+        """Count `count` more requests for `owner`, or refuse them.
+
+        Idle capacity (up to max_in_flight) goes to whoever asks. Beyond it, an owner under
+        its fair share (max_in_flight split between the owners holding capacity, this one
+        included) is still admitted, up to OVERFLOW_FACTOR x max_in_flight in all, so one key
+        flooding the queue cannot lock the others out; an owner past its share is refused.
+        """
+        total = self._in_flight + self._reserved
+        if total + count > self.max_in_flight:
+            held = self._held[owner]
+            owners = len(self._held) + (owner not in self._held)
+            share = max(1, self.max_in_flight // owners)
+            if owners > 1 and held + count > share and held:
+                raise ShareExceeded(
+                    f"this API key has {held} requests running or waiting, its share of this "
+                    f"server's {self.max_in_flight} while {owners} keys are using it is {share}")
+            if held + count > share or total + count > self.max_in_flight * OVERFLOW_FACTOR:
+                raise EngineOverloaded(f"{total} requests are running or waiting, the most "
+                                       f"this server queues is {self.max_in_flight}")
+        self._held[owner] += count
+
+    def _drop(self, owner: str | None, count: int) -> None:
+        self._held[owner] -= count
+        if self._held[owner] <= 0:
+            del self._held[owner]  # len(_held): the owners holding capacity now
 
     def stats(self) -> dict[str, int]:
-        return {**self._core.stats(), "in_flight": self._in_flight}
+        held = self._in_flight + self._reserved
+        return {**self._core.stats(), "in_flight": self._in_flight, "reserved": self._reserved,
+                "capacity": self.max_in_flight, "capacity_free": max(0, self.max_in_flight - held),
+                "owners": len(self._held)}
 
     def health(self) -> bool:
         return self._thread.is_alive() and not self._stopped

@@ -3,7 +3,8 @@
 Every step: each decoding sequence gets one token (a new KV block when it crosses a block
 boundary, preempting the newest sequence when the pool is empty); then sequences still
 prefilling continue their prompt in chunks; then waiting sequences are admitted while
-there is room — under `max_num_seqs`, the per-step token budget and free KV blocks.
+there is room — under `max_num_seqs`, the per-step token budget and free KV blocks —
+the oldest of the owner (API key) running the fewest sequences first.
 Preemption is by recompute: the victim's blocks are freed and it goes back to the front
 of the queue; its prompt and the tokens it already produced are computed again on
 re-admission (mostly from the prefix cache, since its full blocks stay hashed).
@@ -11,7 +12,7 @@ re-admission (mostly from the prefix cache, since its full blocks stay hashed).
 
 from __future__ import annotations
 
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass
 
 from k2serve.engine.block_manager import BlockManager
@@ -77,20 +78,40 @@ class Scheduler:
                 budget -= count
 
         deferred: list[Sequence] = []
+        running_by_owner = Counter(seq.owner for seq in self.running)
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            seq = self.waiting.popleft()
+            index = self._fairest_waiting(running_by_owner)
+            seq = self.waiting[index]
+            del self.waiting[index]
             if not seq.params.prompt_logprobs and self.blocks.waits_for_in_flight(
                     seq.all_ids, seq.cache_salt):
                 deferred.append(seq)  # its prefix is being computed right now: share it
                 continue
             if not self._admit(seq):
-                self.waiting.appendleft(seq)
+                self.waiting.insert(index, seq)
                 break
+            running_by_owner[seq.owner] += 1
             count = min(seq.num_tokens - seq.num_computed, budget)
             prefills.append((seq, count))
             budget -= count
         self.waiting.extendleft(reversed(deferred))
         return decodes + prefills
+
+    def _fairest_waiting(self, running_by_owner: Counter) -> int:
+        """Index of the oldest waiting sequence of the owner (API key) running the fewest
+        sequences: a key with a long queue cannot take every slot while another key waits."""
+        best, best_load = 0, None
+        seen: set = set()
+        for i, seq in enumerate(self.waiting):
+            if seq.owner in seen:
+                continue
+            seen.add(seq.owner)
+            load = running_by_owner[seq.owner]
+            if best_load is None or load < best_load:
+                best, best_load = i, load
+                if load == 0:
+                    break
+        return best
 
     def _admit(self, seq: Sequence) -> bool:
         use_cache = not seq.params.prompt_logprobs  # prompt logprobs need every position computed

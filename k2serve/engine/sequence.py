@@ -22,6 +22,7 @@ class GenerationRequest:
     request_id: str
     prompt_ids: list[int]
     params: SamplingParams
+    owner: str | None = None  # who asked (API key id): waiting requests are admitted fairly
 
 
 @dataclass
@@ -66,6 +67,10 @@ class Sequence:
     @property
     def request_id(self) -> str:
         return self.request.request_id
+
+    @property
+    def owner(self) -> str | None:
+        return self.request.owner
 
     @property
     def params(self) -> SamplingParams:

@@ -10,7 +10,7 @@ import itertools
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from k2serve.engine.async_engine import AsyncEngine
+from k2serve.engine.async_engine import AsyncEngine, Reservation
 from k2serve.engine.sampling_params import SamplingParams
 from k2serve.engine.sequence import GenerationRequest, TokenLogprob
 from k2serve.text.chat_template import ChatTemplate
@@ -53,9 +53,10 @@ class TextBackend:
                             else None)
         self._ids = itertools.count()
 
-    def ensure_capacity(self, num_requests: int) -> None:
-        """Admit the request's choices now, or raise EngineOverloaded before any reply."""
-        self.engine.reserve(num_requests)
+    def reserve(self, num_requests: int, owner: str | None = None) -> Reservation:
+        """Admit the request's choices now, or raise EngineOverloaded before any reply.
+        The caller releases the reservation however the request ends."""
+        return self.engine.reserve(num_requests, owner)
 
     # -- prompts ----------------------------------------------------------------------
     def render_chat(self, messages: list[dict], tools: list[dict] | None = None,
@@ -89,8 +90,10 @@ class TextBackend:
 
     # -- generation -------------------------------------------------------------------
     async def generate(self, prompt_ids: list[int], params: SamplingParams,
-                       stop: list[str]) -> AsyncIterator[TextDelta]:
+                       stop: list[str], reservation: Reservation | None = None
+                       ) -> AsyncIterator[TextDelta]:
         """Stream text deltas for one choice. Closing the iterator aborts the generation.
+        `reservation`: from `reserve`; it starts one of its slots.
 
         Tool-call markers are not special tokens (K2), so they survive detokenization for
         the tool parser while control tokens are skipped.
@@ -99,7 +102,9 @@ class TextBackend:
         detok = IncrementalDetokenizer(self.tokenizer, prompt_ids=prompt_ids)
         matcher = StopMatcher(stop) if stop else None
         completion_tokens = 0
-        stream = self.engine.generate(GenerationRequest(request_id, prompt_ids, params))
+        owner = reservation.owner if reservation is not None else None
+        request = GenerationRequest(request_id, prompt_ids, params, owner=owner)
+        stream = self.engine.generate(request, reservation)
         try:
             async for out in stream:
                 completion_tokens += len(out.token_ids)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import threading
+import time
 
 import httpx
 import pytest
@@ -81,3 +82,119 @@ def test_random_disconnects_give_every_block_back(server, http):
     stats = wait_until_idle(http, timeout=60)["engines"][EMBEDDED_ID]
     assert stats["kv_blocks_free"] == stats["kv_blocks_total"]
     assert stats["in_flight"] == 0
+
+
+def test_requests_refused_after_admission_leave_no_capacity_reserved(server, http):
+    """Issue 12 row 2: an n=16 request refused for an out-of-vocabulary logit_bias id kept
+    its 16 slots for 10 s, so 18 of them made every user's requests 503 `server_overloaded`."""
+    bad = {"model": EMBEDDED_ID, "n": 16, "logit_bias": {"99999999": 1}, "max_tokens": 1,
+           "messages": [{"role": "user", "content": "Hi"}]}
+    statuses = [http.post("/v1/chat/completions", json=bad).status_code for _ in range(22)]
+    assert statuses == [400] * 22
+    ok = http.post("/v1/chat/completions", json={
+        "model": EMBEDDED_ID, "max_tokens": 1, "messages": [{"role": "user", "content": "Hi"}]})
+    assert ok.status_code == 200, ok.text
+    stats = wait_until_idle(http)["engines"][EMBEDDED_ID]
+    assert stats["reserved"] == 0 and stats["capacity_free"] == stats["capacity"], stats
+
+
+# -- fairness between keys ----------------------------------------------------------------
+FLOOD = 300
+FAIR_ARGS = ("--max-num-seqs", "4", "--max-waiting", "16", "--threads", "1")  # capacity 20
+
+
+@pytest.fixture(scope="module")
+def keyed_server(tmp_path_factory):
+    """A server with two API keys, "flood" and "other"."""
+    from k2serve.platform.db import Database
+    from k2serve.platform.keys import KeyStore
+
+    home = tmp_path_factory.mktemp("k2serve-fair-home")
+    live = start_server(*FAIR_ARGS, env={"K2SERVE_HOME": str(home)})
+    db = Database(f"sqlite:///{home}/k2serve.db", migrate=False)
+    try:
+        keys = {name: KeyStore(db).create(name)[1] for name in ("flood", "other")}
+    finally:
+        db.close()
+    yield live, keys
+    stop_server(live)
+
+
+def test_one_key_flooding_cannot_lock_another_key_out(keyed_server):
+    """300 streams from one key fill the engine (its excess: 503 while it is alone, 429 once
+    another key waits); the other key's requests are admitted, not 503, and are answered
+    while the flood's own requests are still queued; every slot comes back afterwards."""
+    import asyncio
+
+    live, keys = keyed_server
+
+    def auth(name):
+        return {"Authorization": f"Bearer {keys[name]}"}
+
+    # The flood's running streams outlive the checks below (the client closes them).
+    flood_body = {**LONG, "max_tokens": 1500}
+    small = {"model": EMBEDDED_ID, "max_tokens": 2, "ignore_eos": True,
+             "messages": [{"role": "user", "content": "Hi"}]}
+
+    async def scenario():
+        limits = httpx.Limits(max_connections=FLOOD + 20, max_keepalive_connections=0)
+        async with httpx.AsyncClient(base_url=live.root, timeout=120, limits=limits) as c:
+            stop_running, release = asyncio.Event(), asyncio.Event()
+            answered: list[int] = []
+
+            async def engine():
+                return (await c.get("/health")).json()["engines"][EMBEDDED_ID]
+
+            async def flood_stream():
+                async with c.stream("POST", "/v1/chat/completions", json=flood_body,
+                                    headers=auth("flood")) as r:
+                    answered.append(r.status_code)
+                    if r.status_code != 200:
+                        await r.aread()
+                        return r.status_code, r.headers.get("retry-after")
+                    lines = r.aiter_lines()
+                    while not (await anext(lines)).startswith("data:"):
+                        pass  # queued until its first token arrives
+                    if not stop_running.is_set():
+                        await stop_running.wait()  # running at the start: closed (aborted)
+                    else:
+                        await release.wait()  # admitted later: held until the end
+                    return 200, None
+
+            flood = [asyncio.create_task(flood_stream()) for _ in range(FLOOD)]
+            while len(answered) < FLOOD:
+                await asyncio.sleep(0.05)
+            full = await engine()
+            others = [asyncio.create_task(c.post("/v1/chat/completions", json=small,
+                                                 headers=auth("other"))) for _ in range(4)]
+            while (await engine())["owners"] < 2:
+                await asyncio.sleep(0.05)
+            excess = await c.post("/v1/chat/completions", json=small, headers=auth("flood"))
+            stop_running.set()  # the flood's running streams end; its queue stays
+            others = await asyncio.gather(*others)
+            after = await engine()
+            release.set()
+            flood_results = await asyncio.gather(*flood)
+            return full, flood_results, excess, others, after
+
+    full, flood_results, excess, others, after = asyncio.run(scenario())
+    statuses = sorted(s for s, _ in flood_results)
+    capacity = full["capacity"]
+    assert capacity == 20
+    assert statuses == [200] * capacity + [503] * (FLOOD - capacity), statuses
+    assert all(ra == "1" for s, ra in flood_results if s == 503)
+    assert full["capacity_free"] == 0 and full["in_flight"] + full["reserved"] == capacity
+    assert excess.status_code == 429, excess.text
+    assert excess.json()["error"]["code"] == "too_many_concurrent_requests"
+    assert excess.headers["retry-after"] == "1"
+    assert [r.status_code for r in others] == [200] * 4, [r.text for r in others]
+    assert after["waiting"] > 0, after  # answered ahead of the flood's queue
+    with httpx.Client(base_url=live.root) as c:
+        deadline = time.time() + 60
+        while True:
+            stats = wait_until_idle(c, timeout=60)["engines"][EMBEDDED_ID]
+            if stats["in_flight"] == stats["reserved"] == 0 or time.time() > deadline:
+                break
+            time.sleep(0.1)
+    assert stats["capacity_free"] == capacity and stats["owners"] == 0, stats
+    assert stats["kv_blocks_free"] == stats["kv_blocks_total"]

@@ -53,8 +53,8 @@ class FakeBackend(TextBackend):
         super().__init__(FakeTokenizer(), None, context_length=context_length,
                          chat_template=None)
 
-    def ensure_capacity(self, num_requests):
-        pass
+    def reserve(self, num_requests, owner=None):
+        return None  # no engine: nothing to hold
 
     def render_chat(self, messages, tools=None, **kwargs):
         return "<chat> " + " ".join(m["content"] for m in messages)
@@ -62,7 +62,7 @@ class FakeBackend(TextBackend):
     def encode_text_prompt(self, text):
         return [5] * max(1, len(text.split()))
 
-    async def generate(self, prompt_ids, params, stop):
+    async def generate(self, prompt_ids, params, stop, reservation=None):
         n = min(params.max_tokens, 2) if self._short else params.max_tokens
         for i in range(n):
             await asyncio.sleep(0)
@@ -301,7 +301,7 @@ def test_logs_carry_no_keys_or_prompts(database, caplog):
 
 
 class SlowBackend(FakeBackend):
-    async def generate(self, prompt_ids, params, stop):
+    async def generate(self, prompt_ids, params, stop, reservation=None):
         for i in range(params.max_tokens):
             await asyncio.sleep(0.02)
             yield TextDelta(text="x", token_ids=[7], logprobs=None,

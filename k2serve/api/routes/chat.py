@@ -5,17 +5,19 @@ from __future__ import annotations
 import time
 import uuid
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from k2serve.api.errors import ERROR_RESPONSES, STREAM_OR_JSON, bad_request
 from k2serve.api.generation import (
+    RequestCapacity,
     collect,
     compile_grammar,
     fit_context,
     merged_choices,
     openai_chat_logprobs,
+    request_capacity,
     sse_stream,
     stream_deltas,
     together_logprobs,
@@ -71,7 +73,8 @@ def _render_prompt(req: ChatCompletionRequest, backend: TextBackend, plan: ToolP
 
 
 @router.post("/v1/chat/completions", responses=STREAM_OR_JSON)
-async def chat_completions(req: ChatCompletionRequest, request: Request):
+async def chat_completions(req: ChatCompletionRequest, request: Request,
+                           capacity: RequestCapacity = Depends(request_capacity)):
     backend = text_backend_for(request, req.model)
     guard = safety_guard(request, req.safety_model)  # 400 for a safety model not served
     # Off the event loop: checking large tool schemas, rendering and tokenizing a long
@@ -90,15 +93,17 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
     if stop is not None and req.stop_list:
         prepared.warnings.append("stop sequences are not applied to structured output: the "
                                  "grammar decides where it ends.")
-    backend.ensure_capacity(req.n)
+    reservation = capacity.reserve(backend, req.n)  # released when the exchange ends
     reply_id = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())
     tracker = UsageTracker(request, req.model, "chat.completions", len(prepared.ids), req.n)
     choices = merged_choices(backend, prepared.ids, req, prepared.max_tokens, tracker,
-                             grammar=grammar, stop=stop, cache_salt=cache_salt(request, req))
+                             grammar=grammar, stop=stop, reservation=reservation,
+                             cache_salt=cache_salt(request, req))
     if guard is not None:  # input checked first, output released in checked pieces
         choices = guard.guarded(request, choices, chat_input_texts(req.messages), req.n,
                                 len(prepared.ids), tracker)
+    capacity.owns(choices)
     prompt_field = [{"text": prompt_text}] if req.echo else []
 
     def logprobs_of(entries):

@@ -5,15 +5,17 @@ from __future__ import annotations
 import time
 import uuid
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from k2serve.api.errors import ERROR_RESPONSES, STREAM_OR_JSON
 from k2serve.api.generation import (
+    RequestCapacity,
     collect,
     fit_context,
     merged_choices,
+    request_capacity,
     sse_stream,
     stream_deltas,
     together_logprobs,
@@ -32,7 +34,8 @@ DEFAULT_MAX_TOKENS = 16  # OpenAI's default for this endpoint
 
 
 @router.post("/v1/completions", responses=STREAM_OR_JSON)
-async def completions(req: CompletionRequest, request: Request):
+async def completions(req: CompletionRequest, request: Request,
+                      capacity: RequestCapacity = Depends(request_capacity)):
     backend = text_backend_for(request, req.model)
     guard = safety_guard(request, req.safety_model)  # 400 for a safety model not served
     # A 4 MB prompt tokenizes for seconds: off the event loop, which serves everyone.
@@ -50,13 +53,14 @@ async def completions(req: CompletionRequest, request: Request):
     if prepared.max_tokens == 0 and req.num_top_logprobs is None:
         choices = None  # nothing to compute
     else:
-        backend.ensure_capacity(req.n)
+        reservation = capacity.reserve(backend, req.n)  # released when the exchange ends
         tracker = UsageTracker(request, req.model, "completions", len(prepared.ids), req.n)
         choices = merged_choices(backend, prepared.ids, req, prepared.max_tokens, tracker,
-                                 cache_salt=cache_salt(request, req))
+                                 reservation=reservation, cache_salt=cache_salt(request, req))
         if guard is not None:  # prompt checked first, output released in checked pieces
             choices = guard.guarded(request, choices, [req.prompt], req.n, len(prepared.ids),
                                     tracker)
+        capacity.owns(choices)
 
     if req.stream:
         return StreamingResponse(sse_stream(_stream(req, reply_id, created, choices, prepared,

@@ -4,6 +4,8 @@ request's body (size limit and read deadline)."""
 from __future__ import annotations
 
 import asyncio
+import json
+import re
 import uuid
 from dataclasses import dataclass
 
@@ -101,8 +103,45 @@ async def read_body(scope, receive, limits: BodyLimits) -> bytes | None:
                             f"of {limits.timeout_s:g} seconds.", code="request_timeout",
                        type="invalid_request_error", headers=_CLOSE) from None
     if body is not None:
+        if b"json" in dict(scope["headers"]).get(b"content-type", b""):
+            _refuse_lone_surrogates(body)
         state["body"] = body
     return body
+
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _refuse_lone_surrogates(body: bytes) -> None:
+    """400 for a JSON body that spells a lone UTF-16 surrogate ("\\ud800"): JSON's escapes
+    allow it, Unicode does not, and neither a tokenizer nor a UTF-8 reply can hold it. (A
+    valid pair decodes to one character, so what remains a surrogate is lone.) Only bodies
+    with such an escape are parsed here."""
+    if not _SURROGATE_ESCAPE.search(body):
+        return
+    try:
+        doc = json.loads(body)
+    except (ValueError, RecursionError):
+        return  # the app answers the parse error itself
+    stack = [("", doc)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if _SURROGATE.search(key):
+                    raise _lone_surrogate(path or None)
+                stack.append((f"{path}.{key}" if path else key, item))
+        elif isinstance(value, list):
+            stack.extend((f"{path}[{i}]", item) for i, item in enumerate(value))
+        elif isinstance(value, str) and _SURROGATE.search(value):
+            raise _lone_surrogate(path or None)
+
+
+def _lone_surrogate(param: str | None) -> APIError:
+    return APIError(400, "Request body is not valid Unicode: it contains a lone UTF-16 "
+                         "surrogate escape (\\ud800-\\udfff without its pair).",
+                    param=param, code="invalid_unicode")
 
 
 def replay(body: bytes, receive):

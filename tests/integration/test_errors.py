@@ -167,6 +167,25 @@ def test_json_nested_100000_deep_is_400(http, path):
     assert http.get("/health").status_code == 200
 
 
+@pytest.mark.parametrize("body, param", [
+    (b'{"model": "\\ud800", "messages": [{"role": "user", "content": "hi"}]}', "model"),
+    (b'{"model": "%s", "messages": [{"role": "user", "content": "a\\udc00b"}], "max_tokens": 2}'
+     % EMBEDDED_ID.encode(), "messages[0].content"),
+])
+def test_a_lone_surrogate_is_400_naming_the_field(http, body, param):
+    """JSON may spell "\\ud800"; Unicode has no such character, and the tokenizer and the
+    UTF-8 error reply both failed on it (500s)."""
+    err = assert_error(http.post("/v1/chat/completions", content=body,
+                                 headers={"content-type": "application/json"}),
+                       400, contains="lone UTF-16 surrogate")
+    assert err["code"] == "invalid_unicode" and err["param"] == param
+    # a valid pair is one character, and welcome
+    ok = http.post("/v1/chat/completions", content=b'{"model": "%s", "max_tokens": 1, '
+                   b'"messages": [{"role": "user", "content": "\\ud83d\\ude00"}]}'
+                   % EMBEDDED_ID.encode(), headers={"content-type": "application/json"})
+    assert ok.status_code == 200, ok.text
+
+
 def test_a_huge_prompt_does_not_block_other_requests(server):
     """Tokenizing a 4 MB prompt takes seconds; it runs on a worker thread, so /health (and
     every other request) answers meanwhile. On the event loop, /health waited for it."""

@@ -87,7 +87,9 @@ MODERATION_FIELDS = ["input", "model"]
 
 @pytest.fixture(scope="module")
 def client(fuzz_app):
-    with TestClient(fuzz_app.app, raise_server_exceptions=False) as c:
+    # a loopback Host: the app runs open (no key), and open mode answers loopback names only
+    with TestClient(fuzz_app.app, base_url="http://127.0.0.1",
+                    raise_server_exceptions=False) as c:
         yield c
 
 

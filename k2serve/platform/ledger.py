@@ -319,6 +319,12 @@ class LedgerWriter:
 
     def _apply(self, ops: list[_Op]) -> list[int]:
         with self.db.write() as session:
+            keys = sorted({op.row.api_key_id for op in ops if op.row.api_key_id is not None})
+            if len(keys) > 1 and session.bind.dialect.name != "sqlite":
+                # Lock the batch's keys in one order: another server's writer locking the
+                # same keys row by row in another order would deadlock with this one.
+                session.execute(select(ApiKey.id).where(ApiKey.id.in_(keys))
+                                .order_by(ApiKey.id).with_for_update())
             return [apply_row(session, op.row, op.entry_id) for op in ops]
 
     def _landed(self, op: _Op, entry_id: int) -> None:

@@ -38,7 +38,7 @@ class PacedBackend(FakeBackend):
         super().__init__()
         self.delay = delay
 
-    async def generate(self, prompt_ids, params, stop):
+    async def generate(self, prompt_ids, params, stop, reservation=None):
         for i in range(params.max_tokens):
             await asyncio.sleep(self.delay)
             yield TextDelta(text="x", token_ids=[7], logprobs=None,

@@ -169,7 +169,7 @@ def merged_choices(backend: TextBackend, prompt_ids: list[int], req: SamplingFie
     """
     params = [sampling_params(req, backend, max_tokens, i, grammar) for i in range(req.n)]
     for p in params:
-        p.cache_salt = cache_salt  # the prefix-cache namespace (k2serve.api.prefix_cache)
+        p.cache_salt = cache_salt
     stop_strings = req.stop_list if stop is None else stop
     return _run_choices(backend, prompt_ids, params, stop_strings, tracker, reservation)
 

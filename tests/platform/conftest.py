@@ -9,7 +9,10 @@ Without them those parameters are skipped on a developer's machine and FAIL unde
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
+import time
 import uuid
 
 import pytest
@@ -87,3 +90,26 @@ def limiter_kind(request):
     if request.param == "redis":
         redis_url()
     return request.param
+
+
+@contextlib.contextmanager
+def live_server(app):
+    """`app` served by uvicorn on a free loopback port in this process; yields its root URL."""
+    import uvicorn
+
+    from tests.conftest import free_port
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        for _ in range(200):
+            if server.started:
+                break
+            time.sleep(0.05)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)

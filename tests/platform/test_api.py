@@ -317,9 +317,8 @@ def test_dropped_stream_on_a_real_server_is_billed_for_what_it_produced(database
     import threading
 
     import httpx
-    import uvicorn
 
-    from tests.conftest import free_port
+    from tests.platform.conftest import live_server
 
     _, key = KeyStore(database).create("k", tpm=1000)
     registry = ModelRegistry()
@@ -327,17 +326,7 @@ def test_dropped_stream_on_a_real_server_is_billed_for_what_it_produced(database
                       SlowBackend())
     platform = Platform(database)
     app = create_app(registry, platform=platform)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
-                                           log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        root = f"http://127.0.0.1:{port}"
-        for _ in range(100):
-            if server.started:
-                break
-            threading.Event().wait(0.05)
+    with live_server(app) as root:
         auth = {"Authorization": f"Bearer {key}"}
         with httpx.Client(base_url=root, timeout=30) as c:
             body = {"model": MODEL, "prompt": "a b c", "max_tokens": 50, "stream": True}
@@ -354,9 +343,6 @@ def test_dropped_stream_on_a_real_server_is_billed_for_what_it_produced(database
                     break
                 deadline.wait(0.05)
             peek = c.get("/v1/models", headers=auth)
-    finally:
-        server.should_exit = True
-        thread.join(10)
     row = rows_by_request(database)["dropped"]
     assert row.status == "client_closed" and row.http_status == 200 and row.billed
     assert row.prompt_tokens == 3 and 1 <= row.completion_tokens < 50

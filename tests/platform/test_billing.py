@@ -8,9 +8,7 @@ Redis ones (`limiter_kind`); the database is SQLite, or PostgreSQL when configur
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -25,7 +23,7 @@ from k2serve.platform.ledger import ledger_rows, usage_totals
 from k2serve.platform.service import Platform
 from k2serve.serving.registry import ModelRegistry, ModelSpec
 from k2serve.serving.text_backend import TextDelta
-from tests.platform.conftest import redis_url
+from tests.platform.conftest import live_server, redis_url
 from tests.platform.test_api import MODEL, OTHER, PRICE, FakeBackend, ShortBackend
 
 COST = (3 * 1.0 + 4 * 3.0) / 1e6  # a 3-word prompt with max_tokens=4 at PRICE
@@ -177,28 +175,6 @@ def test_sdk_retries_replay_a_completed_request(database, limiter_kind):
 
 
 # -- the abuse patterns, through a real server --------------------------------------------
-@contextlib.contextmanager
-def live_server(app):
-    import uvicorn
-
-    from tests.conftest import free_port
-
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
-                                           log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        for _ in range(200):
-            if server.started:
-                break
-            time.sleep(0.05)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-
-
 class Received:
     """Tokens a client received, per key: the prompt of every reply that started (it was
     processed), plus each completion token it read. Replays add nothing (stored tokens)."""

@@ -21,9 +21,9 @@ import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from k2serve.config import SAFETY_MODEL_ID  # noqa: E402
 from k2serve.safety.convert import converted_dir  # noqa: E402
 from k2serve.safety.model import ToxicityClassifier  # noqa: E402
+from k2serve.serving.catalog import SAFETY_MODEL_ID  # noqa: E402
 from tests.conftest import EMBEDDED_ID, start_server, stop_server  # noqa: E402
 
 

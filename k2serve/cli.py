@@ -11,11 +11,15 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from k2serve import native
-    from k2serve.api.app import create_app
     from k2serve.api.http_protocol import h11_protocol
-    from k2serve.serving.loader import LoadOptions, load_text_model
+    from k2serve.app import create_app
     from k2serve.platform.db import data_dir
-    from k2serve.serving.families import FamilyOptions, parse_families, register_families
+    from k2serve.serving.families import (
+        FamilyOptions,
+        parse_families,
+        register_families,
+    )
+    from k2serve.serving.loader import LoadOptions, load_text_model
     from k2serve.serving.registry import ModelRegistry
 
     if args.threads:

@@ -7,8 +7,8 @@ import json
 
 from starlette.concurrency import run_in_threadpool
 
-from k2serve.api.errors import bad_request
 from k2serve.api.schemas.embeddings import MAX_DOCUMENTS, MAX_INPUTS, MAX_REQUEST_TOKENS
+from k2serve.errors import bad_request
 
 
 def _is_int(v) -> bool:

@@ -1,4 +1,5 @@
-"""Errors in the shape every OpenAI/Together SDK parses: {"error": {message, type, param, code}}."""
+"""Errors as HTTP replies: APIError (k2serve.errors) and every other exception become
+{"error": {message, type, param, code}} with the right status; the OpenAPI error schema."""
 
 from __future__ import annotations
 
@@ -12,20 +13,9 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from k2serve.engine.async_engine import EngineOverloaded, ShareExceeded
+from k2serve.errors import APIError, overloaded, share_exceeded, too_deep
 
 log = logging.getLogger(__name__)
-
-_TYPE_BY_STATUS = {
-    400: "invalid_request_error",
-    401: "invalid_request_error",
-    403: "permission_error",
-    404: "invalid_request_error",
-    405: "invalid_request_error",
-    413: "invalid_request_error",
-    422: "invalid_request_error",
-    429: "rate_limit_error",
-    503: "service_unavailable",
-}
 
 
 class ErrorDetail(BaseModel):
@@ -52,57 +42,8 @@ STREAM_OR_JSON: dict = {200: {"description": "The reply, or its chunks as server
                               "content": {"application/json": {}, "text/event-stream": {}}}}
 
 
-class APIError(Exception):
-    def __init__(self, status: int, message: str, *, param: str | None = None,
-                 code: str | None = None, type: str | None = None,
-                 headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.param = param
-        self.code = code
-        self.type = type or _TYPE_BY_STATUS.get(status, "server_error")
-        self.headers = headers or {}
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type,
-                          "param": self.param, "code": self.code}}
-
-
-def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
-    return APIError(400, message, param=param, code=code)
-
-
-OVERLOAD_RETRY_AFTER_S = 1
-
-
-def overloaded(message: str) -> APIError:
-    """503: the server is at capacity (the caller is within its own rate); retry shortly."""
-    return APIError(503, f"The server is overloaded: {message}. Retry shortly.",
-                    code="server_overloaded", type="service_unavailable",
-                    headers={"retry-after": str(OVERLOAD_RETRY_AFTER_S)})
-
-
-def too_deep() -> APIError:
-    """400 for a JSON body nested deeper than the parser's recursion limit (about 1,000)."""
-    return APIError(400, "Request body is not valid JSON: it is nested too deeply.",
-                    code="invalid_json")
-
-
-def share_exceeded(message: str) -> APIError:
-    """429: the server is full and this key holds more than its share of it; other keys'
-    requests are still admitted. Retry shortly."""
-    return APIError(429, f"Too many concurrent requests: {message}. Retry shortly.",
-                    code="too_many_concurrent_requests",
-                    headers={"retry-after": str(OVERLOAD_RETRY_AFTER_S)})
-
-
 def error_response(error: APIError) -> JSONResponse:
-    headers = dict(error.headers)
-    # Deterministic failures: tell Stainless SDKs not to retry them.
-    if error.status < 500 and error.status not in (408, 409, 429):
-        headers.setdefault("x-should-retry", "false")
-    return JSONResponse(error.body(), status_code=error.status, headers=headers)
+    return JSONResponse(error.body(), status_code=error.status, headers=error.reply_headers())
 
 
 # pydantic names the member of a union that failed in the error's location

@@ -7,18 +7,17 @@ from __future__ import annotations
 
 import asyncio
 import json
-
-import anyio
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
 
+import anyio
 from fastapi import Request
 
-from k2serve.api.errors import APIError, bad_request
 from k2serve.api.schemas.common import SamplingFields
 from k2serve.api.usage import UsageTracker
 from k2serve.engine.async_engine import Reservation
 from k2serve.engine.sampling_params import SamplingParams
+from k2serve.errors import APIError, bad_request
 from k2serve.serving.text_backend import LogprobEntry, TextBackend, TextDelta
 from k2serve.structured import GrammarError, compiler_for
 

@@ -9,7 +9,8 @@ import re
 import uuid
 from dataclasses import dataclass
 
-from k2serve.api.errors import APIError, error_response
+from k2serve.api.errors import error_response
+from k2serve.errors import APIError
 
 DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
 DEFAULT_BODY_TIMEOUT_S = 30.0

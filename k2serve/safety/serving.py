@@ -7,10 +7,10 @@ import functools
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
-from k2serve.config import SAFETY_MODEL_ID, model_spec
 from k2serve.safety.convert import PackageMissing, converted_dir, package_files
 from k2serve.safety.model import TextScore, ToxicityClassifier
 from k2serve.serving.background import BackgroundModel
+from k2serve.serving.catalog import SAFETY_MODEL_ID, model_spec
 from k2serve.serving.registry import ModelRegistry
 
 # One scoring thread: the classifier is small, and on a machine shared with the chat

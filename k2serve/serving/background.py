@@ -9,7 +9,7 @@ import threading
 import time
 from typing import Callable, Generic, TypeVar
 
-from k2serve.api.errors import APIError
+from k2serve.errors import APIError
 
 T = TypeVar("T")
 log = logging.getLogger("k2serve.serving")

@@ -9,9 +9,14 @@ import time
 import httpx
 import pytest
 
-from k2serve.config import CATALOG
-from tests.audio.conftest import (MAX_AUDIO_SECONDS, SPEECH_MODEL, WHISPER_MODEL, speak,
-                                  transcribe)
+from k2serve.serving.catalog import CATALOG
+from tests.audio.conftest import (
+    MAX_AUDIO_SECONDS,
+    SPEECH_MODEL,
+    WHISPER_MODEL,
+    speak,
+    transcribe,
+)
 
 
 def _rows(audio_stack, request_id: str, timeout: float = 15.0):

@@ -9,8 +9,8 @@ import threading
 import numpy as np
 import pytest
 
-from k2serve.api.errors import APIError
 from k2serve.embeddings.batcher import EmbeddingBatcher
+from k2serve.errors import APIError
 
 
 class GatedForward:

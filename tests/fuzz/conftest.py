@@ -55,7 +55,7 @@ class _OwnLifespan:
 
 @pytest.fixture(scope="session")
 def fuzz_app():
-    from k2serve.api.app import create_app
+    from k2serve.app import create_app
     from k2serve.platform import open_platform
     from k2serve.serving.families import FamilyOptions, register_families
     from k2serve.serving.loader import LoadOptions, load_text_model

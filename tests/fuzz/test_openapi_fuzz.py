@@ -20,9 +20,11 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
-from schemathesis.specs.openapi.checks import (content_type_conformance,
-                                               response_schema_conformance,
-                                               status_code_conformance)
+from schemathesis.specs.openapi.checks import (
+    content_type_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+)
 
 from tests.fuzz.conftest import FUZZ_EXAMPLES
 
@@ -46,7 +48,7 @@ TOGETHER_PATHS = {
 
 
 def _own_operations() -> list[tuple[str, str]]:
-    from k2serve.api.app import create_app
+    from k2serve.app import create_app
     from k2serve.serving.registry import ModelRegistry
 
     paths = create_app(ModelRegistry()).openapi()["paths"]

@@ -16,8 +16,8 @@ import time
 import httpx
 import pytest
 
-from k2serve.api.app import create_app
 from k2serve.api.http_protocol import h11_protocol
+from k2serve.app import create_app
 from k2serve.platform.db import Database
 from k2serve.platform.keys import KeyStore
 from k2serve.platform.service import Platform

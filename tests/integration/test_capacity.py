@@ -13,7 +13,7 @@ import json
 import pytest
 import torch
 
-from k2serve.api.app import create_app
+from k2serve.app import create_app
 from k2serve.engine.async_engine import AsyncEngine, EngineOverloaded, ShareExceeded
 from k2serve.engine.core import EngineConfig, EngineCore
 from k2serve.engine.sampling_params import SamplingParams

@@ -11,7 +11,7 @@ import logging
 import pytest
 from starlette.testclient import TestClient as _TestClient
 
-from k2serve.api.app import create_app
+from k2serve.app import create_app
 from k2serve.platform.keys import KeyStore
 from k2serve.platform.ledger import ledger_rows, usage_totals
 from k2serve.platform.service import Platform

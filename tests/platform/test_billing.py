@@ -16,7 +16,7 @@ import httpx
 import pytest
 from starlette.testclient import TestClient
 
-from k2serve.api.app import create_app
+from k2serve.app import create_app
 from k2serve.platform.form_fields import multipart_model
 from k2serve.platform.keys import KeyStore
 from k2serve.platform.ledger import ledger_rows, usage_totals

@@ -14,7 +14,7 @@ from sqlalchemy import update
 from starlette.testclient import TestClient
 
 from k2serve.api import usage as usage_module
-from k2serve.api.app import create_app
+from k2serve.app import create_app
 from k2serve.platform.keys import KeyStore
 from k2serve.platform.ledger import (
     LedgerRow,

@@ -6,9 +6,8 @@ from __future__ import annotations
 import asyncio
 from types import SimpleNamespace
 
-
+from k2serve.api.safety_guard import SafetyGuard
 from k2serve.safety import guard as guard_module
-from k2serve.safety.guard import SafetyGuard
 from k2serve.safety.serving import ModerationBackend
 from k2serve.serving.background import BackgroundModel
 from k2serve.serving.text_backend import TextDelta

@@ -15,8 +15,8 @@ import time
 import httpx
 import pytest
 
-from k2serve.config import SAFETY_MODEL_ID
 from k2serve.safety.labels import LABELS
+from k2serve.serving.catalog import SAFETY_MODEL_ID
 from tests.conftest import EMBEDDED_ID, start_server, stop_server
 
 REPO = pathlib.Path(__file__).resolve().parents[2]

@@ -3,7 +3,7 @@ POST /v1/audio/transcriptions, POST /v1/audio/translations, GET /v1/voices.
 
 Usage goes through a UsageTracker like a text generation's, so the platform ledger bills it:
 a transcription counts one prompt token per started second of audio, speech one per
-character of input (the catalog prices them so; see k2serve.config).
+character of input (the catalog prices them so; see k2serve.serving.catalog).
 """
 
 from __future__ import annotations
@@ -13,17 +13,23 @@ import base64
 import json
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import (
+    JSONResponse,
+    PlainTextResponse,
+    Response,
+    StreamingResponse,
+)
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
-from k2serve.api.errors import ERROR_RESPONSES, APIError, bad_request, overloaded, too_deep
+from k2serve.api.errors import ERROR_RESPONSES
 from k2serve.api.generation import SSE_DONE, sse
 from k2serve.api.models_lookup import registry_of
 from k2serve.api.schemas.audio import SpeechRequest
 from k2serve.api.usage import UsageTracker
 from k2serve.audio.errors import AudioRequestError
 from k2serve.audio.serving import Busy, SpeechBackend, TranscriptionBackend
+from k2serve.errors import APIError, bad_request, overloaded, too_deep
 
 router = APIRouter(responses=ERROR_RESPONSES)
 
@@ -238,7 +244,12 @@ def _check_language(language: str | None, task: str, model: str) -> None:
 
 async def _transcribe(request: Request, task: str):
     from k2serve.audio.decoding import SAMPLE_RATE, decode_audio
-    from k2serve.audio.formats import billed_seconds, check_granularities, check_response_format, render
+    from k2serve.audio.formats import (
+        billed_seconds,
+        check_granularities,
+        check_response_format,
+        render,
+    )
 
     try:
         form = await request.form()

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from k2serve.api.errors import ERROR_RESPONSES, STREAM_OR_JSON, bad_request
+from k2serve.api.errors import ERROR_RESPONSES, STREAM_OR_JSON
 from k2serve.api.generation import (
     RequestCapacity,
     collect,
@@ -26,12 +26,19 @@ from k2serve.api.generation import (
 )
 from k2serve.api.models_lookup import text_backend_for
 from k2serve.api.prefix_cache import cache_salt
-from k2serve.api.schemas.chat import ChatCompletionRequest
 from k2serve.api.response_format import response_format_grammar
-from k2serve.api.tools import (StreamingToolState, ToolPlan, finish_with_tools, parse_message,
-                               plan_tools, prepare_messages)
+from k2serve.api.safety_guard import chat_input_texts, safety_guard
+from k2serve.api.schemas.chat import ChatCompletionRequest
+from k2serve.api.tools import (
+    StreamingToolState,
+    ToolPlan,
+    finish_with_tools,
+    parse_message,
+    plan_tools,
+    prepare_messages,
+)
 from k2serve.api.usage import UsageTracker
-from k2serve.safety.guard import chat_input_texts, safety_guard
+from k2serve.errors import bad_request
 from k2serve.serving.text_backend import TextBackend
 from k2serve.structured import GrammarError
 from k2serve.text.chat_template import (

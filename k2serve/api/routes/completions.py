@@ -24,9 +24,9 @@ from k2serve.api.generation import (
 )
 from k2serve.api.models_lookup import text_backend_for
 from k2serve.api.prefix_cache import cache_salt
+from k2serve.api.safety_guard import safety_guard
 from k2serve.api.schemas.completions import CompletionRequest
 from k2serve.api.usage import UsageTracker
-from k2serve.safety.guard import safety_guard
 
 router = APIRouter(responses=ERROR_RESPONSES)
 

@@ -11,10 +11,11 @@ from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
 from k2serve.api.embedding_inputs import input_sequences, parse_input
-from k2serve.api.errors import ERROR_RESPONSES, bad_request
+from k2serve.api.errors import ERROR_RESPONSES
 from k2serve.api.models_lookup import embedding_backend_for
 from k2serve.api.schemas.embeddings import EmbeddingRequest
 from k2serve.api.usage import UsageTracker
+from k2serve.errors import bad_request
 
 router = APIRouter(responses=ERROR_RESPONSES)
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from k2serve.api.errors import ERROR_RESPONSES, APIError
+from k2serve.api.errors import ERROR_RESPONSES
 from k2serve.api.models_lookup import registry_of
+from k2serve.errors import APIError
 
 router = APIRouter(responses=ERROR_RESPONSES)
 

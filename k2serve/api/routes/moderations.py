@@ -13,11 +13,18 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from k2serve.api.errors import ERROR_RESPONSES, bad_request, too_deep
+from k2serve.api.errors import ERROR_RESPONSES
+from k2serve.api.safety_guard import moderation_backend, moderation_models
 from k2serve.api.schemas.moderations import ModerationRequest
 from k2serve.api.usage import UsageTracker
-from k2serve.safety.guard import moderation_backend, moderation_models
-from k2serve.safety.labels import LABELS, THRESHOLD, assessed, flagged_labels, openai_scores
+from k2serve.errors import bad_request, too_deep
+from k2serve.safety.labels import (
+    LABELS,
+    THRESHOLD,
+    assessed,
+    flagged_labels,
+    openai_scores,
+)
 
 router = APIRouter(responses=ERROR_RESPONSES)
 

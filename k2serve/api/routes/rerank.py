@@ -17,10 +17,11 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from k2serve.api.embedding_inputs import document_texts
-from k2serve.api.errors import ERROR_RESPONSES, bad_request
+from k2serve.api.errors import ERROR_RESPONSES
 from k2serve.api.models_lookup import embedding_backend_for
 from k2serve.api.routes.embeddings import embed_billed
 from k2serve.api.schemas.embeddings import RerankRequest
+from k2serve.errors import bad_request
 
 router = APIRouter(responses=ERROR_RESPONSES)
 

@@ -18,8 +18,16 @@ from k2serve.api.middleware import (
     PathAliasMiddleware,
     RequestIdMiddleware,
 )
-from k2serve.api.routes import (audio, capabilities, chat, completions, embeddings, models,
-                                moderations, rerank)
+from k2serve.api.routes import (
+    audio,
+    capabilities,
+    chat,
+    completions,
+    embeddings,
+    models,
+    moderations,
+    rerank,
+)
 from k2serve.api.usage import log_usage
 from k2serve.platform.middleware import PlatformMiddleware
 from k2serve.serving.registry import ModelRegistry

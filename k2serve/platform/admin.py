@@ -10,7 +10,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from k2serve.api.errors import ERROR_RESPONSES, APIError
+from k2serve.api.errors import ERROR_RESPONSES
+from k2serve.errors import APIError
 from k2serve.platform.timeparse import parse_since
 
 router = APIRouter(responses=ERROR_RESPONSES)

@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 
 from fastapi import Request
 
-from k2serve.api.errors import APIError
 from k2serve.api.models_lookup import what_it_serves
+from k2serve.errors import APIError
 from k2serve.safety.labels import LABELS, THRESHOLD, openai_scores
 from k2serve.safety.model import TextScore
 from k2serve.safety.serving import ModerationBackend

@@ -38,18 +38,18 @@ if TYPE_CHECKING:
 
 def create_app(registry: ModelRegistry, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
                body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
-               platform: Platform | None = None) -> FastAPI:
+               platform: Platform | None = None, shared_prefix_cache: bool = False) -> FastAPI:
     """The API. With a `platform` (k2serve.platform): API keys, rate limits, the usage
     ledger and /admin routes; without one, open and unmetered. A request body larger than
-    `max_body_bytes` gets 413, one not all received within `body_timeout_s` seconds 408."""
+    `max_body_bytes` gets 413, one not all received within `body_timeout_s` seconds 408.
+    `shared_prefix_cache`: every key's requests share cached prompt prefixes
+    (k2serve.api.prefix_cache)."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         yield
         for backend in registry.backends():
-            engine = getattr(backend, "engine", None)
-            if engine is not None:
-                engine.shutdown()
+            backend.shutdown()
         if platform is not None:
             await platform.shutdown()  # writes every pending ledger row
 
@@ -57,6 +57,7 @@ def create_app(registry: ModelRegistry, *, max_body_bytes: int = DEFAULT_MAX_BOD
                   description="OpenAI/Together-compatible inference API.")
     app.state.registry = registry
     app.state.usage_sinks = [log_usage]
+    app.state.shared_prefix_cache = shared_prefix_cache
     install_error_handlers(app)
     for module in (models, chat, completions, audio, embeddings, rerank, moderations,
                    capabilities):
@@ -66,16 +67,15 @@ def create_app(registry: ModelRegistry, *, max_body_bytes: int = DEFAULT_MAX_BOD
     async def health():
         """Liveness, the kernel path in use (native and its instruction set, or PyTorch
         fallbacks and why), each engine's queue depths (running / waiting sequences), and
-        the load state (loading / ready / failed) of each model that loads in the background."""
-        backends = {spec.id: registry.get(spec.id)[1] for spec in registry.specs()}
-        engines = {model_id: backend.engine for model_id, backend in backends.items()
-                   if getattr(backend, "engine", None) is not None}
-        ok = all(engine.health() for engine in engines.values())
+        the load state (loading / ready / failed) of each model."""
+        models = registry.models()
+        ok = all(model.backend.healthy() for model in models)
+        engines = {spec.id: stats for spec, backend in models
+                   if (stats := backend.stats()) is not None}
         body = {"status": "ok" if ok else "unhealthy",
                 "kernels": native.status(build=False),
-                "engines": {model_id: engine.stats() for model_id, engine in engines.items()},
-                "models": {model_id: backend.load_state for model_id, backend in backends.items()
-                           if hasattr(backend, "load_state")}}
+                "engines": engines,
+                "models": {spec.id: backend.load_state for spec, backend in models}}
         return JSONResponse(body, status_code=200 if ok else 503)
 
     limits = BodyLimits(max_bytes=max_body_bytes, timeout_s=body_timeout_s)

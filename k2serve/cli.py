@@ -57,8 +57,8 @@ def _serve(args: argparse.Namespace) -> int:
                       FamilyOptions(data_dir=str(data_dir(args.data_dir)),
                                     progress=not args.quiet))
     app = create_app(registry, max_body_bytes=args.max_body_bytes,
-                     body_timeout_s=args.body_timeout, platform=platform)
-    app.state.shared_prefix_cache = args.shared_prefix_cache  # see k2serve.api.prefix_cache
+                     body_timeout_s=args.body_timeout, platform=platform,
+                     shared_prefix_cache=args.shared_prefix_cache)
 
     base = f"http://{_display_host(args.host)}:{args.port}"
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,

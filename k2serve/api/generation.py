@@ -1,6 +1,6 @@
 """Shared by chat and completions: request -> sampling params, and running n choices.
 
-Both endpoints build prompt token ids their own way, then hand them here.
+Both endpoints build their prompt token ids with k2serve.api.prompts, then hand them here.
 """
 
 from __future__ import annotations
@@ -13,12 +13,14 @@ from dataclasses import dataclass, field
 import anyio
 from fastapi import Request
 
+from k2serve.api.request_scope import request_scope
 from k2serve.api.schemas.common import SamplingFields
 from k2serve.api.usage import UsageTracker
 from k2serve.engine.async_engine import Reservation
 from k2serve.engine.sampling_params import SamplingParams
 from k2serve.errors import APIError, bad_request
-from k2serve.serving.text_backend import LogprobEntry, TextBackend, TextDelta
+from k2serve.serving.backend import GenerationBackend
+from k2serve.serving.text_backend import LogprobEntry, TextDelta
 from k2serve.structured import GrammarError, compiler_for
 
 DISCONNECT_POLL_S = 0.25
@@ -40,7 +42,7 @@ class RequestCapacity:
         self._reservations: list[Reservation] = []
         self._streams: list[AsyncIterator] = []
 
-    def reserve(self, backend: TextBackend, num_requests: int) -> Reservation | None:
+    def reserve(self, backend: GenerationBackend, num_requests: int) -> Reservation | None:
         """Admit `num_requests` choices now (before a streamed reply's 200), or raise
         EngineOverloaded (503) / ShareExceeded (429)."""
         reservation = backend.reserve(num_requests, self.owner)
@@ -65,52 +67,14 @@ class RequestCapacity:
 
 async def request_capacity(request: Request) -> AsyncIterator[RequestCapacity]:
     """FastAPI dependency: the request's RequestCapacity, closed when the exchange ends."""
-    capacity = RequestCapacity(getattr(request.state, "api_key_id", None))
+    capacity = RequestCapacity(request_scope(request).api_key_id)
     try:
         yield capacity
     finally:
         await capacity.close()
 
 
-@dataclass
-class PreparedPrompt:
-    ids: list[int]
-    max_tokens: int
-    warnings: list[str] = field(default_factory=list)
-
-
-def fit_context(prompt_ids: list[int], requested: int | None, default: int | None,
-                context_length: int, behavior: str, param: str) -> PreparedPrompt:
-    """Check prompt + max_tokens against the context; `truncate` shrinks instead of failing."""
-    warnings: list[str] = []
-    if len(prompt_ids) >= context_length:
-        if behavior != "truncate":
-            raise APIError(400, f"The prompt is {len(prompt_ids)} tokens long, which exceeds this "
-                                f"model's context length of {context_length} tokens.",
-                           param="messages" if param == "max_completion_tokens" else "prompt",
-                           code="context_length_exceeded")
-        keep = context_length - 1
-        warnings.append(f"The prompt was truncated from {len(prompt_ids)} to its last {keep} "
-                        f"tokens to fit the context length of {context_length}.")
-        prompt_ids = prompt_ids[-keep:]
-    room = context_length - len(prompt_ids)
-    if requested is None:
-        max_tokens = room if default is None else min(default, room)
-    elif requested > room:
-        if behavior != "truncate":
-            raise APIError(400, f"This model's context length is {context_length} tokens; the prompt "
-                                f"uses {len(prompt_ids)} and {param}={requested} asks for more than "
-                                f"the {room} left. Lower {param}, or set "
-                                f"context_length_exceeded_behavior to 'truncate'.",
-                           param=param, code="context_length_exceeded")
-        warnings.append(f"{param} was lowered from {requested} to {room} to fit the context length.")
-        max_tokens = room
-    else:
-        max_tokens = requested
-    return PreparedPrompt(prompt_ids, max_tokens, warnings)
-
-
-def sampling_params(req: SamplingFields, backend: TextBackend, max_tokens: int,
+def sampling_params(req: SamplingFields, backend: GenerationBackend, max_tokens: int,
                     choice_index: int, grammar=None) -> SamplingParams:
     vocab = backend.tokenizer.vocab_size
     bias: dict[int, float] = {}
@@ -140,7 +104,7 @@ def sampling_params(req: SamplingFields, backend: TextBackend, max_tokens: int,
     )
 
 
-async def compile_grammar(backend: TextBackend, grammar: str, what: str, param: str):
+async def compile_grammar(backend: GenerationBackend, grammar: str, what: str, param: str):
     """Compile (or take from the cache) on a worker thread, never on the engine's step;
     a grammar the library cannot build is the client's 400."""
     compiler = compiler_for(backend.tokenizer)
@@ -151,7 +115,7 @@ async def compile_grammar(backend: TextBackend, grammar: str, what: str, param: 
         raise bad_request(str(exc), param=exc.param) from None
 
 
-def merged_choices(backend: TextBackend, prompt_ids: list[int], req: SamplingFields,
+def merged_choices(backend: GenerationBackend, prompt_ids: list[int], req: SamplingFields,
                    max_tokens: int, tracker: UsageTracker | None = None, *,
                    grammar=None, stop: list[str] | None = None,
                    reservation: Reservation | None = None, cache_salt: str | None = None
@@ -173,7 +137,7 @@ def merged_choices(backend: TextBackend, prompt_ids: list[int], req: SamplingFie
     return _run_choices(backend, prompt_ids, params, stop_strings, tracker, reservation)
 
 
-async def _run_choices(backend: TextBackend, prompt_ids: list[int],
+async def _run_choices(backend: GenerationBackend, prompt_ids: list[int],
                        params: list[SamplingParams], stop_strings: list[str],
                        tracker: UsageTracker | None, reservation: Reservation | None
                        ) -> AsyncIterator[tuple[int, TextDelta]]:

@@ -10,6 +10,7 @@ import uuid
 from dataclasses import dataclass
 
 from k2serve.api.errors import error_response
+from k2serve.api.request_scope import STATE_KEY, RequestScope, scope_state
 from k2serve.errors import APIError
 
 DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
@@ -17,7 +18,8 @@ DEFAULT_BODY_TIMEOUT_S = 30.0
 
 
 class RequestIdMiddleware:
-    """Every reply carries `x-request-id` (the client's own if it sent one)."""
+    """Puts the request's RequestScope on it (k2serve.api.request_scope), with its id; every
+    reply carries `x-request-id` (the client's own if it sent one)."""
 
     def __init__(self, app):
         self.app = app
@@ -27,7 +29,7 @@ class RequestIdMiddleware:
             return await self.app(scope, receive, send)
         incoming = dict(scope["headers"]).get(b"x-request-id")
         request_id = incoming.decode("latin-1")[:128] if incoming else uuid.uuid4().hex
-        scope.setdefault("state", {})["request_id"] = request_id
+        scope.setdefault("state", {})[STATE_KEY] = RequestScope(request_id)
 
         async def send_with_id(message):
             if message["type"] == "http.response.start":
@@ -71,13 +73,13 @@ def _too_large(limits: BodyLimits) -> APIError:
 
 
 async def read_body(scope, receive, limits: BodyLimits) -> bytes | None:
-    """The request's whole body, read once and kept in `scope["state"]["body"]`; None when
-    the client left first. Raises APIError 413 (over the limit, by Content-Length before a
+    """The request's whole body, read once and kept on its RequestScope; None when the
+    client left first. Raises APIError 413 (over the limit, by Content-Length before a
     byte is read) or 408 (not all sent within the deadline: a slow client cannot hold a
     connection and its buffered bytes for ever). Callers run it after authentication."""
-    state = scope.setdefault("state", {})
-    if "body" in state:
-        return state["body"]
+    rs = scope_state(scope)
+    if rs.body is not None:
+        return rs.body
     length = dict(scope["headers"]).get(b"content-length")
     if length is not None and length.isdigit() and int(length) > limits.max_bytes:
         raise _too_large(limits)
@@ -106,7 +108,7 @@ async def read_body(scope, receive, limits: BodyLimits) -> bytes | None:
     if body is not None:
         if b"json" in dict(scope["headers"]).get(b"content-type", b""):
             _refuse_lone_surrogates(body)
-        state["body"] = body
+        rs.body = body
     return body
 
 
@@ -173,7 +175,7 @@ class BodySizeLimitMiddleware:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        if "body" in scope.get("state", {}):  # read outside; `receive` replays it
+        if scope_state(scope).body is not None:  # read outside; `receive` replays it
             return await self.app(scope, receive, send)
         try:
             body = await read_body(scope, receive, self.limits)

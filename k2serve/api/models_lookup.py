@@ -5,8 +5,8 @@ from __future__ import annotations
 from fastapi import Request
 
 from k2serve.errors import APIError
-from k2serve.serving.registry import ModelRegistry
-from k2serve.serving.text_backend import TextBackend
+from k2serve.serving.backend import GenerationBackend
+from k2serve.serving.registry import ModelRegistry, ServedModel
 
 TEXT_TYPES = ("chat", "language", "code")
 
@@ -15,8 +15,8 @@ def registry_of(request: Request) -> ModelRegistry:
     return request.app.state.registry
 
 
-def _entry_or_404(registry, model_id: str):
-    """(spec, backend) of a served model, or the 404 naming the models that are served."""
+def _entry_or_404(registry: ModelRegistry, model_id: str) -> ServedModel:
+    """The served model, or the 404 naming the models that are served."""
     entry = registry.get(model_id)
     if entry is None:
         available = ", ".join(sorted(s.id for s in registry.specs())) or "none"
@@ -26,10 +26,11 @@ def _entry_or_404(registry, model_id: str):
     return entry
 
 
-def text_backend_for(request: Request, model_id: str) -> TextBackend:
+def text_backend_for(request: Request, model_id: str, endpoint: str) -> GenerationBackend:
+    """The backend generating for `model_id` on `endpoint` (chat.completions / completions)."""
     registry = registry_of(request)
-    spec, backend = _entry_or_404(registry, model_id)
-    if spec.type not in TEXT_TYPES or not isinstance(backend, TextBackend):
+    spec, backend = model = _entry_or_404(registry, model_id)
+    if spec.type not in TEXT_TYPES or not model.serves(endpoint):
         raise APIError(400, f"The model '{model_id}' is a {spec.type} model and cannot serve "
                             f"text generation; it serves {what_it_serves(spec.type)}.",
                        param="model", code="model_not_supported")
@@ -55,16 +56,13 @@ def what_it_serves(model_type: str) -> str:
     return SERVES_BY_TYPE.get(model_type, f"{model_type} requests")
 
 
-def embedding_backend_for(request: Request, model_id: str, action: str):
-    """The EmbeddingBackend serving `model_id` (/v1/embeddings and /v1/rerank); 404 for an
+def embedding_backend_for(request: Request, model_id: str, endpoint: str, action: str):
+    """The EmbeddingBackend serving `model_id` on `endpoint` (embeddings / rerank); 404 for an
     unknown model, 400 naming what the model does and which models can `action`."""
-    from k2serve.embeddings.backend import EmbeddingBackend
-
     registry = registry_of(request)
-    capable = [s for s in registry.specs()
-               if isinstance(registry.get(s.id)[1], EmbeddingBackend)]
-    spec, backend = _entry_or_404(registry, model_id)
-    if not isinstance(backend, EmbeddingBackend):
+    capable = [s for s, _ in registry.serving(endpoint)]
+    spec, backend = model = _entry_or_404(registry, model_id)
+    if not model.serves(endpoint):
         if capable:
             alternatives = "Models that can: " + ", ".join(
                 f"{s.id} ({s.type})" for s in capable) + "."

@@ -14,13 +14,13 @@ import json
 
 from fastapi import Request
 
+from k2serve.api.request_scope import request_scope
 from k2serve.api.schemas.common import SamplingFields
 
 
 def cache_salt(request: Request, req: SamplingFields) -> str | None:
     """The engine's cache salt for this request; None is the one shared namespace."""
-    shared = getattr(request.app.state, "shared_prefix_cache", False)
-    key_id = None if shared else getattr(request.state, "api_key_id", None)
+    key_id = None if request.app.state.shared_prefix_cache else request_scope(request).api_key_id
     if key_id is None and req.cache_salt is None:
         return None
     return json.dumps([key_id, req.cache_salt])

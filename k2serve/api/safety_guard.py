@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from fastapi import Request
 
 from k2serve.api.models_lookup import what_it_serves
+from k2serve.api.request_scope import request_scope
 from k2serve.errors import APIError
 from k2serve.safety.labels import LABELS, THRESHOLD, openai_scores
 from k2serve.safety.model import TextScore
@@ -63,7 +64,7 @@ def moderation_backend(request: Request, model_id: str, param: str) -> Moderatio
         raise APIError(status, f"The {param} '{model_id}' is not served here. Moderation "
                                f"models served: {listing}.", param=param, code=code)
     spec, backend = entry
-    if spec.type != "moderation" or not isinstance(backend, ModerationBackend):
+    if spec.type != "moderation" or not entry.serves("moderations"):
         raise APIError(400, f"The model '{model_id}' is a {spec.type} model and cannot classify "
                             f"content; it serves {what_it_serves(spec.type)}. Moderation "
                             f"models served: {listing}.", param=param,
@@ -156,7 +157,7 @@ class SafetyGuard:
         if tracker is not None:
             tracker.mark(FINISH_REASON, verdict.summary())
         log.warning(json.dumps({
-            "request_id": str(getattr(request.state, "request_id", "")),
+            "request_id": request_scope(request).request_id,
             "safety_model": self.model_id, "stage": verdict.stage, "labels": verdict.labels,
             "categories": verdict.categories}, separators=(",", ":")))
 

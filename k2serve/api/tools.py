@@ -19,7 +19,7 @@ from typing import Any
 
 from k2serve.api.schemas.chat import ChatCompletionRequest
 from k2serve.errors import bad_request
-from k2serve.serving.text_backend import TextBackend
+from k2serve.serving.backend import GenerationBackend
 from k2serve.structured.grammars import (
     EMPTY_PARAMETERS,
     TOOL_NAME,
@@ -100,11 +100,11 @@ class ToolPlan:
         return StreamingToolParser() if self.format == "kimi_k2" else JsonStreamingToolParser()
 
 
-def tool_format(backend: TextBackend) -> str:
+def tool_format(backend: GenerationBackend) -> str:
     return backend.tool_format or "json"
 
 
-def plan_tools(req: ChatCompletionRequest, backend: TextBackend) -> ToolPlan | None:
+def plan_tools(req: ChatCompletionRequest, backend: GenerationBackend) -> ToolPlan | None:
     """Validate the request's tools; a plan when the reply may hold tool calls."""
     specs = declared_tools(req)
     names = [s.name for s in specs]
@@ -132,7 +132,7 @@ def plan_tools(req: ChatCompletionRequest, backend: TextBackend) -> ToolPlan | N
     return ToolPlan(fmt, build(specs, named, parallel, with_text), whole_reply=not with_text)
 
 
-def prepare_messages(messages: list[dict], backend: TextBackend,
+def prepare_messages(messages: list[dict], backend: GenerationBackend,
                      tools: list[dict] | None, declare: bool) -> list[dict]:
     """K2 expects earlier calls' ids as functions.<name>:<idx> (Moonshot's vendor guidance).
     Other models get the tools in a system block (when `declare`) and earlier calls written in

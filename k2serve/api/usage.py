@@ -1,11 +1,11 @@
-"""Per-request usage accounting, handed to sinks (log line, ledger) when the request ends.
+"""Per-request usage accounting, reported when the request ends.
 
 A generation's tracker sees every delta of every choice, so a stream the client drops
-mid-way is still counted for the tokens it produced. Sinks are plain callables on
-`app.state.usage_sinks`; they run once per request, on the event loop, and must not raise.
-While it generates, the tracker also hands a snapshot (status `in_progress`) to the
-callables on `app.state.usage_progress_sinks` every PROGRESS_S, so the ledger holds the
-tokens produced so far should the server die.
+mid-way is still counted for the tokens it produced. When it ends, its record goes to the
+app's sinks (plain callables on `app.state.usage_sinks`: the log line) and to the request's
+own observer (`RequestScope.usage`: the platform's ledger), once, on the event loop; neither
+may raise. While it generates, the observer also gets a snapshot (status `in_progress`)
+every PROGRESS_S, so the ledger holds the tokens produced so far should the server die.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 
 from fastapi import Request
 
+from k2serve.api.request_scope import request_scope
 from k2serve.serving.text_backend import TextDelta
 
 log = logging.getLogger("k2serve.requests")
@@ -52,15 +53,17 @@ class UsageRecord:
 class UsageTracker:
     def __init__(self, request: Request, model: str, endpoint: str, prompt_tokens: int, n: int):
         self._request = request
+        self._scope = rs = request_scope(request)
         self._start = time.perf_counter()
         self._completion = [0] * n
         self._done = False
+        self._marked: tuple[str, str | None] | None = None
         self._next_progress = time.monotonic() + PROGRESS_S
         self._progress_timer: asyncio.TimerHandle | None = None
-        self.record = UsageRecord(
-            request_id=getattr(request.state, "request_id", ""),
-            model=model, endpoint=endpoint, prompt_tokens=prompt_tokens,
-            api_key_id=getattr(request.state, "api_key_id", None))
+        self.record = UsageRecord(request_id=rs.request_id, model=model, endpoint=endpoint,
+                                  prompt_tokens=prompt_tokens, api_key_id=rs.api_key_id)
+        if rs.usage is not None:
+            rs.usage.started(self)
 
     def on_delta(self, index: int, delta: TextDelta) -> None:
         if self.record.ttft_s is None and delta.token_ids:
@@ -81,8 +84,7 @@ class UsageTracker:
                 pass
 
     def snapshot(self) -> "UsageRecord":
-        """The usage so far, as a record with status `in_progress` (the same request id
-        object, so sinks can find their request from it)."""
+        """The usage so far, as a record with status `in_progress`."""
         return dataclasses.replace(self.record, completion_tokens=sum(self._completion),
                                    status="in_progress",
                                    duration_s=time.perf_counter() - self._start)
@@ -92,15 +94,13 @@ class UsageTracker:
             self._progress_timer.cancel()
             self._progress_timer = None
         self._next_progress = time.monotonic() + PROGRESS_S
-        sinks = getattr(self._request.app.state, "usage_progress_sinks", ())
-        if self._done or not sinks:
+        observer = self._scope.usage
+        if self._done or observer is None:
             return
-        snapshot = self.snapshot()
-        for sink in sinks:
-            try:
-                sink(snapshot)
-            except Exception:  # accounting must not break the generation
-                log.exception("usage progress sink failed")
+        try:
+            observer.progress(self.snapshot())
+        except Exception:  # accounting must not break the generation
+            log.exception("usage progress observer failed")
 
     def mark(self, status: str, error: str | None = None) -> None:
         """A final status decided above the generation (the safety guard's
@@ -110,7 +110,7 @@ class UsageTracker:
     def finish(self, status: str, error: str | None = None) -> None:
         if self._done:
             return
-        if status != "error" and getattr(self, "_marked", None):
+        if status != "error" and self._marked is not None:
             status, error = self._marked
         self._done = True
         if self._progress_timer is not None:
@@ -120,11 +120,16 @@ class UsageTracker:
         self.record.status = status
         self.record.error = error
         self.record.duration_s = time.perf_counter() - self._start
-        for sink in getattr(self._request.app.state, "usage_sinks", ()):
+        for sink in self._request.app.state.usage_sinks:
             try:
                 sink(self.record)
             except Exception:  # a broken sink must not break the reply
                 log.exception("usage sink failed")
+        if self._scope.usage is not None:
+            try:
+                self._scope.usage.finished(self.record)
+            except Exception:
+                log.exception("usage observer failed")
 
 
 def log_usage(record: UsageRecord) -> None:

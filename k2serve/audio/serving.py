@@ -19,6 +19,7 @@ import sys
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
+from k2serve.serving.backend import QueuelessBackend
 from k2serve.serving.background import BackgroundModel
 from k2serve.serving.catalog import ESPEAK_MODEL_ID, WHISPER_MODEL_ID, model_spec
 from k2serve.serving.families import FamilyOptions
@@ -55,13 +56,14 @@ class WorkGate:
 
 
 @dataclass
-class TranscriptionBackend:
+class TranscriptionBackend(QueuelessBackend):
     model: BackgroundModel
     gate: WorkGate
     max_seconds: float
     max_bytes: int
+    endpoints = frozenset({"audio.transcribe", "audio.translate"})
 
-    def reservation(self, body: dict) -> int:
+    def usage_bound(self, body: dict) -> int:
         """Tokens a request may use, held against the key's TPM until it ends: the longest
         audio it may send (its duration is known only once decoded)."""
         return math.ceil(self.max_seconds)
@@ -72,10 +74,11 @@ class TranscriptionBackend:
 
 
 @dataclass
-class SpeechBackend:
+class SpeechBackend(QueuelessBackend):
     model: BackgroundModel
+    endpoints = frozenset({"audio.speech"})
 
-    def reservation(self, body: dict) -> int:
+    def usage_bound(self, body: dict) -> int:
         text = body.get("input")
         return len(text) if isinstance(text, str) else 0  # one token per character
 

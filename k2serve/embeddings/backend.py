@@ -8,6 +8,7 @@ from typing import Any, Callable
 import numpy as np
 
 from k2serve.embeddings.batcher import EmbeddingBatcher
+from k2serve.serving.backend import QueuelessBackend
 from k2serve.serving.background import BackgroundModel
 
 # Padded tokens per forward pass: bounds activation memory (MPNet at 16k tokens: 50 MB per
@@ -15,8 +16,10 @@ from k2serve.serving.background import BackgroundModel
 MAX_BATCH_TOKENS = 16384
 
 
-class EmbeddingBackend:
+class EmbeddingBackend(QueuelessBackend):
     """What /v1/embeddings and /v1/rerank use: `await encoder()`, `await embed(sequences)`."""
+
+    endpoints = frozenset({"embeddings", "rerank"})
 
     def __init__(self, model_id: str, load_encoder: Callable[[], Any], *, max_tokens: int,
                  added_tokens: int = 2, truncates: bool = True):
@@ -60,7 +63,7 @@ class EmbeddingBackend:
     def batch_stats(self):
         return self._batcher.stats if self._batcher else None
 
-    def reservation(self, body: dict) -> int:
+    def usage_bound(self, body: dict) -> int:
         """Tokens a request may use, without tokenizing (for the platform's TPM limits):
         WordPiece and SentencePiece tokens cover at least one character each, plus the
         special tokens (and prefix) added per input, at most max_tokens when inputs are

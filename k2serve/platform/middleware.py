@@ -1,24 +1,19 @@
 """The platform's ASGI middleware: API keys, limits, rate-limit headers, ledger rows.
 
-It sits inside the request-id / path-alias middleware, so it sees the final path and a
-request id, and outside the body read: it checks the key before any body byte is read, then
-reads a generation's body itself (once, bounded in size and time: k2serve.api.middleware).
-Deny by default: every path but the public ones below needs a key, unless the server runs
-open (loopback, no key ever made — and then only for loopback Host/Origin values).
+It sits inside the request-id / path-alias middleware, so it sees the final path and the
+request's RequestScope (k2serve.api.request_scope), and outside the body read: it checks the
+key before any body byte is read, then reads a generation's body itself (once, bounded in
+size and time: k2serve.api.middleware). Deny by default: every path but the public ones below
+needs a key, unless the server runs open (loopback, no key ever made — and then only for
+loopback Host/Origin values).
 
-How it pairs a request with its generation's usage record without touching the routes:
-- `request.state.request_id` is replaced by an equal string that carries the request's
-  context (`_RequestId`); the UsageTracker copies that very object into its UsageRecord, so
-  the ledger sink finds the context from the record, whichever task closes the stream.
-- UsageTracker construction is wrapped (once, when a platform is installed) so a request's
-  context learns its tracker; when the app returns and the tracker has not reported (a
-  dropped stream whose cleanup was cancelled), the platform finishes it itself. A request
-  without a tracker (a refusal, a 4xx from the route) gets its row from the reply.
+It tells the routes who is calling (`RequestScope.caller`) and, for a generation, whom to
+report its usage to (`RequestScope.usage`: the settlement's LedgerObserver). A request
+without a generation (a refusal, a 4xx from the route) gets its row from the reply.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import uuid
@@ -27,9 +22,11 @@ from starlette.datastructures import Headers
 
 from k2serve.api.errors import error_response
 from k2serve.api.middleware import BodyLimits, read_body, replay
+from k2serve.api.request_scope import scope_state
 from k2serve.errors import APIError
+from k2serve.platform.context import RequestContext, log_request
 from k2serve.platform.form_fields import multipart_model
-from k2serve.platform.service import Platform, RequestContext, _log_request
+from k2serve.platform.service import Platform
 
 log = logging.getLogger("k2serve.platform")
 
@@ -44,62 +41,19 @@ ADMIN_PREFIX = "/admin/"
 _CAPTURE_LIMIT = 1 << 20
 
 
-class _RequestId(str):
-    """A request id string that carries its request's context (see module docstring)."""
-
-    def __copy__(self):
-        return str(self)
-
-    def __deepcopy__(self, memo):
-        return str(self)
-
-    def __reduce__(self):
-        return (str, (str(self),))
-
-
-def hook_usage_trackers() -> None:
-    """Wrap UsageTracker.__init__ so that each tracker registers with its request's context.
-
-    Idempotent; a tracker of a request the platform did not see is left alone."""
-    from k2serve.api import usage
-
-    cls = usage.UsageTracker
-    if getattr(cls.__init__, "_k2serve_platform_hook", False):
-        return
-    original = cls.__init__
-
-    @functools.wraps(original)
-    def __init__(self, request, *args, **kwargs):
-        original(self, request, *args, **kwargs)
-        try:
-            rid = request.scope.get("state", {}).get("request_id")
-            ctx = getattr(rid, "k2serve_ctx", None)
-        except Exception:  # never let accounting break a generation
-            ctx = None
-        if ctx is not None:
-            ctx.tracker = self
-
-    __init__._k2serve_platform_hook = True
-    cls.__init__ = __init__
-
-
 class PlatformMiddleware:
     def __init__(self, app, platform: Platform, body_limits: BodyLimits | None = None):
         self.app = app
         self.platform = platform
         self.body_limits = body_limits or BodyLimits()
-        hook_usage_trackers()
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["path"] in PUBLIC_PATHS:
             return await self.app(scope, receive, send)
         platform = self.platform
-        state = scope.setdefault("state", {})
-        rid = _RequestId(state.get("request_id") or uuid.uuid4().hex)
-        ctx = RequestContext(request_id=str(rid), method=scope["method"], path=scope["path"])
-        rid.k2serve_ctx = ctx
-        state["request_id"] = rid
-        state["api_key_id"] = None
+        rs = scope_state(scope)
+        rs.request_id = rs.request_id or uuid.uuid4().hex
+        ctx = RequestContext(request_id=rs.request_id, method=scope["method"], path=scope["path"])
         headers = Headers(scope=scope)
 
         try:
@@ -108,9 +62,7 @@ class PlatformMiddleware:
                                               origin=headers.get("origin"))
         except APIError as exc:
             return await self._refuse(ctx, exc, scope, receive, send)
-        ctx.key = key
-        state["api_key_id"] = key.id if key is not None else None
-        state["k2serve_key"] = key
+        ctx.key = rs.caller = key
 
         if scope["path"].startswith(ADMIN_PREFIX) and key is not None and not key.is_admin:
             return await self._refuse(ctx, APIError(
@@ -119,14 +71,11 @@ class PlatformMiddleware:
 
         endpoint = GENERATION_PATHS.get(scope["path"]) if scope["method"] == "POST" else None
         if endpoint is None:
-            extra = {}
-            if key is not None and key.has_limits:
-                extra = (await platform.limiter.peek(key.id, key.rpm_limit,
-                                                     key.tpm_limit)).headers()
+            extra = await platform.rate_limit_headers(key)
             try:
                 await self.app(scope, receive, self._sender(ctx, send, extra))
             finally:
-                _log_request(ctx, "ok" if (ctx.status or 500) < 400 else "rejected")
+                log_request(ctx, "ok" if (ctx.status or 500) < 400 else "rejected")
             return
 
         ctx.endpoint = endpoint
@@ -150,7 +99,7 @@ class PlatformMiddleware:
         ctx.model = model[:256] if isinstance(model, str) else None
         try:
             await platform.admit(ctx, body, raw, headers)
-            await platform.open_row(ctx)  # its ledger row exists before the app runs
+            rs.usage = await platform.open_row(ctx)  # its row exists before the app runs
         except APIError as exc:
             return await self._refuse(ctx, exc, scope, receive, send)
         if ctx.replay is not None:  # the same request completed before: its stored reply
@@ -179,7 +128,7 @@ class PlatformMiddleware:
             if ctx.endpoint is not None and ctx.key is not None:
                 self.platform.after_app(ctx)  # a ledger row for a refused generation
             else:
-                _log_request(ctx, "rejected")
+                log_request(ctx, "rejected")
 
     def _sender(self, ctx: RequestContext, send, extra: dict[str, str]):
         """Adds the rate-limit headers; keeps the status, and the usage of a generation

@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from k2serve.safety.convert import PackageMissing, converted_dir, package_files
 from k2serve.safety.model import TextScore, ToxicityClassifier
+from k2serve.serving.backend import QueuelessBackend
 from k2serve.serving.background import BackgroundModel
 from k2serve.serving.catalog import SAFETY_MODEL_ID, model_spec
 from k2serve.serving.registry import ModelRegistry
@@ -18,8 +19,10 @@ from k2serve.serving.registry import ModelRegistry
 _SCORER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="k2serve-safety")
 
 
-class ModerationBackend:
+class ModerationBackend(QueuelessBackend):
     """Scores texts with a moderation model; the event loop never runs the network."""
+
+    endpoints = frozenset({"moderations"})
 
     def __init__(self, model: BackgroundModel[ToxicityClassifier]):
         self.model = model

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
+
+from k2serve.serving.backend import ModelBackend, check_backend
 
 MODEL_TYPES = ("chat", "language", "code", "image", "embedding", "moderation", "rerank",
                "audio", "transcribe", "video")
@@ -59,22 +61,40 @@ class ModelSpec:
         return obj
 
 
+class ServedModel(NamedTuple):
+    """A model this server answers for: what it is and costs, and what runs it."""
+
+    spec: ModelSpec
+    backend: ModelBackend
+
+    def serves(self, endpoint: str) -> bool:
+        return endpoint in self.backend.endpoints
+
+
 class ModelRegistry:
-    """Model id -> (spec, backend). Lookups are case-sensitive, as the hosted APIs are."""
+    """Model id -> ServedModel. Lookups are case-sensitive, as the hosted APIs are."""
 
     def __init__(self) -> None:
-        self._entries: dict[str, tuple[ModelSpec, Any]] = {}
+        self._entries: dict[str, ServedModel] = {}
 
-    def register(self, spec: ModelSpec, backend: Any) -> None:
+    def register(self, spec: ModelSpec, backend: ModelBackend) -> None:
         if spec.type not in MODEL_TYPES:
             raise ValueError(f"unknown model type {spec.type!r}")
-        self._entries[spec.id] = (spec, backend)
+        check_backend(backend)
+        self._entries[spec.id] = ServedModel(spec, backend)
 
-    def get(self, model_id: str) -> tuple[ModelSpec, Any] | None:
+    def get(self, model_id: str) -> ServedModel | None:
         return self._entries.get(model_id)
+
+    def models(self) -> list[ServedModel]:
+        return list(self._entries.values())
+
+    def serving(self, endpoint: str) -> list[ServedModel]:
+        """The models that serve `endpoint`, in registration order."""
+        return [m for m in self._entries.values() if m.serves(endpoint)]
 
     def specs(self) -> list[ModelSpec]:
         return [spec for spec, _ in self._entries.values()]
 
-    def backends(self) -> list[Any]:
+    def backends(self) -> list[ModelBackend]:
         return [backend for _, backend in self._entries.values()]

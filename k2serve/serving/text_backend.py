@@ -1,4 +1,5 @@
-"""A text-generation model behind the API: tokenizer + chat template + engine.
+"""Our engine's text-generation backend (a GenerationBackend): tokenizer + chat template +
+engine.
 
 It turns prompts into token ids and engine outputs into text deltas (incremental
 detokenization, stop strings, logprob entries). It knows nothing about HTTP.
@@ -13,6 +14,7 @@ from dataclasses import dataclass, field
 from k2serve.engine.async_engine import AsyncEngine, Reservation
 from k2serve.engine.sampling_params import SamplingParams
 from k2serve.engine.sequence import GenerationRequest, TokenLogprob
+from k2serve.serving.backend import GENERATION_ENDPOINTS
 from k2serve.text.chat_template import ChatTemplate
 from k2serve.text.detokenizer import IncrementalDetokenizer
 from k2serve.text.stop import StopMatcher
@@ -42,6 +44,9 @@ class TextDelta:
 
 
 class TextBackend:
+    endpoints = GENERATION_ENDPOINTS
+    load_state = "ready"  # its weights load before the server starts
+
     def __init__(self, tokenizer: Tokenizer, engine: AsyncEngine, *, context_length: int,
                  chat_template: ChatTemplate | None):
         self.tokenizer = tokenizer
@@ -52,6 +57,15 @@ class TextBackend:
         self.tool_format = ("kimi_k2" if tokenizer.token_to_id(K2_SECTION_BEGIN) is not None
                             else None)
         self._ids = itertools.count()
+
+    def stats(self) -> dict:
+        return self.engine.stats()
+
+    def healthy(self) -> bool:
+        return self.engine.health()
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()
 
     def reserve(self, num_requests: int, owner: str | None = None) -> Reservation:
         """Admit the request's choices now, or raise EngineOverloaded before any reply.

@@ -56,6 +56,15 @@ class FakeBackend(TextBackend):
     def reserve(self, num_requests, owner=None):
         return None  # no engine: nothing to hold
 
+    def stats(self):
+        return None  # no engine: nothing queued
+
+    def healthy(self):
+        return True
+
+    def shutdown(self):
+        pass
+
     def render_chat(self, messages, tools=None, **kwargs):
         return "<chat> " + " ".join(m["content"] for m in messages)
 

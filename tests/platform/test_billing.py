@@ -373,11 +373,12 @@ def test_multipart_model_is_the_field_the_route_reads():
 
 def test_allow_list_checks_every_model_a_request_uses(database):
     from k2serve.audio.serving import TranscriptionBackend
+    from k2serve.safety.serving import ModerationBackend
 
     moderation = ModelSpec(id="fake/guard", type="moderation", context_length=512)
     whisper = ModelSpec(id="fake/whisper", type="transcribe", context_length=0)
     app, _ = make_app(database, "memory",
-                      extra=[(moderation, object()),
+                      extra=[(moderation, ModerationBackend(None)),
                              (whisper, TranscriptionBackend(None, None, 30.0, 1 << 20))])
     _, key = KeyStore(database).create("chat-only", models=[MODEL])
     auth = {"Authorization": f"Bearer {key}"}

@@ -6,8 +6,9 @@ from __future__ import annotations
 import asyncio
 from types import SimpleNamespace
 
+from k2serve.api import safety_guard as guard_module
+from k2serve.api.request_scope import STATE_KEY, RequestScope
 from k2serve.api.safety_guard import SafetyGuard
-from k2serve.safety import guard as guard_module
 from k2serve.safety.serving import ModerationBackend
 from k2serve.serving.background import BackgroundModel
 from k2serve.serving.text_backend import TextDelta
@@ -50,7 +51,7 @@ def run_guard(classifier, pieces, n=1, inputs=("Tell me about the weather.",)):
     generation = Generation(pieces)
     tracker = SimpleNamespace(marks=[], mark=lambda s, e=None: tracker.marks.append((s, e)),
                               finish=lambda *a: None)
-    request = SimpleNamespace(state=SimpleNamespace(request_id="r1"))
+    request = SimpleNamespace(scope={"state": {STATE_KEY: RequestScope("r1")}})
 
     async def consume():
         out = []

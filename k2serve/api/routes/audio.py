@@ -25,10 +25,11 @@ from starlette.datastructures import UploadFile
 from k2serve.api.errors import ERROR_RESPONSES
 from k2serve.api.generation import SSE_DONE, sse
 from k2serve.api.models_lookup import registry_of
+from k2serve.api.request_scope import request_scope
 from k2serve.api.schemas.audio import SpeechRequest
 from k2serve.api.usage import UsageTracker
 from k2serve.audio.errors import AudioRequestError
-from k2serve.audio.serving import Busy, SpeechBackend, TranscriptionBackend
+from k2serve.audio.serving import Busy
 from k2serve.errors import APIError, bad_request, overloaded, too_deep
 
 router = APIRouter(responses=ERROR_RESPONSES)
@@ -40,17 +41,17 @@ def _audio_error(exc: AudioRequestError) -> APIError:
     return APIError(exc.status, exc.message, param=exc.param, code=exc.code)
 
 
-def _backend(request: Request, model, kind: type, needed: str, action: str):
-    """The backend for `model` if it is a `needed` model; a missing model means the one
-    such model served here, when there is exactly one."""
+def _backend(request: Request, model, endpoint: str, needed: str, action: str):
+    """The backend for `model` if it serves `endpoint` (a `needed` model); a missing model
+    means the one such model served here, when there is exactly one."""
     registry = registry_of(request)
-    candidates = [s.id for s in registry.specs() if isinstance(registry.get(s.id)[1], kind)]
+    candidates = [s.id for s, _ in registry.serving(endpoint)]
     served = ", ".join(f"{s.id} ({s.type})" for s in registry.specs()) or "none"
     if model is None or model == "":
         if len(candidates) != 1:
             raise bad_request("Missing required parameter: 'model'.", param="model")
         model = candidates[0]
-        key = getattr(request.state, "k2serve_key", None)  # the platform saw no model
+        key = request_scope(request).caller  # the platform saw no model to check
         if key is not None and not key.allows_model(model):
             raise APIError(403, f"The API key '{key.name}' may not use the model '{model}'.",
                            param="model", code="model_not_allowed")
@@ -62,7 +63,7 @@ def _backend(request: Request, model, kind: type, needed: str, action: str):
                             f"Served models: {served}.", param="model",
                        code="model_not_found")
     spec, backend = entry
-    if not isinstance(backend, kind):
+    if not entry.serves(endpoint):
         hint = (f"use {', '.join(candidates)}" if candidates else
                 f"this server has no {needed} model configured (`k2serve serve --families "
                 f"audio` serves them)")
@@ -90,7 +91,7 @@ async def _speech(request: Request):
         raise too_deep() from None
     if not isinstance(body, dict):
         raise bad_request("Request body must be a JSON object.")
-    model, backend = _backend(request, body.get("model"), SpeechBackend, "audio",
+    model, backend = _backend(request, body.get("model"), "audio.speech", "audio",
                               "synthesize speech")
     try:
         req = SpeechRequest.model_validate(body)
@@ -185,8 +186,8 @@ async def voices(request: Request, model: str | None = None):
     from k2serve.audio.voices import voice_list
 
     registry = registry_of(request)
-    data = [{"model": s.id, "voices": voice_list()} for s in registry.specs()
-            if isinstance(registry.get(s.id)[1], SpeechBackend) and model in (None, s.id)]
+    data = [{"model": s.id, "voices": voice_list()} for s, _ in registry.serving("audio.speech")
+            if model in (None, s.id)]
     return JSONResponse({"object": "list", "data": data})
 
 
@@ -256,7 +257,7 @@ async def _transcribe(request: Request, task: str):
     except Exception as exc:  # malformed multipart
         raise bad_request(f"Could not read the multipart/form-data body: {exc}") from None
     action = "transcribe audio" if task == "transcribe" else "translate audio"
-    model, backend = _backend(request, _form_value(form, "model"), TranscriptionBackend,
+    model, backend = _backend(request, _form_value(form, "model"), f"audio.{task}",
                               "transcribe", action)
     if (_form_value(form, "diarize") or "").lower() == "true":
         raise bad_request(f"{model} does not do speaker diarization.", param="diarize")

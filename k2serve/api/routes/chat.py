@@ -14,7 +14,6 @@ from k2serve.api.generation import (
     RequestCapacity,
     collect,
     compile_grammar,
-    fit_context,
     merged_choices,
     openai_chat_logprobs,
     request_capacity,
@@ -26,6 +25,7 @@ from k2serve.api.generation import (
 )
 from k2serve.api.models_lookup import text_backend_for
 from k2serve.api.prefix_cache import cache_salt
+from k2serve.api.prompts import chat_max_tokens_param, chat_prompt, fit_context
 from k2serve.api.response_format import response_format_grammar
 from k2serve.api.safety_guard import chat_input_texts, safety_guard
 from k2serve.api.schemas.chat import ChatCompletionRequest
@@ -35,54 +35,19 @@ from k2serve.api.tools import (
     finish_with_tools,
     parse_message,
     plan_tools,
-    prepare_messages,
 )
 from k2serve.api.usage import UsageTracker
 from k2serve.errors import bad_request
-from k2serve.serving.text_backend import TextBackend
+from k2serve.serving.backend import GenerationBackend
 from k2serve.structured import GrammarError
-from k2serve.text.chat_template import (
-    TemplateError,
-    UnsupportedContentError,
-    normalize_messages,
-)
 
 router = APIRouter(responses=ERROR_RESPONSES)
-
-
-def _message_dicts(req: ChatCompletionRequest) -> list[dict]:
-    """Messages as the chat template expects them: text content, `developer` -> `system`."""
-    for i, m in enumerate(req.messages):
-        if m.content is None and not (m.role == "assistant" and m.tool_calls):
-            raise bad_request(f"messages[{i}] ({m.role}) must have content.",
-                              param=f"messages.{i}.content")
-    try:
-        messages = normalize_messages(req.messages)
-    except UnsupportedContentError as exc:
-        kind = exc.part_type
-        raise bad_request(
-            f"Model '{req.model}' accepts text only; messages[{exc.message_index}] contains a "
-            f"'{kind}' part. Send text content, or use a model that accepts that input.",
-            param=f"messages.{exc.message_index}.content", code="unsupported_content_type") from exc
-    for message in messages:
-        message.setdefault("content", "")
-    return messages
-
-
-def _render_prompt(req: ChatCompletionRequest, backend: TextBackend, plan: ToolPlan | None) -> str:
-    messages = prepare_messages(_message_dicts(req), backend, req.tools, declare=plan is not None)
-    try:
-        return backend.render_chat(messages, tools=req.tools or None,
-                                   **(req.chat_template_kwargs or {}))
-    except TemplateError as exc:
-        raise bad_request(f"The messages could not be formatted with this model's chat "
-                          f"template: {exc}", param="messages") from exc
 
 
 @router.post("/v1/chat/completions", responses=STREAM_OR_JSON)
 async def chat_completions(req: ChatCompletionRequest, request: Request,
                            capacity: RequestCapacity = Depends(request_capacity)):
-    backend = text_backend_for(request, req.model)
+    backend = text_backend_for(request, req.model, "chat.completions")
     guard = safety_guard(request, req.safety_model)  # 400 for a safety model not served
     # Off the event loop: checking large tool schemas, rendering and tokenizing a long
     # prompt take seconds that every other request would wait for.
@@ -91,12 +56,9 @@ async def chat_completions(req: ChatCompletionRequest, request: Request,
     if req.max_completion_tokens == 0 or req.max_tokens == 0:
         raise bad_request("max_tokens must be at least 1 for chat completions.", param="max_tokens")
 
-    prompt_text = await run_in_threadpool(_render_prompt, req, backend, plan)
-    prompt_ids = await run_in_threadpool(backend.encode_chat_prompt, prompt_text)
-    param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
-    prepared = fit_context(prompt_ids, req.requested_max_tokens,
-                           None, backend.context_length, req.context_length_exceeded_behavior,
-                           param)
+    prompt_text, prompt_ids = await run_in_threadpool(chat_prompt, req, backend, plan)
+    prepared = fit_context(prompt_ids, req.requested_max_tokens, None, backend.context_length,
+                           req.context_length_exceeded_behavior, chat_max_tokens_param(req))
     if stop is not None and req.stop_list:
         prepared.warnings.append("stop sequences are not applied to structured output: the "
                                  "grammar decides where it ends.")
@@ -142,7 +104,7 @@ async def chat_completions(req: ChatCompletionRequest, request: Request,
     return JSONResponse(body)
 
 
-async def _grammar(req: ChatCompletionRequest, backend: TextBackend, plan: ToolPlan | None):
+async def _grammar(req: ChatCompletionRequest, backend: GenerationBackend, plan: ToolPlan | None):
     """(compiled grammar or None, stop strings override): response_format or tool calls.
 
     Stop strings would cut structured output short of valid, so they apply only to free text.

@@ -13,7 +13,6 @@ from k2serve.api.errors import ERROR_RESPONSES, STREAM_OR_JSON
 from k2serve.api.generation import (
     RequestCapacity,
     collect,
-    fit_context,
     merged_choices,
     request_capacity,
     sse_stream,
@@ -24,24 +23,23 @@ from k2serve.api.generation import (
 )
 from k2serve.api.models_lookup import text_backend_for
 from k2serve.api.prefix_cache import cache_salt
+from k2serve.api.prompts import COMPLETIONS_DEFAULT_MAX_TOKENS, fit_context
 from k2serve.api.safety_guard import safety_guard
 from k2serve.api.schemas.completions import CompletionRequest
 from k2serve.api.usage import UsageTracker
 
 router = APIRouter(responses=ERROR_RESPONSES)
 
-DEFAULT_MAX_TOKENS = 16  # OpenAI's default for this endpoint
-
 
 @router.post("/v1/completions", responses=STREAM_OR_JSON)
 async def completions(req: CompletionRequest, request: Request,
                       capacity: RequestCapacity = Depends(request_capacity)):
-    backend = text_backend_for(request, req.model)
+    backend = text_backend_for(request, req.model, "completions")
     guard = safety_guard(request, req.safety_model)  # 400 for a safety model not served
     # A 4 MB prompt tokenizes for seconds: off the event loop, which serves everyone.
     prompt_ids = await run_in_threadpool(backend.encode_text_prompt, req.prompt)
     prepared = fit_context(prompt_ids, req.max_tokens,
-                           DEFAULT_MAX_TOKENS, backend.context_length,
+                           COMPLETIONS_DEFAULT_MAX_TOKENS, backend.context_length,
                            req.context_length_exceeded_behavior, "max_tokens")
     reply_id = f"cmpl-{uuid.uuid4().hex}"
     created = int(time.time())

@@ -47,7 +47,7 @@ def encode_vector(vector: np.ndarray, encoding_format: str):
 
 @router.post("/v1/embeddings")
 async def create_embeddings(req: EmbeddingRequest, request: Request):
-    backend = embedding_backend_for(request, req.model, "compute embeddings")
+    backend = embedding_backend_for(request, req.model, "embeddings", "compute embeddings")
     items = parse_input(req.input)
     encoder = await backend.encoder()
     native = encoder.dimensions

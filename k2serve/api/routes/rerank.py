@@ -36,7 +36,7 @@ def relevance(vectors: np.ndarray) -> np.ndarray:
 
 @router.post("/v1/rerank")
 async def rerank(req: RerankRequest, request: Request):
-    backend = embedding_backend_for(request, req.model, "rerank documents")
+    backend = embedding_backend_for(request, req.model, "rerank", "rerank documents")
     if req.query is None:
         raise bad_request("Missing required parameter: 'query'.", param="query")
     if not req.query.strip():

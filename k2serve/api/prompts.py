@@ -1,0 +1,131 @@
+"""The prompt builder: a chat or completions request -> its prompt text -> token ids -> fitted
+to the model's context. The routes build their prompts here, and the platform's admission
+reserves the same prompt's tokens (`usage_bound`), so a TPM reservation is what the request
+really uses.
+
+It works on the API's request models and raises the API's 400s, over any GenerationBackend
+(k2serve.serving.backend): our engine or one put behind k2serve.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from k2serve.api.schemas.chat import ChatCompletionRequest
+from k2serve.api.schemas.completions import CompletionRequest
+from k2serve.api.tools import ToolPlan, plan_tools, prepare_messages
+from k2serve.errors import APIError, bad_request
+from k2serve.serving.backend import GenerationBackend
+from k2serve.text.chat_template import (
+    TemplateError,
+    UnsupportedContentError,
+    normalize_messages,
+)
+
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+
+
+@dataclass
+class PreparedPrompt:
+    ids: list[int]
+    max_tokens: int
+    warnings: list[str] = field(default_factory=list)
+
+
+def message_dicts(req: ChatCompletionRequest) -> list[dict]:
+    """Messages as the chat template expects them: text content, `developer` -> `system`."""
+    for i, m in enumerate(req.messages):
+        if m.content is None and not (m.role == "assistant" and m.tool_calls):
+            raise bad_request(f"messages[{i}] ({m.role}) must have content.",
+                              param=f"messages.{i}.content")
+    try:
+        messages = normalize_messages(req.messages)
+    except UnsupportedContentError as exc:
+        kind = exc.part_type
+        raise bad_request(
+            f"Model '{req.model}' accepts text only; messages[{exc.message_index}] contains a "
+            f"'{kind}' part. Send text content, or use a model that accepts that input.",
+            param=f"messages.{exc.message_index}.content", code="unsupported_content_type") from exc
+    for message in messages:
+        message.setdefault("content", "")
+    return messages
+
+
+def render_chat(req: ChatCompletionRequest, backend: GenerationBackend,
+                plan: ToolPlan | None) -> str:
+    """The chat prompt's text: the messages (tools declared as the plan says) through the
+    model's chat template."""
+    messages = prepare_messages(message_dicts(req), backend, req.tools, declare=plan is not None)
+    try:
+        return backend.render_chat(messages, tools=req.tools or None,
+                                   **(req.chat_template_kwargs or {}))
+    except TemplateError as exc:
+        raise bad_request(f"The messages could not be formatted with this model's chat "
+                          f"template: {exc}", param="messages") from exc
+
+
+def chat_prompt(req: ChatCompletionRequest, backend: GenerationBackend,
+                plan: ToolPlan | None) -> tuple[str, list[int]]:
+    """(prompt text, token ids). Seconds for a long prompt: callers run it off the loop."""
+    text = render_chat(req, backend, plan)
+    return text, backend.encode_chat_prompt(text)
+
+
+def chat_max_tokens_param(req: ChatCompletionRequest) -> str:
+    return "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+
+
+def fit_context(prompt_ids: list[int], requested: int | None, default: int | None,
+                context_length: int, behavior: str, param: str) -> PreparedPrompt:
+    """Check prompt + max_tokens against the context; `truncate` shrinks instead of failing."""
+    warnings: list[str] = []
+    if len(prompt_ids) >= context_length:
+        if behavior != "truncate":
+            raise APIError(400, f"The prompt is {len(prompt_ids)} tokens long, which exceeds this "
+                                f"model's context length of {context_length} tokens.",
+                           param="messages" if param == "max_completion_tokens" else "prompt",
+                           code="context_length_exceeded")
+        keep = context_length - 1
+        warnings.append(f"The prompt was truncated from {len(prompt_ids)} to its last {keep} "
+                        f"tokens to fit the context length of {context_length}.")
+        prompt_ids = prompt_ids[-keep:]
+    room = context_length - len(prompt_ids)
+    if requested is None:
+        max_tokens = room if default is None else min(default, room)
+    elif requested > room:
+        if behavior != "truncate":
+            raise APIError(400, f"This model's context length is {context_length} tokens; the prompt "
+                                f"uses {len(prompt_ids)} and {param}={requested} asks for more than "
+                                f"the {room} left. Lower {param}, or set "
+                                f"context_length_exceeded_behavior to 'truncate'.",
+                           param=param, code="context_length_exceeded")
+        warnings.append(f"{param} was lowered from {requested} to {room} to fit the context length.")
+        max_tokens = room
+    else:
+        max_tokens = requested
+    return PreparedPrompt(prompt_ids, max_tokens, warnings)
+
+
+def usage_bound(endpoint: str, backend: GenerationBackend, body: dict) -> tuple[int, int]:
+    """(prompt tokens, n x the most the request may generate) of a chat or completions body,
+    for rate limits and budgets: the prompt the route will build, with the model's own
+    tokenizer and chat template. A request the route would refuse for its length is bounded
+    as if truncated. Raises APIError / ValueError for a body the route refuses anyway."""
+    context = backend.context_length
+    if endpoint == "completions":
+        req = CompletionRequest.model_validate(body)
+        prompt_tokens = len(backend.encode_text_prompt(req.prompt))
+        default = COMPLETIONS_DEFAULT_MAX_TOKENS
+    else:
+        req = ChatCompletionRequest.model_validate(body)
+        prompt_tokens = len(chat_prompt(req, backend, plan_tools(req, backend))[1])
+        default = None
+    if req.context_length_exceeded_behavior == "truncate":
+        prompt_tokens = min(prompt_tokens, max(context - 1, 1))
+    room = max(context - prompt_tokens, 0)
+    requested = req.requested_max_tokens
+    if requested is None:
+        completion = room if default is None else min(default, room)
+    else:
+        completion = min(requested, room)
+    return prompt_tokens, req.n * completion

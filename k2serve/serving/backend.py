@@ -1,0 +1,116 @@
+"""What a model backend offers the layers above it.
+
+Every model the registry serves has a backend that implements `ModelBackend`: which API
+endpoints it answers, whether its weights are loaded, its queue depths, how it shuts down.
+The endpoint names the protocol a backend also implements, so a route that has looked a
+model up for its endpoint (`ModelRegistry.lookup`) knows what it holds:
+
+- `chat.completions`, `completions` -> `GenerationBackend`: token ids in, an async stream of
+  text deltas (with their token usage) out. Our own engine implements it (TextBackend), and
+  so does any engine put behind k2serve: the platform, the prompt builder
+  (k2serve.api.prompts) and tool calls that always validate sit above this protocol.
+- `embeddings`, `rerank`, `audio.speech`, `audio.transcribe`, `audio.translate` ->
+  `MeteredBackend`: a bound on a request's tokens from its body alone, for rate limits.
+- `moderations` -> k2serve.safety.serving.ModerationBackend (`classify`).
+
+A model's price is the registry's (`ModelSpec.pricing`): it belongs to the model id a key is
+billed for, not to whichever engine runs it.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from k2serve.engine.async_engine import Reservation
+    from k2serve.engine.sampling_params import SamplingParams
+    from k2serve.serving.text_backend import LogprobEntry, TextDelta
+    from k2serve.text.tokenizer import Tokenizer
+
+GENERATION_ENDPOINTS = frozenset({"chat.completions", "completions"})
+LOAD_STATES = ("loading", "ready", "failed")
+
+
+@runtime_checkable
+class ModelBackend(Protocol):
+    """What every backend offers (see the module docstring for what each endpoint adds)."""
+
+    @property
+    def endpoints(self) -> frozenset[str]:
+        """The API endpoints it serves, named as the usage ledger names them."""
+
+    @property
+    def load_state(self) -> str:
+        """`loading`, `ready` or `failed` (a request to a loading model waits for it)."""
+
+    def stats(self) -> dict | None:
+        """Its queue depths for /health (None: it queues nothing of its own)."""
+
+    def healthy(self) -> bool:
+        """False when it can no longer serve (its engine thread died): /health answers 503."""
+
+    def shutdown(self) -> None:
+        """Stop its threads; called once when the server stops."""
+
+
+@runtime_checkable
+class GenerationBackend(ModelBackend, Protocol):
+    """A text-generation model: chat and text completions."""
+
+    context_length: int
+    tokenizer: Tokenizer
+    tool_format: str | None  # the model's native tool-call format ("kimi_k2"), or None
+
+    def render_chat(self, messages: list[dict], tools: list[dict] | None = None,
+                    **template_kwargs) -> str:
+        """The chat prompt as text (raises ValueError without a chat template)."""
+
+    def encode_chat_prompt(self, text: str) -> list[int]: ...
+
+    def encode_text_prompt(self, text: str) -> list[int]: ...
+
+    def reserve(self, num_requests: int, owner: str | None = None) -> Reservation:
+        """Admit `num_requests` choices now, or raise EngineOverloaded before any reply."""
+
+    def generate(self, prompt_ids: list[int], params: SamplingParams, stop: list[str],
+                 reservation: Reservation | None = None) -> AsyncIterator[TextDelta]:
+        """Stream one choice's text deltas; closing the iterator aborts the generation."""
+
+    def logprob_entry(self, logprob) -> LogprobEntry: ...
+
+
+@runtime_checkable
+class MeteredBackend(ModelBackend, Protocol):
+    """A backend whose requests' tokens are bounded from the body alone (no tokenizing)."""
+
+    def usage_bound(self, body: dict) -> int:
+        """The most tokens the request may use, held against the key's TPM until it ends."""
+
+
+_MODEL_BACKEND_MEMBERS = ("endpoints", "load_state", "stats", "healthy", "shutdown")
+
+
+def check_backend(backend: object) -> None:
+    """Raise TypeError unless `backend` has every ModelBackend member. Looked up statically:
+    `isinstance` against the protocol would run `load_state` (a property) to find it."""
+    missing = [name for name in _MODEL_BACKEND_MEMBERS
+               if inspect.getattr_static(backend, name, None) is None]
+    if missing:
+        raise TypeError(f"{type(backend).__name__} does not implement ModelBackend "
+                        f"(k2serve.serving.backend): it lacks {', '.join(missing)}")
+
+
+class QueuelessBackend:
+    """Defaults for a backend without an engine of its own: nothing queued, always healthy,
+    nothing to stop (its model loads on the background loader thread)."""
+
+    def stats(self) -> dict | None:
+        return None
+
+    def healthy(self) -> bool:
+        return True
+
+    def shutdown(self) -> None:
+        return None

@@ -109,23 +109,21 @@ def fit_context(prompt_ids: list[int], requested: int | None, default: int | Non
 def usage_bound(endpoint: str, backend: GenerationBackend, body: dict) -> tuple[int, int]:
     """(prompt tokens, n x the most the request may generate) of a chat or completions body,
     for rate limits and budgets: the prompt the route will build, with the model's own
-    tokenizer and chat template. A request the route would refuse for its length is bounded
-    as if truncated. Raises APIError / ValueError for a body the route refuses anyway."""
-    context = backend.context_length
+    tokenizer and chat template, fitted to the context as the route fits it. Raises APIError /
+    ValueError for a body the route refuses anyway."""
     if endpoint == "completions":
         req = CompletionRequest.model_validate(body)
-        prompt_tokens = len(backend.encode_text_prompt(req.prompt))
-        default = COMPLETIONS_DEFAULT_MAX_TOKENS
+        ids = backend.encode_text_prompt(req.prompt)
+        default, param = COMPLETIONS_DEFAULT_MAX_TOKENS, "max_tokens"
     else:
         req = ChatCompletionRequest.model_validate(body)
-        prompt_tokens = len(chat_prompt(req, backend, plan_tools(req, backend))[1])
-        default = None
-    if req.context_length_exceeded_behavior == "truncate":
-        prompt_tokens = min(prompt_tokens, max(context - 1, 1))
-    room = max(context - prompt_tokens, 0)
-    requested = req.requested_max_tokens
-    if requested is None:
-        completion = room if default is None else min(default, room)
-    else:
-        completion = min(requested, room)
-    return prompt_tokens, req.n * completion
+        ids = chat_prompt(req, backend, plan_tools(req, backend))[1]
+        default, param = None, chat_max_tokens_param(req)
+    if len(ids) >= backend.context_length and req.context_length_exceeded_behavior != "truncate":
+        return len(ids), 0  # the route refuses it: it holds its prompt until then
+    # What the route runs: the prompt and max_tokens fitted to the context ("error" requests
+    # that fit come out the same; one whose max_tokens is too large is refused, so it holds
+    # at most what is left).
+    fitted = fit_context(ids, req.requested_max_tokens, default, backend.context_length,
+                         "truncate", param)
+    return len(fitted.ids), req.n * fitted.max_tokens

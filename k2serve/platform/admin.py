@@ -23,9 +23,7 @@ async def admin_usage(request: Request, key: str | None = None, since: str | Non
 
     `key`: a key's name; `since`: an ISO date or time (UTC unless it says otherwise), a Unix
     time, or a duration back from now (`30m`, `24h`, `7d`)."""
-    platform = getattr(request.app.state, "platform", None)
-    if platform is None:
-        raise APIError(404, "This server keeps no usage ledger.", code="not_found")
+    platform = request.app.state.platform  # mounted by Platform.install
     try:
         since_ts = parse_since(since) if since else None
     except ValueError as exc:

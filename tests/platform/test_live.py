@@ -121,6 +121,25 @@ def test_open_until_a_key_exists_then_keys_required(stack):
         assert ok.status_code == 200
 
 
+def test_chat_tpm_reservation_is_the_prompt_the_route_builds(stack):
+    """A chat request with tools reserves its real prompt tokens (the chat template and the
+    tools' system block, with the model's tokenizer) + max_tokens: the reply's rate-limit
+    headers are the admission's, so remaining = TPM - reservation."""
+    key = stack.create_key("tpm-tools", tpm=100_000)
+    tools = [{"type": "function", "function": {
+        "name": "get_weather", "description": "The weather in a city, today and tomorrow.",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                       "required": ["city"]}}}]
+    r = httpx.post(stack.servers[0].root + "/v1/chat/completions", timeout=120,
+                   headers={"Authorization": f"Bearer {key}"},
+                   json={"model": EMBEDDED_ID, "max_tokens": 8, "tools": tools,
+                         "messages": [{"role": "user", "content": "Weather in Paris?"}]})
+    assert r.status_code == 200, r.text
+    prompt = r.json()["usage"]["prompt_tokens"]
+    assert prompt > 100  # the tools' block is in the prompt
+    assert int(r.headers["x-tokenlimit-remaining"]) == 100_000 - (prompt + 8)
+
+
 def test_sdks_with_keys(stack):
     import openai
     from together import Together

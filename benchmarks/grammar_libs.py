@@ -79,7 +79,7 @@ def bench_xgrammar(tok, ids: list[int]) -> dict | None:
 
 def k2_tokenizer():
     from k2serve.models.tiny_k2 import write_tiny_k2_checkpoint
-    from k2serve.text.k2_tokenizer import load_tokenizer
+    from k2serve.text.loading import load_tokenizer
     path = write_tiny_k2_checkpoint(Path(tempfile.mkdtemp()) / "k2", seed=0, fp8=False)
     return load_tokenizer(str(path))
 

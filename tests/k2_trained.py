@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from k2serve.models.tiny_k2 import _write_shards, write_tiny_k2_checkpoint
 from k2serve.text.chat_template import ChatTemplate
-from k2serve.text.k2_tokenizer import load_tokenizer
+from k2serve.text.loading import load_tokenizer
 
 TOOLS = [{"type": "function", "function": {
     "name": "get_weather", "description": "Current weather in a city.",

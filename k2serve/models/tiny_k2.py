@@ -4,7 +4,7 @@
 config.json with K2's keys (model_type kimi_k2, DeepseekV3ForCausalLM, auto_map, YaRN
 rope_scaling, quantization_config fp8 128x128), generation_config.json, sharded
 safetensors ``model-0000i-of-0000N.safetensors`` + ``model.safetensors.index.json`` in HF
-DeepseekV3 names, and the K2 tokenizer files (``k2serve.text.k2_tokenizer``). With
+DeepseekV3 names, and the K2 tokenizer files (``tiny_k2_tokenizer``). With
 ``fp8=True`` the attention / MLP / expert linears are float8_e4m3fn with float32
 ``weight_scale_inv`` block scales, as K2 ships them (one partial 128x128 block per weight at
 these sizes); embeddings, lm_head, norms and the router stay bf16, the correction bias fp32.
@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 from k2serve.models.deepseek_config import DeepseekV3Config
 from k2serve.models.deepseek_v3 import checkpoint_shapes
 from k2serve.models.loaders.fp8 import SCALE_SUFFIX, quantize_fp8_blocks
+from k2serve.models.tiny_k2_tokenizer import write_tiny_k2_tokenizer_files
 
 BLOCK = (128, 128)
 
@@ -98,8 +99,6 @@ def write_tiny_k2_checkpoint(directory: str | os.PathLike, *, seed: int = 0, fp8
     path.mkdir(parents=True, exist_ok=True)
     bos = eos = end_of_turn = None
     if tokenizer:
-        from k2serve.text.k2_tokenizer import write_tiny_k2_tokenizer_files
-
         vocab_size = write_tiny_k2_tokenizer_files(str(path))
         with open(path / "tokenizer_config.json") as f:
             ids = {t["content"]: int(i) for i, t in json.load(f)["added_tokens_decoder"].items()}

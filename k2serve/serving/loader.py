@@ -20,8 +20,7 @@ from k2serve.serving.registry import ModelSpec
 from k2serve.serving.text_backend import TextBackend
 from k2serve.structured import compiler_for
 from k2serve.text.chat_template import ChatTemplate
-from k2serve.text.k2_tokenizer import load_tokenizer
-from k2serve.text.tokenizer import Tokenizer
+from k2serve.text.loading import load_tokenizer
 
 # Kernels chosen so that a sequence's greedy tokens do not depend on what else is in the
 # batch (the engine's batch-invariance guarantee, tested): a token's linears never switch
@@ -59,10 +58,7 @@ class LoadOptions:
 def load_text_model(options: LoadOptions) -> tuple[ModelSpec, TextBackend]:
     path = options.model_path or embedded_smollm2_gguf_path()
     quantized = SERVING_QUANTIZATION if options.quantize and path.endswith(".gguf") else False
-    if path.endswith(".gguf"):
-        tokenizer = Tokenizer.from_gguf(path)
-    else:
-        tokenizer = load_tokenizer(path)  # tiktoken (K2) or HF tokenizer.json
+    tokenizer = load_tokenizer(path)  # GGUF metadata, tiktoken (K2) or HF tokenizer.json
     template = ChatTemplate.from_tokenizer(tokenizer) if tokenizer.chat_template else None
 
     def build_core() -> EngineCore:  # runs on the engine's own thread (see AsyncEngine)

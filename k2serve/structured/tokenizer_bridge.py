@@ -1,10 +1,10 @@
 """Our tokenizers as llguidance sees them: the bytes of every token id, and which ids are special.
 
-Both `text.tokenizer.Tokenizer` (HF tokenizers, from GGUF or a checkpoint) and
-`text.k2_tokenizer.K2Tokenizer` (tiktoken) give `token_bytes(id)`, `vocab_size`, `special_ids`
-and `stop_token_ids`, which is all llguidance needs. Special tokens never match grammar text:
-they are produced only where a grammar names them (`<|tool_calls_section_begin|>`), so free
-text cannot smuggle in a control token.
+Every `text.tokenizer_base.TokenizerBase` (HF tokenizers from GGUF or a checkpoint, K2's
+tiktoken one) gives `token_bytes(id)`, `vocab_size`, `special_ids` and `stop_token_ids`, which is
+all llguidance needs. Special tokens never match grammar text: they are produced only where a
+grammar names them (`<|tool_calls_section_begin|>`), so free text cannot smuggle in a control
+token.
 """
 
 from __future__ import annotations

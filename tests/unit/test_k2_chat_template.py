@@ -2,8 +2,10 @@ import copy
 
 import pytest
 
+from k2serve.models.tiny_k2_tokenizer import write_tiny_k2_tokenizer_files
 from k2serve.text.chat_template import ChatTemplate
-from k2serve.text.k2_tokenizer import load_tokenizer, packaged_k2_chat_template, write_tiny_k2_tokenizer_files
+from k2serve.text.k2_tokenizer import packaged_k2_chat_template
+from k2serve.text.loading import load_tokenizer
 from k2serve.text.tool_parsers import normalize_tool_call_ids, parse_tool_calls
 
 WEATHER_TOOL = {"type": "function", "function": {

@@ -7,6 +7,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
 
+from k2serve.models.tiny_k2_tokenizer import tiny_k2_ranks, write_tiny_k2_tokenizer_files
 from k2serve.text import k2_tokenizer as k2
 from k2serve.text.byte_level import CHAR_TO_BYTE, spell_bytes
 from k2serve.text.detokenizer import IncrementalDetokenizer
@@ -14,11 +15,10 @@ from k2serve.text.gguf_tokenizer import pre_tokenizer_for
 from k2serve.text.k2_tokenizer import (
     PAT_STR,
     K2Tokenizer,
-    load_tokenizer,
     packaged_k2_chat_template,
     read_tiktoken_bpe,
-    write_tiny_k2_tokenizer_files,
 )
+from k2serve.text.loading import load_tokenizer
 from k2serve.text.tokenizer import Tokenizer
 
 TEXT = st.text(alphabet=st.characters(exclude_categories=("Cs",)), max_size=60)
@@ -50,7 +50,7 @@ def reference(tok):
 
 
 def test_tiny_files_match_the_k2_layout(tiny_dir, tok):
-    n = len(k2.tiny_k2_ranks())
+    n = len(tiny_k2_ranks())
     assert write_tiny_k2_tokenizer_files(str(tiny_dir / "again")) == n + 256 == tok.vocab_size
     assert (tiny_dir / "tiktoken.model").read_bytes() == (tiny_dir / "again" / "tiktoken.model").read_bytes()
     config = json.loads((tiny_dir / "tokenizer_config.json").read_text())

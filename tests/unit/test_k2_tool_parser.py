@@ -4,8 +4,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from k2serve.models.tiny_k2_tokenizer import write_tiny_k2_tokenizer_files
 from k2serve.text.detokenizer import IncrementalDetokenizer
-from k2serve.text.k2_tokenizer import load_tokenizer, write_tiny_k2_tokenizer_files
+from k2serve.text.loading import load_tokenizer
 from k2serve.text.tool_parsers import (
     StreamingToolParser,
     ToolCall,

@@ -204,7 +204,7 @@ def test_json_tool_grammar_named_and_single_call(compiler, tok):
 @pytest.fixture(scope="module")
 def k2(tmp_path_factory):
     from k2serve.models.tiny_k2 import write_tiny_k2_checkpoint
-    from k2serve.text.k2_tokenizer import load_tokenizer
+    from k2serve.text.loading import load_tokenizer
     path = write_tiny_k2_checkpoint(tmp_path_factory.mktemp("k2tok") / "k2", seed=0, fp8=False)
     tok = load_tokenizer(str(path))
     return tok, GrammarCompiler(tok)

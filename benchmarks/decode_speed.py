@@ -61,8 +61,8 @@ def _serve(decode, info: dict) -> None:
 
 def _worker_llama_cpp(path: str, threads: int, extra_bufts: bool) -> None:
     try:
-        import numpy as np
         import llama_cpp.llama_cpp as llama_c
+        import numpy as np
         from llama_cpp import Llama
     except ImportError:
         sys.exit("llama-cpp-python is not installed (pip install llama-cpp-python)")
@@ -118,7 +118,11 @@ def _worker_k2serve(path: str, threads: int, quantized: bool) -> None:
     import torch
 
     sys.path.insert(0, str(REPO))
-    from k2serve.models.layers.attention import ContiguousAttention, Segment, SequenceKVCache
+    from k2serve.models.layers.attention import (
+        ContiguousAttention,
+        Segment,
+        SequenceKVCache,
+    )
     from k2serve.models.loader import load_model
 
     torch.set_num_threads(threads)
@@ -179,7 +183,8 @@ def _worker_engine(path: str, threads: int) -> None:
 
 
 def _quantized_weight_bytes(model) -> int:
-    from k2serve.models.layers.quantized import Int4Linear, QuantizedLMHead
+    from k2serve.models.layers.int4_linear import Int4Linear
+    from k2serve.models.layers.lm_head import QuantizedLMHead
 
     weight_bytes = 0
     for m in model.modules():
@@ -310,7 +315,7 @@ def crossover(args) -> None:
     import torch
 
     sys.path.insert(0, str(REPO))
-    from k2serve.models.layers.quantized import Int4Linear
+    from k2serve.models.layers.int4_linear import Int4Linear
     from k2serve.models.loader import load_model
 
     torch.set_num_threads(args.threads)

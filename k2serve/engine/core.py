@@ -23,7 +23,6 @@ from k2serve.engine.sequence import (
     Sequence,
     TokenLogprob,
 )
-from k2serve.models.layers.quantized import dense_rows
 from k2serve.structured.bitmask import allowed_tokens
 
 log = logging.getLogger(__name__)
@@ -105,9 +104,9 @@ class EngineCore:
             start = seq.num_computed
             ids.extend(seq.all_ids[start:start + count])
             positions.extend(range(start, start + count))
-        with dense_rows(self._dense_prompt_rows(batch)):
-            hidden = self.model(torch.tensor(ids, dtype=torch.long),
-                                torch.tensor(positions, dtype=torch.long), ctx)
+        ctx.dense_rows = self._dense_prompt_rows(batch)
+        hidden = self.model(torch.tensor(ids, dtype=torch.long),
+                            torch.tensor(positions, dtype=torch.long), ctx)
         return self._sample_and_update(batch, hidden)
 
     def _dense_prompt_rows(self, batch) -> list[tuple[int, int]]:

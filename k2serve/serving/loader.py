@@ -13,7 +13,7 @@ from k2serve import native
 from k2serve.engine.async_engine import AsyncEngine
 from k2serve.engine.core import EngineConfig, EngineCore
 from k2serve.models.embedded import embedded_smollm2_gguf_path
-from k2serve.models.layers.quantized import QuantizationConfig, fast_bfloat16_gemm
+from k2serve.models.layers.quantization import QuantizationConfig, fast_bfloat16_gemm
 from k2serve.models.loader import load_model
 from k2serve.serving.catalog import CATALOG, EMBEDDED_CHAT_MODEL_ID, model_spec
 from k2serve.serving.registry import ModelSpec

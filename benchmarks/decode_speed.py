@@ -157,7 +157,8 @@ def _worker_engine(path: str, threads: int) -> None:
     import torch
 
     sys.path.insert(0, str(REPO))
-    from k2serve.engine.core import EngineConfig, EngineCore
+    from k2serve.engine.config import EngineConfig
+    from k2serve.engine.core import EngineCore
     from k2serve.engine.sampling_params import SamplingParams
     from k2serve.engine.sequence import GenerationRequest
     from k2serve.models.loader import load_model

@@ -12,12 +12,13 @@ per sequence, for running a model directly (tests, benchmarks).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 import torch.nn.functional as F
 
-from k2serve.models.layers.int4_linear import DenseRows
+if TYPE_CHECKING:
+    from k2serve.models.layers.int4_linear import DenseRows
 
 
 @dataclass(frozen=True)

@@ -61,8 +61,8 @@ def _serve(decode, info: dict) -> None:
 
 def _worker_llama_cpp(path: str, threads: int, extra_bufts: bool) -> None:
     try:
-        import llama_cpp.llama_cpp as llama_c
         import numpy as np
+        import llama_cpp.llama_cpp as llama_c
         from llama_cpp import Llama
     except ImportError:
         sys.exit("llama-cpp-python is not installed (pip install llama-cpp-python)")
@@ -118,11 +118,7 @@ def _worker_k2serve(path: str, threads: int, quantized: bool) -> None:
     import torch
 
     sys.path.insert(0, str(REPO))
-    from k2serve.models.layers.attention import (
-        ContiguousAttention,
-        Segment,
-        SequenceKVCache,
-    )
+    from k2serve.models.layers.attention import ContiguousAttention, Segment, SequenceKVCache
     from k2serve.models.loader import load_model
 
     torch.set_num_threads(threads)

@@ -26,11 +26,7 @@ from k2serve.engine.core import EngineCore  # noqa: E402
 from k2serve.engine.sampling_params import SamplingParams  # noqa: E402
 from k2serve.engine.sequence import GenerationRequest  # noqa: E402
 from k2serve.models.deepseek_v3 import DeepseekV3ForCausalLM  # noqa: E402
-from k2serve.models.layers.attention import (  # noqa: E402
-    ContiguousAttention,
-    Segment,
-    SequenceKVCache,
-)
+from k2serve.models.layers.attention import ContiguousAttention, Segment, SequenceKVCache  # noqa: E402
 from k2serve.models.loader import load_model  # noqa: E402
 from k2serve.models.tiny_k2 import write_tiny_k2_checkpoint  # noqa: E402
 

@@ -25,11 +25,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from k2serve.models.layers.attention import (  # noqa: E402
-    ContiguousAttention,
-    Segment,
-    SequenceKVCache,
-)
+from k2serve.models.layers.attention import ContiguousAttention, Segment, SequenceKVCache  # noqa: E402
 from k2serve.models.layers.int4_linear import Int4Linear  # noqa: E402
 from k2serve.models.layers.lm_head import QuantizedLMHead  # noqa: E402
 from k2serve.models.loader import load_model  # noqa: E402

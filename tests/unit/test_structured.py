@@ -19,14 +19,8 @@ from k2serve.models.loader import load_model
 from k2serve.serving.loader import SERVING_QUANTIZATION
 from k2serve.structured import GrammarCompiler, GrammarError
 from k2serve.structured.bitmask import allowed_tokens
-from k2serve.structured.grammars import (
-    ToolSpec,
-    check_json_schema,
-    json_schema_grammar,
-    json_tool_grammar,
-    k2_tool_grammar,
-    regex_grammar,
-)
+from k2serve.structured.grammars import (ToolSpec, check_json_schema, json_schema_grammar,
+                                         json_tool_grammar, k2_tool_grammar, regex_grammar)
 from k2serve.text.tokenizer import Tokenizer
 from tests.tiny_models import smollm2_gguf_path
 
@@ -240,13 +234,10 @@ def test_k2_tool_grammar(k2, text, auto, required):
 
 
 # -- the JSON call format's parser ------------------------------------------------------------
-from hypothesis import given, settings  # noqa: E402
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st  # noqa: E402
 
-from k2serve.text.tool_parsers.json_calls import (  # noqa: E402
-    JsonStreamingToolParser,
-    parse_json_tool_calls,
-)
+from k2serve.text.tool_parsers.json_calls import (JsonStreamingToolParser,  # noqa: E402
+                                                  parse_json_tool_calls)
 
 CALLS_TEXT = ('<tool_call>[{"name": "get_weather", "arguments": {"city": "Pa\\"}ris", '
               '"days": [1, {"a": "]"}]}}, {"name": "get_time", "arguments": {}}]</tool_call>')

@@ -153,7 +153,8 @@ def _worker_engine(path: str, threads: int) -> None:
     import torch
 
     sys.path.insert(0, str(REPO))
-    from k2serve.engine.core import EngineConfig, EngineCore
+    from k2serve.engine.config import EngineConfig
+    from k2serve.engine.core import EngineCore
     from k2serve.engine.sampling_params import SamplingParams
     from k2serve.engine.sequence import GenerationRequest
     from k2serve.models.loader import load_model
@@ -179,7 +180,8 @@ def _worker_engine(path: str, threads: int) -> None:
 
 
 def _quantized_weight_bytes(model) -> int:
-    from k2serve.models.layers.quantized import Int4Linear, QuantizedLMHead
+    from k2serve.models.layers.int4_linear import Int4Linear
+    from k2serve.models.layers.lm_head import QuantizedLMHead
 
     weight_bytes = 0
     for m in model.modules():
@@ -310,7 +312,7 @@ def crossover(args) -> None:
     import torch
 
     sys.path.insert(0, str(REPO))
-    from k2serve.models.layers.quantized import Int4Linear
+    from k2serve.models.layers.int4_linear import Int4Linear
     from k2serve.models.loader import load_model
 
     torch.set_num_threads(args.threads)

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from k2serve import native  # noqa: E402
 from k2serve.models.embedded import embedded_smollm2_gguf_path  # noqa: E402
-from k2serve.models.layers.quantized import INT4_ACT_DTYPE, pack_int4  # noqa: E402
+from k2serve.models.layers.int4_linear import INT4_ACT_DTYPE, pack_int4  # noqa: E402
 from k2serve.models.loaders.gguf import GGUFCheckpoint  # noqa: E402
 
 PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",

@@ -18,7 +18,8 @@ import time
 
 import torch
 
-from k2serve.engine.core import EngineConfig, EngineCore
+from k2serve.engine.config import EngineConfig
+from k2serve.engine.core import EngineCore
 from k2serve.engine.sampling_params import SamplingParams
 from k2serve.engine.sequence import GenerationRequest
 from k2serve.models.embedded import embedded_smollm2_gguf_path

@@ -85,6 +85,11 @@ def _display_host(host: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from k2serve.engine.config import (
+        DEFAULT_KV_FRACTION,
+        DEFAULT_KV_MAX_BYTES,
+        EngineConfig,
+    )
     from k2serve.platform.cli import add_database_args, add_platform_parsers
 
     parser = argparse.ArgumentParser(prog="k2serve", description=__doc__)
@@ -97,14 +102,15 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a Hugging Face checkpoint directory or a Llama-family .gguf file "
                             "(default: the embedded SmolLM2-135M-Instruct)")
     serve.add_argument("--served-model-name", default=None, help="model id clients send")
-    serve.add_argument("--max-num-seqs", type=int, default=32,
+    serve.add_argument("--max-num-seqs", type=int, default=EngineConfig.max_num_seqs,
                        help="sequences decoded together in one batch")
     serve.add_argument("--kv-cache-gb", type=float, default=None,
-                       help="KV cache size (default: a quarter of available memory, at most 4)")
+                       help=f"KV cache size (default: {DEFAULT_KV_FRACTION * 100:g}%% of available "
+                            f"memory, at most {DEFAULT_KV_MAX_BYTES / (1 << 30):g})")
     serve.add_argument("--kv-cache-dtype", choices=["auto", "bfloat16", "float32"], default="auto",
                        help="KV cache element type (auto: bfloat16 for a 4-bit GGUF, whose "
                             "linears take bfloat16 activations; float32 otherwise)")
-    serve.add_argument("--max-waiting", type=int, default=256,
+    serve.add_argument("--max-waiting", type=int, default=EngineConfig.max_waiting,
                        help="requests queued beyond the running batch; more get 503")
     serve.add_argument("--no-quantize", action="store_true",
                        help="dequantize a GGUF's 4-bit weights to float32 (slower)")

@@ -9,11 +9,11 @@ own. Every step runs one forward pass over a flattened batch that mixes decode t
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 import torch
 
 from k2serve.engine.block_manager import BlockManager
+from k2serve.engine.config import EngineConfig
 from k2serve.engine.kv_cache import KVPool
 from k2serve.engine.sampler import SamplingRow, make_generator, sample
 from k2serve.engine.scheduler import Scheduler, SchedulerConfig
@@ -23,30 +23,10 @@ from k2serve.engine.sequence import (
     Sequence,
     TokenLogprob,
 )
-from k2serve.models.layers.quantized import dense_rows
+from k2serve.models.layers.int4_linear import DenseRows
 from k2serve.structured.bitmask import allowed_tokens
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class EngineConfig:
-    max_num_seqs: int = 32  # sequences decoding at once
-    max_step_tokens: int = 512  # tokens per forward pass (decode tokens + prefill chunks)
-    context_length: int = 2048
-    block_size: int = 16  # tokens per KV block
-    kv_cache_bytes: int | None = None  # None: a share of the memory available at start-up
-    num_kv_blocks: int | None = None  # overrides kv_cache_bytes (tests)
-    max_waiting: int = 256  # queued requests beyond the running batch; more are refused
-    # Prompts of at least this many tokens are computed with the dense float32 weights of a
-    # quantized model (compute-bound prefill: about twice the int4 kernel's speed); shorter
-    # prompts and every generated token use the int4 kernel. A property of the sequence, so
-    # a token's kernel never depends on what else is in the step. None: int4 throughout.
-    dense_prompt_min_tokens: int | None = 64
-    # The KV pool's dtype. None: the model's own choice (its ``kv_cache_dtype``, else float32):
-    # bfloat16 for quantized models, whose activations are bfloat16 already (half the bytes
-    # decode attention reads, twice the tokens a pool holds).
-    kv_cache_dtype: torch.dtype | None = None
 
 
 class EngineCore:
@@ -105,15 +85,16 @@ class EngineCore:
             start = seq.num_computed
             ids.extend(seq.all_ids[start:start + count])
             positions.extend(range(start, start + count))
-        with dense_rows(self._dense_prompt_rows(batch)):
-            hidden = self.model(torch.tensor(ids, dtype=torch.long),
-                                torch.tensor(positions, dtype=torch.long), ctx)
+        ctx.dense_rows = self._dense_prompt_rows(batch)
+        hidden = self.model(torch.tensor(ids, dtype=torch.long),
+                            torch.tensor(positions, dtype=torch.long), ctx)
         return self._sample_and_update(batch, hidden)
 
-    def _dense_prompt_rows(self, batch) -> list[tuple[int, int]]:
-        """Row runs [start, end) of the step holding prompt tokens of long prompts."""
+    def _dense_prompt_rows(self, batch) -> DenseRows:
+        """The step's dense-row plan: the row runs [start, end) holding prompt tokens of long
+        prompts."""
         threshold = self.config.dense_prompt_min_tokens
-        runs: list[tuple[int, int]] = []
+        runs: DenseRows = []
         if threshold is None:
             return runs
         row = 0

@@ -7,11 +7,10 @@ import os
 import torch
 
 from k2serve import native
+from k2serve.engine.config import DEFAULT_KV_FRACTION, DEFAULT_KV_MAX_BYTES
+from k2serve.engine.paged_attention import PagedAttention, PrefillRun
 from k2serve.engine.sequence import Sequence
-from k2serve.models.layers.attention import KVCacheSpec, PagedAttention, PrefillRun
-
-DEFAULT_KV_FRACTION = 0.25  # of the memory available at start-up
-DEFAULT_KV_MAX_BYTES = 4 << 30
+from k2serve.models.layers.attention import KVCacheSpec
 
 
 def available_memory_bytes() -> int:

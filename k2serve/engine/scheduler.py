@@ -19,10 +19,12 @@ from k2serve.engine.block_manager import BlockManager
 from k2serve.engine.sequence import Sequence, SequenceStatus
 
 
-@dataclass
+@dataclass(frozen=True)
 class SchedulerConfig:
-    max_num_seqs: int = 32
-    max_step_tokens: int = 512
+    """The scheduler's limits, taken from the engine's ``EngineConfig``."""
+
+    max_num_seqs: int
+    max_step_tokens: int
 
 
 class Scheduler:

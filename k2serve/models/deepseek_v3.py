@@ -6,33 +6,12 @@ into one dimension N; attention and its latent cache live behind the ``Attention
 tensors use HF DeepseekV3 names; FP8 checkpoints reach ``load_weight`` already dequantized
 (``loaders/fp8.py``). Layers from index ``num_hidden_layers`` on (MTP) are skipped.
 
-What a GPU path (FP8 block-scaled GEMM, MLA decode kernel) needs from this layout:
-
-- FP8 GEMMs: keep the checkpoint's e4m3 weights [out, in] row-major with fp32
-  ``weight_scale_inv`` [ceil(out/128), ceil(in/128)] instead of dequantizing; activations are
-  quantized on the fly per token per 128 input channels ("dynamic", 1x128 groups), scales
-  [N, ceil(in/128)] fp32 (DeepGEMM wants them column-major / TMA-aligned). Fused weights
-  here (``fused_qkv_a_proj`` = q_a_proj 1536 + kv_a_proj_with_mqa 576 rows; gate+up) may
-  keep fused FP8 blocks only because every part but the last has a multiple of 128 rows
-  (1536, 2048, 18432 in K2): their scale tensors then concatenate along rows. Otherwise
-  keep the parts apart.
-- Experts: stacked per layer as ``gate_up`` [E, 2I, H] and ``down`` [E, H, I] (+ scales
-  [E, 2I/128, H/128], [E, H/128, I/128]) — a grouped GEMM's operands. Dispatch already
-  sorts (token, expert) pairs by expert and knows each expert's count; a contiguous-layout
-  grouped GEMM additionally pads each expert's run to its M tile (128 for DeepGEMM).
-- MLA decode (FlashMLA / FlashInfer MLA style): the cache is one [slots, 1, 576] tensor per
-  layer = [normalised c_kv (512) | roped k_pe (64)], values = its first 512 dims, so
-  ``head_dim_v`` = 512 and no V pool; q = [q_nope @ W_UK | q_pe], [N, H, 576]; the
-  softmax scale is ``config.softmax_scale()`` (qk_head_dim^-0.5 x YaRN mscale^2 = 0.14468
-  for K2-0905); the [N, H, 512] output goes through ``w_uv``. FlashMLA wants 64-token pages
-  (our engine uses 16). ``w_uk`` [H, 128, 512] and ``w_uv`` [H, 512, 128] are bf16 bmm
-  operands (vLLM dequantizes kv_b_proj for them); in kv_b_proj each head's nope rows and v
-  rows are exactly one 128-row scale block each, so an FP8 split keeps its scales too.
-- RoPE: q_pe and k_pe come out of DeepSeek's interleaved-pair rope de-interleaved (evens,
-  then odds); a kernel given roped inputs does not care. A kernel that fuses rope must use
-  the interleaved convention, or the loader can permute the rope rows of q_b_proj and
-  kv_a_proj_with_mqa once (for K2 each 64-row rope span starts at a multiple of 64, so it
-  never straddles a 128-row scale block). cos/sin carry the YaRN attention factor (1.0 for K2).
+Weights as held here: ``self_attn.fused_qkv_a_proj`` stacks q_a_proj (q_proj without a
+q LoRA) and kv_a_proj_with_mqa into one matmul, dense MLPs and shared experts stack gate and
+up, routed experts are stacked per layer (``layers/moe.py``), and kv_b_proj is split into
+the absorbed attention's ``w_uk`` / ``w_uv`` (``layers/mla.py``). The cache holds one latent
+per token, [normalised c_kv | roped k_pe], whose first kv_lora_rank dims are the values
+(``KVCacheSpec.values_in_keys``).
 """
 
 from __future__ import annotations

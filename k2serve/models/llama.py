@@ -18,9 +18,12 @@ from torch import nn
 from k2serve import native
 from k2serve.models.config import ModelConfig
 from k2serve.models.layers.attention import AttentionContext, KVCacheSpec, rotate_qkv
+from k2serve.models.layers.gguf_blocks import QuantizedTensor
+from k2serve.models.layers.int4_linear import Int4Linear
 from k2serve.models.layers.linear import Linear, MergedLinear
-from k2serve.models.layers.quantized import Int4Linear, QuantizationConfig, QuantizedLMHead, QuantizedTensor
+from k2serve.models.layers.lm_head import QuantizedLMHead
 from k2serve.models.layers.norm import RMSNorm
+from k2serve.models.layers.quantization import QuantizationConfig
 from k2serve.models.layers.rotary import RotaryEmbedding, apply_rotary
 
 # checkpoint projection -> (our fused module, shard within it)
@@ -45,7 +48,7 @@ def _linear(in_features: int, out: int | dict[str, int], dtype: torch.dtype,
     return Linear(in_features, out, dtype)
 
 
-class _LeanRMSNorm:
+class _FusedRMSNorm:
     """An RMSNorm in 4 ops instead of F.rms_norm's ~10 (CPU): x * rsqrt(mean(x^2) + eps) * w
     == x / hypot(||x||, sqrt(H eps)) * (w sqrt(H)). Built from a loaded ``RMSNorm``.
 
@@ -137,35 +140,38 @@ class LlamaDecoderLayer(nn.Module):
         x, residual = self.post_attention_layernorm(x, residual)
         return self.mlp(x), residual
 
-    def forward_lean(self, x, residual, cos, sin_signed, attn):
-        """``forward`` with fewer, fused ops, for quantized models (Int4Linear), where per-op
-        overhead is a large share of a decode step. ``sin_signed``: sin with its first half
-        negated, so that rotate_half(t) * sin == t.roll(half) * sin_signed. The int4 kernel
+    def forward_quantized(self, x, residual, cos, sin_signed, attn):
+        """``forward`` of a quantized model (Int4Linear), with fewer, fused ops: per-op
+        overhead is a large share of its decode step. The linears follow the step's dense-row
+        plan (``attn.dense_rows``). ``sin_signed``: sin with its first half negated, so that
+        rotate_half(t) * sin == t.roll(half) * sin_signed. The int4 kernel
         takes and returns bfloat16: its outputs feed the next op without a conversion where
         that op promotes to float32 itself (residual adds, RoPE); silu(gate) * up stays
         bfloat16 for down_proj. With float32 weights (big steps) everything is float32 and
-        the maths is ``forward``'s (up to float rounding: RMSNorm as ``_LeanRMSNorm``).
+        the maths is ``forward``'s (up to float rounding: RMSNorm as ``_FusedRMSNorm``).
         Residual add + RMSNorm and silu * mul are one native call each where the kernels
-        are built (``_LeanRMSNorm.add_norm``, ``_silu_mul_op``)."""
-        norm1, norm2 = self._lean_norms
+        are built (``_FusedRMSNorm.add_norm``, ``_silu_mul_op``)."""
+        norm1, norm2 = self._fused_norms
         attn_mod, mlp = self.self_attn, self.mlp
+        dense_rows = attn.dense_rows
         n = x.shape[0]
         heads, head_dim = attn_mod.num_heads, attn_mod.head_dim
         normed, residual = norm1.add_norm(x, residual)
-        qkv = attn_mod.qkv_proj.forward_raw(normed)
+        qkv = attn_mod.qkv_proj.forward_raw(normed, dense_rows)
         if hasattr(attn, "attend_rotary"):  # the paged pool: decodes in one native call
             out = attn.attend_rotary(attn_mod.layer_idx, qkv, cos, sin_signed, heads,
                                      attn_mod.num_kv_heads, head_dim, attn_mod.scale)
         else:
             q, k, v = rotate_qkv(qkv, cos, sin_signed, heads, head_dim)
             out = attn.attend(attn_mod.layer_idx, q, k, v, attn_mod.scale)
-        normed, residual = norm2.add_norm(attn_mod.o_proj.forward_raw(out.reshape(n, attn_mod.q_size)),
-                                          residual)
-        return mlp.down_proj.forward_raw(self._silu_mul(mlp.gate_up_proj.forward_raw(normed))), residual
+        normed, residual = norm2.add_norm(
+            attn_mod.o_proj.forward_raw(out.reshape(n, attn_mod.q_size), dense_rows), residual)
+        gate_up = mlp.gate_up_proj.forward_raw(normed, dense_rows)
+        return mlp.down_proj.forward_raw(self._silu_mul(gate_up), dense_rows), residual
 
-    def prepare_lean(self) -> None:
-        """Derive what ``forward_lean`` needs from the loaded weights."""
-        self._lean_norms = (_LeanRMSNorm(self.input_layernorm), _LeanRMSNorm(self.post_attention_layernorm))
+    def prepare_quantized(self) -> None:
+        """Derive what ``forward_quantized`` needs from the loaded weights."""
+        self._fused_norms = (_FusedRMSNorm(self.input_layernorm), _FusedRMSNorm(self.post_attention_layernorm))
         self._silu_mul = _silu_mul_op()
 
 
@@ -177,18 +183,18 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(LlamaDecoderLayer(config, i, dtype, quant) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
-        self.lean = quant is not None  # the fused-op layer path (LlamaDecoderLayer.forward_lean)
+        self.quantized = quant is not None  # layers run LlamaDecoderLayer.forward_quantized
 
     def forward(self, input_ids, positions, attn):
         x = self.embed_tokens(input_ids)
         cos, sin = self.rotary_emb(positions, x.dtype)
         residual = None
-        if self.lean:
+        if self.quantized:
             half = sin.shape[-1] // 2
             sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
             for layer in self.layers:
-                x, residual = layer.forward_lean(x, residual, cos, sin, attn)
-            return self._lean_norm.add_norm(x, residual)[0]
+                x, residual = layer.forward_quantized(x, residual, cos, sin, attn)
+            return self._fused_norm.add_norm(x, residual)[0]
         for layer in self.layers:
             x, residual = layer(x, residual, cos, sin, attn)
         x, _ = self.norm(x, residual)
@@ -260,8 +266,8 @@ class LlamaForCausalLM(nn.Module):
         shared = self.model.embed_tokens.weight if self.config.tie_word_embeddings else None
         self.lm_head.finish_loading(dense_weight=shared)
         for layer in self.model.layers:
-            layer.prepare_lean()
-        self.model._lean_norm = _LeanRMSNorm(self.model.norm)
+            layer.prepare_quantized()
+        self.model._fused_norm = _FusedRMSNorm(self.model.norm)
 
     def load_weight(self, name: str, tensor: torch.Tensor | QuantizedTensor) -> None:
         """Copy one checkpoint tensor (HF name) into the model; ValueError naming it on mismatch.

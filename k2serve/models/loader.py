@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 from k2serve.models.config import ModelConfig
 from k2serve.models.deepseek_config import DeepseekV3Config, is_deepseek_v3
 from k2serve.models.deepseek_v3 import DeepseekV3ForCausalLM
-from k2serve.models.layers.quantized import QuantizationConfig
+from k2serve.models.layers.quantization import QuantizationConfig
 from k2serve.models.llama import LlamaForCausalLM
 
 MODEL_CLASSES = {"llama": LlamaForCausalLM, "deepseek_v3": DeepseekV3ForCausalLM}

@@ -11,9 +11,10 @@ import torch
 
 from k2serve import native
 from k2serve.engine.async_engine import AsyncEngine
-from k2serve.engine.core import EngineConfig, EngineCore
+from k2serve.engine.config import EngineConfig
+from k2serve.engine.core import EngineCore
 from k2serve.models.embedded import embedded_smollm2_gguf_path
-from k2serve.models.layers.quantized import QuantizationConfig, fast_bfloat16_gemm
+from k2serve.models.layers.quantization import QuantizationConfig, fast_bfloat16_gemm
 from k2serve.models.loader import load_model
 from k2serve.serving.catalog import CATALOG, EMBEDDED_CHAT_MODEL_ID, model_spec
 from k2serve.serving.registry import ModelSpec
@@ -45,12 +46,12 @@ KV_CACHE_DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "float32": torch.fl
 class LoadOptions:
     model_path: str | None = None  # None: the embedded SmolLM2 GGUF
     served_model_name: str | None = None
-    max_num_seqs: int = 32
-    max_step_tokens: int = 512
+    max_num_seqs: int = EngineConfig.max_num_seqs
+    max_step_tokens: int = EngineConfig.max_step_tokens
     max_context_length: int | None = None  # cap below the model's own, to bound memory
-    kv_cache_bytes: int | None = None  # None: a share of the memory available at start-up
+    kv_cache_bytes: int | None = EngineConfig.kv_cache_bytes
     quantize: bool = True  # keep a GGUF's 4-bit weights 4-bit (int4 kernels)
-    max_waiting: int = 256
+    max_waiting: int = EngineConfig.max_waiting
     progress: bool = True
     kv_cache_dtype: str = "auto"  # a KV_CACHE_DTYPES key
 

@@ -21,7 +21,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from k2serve.engine.core import EngineConfig, EngineCore  # noqa: E402
+from k2serve.engine.config import EngineConfig  # noqa: E402
+from k2serve.engine.core import EngineCore  # noqa: E402
 from k2serve.engine.sampling_params import SamplingParams  # noqa: E402
 from k2serve.engine.sequence import GenerationRequest  # noqa: E402
 from k2serve.models.deepseek_v3 import DeepseekV3ForCausalLM  # noqa: E402

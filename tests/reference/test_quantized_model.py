@@ -26,7 +26,8 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from k2serve.models.layers.attention import ContiguousAttention, Segment, SequenceKVCache  # noqa: E402
-from k2serve.models.layers.quantized import Int4Linear, QuantizedLMHead  # noqa: E402
+from k2serve.models.layers.int4_linear import Int4Linear  # noqa: E402
+from k2serve.models.layers.lm_head import QuantizedLMHead  # noqa: E402
 from k2serve.models.loader import load_model  # noqa: E402
 from tests.tiny_models import smollm2_gguf_path  # noqa: E402
 

@@ -16,7 +16,7 @@ import torch
 gguf = pytest.importorskip("gguf")
 
 from k2serve import native  # noqa: E402
-from k2serve.models.layers.quantized import Int4Linear  # noqa: E402
+from k2serve.models.layers.int4_linear import Int4Linear  # noqa: E402
 from k2serve.models.loaders.gguf import GGUFCheckpoint  # noqa: E402
 from tests.tiny_models import smollm2_gguf_path  # noqa: E402
 from tests.unit.test_quantized_linear import _q4_k, _synthetic  # noqa: E402

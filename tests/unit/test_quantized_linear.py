@@ -1,4 +1,4 @@
-"""Int4 weight-only linears (k2serve.models.layers.quantized) against float32 references.
+"""Int4 weight-only linears (k2serve.models.layers.int4_linear) against float32 references.
 
 The int4 path maps GGUF's 4-bit blocks exactly onto torch's int4pack format (checked with
 zero tolerance on the dequantized weights); the matmul itself runs with bfloat16
@@ -15,16 +15,15 @@ import torch
 
 gguf = pytest.importorskip("gguf")
 
-from k2serve.models.layers.quantized import (  # noqa: E402
+from k2serve.models.layers.gguf_blocks import QuantizedTensor  # noqa: E402
+from k2serve.models.layers.int4_linear import (  # noqa: E402
     Int4Linear,
-    QuantizationConfig,
-    QuantizedLMHead,
-    QuantizedTensor,
     dequantize_int4,
-    pack_int4,
     int4_mm,
-    requantize_int8,
+    pack_int4,
 )
+from k2serve.models.layers.lm_head import QuantizedLMHead, requantize_int8  # noqa: E402
+from k2serve.models.layers.quantization import QuantizationConfig  # noqa: E402
 from k2serve.models.loaders.gguf import GGUFCheckpoint  # noqa: E402
 from k2serve.native import kernels as native_kernels  # noqa: E402
 from tests.tiny_models import smollm2_gguf_path  # noqa: E402
@@ -297,8 +296,6 @@ def test_lm_head_two_stage_top_k(vocab, block):
 @pytest.mark.parametrize("dense_dtype", [torch.float32, torch.bfloat16])
 def test_dense_row_runs_take_the_dense_weight_and_the_rest_int4(dense_dtype):
     """Under a `dense_rows` plan a row's result depends only on its own kernel, not on M."""
-    from k2serve.models.layers.quantized import dense_rows
-
     qt = _synthetic(Q.Q4_1, rows=96, cols=64, seed=5)
     layer = Int4Linear(64, 96, dense_min_rows=None, dense_copy=True, dense_dtype=dense_dtype)
     layer.load(qt)
@@ -308,30 +305,24 @@ def test_dense_row_runs_take_the_dense_weight_and_the_rest_int4(dense_dtype):
     x = torch.randn(7, 64, generator=torch.Generator().manual_seed(0))
     int4_alone = torch.cat([layer(x[i:i + 1]) for i in range(7)])
     dense_alone = torch.nn.functional.linear(x.to(dense_dtype), layer.weight).float()
-    with dense_rows([(1, 3), (5, 6)]):
-        planned = layer(x)
+    planned = layer(x, dense_rows=[(1, 3), (5, 6)])
     for i in range(7):
         expected = dense_alone[i] if i in (1, 2, 5) else int4_alone[i]
         torch.testing.assert_close(planned[i], expected.to(torch.bfloat16).float())
-    with dense_rows([(0, 7)]):
-        torch.testing.assert_close(layer(x), dense_alone.to(torch.bfloat16).float())
+    torch.testing.assert_close(layer(x, dense_rows=[(0, 7)]), dense_alone.to(torch.bfloat16).float())
 
 
 @pytest.mark.parametrize("dense_dtype", [torch.float32, torch.bfloat16])
 def test_a_dense_row_is_bitwise_the_same_whatever_the_run_length(dense_dtype):
     """MKL's (oneDNN's) result for a row changes with M; the plan's fixed-size tiles keep it."""
-    from k2serve.models.layers.quantized import dense_rows
-
     qt = _synthetic(Q.Q4_1, rows=256, cols=512, seed=6)
     layer = Int4Linear(512, 256, dense_min_rows=None, dense_copy=True, dense_dtype=dense_dtype)
     layer.load(qt)
     layer.finish_loading()
     x = torch.randn(300, 512, generator=torch.Generator().manual_seed(1))
-    with dense_rows([(0, 300)]):
-        everything = layer(x)
+    everything = layer(x, dense_rows=[(0, 300)])
     for start, end in [(10, 11), (10, 13), (0, 100), (250, 300), (5, 200)]:
-        with dense_rows([(0, end - start)]):
-            assert torch.equal(layer(x[start:end]), everything[start:end])
+        assert torch.equal(layer(x[start:end], dense_rows=[(0, end - start)]), everything[start:end])
 
 
 def test_dense_dtype_is_float32_or_bfloat16():

@@ -11,7 +11,8 @@ import json
 import jsonschema
 import pytest
 
-from k2serve.engine.core import EngineConfig, EngineCore
+from k2serve.engine.config import EngineConfig
+from k2serve.engine.core import EngineCore
 from k2serve.engine.sampling_params import SamplingParams
 from k2serve.engine.sequence import GenerationRequest
 from k2serve.models.loader import load_model

@@ -3,19 +3,22 @@
 Model code never owns its cache: every attention layer calls
 ``ctx.attend(layer_idx, q, k, v, scale)`` with the projected (and rotated) q/k/v of the
 tokens in this step, flattened over all sequences of the batch. The context stores k/v
-in whatever cache the engine uses and returns the attention output. This keeps model
-files free of batching and caching concerns; the engine swaps contexts (contiguous
-per-sequence caches now, a paged pool later) without touching the models.
+in its cache and returns the attention output, so model files hold no batching or caching.
+The engine's context is a paged pool shared by all sequences
+(``k2serve.engine.paged_attention``); ``ContiguousAttention`` here keeps one contiguous cache
+per sequence, for running a model directly (tests, benchmarks).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from k2serve.models.layers.int4_linear import DenseRows
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,12 @@ class KVCacheSpec:
 
 
 class AttentionContext(Protocol):
+    """One step's attention over the KV cache, and the step's dense-row plan: the row runs
+    whose quantized linears take their dense weight (``Int4Linear``'s ``dense_rows``; None:
+    each layer picks its kernel by the step's row count)."""
+
+    dense_rows: DenseRows | None
+
     def attend(
         self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None,
         scale: float, value_dim: int | None = None
@@ -93,6 +102,7 @@ class ContiguousAttention:
     """
 
     segments: list[Segment] = field(default_factory=list)
+    dense_rows: DenseRows | None = None
 
     def attend(self, layer_idx, q, k, v, scale, value_dim=None):
         out = q.new_empty(*q.shape[:2], v.shape[-1] if v is not None else value_dim)
@@ -109,7 +119,7 @@ class ContiguousAttention:
             else:
                 cache.v[layer_idx][seg.start:end_pos] = v[sl]
                 values = cache.v[layer_idx][:end_pos]
-            out[sl] = _causal_attention(q[sl], keys, values, seg.start, scale)
+            out[sl] = causal_attention(q[sl], keys, values, seg.start, scale)
             offset += seg.count
         return out
 
@@ -119,7 +129,7 @@ class ContiguousAttention:
             seg.cache.length = seg.start + seg.count
 
 
-def _causal_attention(q, keys, values, start, scale):
+def causal_attention(q, keys, values, start, scale):
     """q: [T, H, D] at positions start..start+T-1; keys/values: [S, KV, D], S = start+T."""
     t = q.shape[0]
     qh, kh, vh = q.transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1)
@@ -129,100 +139,6 @@ def _causal_attention(q, keys, values, start, scale):
         mask = torch.arange(keys.shape[0]).unsqueeze(0) <= q_pos
     out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale, enable_gqa=True)
     return out.transpose(0, 1)
-
-
-@dataclass
-class PrefillRun:
-    """A chunk of one sequence's tokens computed in this step (more than a single decode)."""
-
-    q_start: int  # first row of the chunk in the flattened step
-    q_count: int
-    start_pos: int  # position of the chunk's first token
-    slots: torch.Tensor  # cache slots of positions 0 .. start_pos + q_count - 1
-
-
-@dataclass
-class PagedAttention:
-    """Attention over a paged KV pool (one [slots, kv_heads, head_dim] K and V tensor per layer,
-    float32 or bfloat16; attention computes in q's dtype over the stored values, so every
-    path, prefill chunks included, sees the same rounded K/V).
-
-    The step's rows are laid out as `num_decode` single-token decodes first, then prefill
-    chunks. Each layer writes its new k/v into their slots with one `index_copy_`. The
-    decodes attend together: with the native kernel (`decode_kernel`) straight out of the
-    pool through their block tables, else through one gather of their (padded) slot tables;
-    the prefill chunks one by one with a causal mask.
-    """
-
-    k_pool: list[torch.Tensor]
-    v_pool: list[torch.Tensor] | None  # None: values are the keys' leading dims (MLA)
-    slot_mapping: torch.Tensor  # [N] cache slot of each row
-    num_decode: int = 0
-    decode_slots: torch.Tensor | None = None  # [B, S_max] slots, padded with slot 0
-    decode_mask: torch.Tensor | None = None  # [B, 1, 1, S_max] True where a slot is real
-    prefills: list[PrefillRun] = field(default_factory=list)
-    # native decode path: k2serve.native's paged_decode_attention, with per-decode block
-    # tables [B, max_blocks] and lengths [B] (tokens attended, the new one included)
-    decode_kernel: Callable | None = None
-    decode_rotary_kernel: Callable | None = None  # RoPE + KV write + decode attention
-    decode_block_tables: torch.Tensor | None = None
-    decode_lens: torch.Tensor | None = None
-    block_size: int = 0
-
-    def attend(self, layer_idx, q, k, v, scale, value_dim=None):
-        k_pool = self.k_pool[layer_idx]
-        k_pool.index_copy_(0, self.slot_mapping, k.to(k_pool.dtype))
-        if v is not None:
-            v_pool = self.v_pool[layer_idx]
-            v_pool.index_copy_(0, self.slot_mapping, v.to(v_pool.dtype))
-            value_dim = v.shape[-1]
-        else:
-            v_pool = k_pool[..., :value_dim]
-
-        def gather(slots):
-            keys = k_pool[slots].to(q.dtype)
-            values = keys[..., :value_dim] if v is None else v_pool[slots].to(q.dtype)
-            return keys, values
-
-        out = q.new_empty(*q.shape[:2], value_dim)
-        b = self.num_decode
-        if b and self.decode_kernel is not None and q.dtype == torch.float32:
-            out[:b] = self.decode_kernel(q[:b], k_pool, v_pool, self.decode_block_tables,
-                                         self.decode_lens, self.block_size, scale)
-        elif b:
-            keys, values = gather(self.decode_slots)  # [B, S, KV, D]
-            o = F.scaled_dot_product_attention(q[:b].unsqueeze(2), keys.transpose(1, 2),
-                                               values.transpose(1, 2), attn_mask=self.decode_mask,
-                                               scale=scale, enable_gqa=True)
-            out[:b] = o.squeeze(2)
-        for run in self.prefills:
-            rows = slice(run.q_start, run.q_start + run.q_count)
-            keys, values = gather(run.slots)
-            out[rows] = _causal_attention(q[rows], keys, values, run.start_pos, scale)
-        return out
-
-    def attend_rotary(self, layer_idx, qkv, cos, sin_signed, num_heads, num_kv_heads, head_dim,
-                      scale):
-        """``attend`` from a fused qkv projection's output [N, (H + 2 KV) * D] (RoPE not yet
-        applied): the decode rows in one native call (RoPE, KV write, attention), the other
-        rows by ``rotate_qkv`` + ``attend``. -> [N, H, D] float32."""
-        b = self.num_decode if self.decode_rotary_kernel is not None else 0
-        if not b:
-            return self.attend(layer_idx, *rotate_qkv(qkv, cos, sin_signed, num_heads, head_dim),
-                               scale)
-        n = qkv.shape[0]
-        out = torch.empty(n, num_heads, head_dim)
-        out[:b] = self.decode_rotary_kernel(
-            qkv[:b], cos[:b, 0], sin_signed[:b, 0], self.k_pool[layer_idx], self.v_pool[layer_idx],
-            self.slot_mapping[:b], self.decode_block_tables, self.decode_lens, self.block_size,
-            scale, num_heads, num_kv_heads)
-        if n > b:  # prefill chunks: their rows only, as a context without the decodes
-            rest = PagedAttention(self.k_pool, self.v_pool, self.slot_mapping[b:],
-                                  prefills=[PrefillRun(r.q_start - b, r.q_count, r.start_pos, r.slots)
-                                            for r in self.prefills])
-            out[b:] = rest.attend(layer_idx, *rotate_qkv(qkv[b:], cos[b:], sin_signed[b:],
-                                                         num_heads, head_dim), scale)
-        return out
 
 
 def rotate_qkv(qkv, cos, sin_signed, num_heads, head_dim):

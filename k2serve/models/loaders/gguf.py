@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from k2serve.models.config import ModelConfig
-from k2serve.models.layers.quantized import QuantizedTensor
+from k2serve.models.layers.gguf_blocks import QuantizedTensor
 from k2serve.models.llama import ROPE_FREQ_FACTORS
 
 _GLOBAL = {  # GGUF name -> HF name

@@ -1,0 +1,39 @@
+"""The engine's settings (``EngineConfig``), the one source of their defaults: the
+scheduler's limits, the model loader's options and the command line's defaults derive from
+it. Imports no torch, so that the command line starts without it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+# The KV pool's size when none is given: this share of the memory available at start-up,
+# at most DEFAULT_KV_MAX_BYTES.
+DEFAULT_KV_FRACTION = 0.25
+DEFAULT_KV_MAX_BYTES = 4 << 30
+
+
+@dataclass
+class EngineConfig:
+    """How the engine batches, caches and bounds its work."""
+
+    max_num_seqs: int = 32  # sequences decoding at once
+    max_step_tokens: int = 512  # tokens per forward pass (decode tokens + prefill chunks)
+    context_length: int = 2048
+    block_size: int = 16  # tokens per KV block
+    kv_cache_bytes: int | None = None  # None: see DEFAULT_KV_FRACTION
+    num_kv_blocks: int | None = None  # overrides kv_cache_bytes (tests)
+    max_waiting: int = 256  # queued requests beyond the running batch; more are refused
+    # Prompts of at least this many tokens are computed with the dense float32 weights of a
+    # quantized model (compute-bound prefill: about twice the int4 kernel's speed); shorter
+    # prompts and every generated token use the int4 kernel. A property of the sequence, so
+    # a token's kernel never depends on what else is in the step. None: int4 throughout.
+    dense_prompt_min_tokens: int | None = 64
+    # The KV pool's dtype. None: the model's own choice (its ``kv_cache_dtype``, else float32):
+    # bfloat16 for quantized models, whose activations are bfloat16 already (half the bytes
+    # decode attention reads, twice the tokens a pool holds).
+    kv_cache_dtype: torch.dtype | None = None

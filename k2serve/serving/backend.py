@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from k2serve.engine.async_engine import Reservation
     from k2serve.engine.sampling_params import SamplingParams
     from k2serve.serving.text_backend import LogprobEntry, TextDelta
-    from k2serve.text.tokenizer import Tokenizer
+    from k2serve.text.tokenizer_base import TokenizerBase
 
 GENERATION_ENDPOINTS = frozenset({"chat.completions", "completions"})
 LOAD_STATES = ("loading", "ready", "failed")
@@ -60,7 +60,7 @@ class GenerationBackend(ModelBackend, Protocol):
     """A text-generation model: chat and text completions."""
 
     context_length: int
-    tokenizer: Tokenizer
+    tokenizer: TokenizerBase
     tool_format: str | None  # the model's native tool-call format ("kimi_k2"), or None
 
     def render_chat(self, messages: list[dict], tools: list[dict] | None = None,

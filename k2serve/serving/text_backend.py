@@ -18,7 +18,8 @@ from k2serve.serving.backend import GENERATION_ENDPOINTS
 from k2serve.text.chat_template import ChatTemplate
 from k2serve.text.detokenizer import IncrementalDetokenizer
 from k2serve.text.stop import StopMatcher
-from k2serve.text.tokenizer import Tokenizer, encode_prompt
+from k2serve.text.tokenizer import encode_prompt
+from k2serve.text.tokenizer_base import TokenizerBase
 from k2serve.text.tool_parsers.kimi_k2 import SECTION_BEGIN as K2_SECTION_BEGIN
 
 
@@ -47,7 +48,7 @@ class TextBackend:
     endpoints = GENERATION_ENDPOINTS
     load_state = "ready"  # its weights load before the server starts
 
-    def __init__(self, tokenizer: Tokenizer, engine: AsyncEngine, *, context_length: int,
+    def __init__(self, tokenizer: TokenizerBase, engine: AsyncEngine, *, context_length: int,
                  chat_template: ChatTemplate | None):
         self.tokenizer = tokenizer
         self.engine = engine

@@ -67,7 +67,7 @@ def create_app(registry: ModelRegistry, *, max_body_bytes: int = DEFAULT_MAX_BOD
     async def health():
         """Liveness, the kernel path in use (native and its instruction set, or PyTorch
         fallbacks and why), each engine's queue depths (running / waiting sequences), and
-        the load state (loading / ready / failed) of each model."""
+        the load state (loading / ready / failed) of each model that loads in the background."""
         models = registry.models()
         ok = all(model.backend.healthy() for model in models)
         engines = {spec.id: stats for spec, backend in models
@@ -75,7 +75,8 @@ def create_app(registry: ModelRegistry, *, max_body_bytes: int = DEFAULT_MAX_BOD
         body = {"status": "ok" if ok else "unhealthy",
                 "kernels": native.status(build=False),
                 "engines": engines,
-                "models": {spec.id: backend.load_state for spec, backend in models}}
+                "models": {spec.id: state for spec, backend in models
+                           if (state := backend.load_state) is not None}}
         return JSONResponse(body, status_code=200 if ok else 503)
 
     limits = BodyLimits(max_bytes=max_body_bytes, timeout_s=body_timeout_s)

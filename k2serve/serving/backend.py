@@ -30,7 +30,6 @@ if TYPE_CHECKING:
     from k2serve.text.tokenizer_base import TokenizerBase
 
 GENERATION_ENDPOINTS = frozenset({"chat.completions", "completions"})
-LOAD_STATES = ("loading", "ready", "failed")
 
 
 @runtime_checkable
@@ -42,8 +41,9 @@ class ModelBackend(Protocol):
         """The API endpoints it serves, named as the usage ledger names them."""
 
     @property
-    def load_state(self) -> str:
-        """`loading`, `ready` or `failed` (a request to a loading model waits for it)."""
+    def load_state(self) -> str | None:
+        """`loading`, `ready` or `failed` for a model that loads in the background (a request
+        to a loading model waits for it); None for one loaded before the server started."""
 
     def stats(self) -> dict | None:
         """Its queue depths for /health (None: it queues nothing of its own)."""
@@ -95,8 +95,9 @@ _MODEL_BACKEND_MEMBERS = ("endpoints", "load_state", "stats", "healthy", "shutdo
 def check_backend(backend: object) -> None:
     """Raise TypeError unless `backend` has every ModelBackend member. Looked up statically:
     `isinstance` against the protocol would run `load_state` (a property) to find it."""
+    absent = object()
     missing = [name for name in _MODEL_BACKEND_MEMBERS
-               if inspect.getattr_static(backend, name, None) is None]
+               if inspect.getattr_static(backend, name, absent) is absent]
     if missing:
         raise TypeError(f"{type(backend).__name__} does not implement ModelBackend "
                         f"(k2serve.serving.backend): it lacks {', '.join(missing)}")

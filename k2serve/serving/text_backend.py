@@ -46,7 +46,7 @@ class TextDelta:
 
 class TextBackend:
     endpoints = GENERATION_ENDPOINTS
-    load_state = "ready"  # its weights load before the server starts
+    load_state = None  # its weights load before the server starts
 
     def __init__(self, tokenizer: TokenizerBase, engine: AsyncEngine, *, context_length: int,
                  chat_template: ChatTemplate | None):

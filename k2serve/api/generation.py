@@ -19,8 +19,7 @@ from k2serve.api.usage import UsageTracker
 from k2serve.engine.async_engine import Reservation
 from k2serve.engine.sampling_params import SamplingParams
 from k2serve.errors import APIError, bad_request
-from k2serve.serving.backend import GenerationBackend
-from k2serve.serving.text_backend import LogprobEntry, TextDelta
+from k2serve.serving.backend import GenerationBackend, LogprobEntry, TextDelta
 from k2serve.structured import GrammarError, compiler_for
 
 DISCONNECT_POLL_S = 0.25

@@ -32,7 +32,7 @@ from k2serve.errors import APIError
 from k2serve.safety.labels import LABELS, THRESHOLD, openai_scores
 from k2serve.safety.model import TextScore
 from k2serve.safety.serving import ModerationBackend
-from k2serve.serving.text_backend import TextDelta
+from k2serve.serving.backend import TextDelta
 
 log = logging.getLogger("k2serve.safety")
 

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 from fastapi import Request
 
 from k2serve.api.request_scope import request_scope
-from k2serve.serving.text_backend import TextDelta
+from k2serve.serving.backend import TextDelta
 
 log = logging.getLogger("k2serve.requests")
 

@@ -21,15 +21,41 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     from k2serve.engine.async_engine import Reservation
     from k2serve.engine.sampling_params import SamplingParams
-    from k2serve.serving.text_backend import LogprobEntry, TextDelta
     from k2serve.text.tokenizer_base import TokenizerBase
 
 GENERATION_ENDPOINTS = frozenset({"chat.completions", "completions"})
+
+
+# -- what a generation streams ---------------------------------------------------------
+@dataclass
+class LogprobEntry:
+    """One token's log-probability, with the most likely alternatives at its position."""
+
+    token: str
+    token_id: int
+    logprob: float
+    bytes: list[int]
+    top: list[tuple[str, int, float, list[int]]] = field(default_factory=list)  # token, id, lp, bytes
+
+
+@dataclass
+class TextDelta:
+    """The next piece of one choice's output, with the request's token usage so far."""
+
+    text: str
+    token_ids: list[int]
+    logprobs: list[LogprobEntry] | None
+    finish_reason: str | None
+    prompt_tokens: int
+    completion_tokens: int  # so far
+    cached_tokens: int = 0
+    prompt_logprobs: list[LogprobEntry | None] | None = None
 
 
 @runtime_checkable

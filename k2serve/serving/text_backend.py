@@ -9,39 +9,17 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 
 from k2serve.engine.async_engine import AsyncEngine, Reservation
 from k2serve.engine.sampling_params import SamplingParams
 from k2serve.engine.sequence import GenerationRequest, TokenLogprob
-from k2serve.serving.backend import GENERATION_ENDPOINTS
+from k2serve.serving.backend import GENERATION_ENDPOINTS, LogprobEntry, TextDelta
 from k2serve.text.chat_template import ChatTemplate
 from k2serve.text.detokenizer import IncrementalDetokenizer
 from k2serve.text.stop import StopMatcher
 from k2serve.text.tokenizer import encode_prompt
 from k2serve.text.tokenizer_base import TokenizerBase
 from k2serve.text.tool_parsers.kimi_k2 import SECTION_BEGIN as K2_SECTION_BEGIN
-
-
-@dataclass
-class LogprobEntry:
-    token: str
-    token_id: int
-    logprob: float
-    bytes: list[int]
-    top: list[tuple[str, int, float, list[int]]] = field(default_factory=list)  # token, id, lp, bytes
-
-
-@dataclass
-class TextDelta:
-    text: str
-    token_ids: list[int]
-    logprobs: list[LogprobEntry] | None
-    finish_reason: str | None
-    prompt_tokens: int
-    completion_tokens: int  # so far
-    cached_tokens: int = 0
-    prompt_logprobs: list[LogprobEntry | None] | None = None
 
 
 class TextBackend:

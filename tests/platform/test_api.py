@@ -15,8 +15,9 @@ from k2serve.app import create_app
 from k2serve.platform.keys import KeyStore
 from k2serve.platform.ledger import ledger_rows, usage_totals
 from k2serve.platform.service import Platform
+from k2serve.serving.backend import TextDelta
 from k2serve.serving.registry import ModelRegistry, ModelSpec, Pricing
-from k2serve.serving.text_backend import TextBackend, TextDelta
+from k2serve.serving.text_backend import TextBackend
 
 
 class TestClient(_TestClient):

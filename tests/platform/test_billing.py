@@ -21,8 +21,8 @@ from k2serve.platform.form_fields import multipart_model
 from k2serve.platform.keys import KeyStore
 from k2serve.platform.ledger import ledger_rows, usage_totals
 from k2serve.platform.service import Platform
+from k2serve.serving.backend import TextDelta
 from k2serve.serving.registry import ModelRegistry, ModelSpec
-from k2serve.serving.text_backend import TextDelta
 from tests.platform.conftest import live_server, redis_url
 from tests.platform.test_api import MODEL, OTHER, PRICE, FakeBackend, ShortBackend
 

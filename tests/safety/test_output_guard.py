@@ -10,8 +10,8 @@ from k2serve.api import safety_guard as guard_module
 from k2serve.api.request_scope import STATE_KEY, RequestScope
 from k2serve.api.safety_guard import SafetyGuard
 from k2serve.safety.serving import ModerationBackend
+from k2serve.serving.backend import TextDelta
 from k2serve.serving.background import BackgroundModel
-from k2serve.serving.text_backend import TextDelta
 
 
 class CountingBackend(ModerationBackend):

@@ -75,6 +75,26 @@ def chat_max_tokens_param(req: ChatCompletionRequest) -> str:
     return "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
 
 
+def completion_prompt_ids(req: CompletionRequest, backend: GenerationBackend) -> list[int]:
+    """A completions prompt's token ids: its text encoded as plain text, or the ids it
+    gives, each checked against the vocabulary. Seconds for a long prompt: run it off the loop."""
+    if isinstance(req.prompt, str):
+        return backend.encode_text_prompt(req.prompt)
+    vocab = backend.tokenizer.vocab_size
+    for i, token in enumerate(req.prompt):
+        if token >= vocab:
+            raise bad_request(f"prompt[{i}] is token id {token}, outside this model's vocabulary "
+                              f"of {vocab} tokens.", param="prompt")
+    return list(req.prompt)
+
+
+def completion_prompt_text(req: CompletionRequest, backend: GenerationBackend) -> str:
+    """The prompt as text (echo, the safety model): token ids decoded, control tokens kept."""
+    if isinstance(req.prompt, str):
+        return req.prompt
+    return backend.tokenizer.decode(req.prompt, skip_special_tokens=False)
+
+
 def fit_context(prompt_ids: list[int], requested: int | None, default: int | None,
                 context_length: int, behavior: str, param: str) -> PreparedPrompt:
     """Check prompt + max_tokens against the context; `truncate` shrinks instead of failing."""
@@ -113,7 +133,7 @@ def usage_bound(endpoint: str, backend: GenerationBackend, body: dict) -> tuple[
     ValueError for a body the route refuses anyway."""
     if endpoint == "completions":
         req = CompletionRequest.model_validate(body)
-        ids = backend.encode_text_prompt(req.prompt)
+        ids = completion_prompt_ids(req, backend)
         default, param = COMPLETIONS_DEFAULT_MAX_TOKENS, "max_tokens"
     else:
         req = ChatCompletionRequest.model_validate(body)

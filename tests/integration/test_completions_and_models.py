@@ -51,6 +51,30 @@ def test_echo_with_logprobs_scores_the_prompt(http):
         prompt_lp["token_logprobs"][1:]
 
 
+def test_a_prompt_of_token_ids_completes_as_its_text_does(http):
+    """OpenAI's (and vLLM's) token-id prompt: how a platform in front of an engine sends
+    the prompt it rendered itself. The same ids give the same greedy completion."""
+    from k2serve.models.embedded import embedded_smollm2_gguf_path
+    from k2serve.text.loading import load_tokenizer
+
+    ids = load_tokenizer(embedded_smollm2_gguf_path()).encode("The capital of France is")
+    by_text = complete(http, echo=True, max_tokens=6).json()
+    r = complete(http, prompt=ids, max_tokens=6, echo=True)
+    assert r.status_code == 200, r.text
+    by_ids = r.json()
+    assert by_ids["usage"]["prompt_tokens"] == len(ids) == by_text["usage"]["prompt_tokens"]
+    assert by_ids["choices"][0]["text"] == by_text["choices"][0]["text"]  # echo + completion
+    assert by_ids["prompt"][0]["text"] == "The capital of France is"
+
+
+def test_a_token_id_outside_the_vocabulary_is_a_400(http):
+    r = complete(http, prompt=[1, 2, 10**9])
+    assert r.status_code == 400
+    assert r.json()["error"]["param"] == "prompt" and "prompt[2]" in r.json()["error"]["message"]
+    assert complete(http, prompt=[]).status_code == 400
+    assert complete(http, prompt=[1, -5]).status_code == 400
+
+
 def test_completion_stream(http):
     with http.stream("POST", "/v1/completions",
                      json={"model": EMBEDDED_ID, "prompt": "Once upon a time", "max_tokens": 8,

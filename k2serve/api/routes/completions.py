@@ -23,7 +23,12 @@ from k2serve.api.generation import (
 )
 from k2serve.api.models_lookup import text_backend_for
 from k2serve.api.prefix_cache import cache_salt
-from k2serve.api.prompts import COMPLETIONS_DEFAULT_MAX_TOKENS, fit_context
+from k2serve.api.prompts import (
+    COMPLETIONS_DEFAULT_MAX_TOKENS,
+    completion_prompt_ids,
+    completion_prompt_text,
+    fit_context,
+)
 from k2serve.api.safety_guard import safety_guard
 from k2serve.api.schemas.completions import CompletionRequest
 from k2serve.api.usage import UsageTracker
@@ -37,16 +42,18 @@ async def completions(req: CompletionRequest, request: Request,
     backend = text_backend_for(request, req.model, "completions")
     guard = safety_guard(request, req.safety_model)  # 400 for a safety model not served
     # A 4 MB prompt tokenizes for seconds: off the event loop, which serves everyone.
-    prompt_ids = await run_in_threadpool(backend.encode_text_prompt, req.prompt)
+    prompt_ids = await run_in_threadpool(completion_prompt_ids, req, backend)
+    prompt_text = req.prompt if isinstance(req.prompt, str) else \
+        await run_in_threadpool(completion_prompt_text, req, backend)
     prepared = fit_context(prompt_ids, req.max_tokens,
                            COMPLETIONS_DEFAULT_MAX_TOKENS, backend.context_length,
                            req.context_length_exceeded_behavior, "max_tokens")
     reply_id = f"cmpl-{uuid.uuid4().hex}"
     created = int(time.time())
-    echo_text = req.prompt if req.echo else ""
+    echo_text = prompt_text if req.echo else ""
     prompt_field: list[dict] = []
     if req.echo:
-        prompt_field = [{"text": req.prompt}]
+        prompt_field = [{"text": prompt_text}]
 
     if prepared.max_tokens == 0 and req.num_top_logprobs is None:
         choices = None  # nothing to compute
@@ -56,7 +63,7 @@ async def completions(req: CompletionRequest, request: Request,
         choices = merged_choices(backend, prepared.ids, req, prepared.max_tokens, tracker,
                                  reservation=reservation, cache_salt=cache_salt(request, req))
         if guard is not None:  # prompt checked first, output released in checked pieces
-            choices = guard.guarded(request, choices, [req.prompt], req.n, len(prepared.ids),
+            choices = guard.guarded(request, choices, [prompt_text], req.n, len(prepared.ids),
                                     tracker)
         capacity.owns(choices)
 

@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+from typing import Annotated, Union
+
 from pydantic import Field
 
 from k2serve.api.schemas.common import SamplingFields
 
+MAX_PROMPT_CHARS = 4_000_000
+MAX_PROMPT_TOKEN_IDS = 1_000_000
+
 
 class CompletionRequest(SamplingFields):
-    # Together types `prompt` as a string only; OpenAI also allows token-id lists and
-    # batches, which this server does not accept (400 names the field).
-    prompt: str = Field(max_length=4_000_000)
+    # Together types `prompt` as a string; OpenAI (and vLLM) also take one prompt as a list
+    # of token ids, which is how a platform in front of an engine sends the prompt it has
+    # rendered and tokenized itself. Batches of prompts are not accepted (400 names the field).
+    prompt: Union[Annotated[str, Field(max_length=MAX_PROMPT_CHARS)],
+                  Annotated[list[Annotated[int, Field(ge=0)]],
+                            Field(min_length=1, max_length=MAX_PROMPT_TOKEN_IDS)]]
 
     @property
     def requested_max_tokens(self) -> int | None:

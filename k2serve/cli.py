@@ -14,6 +14,7 @@ def _serve(args: argparse.Namespace) -> int:
     from k2serve.api.http_protocol import h11_protocol
     from k2serve.app import create_app
     from k2serve.platform.db import data_dir
+    from k2serve.serving.catalog import EMBEDDED_CHAT_MODEL_ID
     from k2serve.serving.families import (
         FamilyOptions,
         parse_families,
@@ -21,6 +22,7 @@ def _serve(args: argparse.Namespace) -> int:
     )
     from k2serve.serving.loader import LoadOptions, load_text_model
     from k2serve.serving.registry import ModelRegistry
+    from k2serve.serving.upstream_loader import load_upstream_model, parse_upstreams
 
     if args.threads:
         import torch
@@ -41,7 +43,16 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"k2serve: {exc}", file=sys.stderr)
         return 2
     registry = ModelRegistry()
-    if "chat" in families:
+    try:
+        upstreams = parse_upstreams(args.upstream, args.upstream_tokenizer)
+        for model_id, urls, tokenizer_path in upstreams:
+            registry.register(*load_upstream_model(model_id, urls, tokenizer_path))
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"k2serve: cannot serve an upstream model: {exc}", file=sys.stderr)
+        return 2
+    # The local chat model, unless an upstream serves it.
+    local_id = args.served_model_name or (None if args.model else EMBEDDED_CHAT_MODEL_ID)
+    if "chat" in families and (local_id is None or registry.get(local_id) is None):
         try:
             spec, backend = load_text_model(LoadOptions(
                 model_path=args.model, served_model_name=args.served_model_name,
@@ -116,6 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="dequantize a GGUF's 4-bit weights to float32 (slower)")
     serve.add_argument("--max-context-length", type=int, default=None,
                        help="cap the context length below the model's own")
+    serve.add_argument("--upstream", action="append", default=[], metavar="ID=URL[,URL...]",
+                       help="serve model ID from an OpenAI-compatible engine (vLLM, SGLang, "
+                            "another k2serve) at these /v1 base URLs (replicas); repeatable")
+    serve.add_argument("--upstream-tokenizer", action="append", default=[], metavar="ID=PATH",
+                       help="the tokenizer and chat template of an --upstream model: its "
+                            "checkpoint directory or a .gguf (the embedded model's is known)")
     serve.add_argument("--families", default="all",
                        help="model families to serve, comma-separated: chat, embedding "
                             "(+rerank), moderation, audio, or all (default). Families "

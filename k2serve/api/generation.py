@@ -132,6 +132,7 @@ def merged_choices(backend: GenerationBackend, prompt_ids: list[int], req: Sampl
     params = [sampling_params(req, backend, max_tokens, i, grammar) for i in range(req.n)]
     for p in params:
         p.cache_salt = cache_salt
+        backend.check(p)
     stop_strings = req.stop_list if stop is None else stop
     return _run_choices(backend, prompt_ids, params, stop_strings, tracker, reservation)
 

@@ -97,6 +97,9 @@ class GenerationBackend(ModelBackend, Protocol):
 
     def encode_text_prompt(self, text: str) -> list[int]: ...
 
+    def check(self, params: SamplingParams) -> None:
+        """Raise APIError (400) for sampling it cannot do, before anything is generated."""
+
     def reserve(self, num_requests: int, owner: str | None = None) -> Reservation:
         """Admit `num_requests` choices now, or raise EngineOverloaded before any reply."""
 

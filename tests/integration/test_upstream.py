@@ -1,0 +1,115 @@
+"""k2serve in front of another engine (`--upstream`): a second k2serve process serving the
+embedded model is the upstream here, reached over loopback HTTP. The front renders and
+tokenizes each prompt itself and sends the token ids to the upstream's /v1/completions."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import EMBEDDED_ID, free_port, start_server, stop_server
+
+MESSAGES = [{"role": "user", "content": "Name three colours."}]
+
+
+@pytest.fixture(scope="module")
+def upstream():
+    server = start_server()
+    yield server
+    stop_server(server)
+
+
+@pytest.fixture(scope="module")
+def front(upstream):
+    # Two replicas: one with nothing listening, which the front must route around.
+    dead = f"http://127.0.0.1:{free_port()}/v1"
+    server = start_server("--upstream", f"{EMBEDDED_ID}={dead},{upstream.base_v1}")
+    yield server
+    stop_server(server)
+
+
+def chat(base: str, **fields) -> httpx.Response:
+    body = {"model": EMBEDDED_ID, "messages": MESSAGES, "max_tokens": 12, "temperature": 0}
+    body.update(fields)
+    return httpx.post(base + "/chat/completions", json=body, timeout=120)
+
+
+def test_the_front_lists_the_upstream_model_with_its_context(front, upstream):
+    ours = {m["id"]: m for m in httpx.get(front.base_v1 + "/models").json()}
+    theirs = {m["id"]: m for m in httpx.get(upstream.base_v1 + "/models").json()}
+    assert set(ours) == {EMBEDDED_ID}  # the local model is not loaded: the upstream serves it
+    assert ours[EMBEDDED_ID]["context_length"] == theirs[EMBEDDED_ID]["context_length"]
+    assert ours[EMBEDDED_ID]["pricing"] == theirs[EMBEDDED_ID]["pricing"]
+
+
+def test_greedy_chat_through_the_front_is_the_upstreams_own(front, upstream):
+    direct, through = chat(upstream.base_v1), chat(front.base_v1)
+    assert through.status_code == 200, through.text
+    assert through.json()["choices"][0]["message"]["content"] == \
+        direct.json()["choices"][0]["message"]["content"]
+    ours, theirs = through.json()["usage"], direct.json()["usage"]
+    for field in ("prompt_tokens", "completion_tokens", "total_tokens"):
+        assert ours[field] == theirs[field]
+    # The same prompt ids a second time: the upstream's prefix cache, reported as it reports it.
+    assert ours["prompt_tokens_details"]["cached_tokens"] > 0
+    assert through.json()["choices"][0]["finish_reason"] == "length"
+
+
+def test_streaming_n_stop_and_seed_through_the_front(front, upstream):
+    client = openai.OpenAI(base_url=front.base_v1, api_key="local")
+    whole = chat(front.base_v1).json()["choices"][0]["message"]["content"]
+    stream = client.chat.completions.create(model=EMBEDDED_ID, messages=MESSAGES, max_tokens=12,
+                                            temperature=0, stream=True)
+    pieces = [c.choices[0].delta.content or "" for c in stream if c.choices]
+    assert "".join(pieces) == whole and len([p for p in pieces if p]) > 1
+    sampled = dict(temperature=1.0, seed=7, n=2, max_tokens=10)
+    direct = chat(upstream.base_v1, **sampled).json()["choices"]
+    through = chat(front.base_v1, **sampled).json()["choices"]
+    assert [c["message"]["content"] for c in through] == [c["message"]["content"] for c in direct]
+    stop_at = whole.split()[1]
+    stopped = chat(front.base_v1, stop=[stop_at]).json()["choices"][0]
+    assert stopped["finish_reason"] == "stop" and stop_at not in stopped["message"]["content"]
+
+
+def test_a_completion_with_logprobs_through_the_front(front, upstream):
+    body = {"model": EMBEDDED_ID, "prompt": "The capital of France is", "max_tokens": 4,
+            "temperature": 0, "logprobs": 2}
+    direct = httpx.post(upstream.base_v1 + "/completions", json=body, timeout=60).json()
+    through = httpx.post(front.base_v1 + "/completions", json=body, timeout=60).json()
+    assert through["choices"][0]["text"] == direct["choices"][0]["text"]
+    ours, theirs = through["choices"][0]["logprobs"], direct["choices"][0]["logprobs"]
+    assert ours["tokens"] == theirs["tokens"] and ours["token_ids"] == theirs["token_ids"]
+    assert ours["token_logprobs"] == pytest.approx(theirs["token_logprobs"])
+
+
+def test_a_client_that_leaves_cancels_the_upstream_request(front, upstream):
+    body = {"model": EMBEDDED_ID, "prompt": "Once upon a time", "max_tokens": 2000,
+            "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", front.base_v1 + "/completions", json=body, timeout=60) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                break  # one chunk, then leave
+    running = None
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        engines = httpx.get(upstream.root + "/health").json()["engines"]
+        running = engines[EMBEDDED_ID]["in_flight"]
+        if running == 0:
+            break
+        time.sleep(0.2)
+    assert running == 0
+
+
+def test_the_dead_replica_is_marked_down(front):
+    replicas = httpx.get(front.root + "/health").json()["engines"][EMBEDDED_ID]["replicas"]
+    assert sorted(r["up"] for r in replicas) == [False, True]
+    assert httpx.get(front.root + "/health").status_code == 200  # one replica serves
+
+
+def test_output_the_upstream_cannot_constrain_is_refused_not_sent_unchecked(front):
+    r = chat(front.base_v1, response_format={"type": "json_object"})
+    assert r.status_code == 400
+    assert r.json()["error"]["code"] == "unsupported_by_upstream"

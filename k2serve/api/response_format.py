@@ -67,3 +67,30 @@ def response_format_grammar(response_format: dict[str, Any] | None) -> tuple[str
         return regex_grammar(pattern), "response_format.pattern"
     raise bad_request(f"response_format.type must be one of {', '.join(TYPES)}; got {kind!r}.",
                       param="response_format.type")
+
+
+STRUCTURED_OUTPUT_KINDS = ("json", "regex", "grammar")
+MAX_GRAMMAR_CHARS = 1_000_000
+
+
+def structured_outputs_grammar(spec: Any) -> tuple[str, str, str]:
+    """vLLM's `structured_outputs` on /v1/completions -> (grammar text, what, param): exactly
+    one of {"json": schema}, {"regex": pattern}, {"grammar": Lark text (llguidance's dialect)}.
+    What a platform in front of k2serve sends with a prompt it rendered itself."""
+    if not isinstance(spec, dict):
+        raise bad_request("structured_outputs must be an object.", param="structured_outputs")
+    kinds = [k for k in STRUCTURED_OUTPUT_KINDS if spec.get(k) is not None]
+    if len(kinds) != 1:
+        raise bad_request(f"structured_outputs needs exactly one of "
+                          f"{', '.join(STRUCTURED_OUTPUT_KINDS)}.", param="structured_outputs")
+    kind = kinds[0]
+    value, param = spec[kind], f"structured_outputs.{kind}"
+    if kind == "json":
+        return json_schema_grammar(check_json_schema(value, param)), param, param
+    if not isinstance(value, str) or not value:
+        raise bad_request(f"{param} must be a non-empty string.", param=param)
+    if kind == "regex":
+        return response_format_grammar({"type": "regex", "pattern": value})[0], param, param
+    if len(value) > MAX_GRAMMAR_CHARS:
+        raise bad_request(f"{param} is limited to {MAX_GRAMMAR_CHARS} characters.", param=param)
+    return value, param, param

@@ -13,8 +13,11 @@ back-off, from DOWN_BASE_S up to DOWN_MAX_S) and the choice is sent once to anot
 after the first token a failure ends the choice with an error (a stream cannot be replayed).
 Closing a choice's iterator closes its HTTP stream, which an upstream takes as an abort.
 
-Not constrained here yet: a request with a grammar (response_format, tool calls) or prompt
-logprobs (echo with logprobs) is refused with a 400 rather than sent unconstrained.
+Structured output and tool calls: k2serve builds the grammar (a JSON schema, its tool-call
+grammar for the model's own format) and sends it as vLLM's `structured_outputs.grammar`; the
+upstream enforces it token by token and k2serve parses the output with its own parsers. An
+upstream configured as unable to (`constrains=False`) gets no such request: a 400 says so,
+rather than an unchecked reply. Prompt logprobs (echo with logprobs) are not relayed (400).
 """
 
 from __future__ import annotations
@@ -73,6 +76,9 @@ class UpstreamConfig:
     upstream_model: str | None = None  # the name the upstream serves it under (default: model_id)
     api_key: str | None = None
     headers: dict[str, str] = field(default_factory=dict)
+    # Whether the upstream enforces a grammar sent as vLLM's `structured_outputs.grammar` in
+    # llguidance's Lark dialect (k2serve does; vLLM does with its `guidance` backend).
+    constrains: bool = True
 
 
 class UpstreamBackend(TextModel):
@@ -103,10 +109,10 @@ class UpstreamBackend(TextModel):
         self._client = None  # its connections close with the event loop
 
     def check(self, params: SamplingParams) -> None:
-        if params.grammar is not None:
-            raise bad_request(f"The model '{self.config.model_id}' runs on an upstream engine, "
-                              f"through which k2serve does not constrain output yet: "
-                              f"response_format and tool calls are not available for it.",
+        if params.grammar is not None and not self.config.constrains:
+            raise bad_request(f"The model '{self.config.model_id}' runs on an upstream engine "
+                              f"that is not set up to enforce grammars, so response_format "
+                              f"and tool calls are not available for it.",
                               code="unsupported_by_upstream")
         if params.prompt_logprobs:
             raise bad_request("Prompt logprobs (echo with logprobs) are not available for a "
@@ -176,6 +182,8 @@ class UpstreamBackend(TextModel):
             body["stop"] = stop
         if params.logprobs is not None:
             body["logprobs"] = max(params.logprobs, 1)  # OpenAI's completions: top n, >= 1
+        if params.grammar is not None:  # the upstream enforces it (llguidance's Lark dialect)
+            body["structured_outputs"] = {"grammar": params.grammar.source}
         return body
 
     def _http(self) -> httpx.AsyncClient:

@@ -53,12 +53,14 @@ class GrammarMatcher:
 
 
 class CompiledGrammar:
-    """A grammar compiled for one tokenizer; `new_matcher()` for each sequence that uses it."""
+    """A grammar compiled for one tokenizer; `new_matcher()` for each sequence that uses it.
+    `source` is its Lark text, for an upstream engine that enforces it itself."""
 
-    def __init__(self, matcher: llguidance.LLMatcher, vocab_size: int):
+    def __init__(self, matcher: llguidance.LLMatcher, vocab_size: int, source: str = ""):
         self._template = matcher
         self._lock = threading.Lock()
         self.vocab_size = vocab_size
+        self.source = source
 
     def new_matcher(self) -> GrammarMatcher:
         with self._lock:
@@ -103,7 +105,7 @@ class GrammarCompiler:
         matcher = llguidance.LLMatcher(lltok, grammar, log_level=0)
         if matcher.is_error():
             raise GrammarError(f"{what} cannot be used: {matcher.get_error()}.", param)
-        compiled = CompiledGrammar(matcher, self._tokenizer.vocab_size)
+        compiled = CompiledGrammar(matcher, self._tokenizer.vocab_size, source=grammar)
         with self._lock:
             self.misses += 1
             self._cache[grammar] = compiled

@@ -4,9 +4,11 @@ tokenizes each prompt itself and sends the token ids to the upstream's /v1/compl
 
 from __future__ import annotations
 
+import json
 import time
 
 import httpx
+import jsonschema
 import openai
 import pytest
 
@@ -109,7 +111,86 @@ def test_the_dead_replica_is_marked_down(front):
     assert httpx.get(front.root + "/health").status_code == 200  # one replica serves
 
 
-def test_output_the_upstream_cannot_constrain_is_refused_not_sent_unchecked(front):
-    r = chat(front.base_v1, response_format={"type": "json_object"})
-    assert r.status_code == 400
-    assert r.json()["error"]["code"] == "unsupported_by_upstream"
+def test_json_schema_output_through_the_front_follows_the_schema(front):
+    schema = {"type": "object", "properties": {"colour": {"enum": ["red", "green", "blue"]},
+                                              "count": {"type": "integer"}},
+              "required": ["colour", "count"], "additionalProperties": False}
+    r = chat(front.base_v1, max_tokens=60, response_format={
+        "type": "json_schema", "json_schema": {"name": "pick", "schema": schema}})
+    assert r.status_code == 200, r.text
+    jsonschema.validate(json.loads(r.json()["choices"][0]["message"]["content"]), schema)
+
+
+def test_a_required_tool_call_through_the_front_is_valid(front):
+    parameters = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20},
+                                                   "days": {"type": "integer", "minimum": 1}},
+                  "required": ["city", "days"], "additionalProperties": False}
+    tools = [{"type": "function", "function": {"name": "forecast", "parameters": parameters}}]
+    r = chat(front.base_v1, max_tokens=80, tools=tools, tool_choice="required",
+             messages=[{"role": "user", "content": "Weather in Paris for 3 days?"}])
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    assert choice["finish_reason"] == "tool_calls"
+    (call,) = choice["message"]["tool_calls"]
+    assert call["function"]["name"] == "forecast"
+    jsonschema.validate(json.loads(call["function"]["arguments"]), parameters)
+
+
+def test_structured_outputs_on_completions_is_enforced(upstream):
+    """The vLLM field the front sends: k2serve as an upstream enforces it too."""
+    body = {"model": EMBEDDED_ID, "prompt": "Pick a colour:", "max_tokens": 20, "temperature": 0,
+            "structured_outputs": {"regex": "(red|green|blue)"}}
+    r = httpx.post(upstream.base_v1 + "/completions", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["text"] in ("red", "green", "blue")
+    bad = httpx.post(upstream.base_v1 + "/completions", timeout=60,
+                     json={**body, "structured_outputs": {"regex": "a", "grammar": "b"}})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "structured_outputs"
+
+
+# -- Kimi K2 behind the front: its own template and tool-call format ------------------------
+K2_ID = "moonshotai/Kimi-K2-Instruct-0905"
+
+
+@pytest.fixture(scope="module")
+def k2_pair(tmp_path_factory):
+    """A tiny K2 checkpoint trained to call a tool, served by one k2serve; a second k2serve
+    with no model of its own fronts it, with the checkpoint's tokenizer and template."""
+    from tests.k2_trained import write_tool_calling_k2
+
+    directory = write_tool_calling_k2(tmp_path_factory.mktemp("k2up") / "ckpt")
+    upstream = start_server("--model", str(directory), "--served-model-name", K2_ID)
+    try:
+        front = start_server("--families", "", "--upstream", f"{K2_ID}={upstream.base_v1}",
+                             "--upstream-tokenizer", f"{K2_ID}={directory}")
+    except Exception:
+        stop_server(upstream)
+        raise
+    yield front, upstream
+    stop_server(front)
+    stop_server(upstream)
+
+
+def test_k2_tool_calls_through_the_front_match_the_engine_serving_it(k2_pair):
+    from tests.k2_trained import MESSAGES as K2_MESSAGES
+    from tests.k2_trained import TOOLS as K2_TOOLS
+
+    front, upstream = k2_pair
+    body = {"model": K2_ID, "messages": K2_MESSAGES, "tools": K2_TOOLS, "temperature": 0}
+    direct = httpx.post(upstream.base_v1 + "/chat/completions", json=body, timeout=120).json()
+    through = httpx.post(front.base_v1 + "/chat/completions", json=body, timeout=120).json()
+    assert through["choices"][0]["finish_reason"] == "tool_calls"
+    assert through["choices"][0]["message"] == direct["choices"][0]["message"]
+    client = openai.OpenAI(base_url=front.base_v1, api_key="local", max_retries=0)
+    stream = client.chat.completions.create(model=K2_ID, messages=K2_MESSAGES, tools=K2_TOOLS,
+                                            temperature=0, stream=True)
+    names, arguments, finish = [], "", None
+    for chunk in stream:
+        for tc in chunk.choices[0].delta.tool_calls or []:
+            if tc.function.name:
+                names.append(tc.function.name)
+            arguments += tc.function.arguments or ""
+        finish = chunk.choices[0].finish_reason or finish
+    (call,) = direct["choices"][0]["message"]["tool_calls"]
+    assert names == [call["function"]["name"]] and finish == "tool_calls"
+    assert json.loads(arguments) == json.loads(call["function"]["arguments"])

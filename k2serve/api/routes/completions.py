@@ -13,6 +13,7 @@ from k2serve.api.errors import ERROR_RESPONSES, STREAM_OR_JSON
 from k2serve.api.generation import (
     RequestCapacity,
     collect,
+    compile_grammar,
     merged_choices,
     request_capacity,
     sse_stream,
@@ -29,9 +30,12 @@ from k2serve.api.prompts import (
     completion_prompt_text,
     fit_context,
 )
+from k2serve.api.response_format import structured_outputs_grammar
 from k2serve.api.safety_guard import safety_guard
 from k2serve.api.schemas.completions import CompletionRequest
 from k2serve.api.usage import UsageTracker
+from k2serve.errors import bad_request
+from k2serve.structured import GrammarError
 
 router = APIRouter(responses=ERROR_RESPONSES)
 
@@ -55,12 +59,21 @@ async def completions(req: CompletionRequest, request: Request,
     if req.echo:
         prompt_field = [{"text": prompt_text}]
 
+    grammar = None
+    if req.structured_outputs is not None:
+        try:
+            text, what, param = await run_in_threadpool(structured_outputs_grammar,
+                                                        req.structured_outputs)
+        except GrammarError as exc:
+            raise bad_request(str(exc), param=exc.param) from None
+        grammar = await compile_grammar(backend, text, what, param)
     if prepared.max_tokens == 0 and req.num_top_logprobs is None:
         choices = None  # nothing to compute
     else:
         reservation = capacity.reserve(backend, req.n)  # released when the exchange ends
         tracker = UsageTracker(request, req.model, "completions", len(prepared.ids), req.n)
         choices = merged_choices(backend, prepared.ids, req, prepared.max_tokens, tracker,
+                                 grammar=grammar, stop=[] if grammar is not None else None,
                                  reservation=reservation, cache_salt=cache_salt(request, req))
         if guard is not None:  # prompt checked first, output released in checked pieces
             choices = guard.guarded(request, choices, [prompt_text], req.n, len(prepared.ids),

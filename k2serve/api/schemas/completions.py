@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Union
+from typing import Annotated, Any, Union
 
 from pydantic import Field
 
@@ -19,6 +19,8 @@ class CompletionRequest(SamplingFields):
     prompt: Union[Annotated[str, Field(max_length=MAX_PROMPT_CHARS)],
                   Annotated[list[Annotated[int, Field(ge=0)]],
                             Field(min_length=1, max_length=MAX_PROMPT_TOKEN_IDS)]]
+    # vLLM's constraint on the output: {"json": schema} | {"regex": ...} | {"grammar": Lark}.
+    structured_outputs: dict[str, Any] | None = None
 
     @property
     def requested_max_tokens(self) -> int | None:

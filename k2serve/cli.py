@@ -21,6 +21,7 @@ def _serve(args: argparse.Namespace) -> int:
         register_families,
     )
     from k2serve.serving.loader import LoadOptions, load_text_model
+    from k2serve.serving.models_file import load_model_entry, read_models_file
     from k2serve.serving.registry import ModelRegistry
     from k2serve.serving.upstream_loader import load_upstream_model, parse_upstreams
 
@@ -43,23 +44,29 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"k2serve: {exc}", file=sys.stderr)
         return 2
     registry = ModelRegistry()
+    load_options = LoadOptions(
+        model_path=args.model, served_model_name=args.served_model_name,
+        max_num_seqs=args.max_num_seqs, max_context_length=args.max_context_length,
+        kv_cache_bytes=int(args.kv_cache_gb * (1 << 30)) if args.kv_cache_gb else None,
+        max_waiting=args.max_waiting, quantize=not args.no_quantize,
+        kv_cache_dtype=args.kv_cache_dtype, progress=not args.quiet)
     try:
+        entries = read_models_file(args.models_file) if args.models_file else []
+        for entry in entries:
+            registry.register(*load_model_entry(entry, load_options))
         upstreams = parse_upstreams(args.upstream, args.upstream_tokenizer)
         for model_id, urls, tokenizer_path in upstreams:
             registry.register(*load_upstream_model(model_id, urls, tokenizer_path))
     except (FileNotFoundError, ValueError) as exc:
-        print(f"k2serve: cannot serve an upstream model: {exc}", file=sys.stderr)
+        print(f"k2serve: cannot serve the configured models: {exc}", file=sys.stderr)
         return 2
-    # The local chat model, unless an upstream serves it.
+    # The local chat model, unless the models file names it or an upstream serves its id.
     local_id = args.served_model_name or (None if args.model else EMBEDDED_CHAT_MODEL_ID)
-    if "chat" in families and (local_id is None or registry.get(local_id) is None):
+    local_configured = any(entry.kind == "local" for entry in entries)
+    if "chat" in families and not local_configured and (
+            local_id is None or registry.get(local_id) is None):
         try:
-            spec, backend = load_text_model(LoadOptions(
-                model_path=args.model, served_model_name=args.served_model_name,
-                max_num_seqs=args.max_num_seqs, max_context_length=args.max_context_length,
-                kv_cache_bytes=int(args.kv_cache_gb * (1 << 30)) if args.kv_cache_gb else None,
-                max_waiting=args.max_waiting, quantize=not args.no_quantize,
-                kv_cache_dtype=args.kv_cache_dtype, progress=not args.quiet))
+            spec, backend = load_text_model(load_options)
         except (FileNotFoundError, ValueError) as exc:
             print(f"k2serve: cannot load model: {exc}", file=sys.stderr)
             return 2
@@ -133,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--upstream-tokenizer", action="append", default=[], metavar="ID=PATH",
                        help="the tokenizer and chat template of an --upstream model: its "
                             "checkpoint directory or a .gguf (the embedded model's is known)")
+    serve.add_argument("--models-file", default=None, metavar="PATH",
+                       help="a TOML file of the models to serve, local or on upstream engines, "
+                            "with their prices (README: Upstream engines)")
     serve.add_argument("--families", default="all",
                        help="model families to serve, comma-separated: chat, embedding "
                             "(+rerank), moderation, audio, or all (default). Families "

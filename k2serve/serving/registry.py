@@ -81,6 +81,8 @@ class ModelRegistry:
         if spec.type not in MODEL_TYPES:
             raise ValueError(f"unknown model type {spec.type!r}")
         check_backend(backend)
+        if spec.id in self._entries:
+            raise ValueError(f"the model id {spec.id!r} is configured twice")
         self._entries[spec.id] = ServedModel(spec, backend)
 
     def get(self, model_id: str) -> ServedModel | None:

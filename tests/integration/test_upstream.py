@@ -194,3 +194,48 @@ def test_k2_tool_calls_through_the_front_match_the_engine_serving_it(k2_pair):
     (call,) = direct["choices"][0]["message"]["tool_calls"]
     assert names == [call["function"]["name"]] and finish == "tool_calls"
     assert json.loads(arguments) == json.loads(call["function"]["arguments"])
+
+
+def test_a_models_file_sets_the_upstream_models_price_and_context(upstream, tmp_path):
+    """The price and context named in the file are what /v1/models shows and what a key's
+    ledger is billed at."""
+    from k2serve.platform.db import Database
+    from k2serve.platform.keys import KeyStore
+    from k2serve.platform.ledger import ledger_rows
+
+    path = tmp_path / "models.toml"
+    path.write_text(f'''
+[[models]]
+id = "{EMBEDDED_ID}"
+kind = "openai"
+urls = ["{upstream.base_v1}"]
+context_length = 1024
+price_input = 2.0
+price_output = 10.0
+''')
+    home = tmp_path / "home"
+    front = start_server("--families", "", "--models-file", str(path),
+                         env={"K2SERVE_HOME": str(home)})
+    try:
+        (model,) = httpx.get(front.base_v1 + "/models").json()
+        assert model["context_length"] == 1024
+        assert model["pricing"]["input"] == 2.0 and model["pricing"]["output"] == 10.0
+        db = Database(f"sqlite:///{home}/k2serve.db", migrate=False)
+        _, key = KeyStore(db).create("billed")
+        r = httpx.post(front.base_v1 + "/completions", timeout=60,
+                       headers={"Authorization": f"Bearer {key}"},
+                       json={"model": EMBEDDED_ID, "prompt": "Hello", "max_tokens": 3})
+        assert r.status_code == 200, r.text
+        usage = r.json()["usage"]
+        deadline = time.time() + 10
+        rows = []
+        while time.time() < deadline and not rows:
+            rows = [row for row in ledger_rows(db) if row.status == "ok"]
+            time.sleep(0.2)
+        (row,) = rows
+        assert row.prompt_tokens == usage["prompt_tokens"]
+        assert row.cost_usd == pytest.approx((usage["prompt_tokens"] * 2.0
+                                              + usage["completion_tokens"] * 10.0) / 1e6)
+        db.close()
+    finally:
+        stop_server(front)

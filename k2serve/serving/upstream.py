@@ -7,7 +7,11 @@ template loaded here (a TextModel), and sends the token ids to the upstream's
 at this model's price, safety, tool-call parsing) is the same as for our own engine, and the
 prompt the upstream runs is exactly the one k2serve counted and reserved.
 
-Replicas: each choice goes to the healthy replica with the fewest requests in flight. A replica
+Replicas: a prompt of AFFINITY_MIN_TOKENS or more goes to the replica its first
+AFFINITY_TOKENS tokens hash to (rendezvous hashing over the healthy replicas), so prompts that
+share a long prefix (a system prompt, a conversation so far) find it in that replica's prefix
+cache, unless that replica has IMBALANCE more requests in flight than the least busy one;
+other prompts go to the least busy healthy replica. A replica
 that cannot be reached, or answers 5xx, before the first token is marked down (exponential
 back-off, from DOWN_BASE_S up to DOWN_MAX_S) and the choice is sent once to another replica;
 after the first token a failure ends the choice with an error (a stream cannot be replayed).
@@ -22,6 +26,7 @@ rather than an unchecked reply. Prompt logprobs (echo with logprobs) are not rel
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -40,6 +45,9 @@ from k2serve.text.tokenizer_base import TokenizerBase
 
 log = logging.getLogger("k2serve.upstream")
 
+AFFINITY_TOKENS = 256
+AFFINITY_MIN_TOKENS = 64
+IMBALANCE = 8
 DOWN_BASE_S = 1.0
 DOWN_MAX_S = 30.0
 CONNECT_TIMEOUT_S = 5.0
@@ -132,7 +140,7 @@ class UpstreamBackend(TextModel):
         body = self._body(prompt_ids, params, stop)
         tried: set[str] = set()
         while True:
-            replica = self._pick(tried)
+            replica = self._pick(tried, prompt_ids)
             tried.add(replica.url)
             started = False
             try:
@@ -148,11 +156,19 @@ class UpstreamBackend(TextModel):
                 log.warning("upstream %s failed before its first token (%s); retrying on "
                             "another replica", replica.url, exc)
 
-    def _pick(self, tried: set[str]) -> Replica:
+    def _pick(self, tried: set[str], prompt_ids: list[int]) -> Replica:
         now = time.monotonic()
         candidates = [r for r in self.replicas if r.url not in tried and r.up(now)] or \
             [r for r in self.replicas if r.url not in tried] or self.replicas
-        return min(candidates, key=lambda r: (not r.up(now), r.in_flight))
+        least = min(candidates, key=lambda r: (not r.up(now), r.in_flight))
+        if len(prompt_ids) < AFFINITY_MIN_TOKENS or len(candidates) == 1:
+            return least
+        prefix = str(prompt_ids[:AFFINITY_TOKENS]).encode()
+        preferred = max(candidates, key=lambda r: hashlib.blake2b(
+            prefix + r.url.encode(), digest_size=8).digest())
+        if preferred.in_flight - least.in_flight > IMBALANCE:
+            return least
+        return preferred
 
     def _body(self, prompt_ids: list[int], params: SamplingParams, stop: list[str]) -> dict:
         body = {

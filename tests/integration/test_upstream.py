@@ -239,3 +239,37 @@ price_output = 10.0
         db.close()
     finally:
         stop_server(front)
+
+
+def test_a_replica_that_dies_mid_run():
+    """Its stream ends with an error event (a stream cannot be replayed); later requests,
+    streamed or not, are served by the replica left, and /health shows it down."""
+    replicas = [start_server("--threads", "1"), start_server("--threads", "1")]
+    front = None
+    try:
+        urls = ",".join(r.base_v1 for r in replicas)
+        front = start_server("--families", "", "--upstream", f"{EMBEDDED_ID}={urls}")
+        body = {"model": EMBEDDED_ID, "prompt": "Once upon a time", "max_tokens": 3000,
+                "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", front.base_v1 + "/completions", json=body, timeout=60) as r:
+            lines = r.iter_lines()
+            next(line for line in lines if line.startswith("data: {"))
+            running = [rep for rep in replicas if httpx.get(rep.root + "/health").json()
+                       ["engines"][EMBEDDED_ID]["in_flight"] == 1]
+            (victim,) = running
+            victim.process.kill()
+            rest = [line for line in lines if line.startswith("data: ")]
+        assert rest[-1] == "data: [DONE]"
+        errors = [json.loads(line[6:])["error"] for line in rest[:-1] if '"error"' in line]
+        assert errors and errors[0]["code"] == "upstream_unavailable"
+        for i in range(4):  # whichever replica each prompt prefers, the survivor answers
+            r = httpx.post(front.base_v1 + "/completions", timeout=60,
+                           json={"model": EMBEDDED_ID, "prompt": f"Count to {i}:",
+                                 "max_tokens": 3})
+            assert r.status_code == 200, r.text
+        state = httpx.get(front.root + "/health").json()["engines"][EMBEDDED_ID]["replicas"]
+        assert {s["url"]: s["up"] for s in state}[victim.base_v1] is False
+    finally:
+        for server in [front, *replicas]:
+            if server is not None:
+                stop_server(server)

@@ -235,7 +235,12 @@ class UpstreamBackend(TextModel):
                 async for line in response.aiter_lines():
                     if not line.startswith("data: ") or line == "data: [DONE]":
                         continue
-                    chunk = json.loads(line[6:])
+                    try:
+                        chunk = json.loads(line[6:])
+                    except ValueError:
+                        raise APIError(502, f"The upstream engine sent a malformed event: "
+                                            f"{line[:200]!r}", code="upstream_error",
+                                       type="server_error") from None
                     if "error" in chunk:
                         raise APIError(502, f"The upstream engine failed: "
                                             f"{chunk['error'].get('message')}",

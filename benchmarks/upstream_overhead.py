@@ -24,7 +24,7 @@ from tests.conftest import EMBEDDED_ID, start_server, stop_server  # noqa: E402
 
 
 def measure(base: str, args) -> dict:
-    return run_benchmark(BenchConfig(base_url=base, model=EMBEDDED_ID, endpoint="chat",
+    return run_benchmark(BenchConfig(base_url=base, model=args.model, endpoint="chat",
                                      num_prompts=args.prompts, concurrency=args.streams,
                                      random_input_len=args.input_len,
                                      random_output_len=args.output_len, warmup=2))
@@ -38,13 +38,17 @@ def main() -> int:
     parser.add_argument("--output-len", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--upstream-url", default=None,
-                        help="an engine already running (its /v1 URL) serving the embedded "
-                             "model's id; default: start a k2serve process")
+                        help="an engine already running (its /v1 URL); default: start a "
+                             "k2serve process serving the embedded model")
+    parser.add_argument("--model", default=EMBEDDED_ID, help="the model id the engine serves")
+    parser.add_argument("--tokenizer", default=None,
+                        help="the model's checkpoint dir or .gguf (the embedded model's is known)")
     args = parser.parse_args()
 
     engine = None if args.upstream_url else start_server("--threads", "2")
     url = args.upstream_url or engine.base_v1
-    front = start_server("--families", "", "--upstream", f"{EMBEDDED_ID}={url}")
+    tokenizer = ("--upstream-tokenizer", f"{args.model}={args.tokenizer}") if args.tokenizer else ()
+    front = start_server("--families", "", "--upstream", f"{args.model}={url}", *tokenizer)
     results: dict[str, list[dict]] = {"direct": [], "through k2serve": []}
     try:
         for _ in range(args.rounds):

@@ -94,12 +94,10 @@ class UpstreamBackend(TextModel):
     load_state = None  # nothing loads here but the tokenizer, before the server starts
 
     def __init__(self, config: UpstreamConfig, tokenizer: TokenizerBase, *,
-                 context_length: int, chat_template: ChatTemplate | None,
-                 transport: httpx.AsyncBaseTransport | None = None):
+                 context_length: int, chat_template: ChatTemplate | None):
         super().__init__(tokenizer, context_length=context_length, chat_template=chat_template)
         self.config = config
         self.replicas = [Replica(url.rstrip("/")) for url in config.urls]
-        self._transport = transport
         self._client: httpx.AsyncClient | None = None
 
     # -- ModelBackend --------------------------------------------------------------------
@@ -208,7 +206,7 @@ class UpstreamBackend(TextModel):
             if self.config.api_key:
                 headers["authorization"] = f"Bearer {self.config.api_key}"
             self._client = httpx.AsyncClient(
-                headers=headers, transport=self._transport,
+                headers=headers,
                 timeout=httpx.Timeout(READ_TIMEOUT_S, connect=CONNECT_TIMEOUT_S))
         return self._client
 

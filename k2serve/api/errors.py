@@ -47,8 +47,8 @@ def error_response(error: APIError) -> JSONResponse:
 
 
 # pydantic names the member of a union that failed in the error's location
-# (`tool_choice.str`, `stop.list[str]`): not part of the field's name.
-_UNION_MEMBER = re.compile(r"(str|bool|int|float|none|[a-z][a-z0-9_-]*\[.*\])")
+# (`tool_choice.str`, `stop.list[str]`, `prompt.constrained-str`): not part of the field's name.
+_UNION_MEMBER = re.compile(r"(str|bool|int|float|none|constrained-[a-z]+|[a-z][a-z0-9_-]*\[.*\])")
 
 
 def _loc(err: dict) -> list[str]:

@@ -66,7 +66,7 @@ class UsageTracker:
             rs.usage.started(self)
 
     def on_delta(self, index: int, delta: TextDelta) -> None:
-        if self.record.ttft_s is None and delta.token_ids:
+        if self.record.ttft_s is None and (delta.token_ids or delta.text):  # upstreams send text
             self.record.ttft_s = time.perf_counter() - self._start
         self._completion[index] = delta.completion_tokens
         if index == 0:

@@ -234,6 +234,7 @@ price_output = 10.0
             time.sleep(0.2)
         (row,) = rows
         assert row.prompt_tokens == usage["prompt_tokens"]
+        assert row.ttft_s is not None and row.ttft_s > 0  # the first text counts as a token
         assert row.cost_usd == pytest.approx((usage["prompt_tokens"] * 2.0
                                               + usage["completion_tokens"] * 10.0) / 1e6)
         db.close()

@@ -66,11 +66,10 @@ def _serve(args: argparse.Namespace) -> int:
     if "chat" in families and not local_configured and (
             local_id is None or registry.get(local_id) is None):
         try:
-            spec, backend = load_text_model(load_options)
+            registry.register(*load_text_model(load_options))
         except (FileNotFoundError, ValueError) as exc:
             print(f"k2serve: cannot load model: {exc}", file=sys.stderr)
             return 2
-        registry.register(spec, backend)
     register_families(registry, families - {"chat"},
                       FamilyOptions(data_dir=str(data_dir(args.data_dir)),
                                     progress=not args.quiet))

@@ -19,11 +19,9 @@ from k2serve.platform.context import RequestContext
 from k2serve.platform.keys import KeyInfo, KeyStore
 from k2serve.platform.pricing import cost_usd, pricing_for
 from k2serve.platform.ratelimit import (
+    BudgetHolds,
     Decision,
-    MemoryBudgetHolds,
-    MemoryRateLimiter,
-    RedisBudgetHolds,
-    RedisRateLimiter,
+    RateLimiter,
     run_soon,
 )
 from k2serve.platform.retries import RetryGuard
@@ -37,8 +35,8 @@ _DEFAULT_MODEL_ENDPOINTS = ("moderations", "audio.speech", "audio.transcribe", "
 
 
 class Admission:
-    def __init__(self, keys: KeyStore, limiter: MemoryRateLimiter | RedisRateLimiter,
-                 budgets: MemoryBudgetHolds | RedisBudgetHolds, retries: RetryGuard):
+    def __init__(self, keys: KeyStore, limiter: RateLimiter,
+                 budgets: BudgetHolds, retries: RetryGuard):
         self.keys = keys
         self.limiter = limiter
         self.budgets = budgets

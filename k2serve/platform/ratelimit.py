@@ -541,6 +541,12 @@ class RedisBudgetHolds:
         return float(await self._hold(keys=[self._key(key)], args=["", "0", self.ttl]))
 
 
+# Each store in the server process or in Redis (`--redis-url`), used through one interface.
+RateLimiter = MemoryRateLimiter | RedisRateLimiter
+RetryStore = MemoryRetryStore | RedisRetryStore
+BudgetHolds = MemoryBudgetHolds | RedisBudgetHolds
+
+
 def run_soon(coro) -> asyncio.Task | None:
     """Schedule a coroutine from synchronous code on the running loop (keeps a reference)."""
     try:

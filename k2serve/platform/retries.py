@@ -13,10 +13,8 @@ from k2serve.platform.context import RequestContext
 from k2serve.platform.ratelimit import (
     IDEMPOTENCY_TTL_S,
     RETRY_GROUP_TTL_S,
-    MemoryRateLimiter,
-    MemoryRetryStore,
-    RedisRateLimiter,
-    RedisRetryStore,
+    RateLimiter,
+    RetryStore,
 )
 
 log = logging.getLogger("k2serve.platform")
@@ -30,8 +28,8 @@ _NOT_REPLAYED = frozenset({b"content-length", b"x-request-id", b"date", b"server
 
 
 class RetryGuard:
-    def __init__(self, store: MemoryRetryStore | RedisRetryStore,
-                 limiter: MemoryRateLimiter | RedisRateLimiter):
+    def __init__(self, store: RetryStore,
+                 limiter: RateLimiter):
         self.store = store
         self.limiter = limiter  # a replay carries the key's rate-limit headers too
 

@@ -21,10 +21,8 @@ from k2serve.platform.context import RequestContext, log_request
 from k2serve.platform.ledger import IN_PROGRESS, LedgerRow, LedgerWriter
 from k2serve.platform.pricing import cost_usd, pricing_for
 from k2serve.platform.ratelimit import (
-    MemoryBudgetHolds,
-    MemoryRateLimiter,
-    RedisBudgetHolds,
-    RedisRateLimiter,
+    BudgetHolds,
+    RateLimiter,
     run_soon,
 )
 from k2serve.platform.retries import RetryGuard
@@ -36,8 +34,8 @@ LEDGER_WAIT_S = 10.0  # the longest a request waits for its ledger row to be com
 
 
 class Settlement:
-    def __init__(self, writer: LedgerWriter, limiter: MemoryRateLimiter | RedisRateLimiter,
-                 budgets: MemoryBudgetHolds | RedisBudgetHolds, retries: RetryGuard):
+    def __init__(self, writer: LedgerWriter, limiter: RateLimiter,
+                 budgets: BudgetHolds, retries: RetryGuard):
         self.writer = writer
         self.limiter = limiter
         self.budgets = budgets

@@ -42,8 +42,30 @@ STREAM_OR_JSON: dict = {200: {"description": "The reply, or its chunks as server
                               "content": {"application/json": {}, "text/event-stream": {}}}}
 
 
-def error_response(error: APIError) -> JSONResponse:
-    return JSONResponse(error.body(), status_code=error.status, headers=error.reply_headers())
+def error_response(error: APIError, path: str = "") -> JSONResponse:
+    """The error in the shape of the API the path belongs to: Anthropic's for /v1/messages,
+    OpenAI's everywhere else."""
+    body = anthropic_error_body(error) if is_anthropic_path(path) else error.body()
+    return JSONResponse(body, status_code=error.status, headers=error.reply_headers())
+
+
+def is_anthropic_path(path: str) -> bool:
+    return path == "/v1/messages" or path.startswith("/v1/messages/")
+
+
+# Anthropic's error types, by status (docs: "HTTP errors"); its SDKs pick their exception
+# class from the status, and show the type and message.
+_ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error",
+                    403: "permission_error", 404: "not_found_error", 413: "request_too_large",
+                    429: "rate_limit_error", 500: "api_error", 503: "overloaded_error",
+                    529: "overloaded_error"}
+
+
+def anthropic_error_body(error: APIError) -> dict:
+    kind = _ANTHROPIC_TYPES.get(error.status,
+                                "invalid_request_error" if error.status < 500 else "api_error")
+    message = error.message if error.param is None else f"{error.param}: {error.message}"
+    return {"type": "error", "error": {"type": kind, "message": message}}
 
 
 # pydantic names the member of a union that failed in the error's location
@@ -77,31 +99,33 @@ def _describe_validation_error(err: dict, others: list[dict] = ()) -> tuple[str,
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
-        return error_response(exc)
+        return error_response(exc, request.url.path)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError):
         errors = exc.errors()
         message, param = (_describe_validation_error(errors[0], errors[1:]) if errors
                           else ("Invalid request.", None))
-        return error_response(APIError(400, message, param=param, code="invalid_request"))
+        return error_response(APIError(400, message, param=param, code="invalid_request"),
+                              request.url.path)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
         if isinstance(exc.__cause__, RecursionError):  # FastAPI's json.loads gave up
-            return error_response(too_deep())
+            return error_response(too_deep(), request.url.path)
         message = {404: f"Unknown path: {request.method} {request.url.path}",
                    405: f"Method {request.method} not allowed on {request.url.path}"}.get(
                        exc.status_code, str(exc.detail))
-        return error_response(APIError(exc.status_code, message))
+        return error_response(APIError(exc.status_code, message), request.url.path)
 
     @app.exception_handler(EngineOverloaded)
     async def _overloaded(request: Request, exc: EngineOverloaded):
         if isinstance(exc, ShareExceeded):
-            return error_response(share_exceeded(str(exc)))
-        return error_response(overloaded(str(exc)))
+            return error_response(share_exceeded(str(exc)), request.url.path)
+        return error_response(overloaded(str(exc)), request.url.path)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):
         log.exception("unhandled error on %s", request.url.path)
-        return error_response(APIError(500, "Internal server error.", type="server_error"))
+        return error_response(APIError(500, "Internal server error.", type="server_error"),
+                              request.url.path)

@@ -180,7 +180,7 @@ class BodySizeLimitMiddleware:
         try:
             body = await read_body(scope, receive, self.limits)
         except APIError as exc:
-            return await error_response(exc)(scope, receive, send)
+            return await error_response(exc, scope["path"])(scope, receive, send)
         if body is None:
             return  # the client left before sending its body
         await self.app(scope, replay(body, receive), send)

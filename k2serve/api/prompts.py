@@ -1,7 +1,7 @@
 """The prompt builder: a chat or completions request -> its prompt text -> token ids -> fitted
 to the model's context. The routes build their prompts here, and the platform's admission
-reserves the same prompt's tokens (`usage_bound`), so a TPM reservation is what the request
-really uses.
+reserves the same prompt's tokens (k2serve.api.surfaces.usage_bound), so a TPM reservation is
+what the request really uses.
 
 It works on the API's request models and raises the API's 400s, over any GenerationBackend
 (k2serve.serving.backend): our engine or one put behind k2serve.
@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from k2serve.api.schemas.chat import ChatCompletionRequest
 from k2serve.api.schemas.completions import CompletionRequest
-from k2serve.api.tools import ToolPlan, plan_tools, prepare_messages
+from k2serve.api.tools import ToolPlan, prepare_messages
 from k2serve.errors import APIError, bad_request
 from k2serve.serving.backend import GenerationBackend
 from k2serve.text.chat_template import (
@@ -124,26 +124,3 @@ def fit_context(prompt_ids: list[int], requested: int | None, default: int | Non
     else:
         max_tokens = requested
     return PreparedPrompt(prompt_ids, max_tokens, warnings)
-
-
-def usage_bound(endpoint: str, backend: GenerationBackend, body: dict) -> tuple[int, int]:
-    """(prompt tokens, n x the most the request may generate) of a chat or completions body,
-    for rate limits and budgets: the prompt the route will build, with the model's own
-    tokenizer and chat template, fitted to the context as the route fits it. Raises APIError /
-    ValueError for a body the route refuses anyway."""
-    if endpoint == "completions":
-        req = CompletionRequest.model_validate(body)
-        ids = completion_prompt_ids(req, backend)
-        default, param = COMPLETIONS_DEFAULT_MAX_TOKENS, "max_tokens"
-    else:
-        req = ChatCompletionRequest.model_validate(body)
-        ids = chat_prompt(req, backend, plan_tools(req, backend))[1]
-        default, param = None, chat_max_tokens_param(req)
-    if len(ids) >= backend.context_length and req.context_length_exceeded_behavior != "truncate":
-        return len(ids), 0  # the route refuses it: it holds its prompt until then
-    # What the route runs: the prompt and max_tokens fitted to the context ("error" requests
-    # that fit come out the same; one whose max_tokens is too large is refused, so it holds
-    # at most what is left).
-    fitted = fit_context(ids, req.requested_max_tokens, default, backend.context_length,
-                         "truncate", param)
-    return len(fitted.ids), req.n * fitted.max_tokens

@@ -13,7 +13,8 @@ import time
 
 from starlette.concurrency import run_in_threadpool
 
-from k2serve.api.prompts import usage_bound as generation_usage_bound
+from k2serve.api.surfaces import GENERATING_ENDPOINTS, served_endpoint
+from k2serve.api.surfaces import usage_bound as generation_usage_bound
 from k2serve.errors import APIError
 from k2serve.platform.context import RequestContext
 from k2serve.platform.keys import KeyInfo, KeyStore
@@ -25,7 +26,6 @@ from k2serve.platform.ratelimit import (
     run_soon,
 )
 from k2serve.platform.retries import RetryGuard
-from k2serve.serving.backend import GENERATION_ENDPOINTS
 from k2serve.serving.registry import ModelRegistry
 
 log = logging.getLogger("k2serve.platform")
@@ -141,7 +141,7 @@ class Admission:
     @staticmethod
     def _limited(key: KeyInfo, d: Decision, reserved: int, endpoint: str | None) -> APIError:
         headers = d.headers()
-        generates = endpoint in ("chat.completions", "completions")
+        generates = endpoint in GENERATING_ENDPOINTS
         counted = "prompt + n x max_tokens" if generates else "its input"
         if d.reason == "too_large":
             headers["x-should-retry"] = "false"
@@ -176,9 +176,9 @@ class Admission:
     def _usage_bound(self, endpoint: str | None, body: dict) -> tuple[int, int]:
         model = body.get("model")
         served = self.registry.get(model) if isinstance(model, str) else None
-        if served is None or endpoint is None or not served.serves(endpoint):
+        if served is None or endpoint is None or not served.serves(served_endpoint(endpoint)):
             return 0, 0  # the route answers 404 / 400
-        if endpoint in GENERATION_ENDPOINTS:
+        if endpoint in GENERATING_ENDPOINTS:
             return generation_usage_bound(endpoint, served.backend, body)
         return served.backend.usage_bound(body), 0  # all billed as input
 
@@ -191,7 +191,8 @@ class Admission:
         context = served.backend.context_length if generates else None
         n = body.get("n", 1)
         n = n if isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= 16 else 1
-        requested = body.get("max_completion_tokens", body.get("max_tokens"))
+        requested = body.get("max_completion_tokens",
+                             body.get("max_output_tokens", body.get("max_tokens")))
         if not isinstance(requested, int) or isinstance(requested, bool) or requested < 0:
             requested = context or 4096
         if context:

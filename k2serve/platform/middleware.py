@@ -57,7 +57,7 @@ class PlatformMiddleware:
         headers = Headers(scope=scope)
 
         try:
-            key = await platform.authenticate(headers.get("authorization"),
+            key = await platform.authenticate(_authorization(headers),
                                               host=headers.get("host"),
                                               origin=headers.get("origin"))
         except APIError as exc:
@@ -121,7 +121,7 @@ class PlatformMiddleware:
     async def _refuse(self, ctx: RequestContext, exc: APIError, scope, receive, send) -> None:
         ctx.refused = True
         ctx.error_code = exc.code
-        response = error_response(exc)
+        response = error_response(exc, scope["path"])
         try:
             await response(scope, receive, self._sender(ctx, send, {}))
         finally:
@@ -163,6 +163,15 @@ class PlatformMiddleware:
             await send(message)
 
         return sender
+
+
+def _authorization(headers: Headers) -> str | None:
+    """The Authorization header, or Anthropic's `x-api-key` (its SDKs and Claude Code send
+    the key there) as a Bearer token."""
+    authorization = headers.get("authorization")
+    if authorization is None and headers.get("x-api-key"):
+        return f"Bearer {headers['x-api-key']}"
+    return authorization
 
 
 def _capture_json(ctx: RequestContext, body: bytes) -> None:

@@ -1,0 +1,166 @@
+"""One chat generation, whatever API surface asked for it.
+
+OpenAI/Together chat completions, Anthropic Messages and OpenAI Responses differ in their
+request and reply shapes only: each translates its request into a ChatCompletionRequest,
+starts a ChatRun here (tools planned, grammar compiled, prompt rendered and fitted, capacity
+reserved, usage tracked under the surface's own ledger name, safety guard applied), and
+formats what the run yields — finished choices, or streamed pieces in chat-delta form
+(`{"content": ...}` or `{"tool_calls": [...]}`) that each surface maps onto its own events.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from fastapi import Request
+from starlette.concurrency import run_in_threadpool
+
+from k2serve.api.generation import (
+    ChoiceAccumulator,
+    RequestCapacity,
+    collect,
+    compile_grammar,
+    merged_choices,
+    stream_deltas,
+    until_disconnected,
+)
+from k2serve.api.models_lookup import text_backend_for
+from k2serve.api.prefix_cache import cache_salt
+from k2serve.api.prompts import (
+    PreparedPrompt,
+    chat_max_tokens_param,
+    chat_prompt,
+    fit_context,
+)
+from k2serve.api.response_format import response_format_grammar
+from k2serve.api.safety_guard import SafetyGuard, chat_input_texts, safety_guard
+from k2serve.api.schemas.chat import ChatCompletionRequest
+from k2serve.api.tools import (
+    StreamingToolState,
+    ToolPlan,
+    finish_with_tools,
+    parse_message,
+    plan_tools,
+)
+from k2serve.api.usage import UsageTracker
+from k2serve.errors import bad_request
+from k2serve.serving.backend import GenerationBackend, LogprobEntry, TextDelta
+from k2serve.structured import GrammarError
+
+
+@dataclass
+class ChatRun:
+    """A started chat generation: its choices run once iterated (or collected)."""
+
+    req: ChatCompletionRequest
+    backend: GenerationBackend
+    plan: ToolPlan | None  # None: the reply is free text (no tools, or tool_choice "none")
+    prompt_text: str
+    prepared: PreparedPrompt
+    choices: AsyncIterator[tuple[int, TextDelta]]
+    guard: SafetyGuard | None
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.prepared.ids)
+
+    async def results(self, request: Request) -> list[ChoiceAccumulator]:
+        """Every choice, finished (cancelled if the client goes away first)."""
+        return await until_disconnected(request, collect(self.choices, self.req.n))
+
+    def message(self, result: ChoiceAccumulator) -> tuple[dict, str | None]:
+        """(the assistant's chat message, finish reason) of a finished choice: tool calls
+        parsed out of the text when the request declared tools."""
+        if self.plan is None:
+            return {"role": "assistant", "content": result.text}, result.finish_reason
+        message, has_calls = parse_message(result.text, self.plan)
+        return message, finish_with_tools(result.finish_reason, has_calls)
+
+    async def pieces(self) -> AsyncIterator[StreamPiece]:
+        """The reply as chat-delta pieces, in order, per choice; the last piece of a choice
+        carries its finish reason, and the very last one the usage."""
+        tools = StreamingToolState(self.req.n, self.plan) if self.plan is not None else None
+        async for index, delta, usage in stream_deltas(self.choices, self.req.n,
+                                                       self.prompt_tokens):
+            if tools is None:
+                piece = {"content": delta.text}
+                if delta.token_ids:
+                    piece["token_id"] = delta.token_ids[-1]
+                yield StreamPiece(index, piece, delta.finish_reason, usage, delta.logprobs)
+                continue
+            parsed = tools.deltas(index, delta.text, finished=bool(delta.finish_reason))
+            if delta.finish_reason:
+                for piece in parsed:
+                    yield StreamPiece(index, piece)
+                finish = finish_with_tools(delta.finish_reason, tools.has_tool_calls(index))
+                yield StreamPiece(index, {"content": ""}, finish, usage, delta.logprobs)
+                continue
+            if not parsed and delta.logprobs:
+                parsed = [{"content": ""}]  # tokens held back by the parser still report logprobs
+            for i, piece in enumerate(parsed):
+                yield StreamPiece(index, piece, logprobs=delta.logprobs if i == 0 else None)
+
+
+@dataclass
+class StreamPiece:
+    index: int  # the choice
+    delta: dict  # {"content": str} or {"tool_calls": [{index, id?, type?, function}]}
+    finish_reason: str | None = None
+    usage: dict | None = None
+    logprobs: list[LogprobEntry] | None = None
+
+
+async def start_chat(req: ChatCompletionRequest, request: Request, capacity: RequestCapacity,
+                     endpoint: str = "chat.completions") -> ChatRun:
+    """Validate, render and admit `req`; `endpoint` is the ledger's name for the surface.
+
+    Every client error is raised here, before a streamed reply's 200."""
+    backend = text_backend_for(request, req.model, "chat.completions")
+    guard = safety_guard(request, req.safety_model)  # 400 for a safety model not served
+    # Off the event loop: checking large tool schemas, rendering and tokenizing a long
+    # prompt take seconds that every other request would wait for.
+    plan = await run_in_threadpool(plan_tools, req, backend)
+    grammar, stop = await _grammar(req, backend, plan)
+    if req.max_completion_tokens == 0 or req.max_tokens == 0:
+        raise bad_request("max_tokens must be at least 1 for chat completions.", param="max_tokens")
+
+    prompt_text, prompt_ids = await run_in_threadpool(chat_prompt, req, backend, plan)
+    prepared = fit_context(prompt_ids, req.requested_max_tokens, None, backend.context_length,
+                           req.context_length_exceeded_behavior, chat_max_tokens_param(req))
+    if stop is not None and req.stop_list:
+        prepared.warnings.append("stop sequences are not applied to structured output: the "
+                                 "grammar decides where it ends.")
+    reservation = capacity.reserve(backend, req.n)  # released when the exchange ends
+    tracker = UsageTracker(request, req.model, endpoint, len(prepared.ids), req.n)
+    choices = merged_choices(backend, prepared.ids, req, prepared.max_tokens, tracker,
+                             grammar=grammar, stop=stop, reservation=reservation,
+                             cache_salt=cache_salt(request, req))
+    if guard is not None:  # input checked first, output released in checked pieces
+        choices = guard.guarded(request, choices, chat_input_texts(req.messages), req.n,
+                                len(prepared.ids), tracker)
+    capacity.owns(choices)
+    return ChatRun(req, backend, plan, prompt_text, prepared, choices, guard)
+
+
+async def _grammar(req: ChatCompletionRequest, backend: GenerationBackend, plan: ToolPlan | None):
+    """(compiled grammar or None, stop strings override): response_format or tool calls.
+
+    Stop strings would cut structured output short of valid, so they apply only to free text.
+    """
+    try:
+        fmt = await run_in_threadpool(response_format_grammar, req.response_format)
+    except GrammarError as exc:
+        raise bad_request(str(exc), param=exc.param) from None
+    if fmt is not None and plan is not None:
+        raise bad_request("response_format cannot be combined with tool calls; set tool_choice "
+                          "to 'none', or leave out response_format.", param="response_format")
+    if fmt is not None:
+        text, what = fmt
+        param = what if what.startswith("response_format") else "response_format"
+        return await compile_grammar(backend, text, what, param), []
+    if plan is not None:
+        grammar = await compile_grammar(backend, plan.grammar, "The tools' parameters",
+                                        "tools")
+        return grammar, ([] if plan.whole_reply else None)
+    return None, None

@@ -24,6 +24,7 @@ from k2serve.api.routes import (
     chat,
     completions,
     embeddings,
+    messages,
     models,
     moderations,
     rerank,
@@ -59,7 +60,7 @@ def create_app(registry: ModelRegistry, *, max_body_bytes: int = DEFAULT_MAX_BOD
     app.state.usage_sinks = [log_usage]
     app.state.shared_prefix_cache = shared_prefix_cache
     install_error_handlers(app)
-    for module in (models, chat, completions, audio, embeddings, rerank, moderations,
+    for module in (models, chat, completions, messages, audio, embeddings, rerank, moderations,
                    capabilities):
         app.include_router(module.router)
 

@@ -87,14 +87,16 @@ class ChatRun:
                 piece = {"content": delta.text}
                 if delta.token_ids:
                     piece["token_id"] = delta.token_ids[-1]
-                yield StreamPiece(index, piece, delta.finish_reason, usage, delta.logprobs)
+                yield StreamPiece(index, piece, delta.finish_reason, usage, delta.logprobs,
+                                  delta.stop_sequence)
                 continue
             parsed = tools.deltas(index, delta.text, finished=bool(delta.finish_reason))
             if delta.finish_reason:
                 for piece in parsed:
                     yield StreamPiece(index, piece)
                 finish = finish_with_tools(delta.finish_reason, tools.has_tool_calls(index))
-                yield StreamPiece(index, {"content": ""}, finish, usage, delta.logprobs)
+                yield StreamPiece(index, {"content": ""}, finish, usage, delta.logprobs,
+                                  delta.stop_sequence)
                 continue
             if not parsed and delta.logprobs:
                 parsed = [{"content": ""}]  # tokens held back by the parser still report logprobs
@@ -109,6 +111,7 @@ class StreamPiece:
     finish_reason: str | None = None
     usage: dict | None = None
     logprobs: list[LogprobEntry] | None = None
+    stop_sequence: str | None = None  # with a finish: the stop string that ended the choice
 
 
 async def start_chat(req: ChatCompletionRequest, request: Request, capacity: RequestCapacity,

@@ -64,7 +64,9 @@ _ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error",
 def anthropic_error_body(error: APIError) -> dict:
     kind = _ANTHROPIC_TYPES.get(error.status,
                                 "invalid_request_error" if error.status < 500 else "api_error")
-    message = error.message if error.param is None else f"{error.param}: {error.message}"
+    message = error.message
+    if error.param is not None and f"'{error.param}'" not in message:
+        message = f"{error.param}: {message}"
     return {"type": "error", "error": {"type": kind, "message": message}}
 
 
@@ -91,6 +93,8 @@ def _describe_validation_error(err: dict, others: list[dict] = ()) -> tuple[str,
     msg = " or ".join(dict.fromkeys(msgs))
     if kind == "missing":
         return f"Missing required parameter: '{param}'.", param
+    if kind == "extra_forbidden":
+        return f"Unsupported parameter: '{param}' is not supported by this server.", param
     if param:
         return f"Invalid value for '{param}': {msg}.", param
     return f"Invalid request body: {msg}.", None

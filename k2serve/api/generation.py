@@ -210,6 +210,7 @@ class ChoiceAccumulator:
     completion_tokens: int = 0
     cached_tokens: int = 0
     prompt_logprobs: list[LogprobEntry | None] | None = None
+    stop_sequence: str | None = None
 
     def add(self, delta: TextDelta) -> None:
         self.cached_tokens = delta.cached_tokens
@@ -222,6 +223,7 @@ class ChoiceAccumulator:
         self.completion_tokens = delta.completion_tokens
         if delta.finish_reason:
             self.finish_reason = delta.finish_reason
+            self.stop_sequence = delta.stop_sequence
 
 
 async def collect(choices: AsyncIterator[tuple[int, TextDelta]], n: int) -> list[ChoiceAccumulator]:

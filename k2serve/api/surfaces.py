@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from k2serve.api.anthropic_messages import messages_to_chat
 from k2serve.api.prompts import (
     COMPLETIONS_DEFAULT_MAX_TOKENS,
     chat_max_tokens_param,
@@ -25,6 +26,7 @@ from k2serve.serving.backend import GenerationBackend
 # ledger endpoint name -> its body as a chat request (raises APIError/ValueError when invalid)
 CHAT_SURFACES: dict[str, Callable[[dict], ChatCompletionRequest]] = {
     "chat.completions": ChatCompletionRequest.model_validate,
+    "messages": messages_to_chat,
 }
 GENERATING_ENDPOINTS = frozenset(CHAT_SURFACES) | {"completions"}
 

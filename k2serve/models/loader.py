@@ -34,7 +34,10 @@ def open_checkpoint(path: str):
 
         return GGUFCheckpoint(path)
     if os.path.isdir(path):
-        from k2serve.models.loaders.fp8 import FP8BlockCheckpoint, is_fp8_block_checkpoint
+        from k2serve.models.loaders.fp8 import (
+            FP8BlockCheckpoint,
+            is_fp8_block_checkpoint,
+        )
         from k2serve.models.loaders.safetensors import SafetensorsCheckpoint
 
         checkpoint = SafetensorsCheckpoint(path, config_from_hf)

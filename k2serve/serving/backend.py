@@ -56,6 +56,7 @@ class TextDelta:
     completion_tokens: int  # so far
     cached_tokens: int = 0
     prompt_logprobs: list[LogprobEntry | None] | None = None
+    stop_sequence: str | None = None  # the stop string that ended the choice, if one did
 
 
 @runtime_checkable

@@ -19,7 +19,8 @@ CATALOG: dict[str, dict] = {
     KIMI_K2_MODEL_ID: dict(
         type="chat", display_name="Kimi K2 Instruct 0905", organization="Moonshot AI",
         license="modified-mit", link="https://huggingface.co/moonshotai/Kimi-K2-Instruct-0905",
-        pricing=Pricing(input=1.0, output=3.0), created=1757030400),
+        pricing=Pricing(input=1.0, output=3.0), created=1757030400,
+        anthropic_temperature_scale=0.6),
     # Embedding / rerank (k2serve.embeddings): Together's price tier for embedding models of
     # up to 150M parameters, $0.008 per 1M input tokens (MiniLM 22M, MPNet 110M).
     "sentence-transformers/all-MiniLM-L6-v2": dict(

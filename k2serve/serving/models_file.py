@@ -13,6 +13,7 @@ by our engine (`kind = "local"`) or by an OpenAI-compatible engine elsewhere
     price_input = 0.6                   # USD per 1M tokens (default: the catalog's, else 0)
     price_output = 2.5
     constrains = true                   # it enforces structured_outputs.grammar (default)
+    anthropic_temperature_scale = 0.6   # /v1/messages temperature x this (default: K2's 0.6)
 
     [[models]]
     id = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -38,7 +39,7 @@ from k2serve.serving.upstream_loader import load_upstream_model
 
 KINDS = ("local", "openai")
 _KEYS = {"id", "kind", "urls", "upstream_model", "api_key_env", "tokenizer", "context_length",
-         "price_input", "price_output", "path", "constrains"}
+         "price_input", "price_output", "path", "constrains", "anthropic_temperature_scale"}
 
 
 @dataclass
@@ -54,6 +55,7 @@ class ModelEntry:
     price_output: float | None = None
     path: str | None = None
     constrains: bool = True
+    anthropic_temperature_scale: float | None = None
 
 
 def read_models_file(path: str) -> list[ModelEntry]:
@@ -115,12 +117,16 @@ def _entry(raw: dict[str, Any], where: str) -> ModelEntry:
         if value is not None and value < 0:
             raise ValueError(f"{where}: '{key}' must not be negative")
     constrains = typed("constrains", bool)
+    scale = typed("anthropic_temperature_scale", (int, float))
+    if scale is not None and not 0 < scale <= 2:
+        raise ValueError(f"{where}: 'anthropic_temperature_scale' must be in (0, 2]")
     return ModelEntry(id=model_id, kind=kind, urls=urls,
                       upstream_model=typed("upstream_model", str),
                       api_key_env=typed("api_key_env", str), tokenizer=typed("tokenizer", str),
                       context_length=context, price_input=prices["price_input"],
                       price_output=prices["price_output"], path=typed("path", str),
-                      constrains=True if constrains is None else constrains)
+                      constrains=True if constrains is None else constrains,
+                      anthropic_temperature_scale=scale)
 
 
 def load_model_entry(entry: ModelEntry, options: LoadOptions) -> tuple[ModelSpec, ModelBackend]:
@@ -151,4 +157,7 @@ def load_model_entry(entry: ModelEntry, options: LoadOptions) -> tuple[ModelSpec
         pricing = dataclasses.replace(pricing, input=float(entry.price_input))
     if entry.price_output is not None:
         pricing = dataclasses.replace(pricing, output=float(entry.price_output))
+    if entry.anthropic_temperature_scale is not None:
+        spec = dataclasses.replace(
+            spec, anthropic_temperature_scale=float(entry.anthropic_temperature_scale))
     return dataclasses.replace(spec, pricing=pricing), backend

@@ -42,6 +42,10 @@ class ModelSpec:
     license: str | None = None
     link: str | None = None
     created: int = field(default_factory=lambda: int(time.time()))
+    # Anthropic's API: the sampling temperature is the request's times this (Moonshot maps
+    # K2's by 0.6: Anthropic clients send 1.0 by default, K2's recommended is 0.6). None: the
+    # model family's own (0.6 for K2's tool format, else 1).
+    anthropic_temperature_scale: float | None = None
 
     def as_model_object(self) -> dict[str, Any]:
         obj: dict[str, Any] = {

@@ -91,6 +91,7 @@ class TextBackend(TextModel):
                     completion_tokens=completion_tokens,
                     cached_tokens=out.num_cached_tokens,
                     prompt_logprobs=prompt_lps,
+                    stop_sequence=matcher.matched if matcher is not None else None,
                 )
                 if finish:
                     return

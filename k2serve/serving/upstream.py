@@ -230,6 +230,7 @@ class UpstreamBackend(TextModel):
                     raise self._refusal(response)
                 replica.succeeded()
                 finish: str | None = None
+                matched: str | None = None  # vLLM/SGLang: `stop_reason`, the stop string hit
                 async for line in response.aiter_lines():
                     if not line.startswith("data: ") or line == "data: [DONE]":
                         continue
@@ -249,6 +250,8 @@ class UpstreamBackend(TextModel):
                         logprobs = self._logprobs(choice.get("logprobs"))
                         completion += len(logprobs) if logprobs else (1 if text else 0)
                         finish = choice.get("finish_reason") or finish
+                        if isinstance(choice.get("stop_reason"), str):
+                            matched = choice["stop_reason"]
                         if text or logprobs:  # the finish itself rides on the usage delta
                             yield TextDelta(text=text, token_ids=[], logprobs=logprobs,
                                             finish_reason=None, prompt_tokens=prompt_tokens,
@@ -264,11 +267,13 @@ class UpstreamBackend(TextModel):
                         yield TextDelta(text="", token_ids=[], logprobs=None,
                                         finish_reason=finish or "stop",
                                         prompt_tokens=prompt_tokens,
-                                        completion_tokens=completion, cached_tokens=cached)
+                                        completion_tokens=completion, cached_tokens=cached,
+                                        stop_sequence=matched)
                         return
                 if finish is not None:  # an upstream that sends no usage
                     yield TextDelta(text="", token_ids=[], logprobs=None, finish_reason=finish,
-                                    prompt_tokens=prompt_tokens, completion_tokens=completion)
+                                    prompt_tokens=prompt_tokens, completion_tokens=completion,
+                                    stop_sequence=matched)
                     return
                 raise UpstreamUnavailable(f"{replica.url} ended the stream before it finished")
             except httpx.TransportError as exc:

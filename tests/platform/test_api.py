@@ -272,6 +272,27 @@ def test_streams_and_chat_are_billed_from_the_tracker(database):
     assert len(rows) == 2
 
 
+def test_anthropic_messages_take_x_api_key_and_are_billed_as_messages(database):
+    """Anthropic's SDKs send the key as `x-api-key`; its errors come in Anthropic's shape."""
+    _, key = KeyStore(database).create("k")
+    app, _ = make_app(database)
+    body = {"model": MODEL, "max_tokens": 3, "messages": [{"role": "user", "content": "hi you"}]}
+    with TestClient(app) as c:
+        r = c.post("/v1/messages", headers={"x-api-key": key, "x-request-id": "m1"}, json=body)
+        assert r.status_code == 200, r.text
+        reply = r.json()
+        refused = c.post("/v1/messages", headers={"x-api-key": "k2s-wrong"}, json=body)
+        assert refused.status_code == 401
+        assert refused.json()["type"] == "error"
+        assert refused.json()["error"]["type"] == "authentication_error"
+    row = rows_by_request(database)["m1"]
+    assert row.endpoint == "messages"
+    assert (row.prompt_tokens, row.completion_tokens) == (
+        reply["usage"]["input_tokens"] + reply["usage"]["cache_read_input_tokens"],
+        reply["usage"]["output_tokens"]) == (3, 3)
+    assert row.cost_usd == pytest.approx((3 * 1.0 + 3 * 3.0) / 1e6)
+
+
 def test_admin_usage_endpoint(database):
     store = KeyStore(database)
     _, admin = store.create("root", admin=True)
@@ -361,7 +382,8 @@ def test_dropped_stream_on_a_real_server_is_billed_for_what_it_produced(database
 
 # POST endpoints that are never billed: they answer 400/404 until such a model is served
 # (k2serve.api.routes.capabilities).
-UNBILLED_POSTS = {"/v1/images/generations", "/v1/videos", "/v2/videos"}
+UNBILLED_POSTS = {"/v1/images/generations", "/v1/videos", "/v2/videos",
+                  "/v1/messages/count_tokens"}  # counts a prompt, runs nothing
 
 
 def test_every_post_endpoint_is_metered_or_declared_unbilled(database):

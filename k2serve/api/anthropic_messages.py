@@ -1,0 +1,262 @@
+"""Anthropic's Messages API over a chat run: its request as a chat request, a finished chat
+message as its content blocks, and chat-delta pieces as its stream events.
+
+Content blocks map onto chat messages: `tool_use` blocks are an assistant's tool calls,
+`tool_result` blocks become `tool` messages (before the user text of the same turn, where
+Anthropic puts them), `thinking` blocks of earlier turns are left out as Anthropic itself
+leaves them out of the context. Every other block type is refused by name.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from k2serve.api.chat_run import StreamPiece
+from k2serve.api.schemas.chat import ChatCompletionRequest
+from k2serve.api.schemas.messages import CountTokensRequest, MessagesRequest
+from k2serve.errors import bad_request
+
+# Harmless keys a block may carry: prompt prefixes are cached without being asked.
+_IGNORED_BLOCK_KEYS = {"cache_control", "citations"}
+_BLOCK_KEYS = {
+    "text": {"type", "text"},
+    "image": {"type", "source"},
+    "tool_use": {"type", "id", "name", "input"},
+    "tool_result": {"type", "tool_use_id", "content", "is_error"},
+    "thinking": {"type", "thinking", "signature"},
+    "redacted_thinking": {"type", "data"},
+}
+
+
+def messages_to_chat(body: dict) -> ChatCompletionRequest:
+    """A /v1/messages body as the chat request it runs (its token reservation: same prompt)."""
+    return to_chat(MessagesRequest.model_validate(body))
+
+
+def to_chat(req: CountTokensRequest, temperature_scale: float = 1.0) -> ChatCompletionRequest:
+    fields: dict[str, Any] = {"model": req.model, "messages": _chat_messages(req)}
+    if req.tools:
+        fields["tools"] = [{"type": "function", "function": {
+            "name": t.name, "description": t.description or "", "parameters": t.input_schema}}
+            for t in req.tools]
+    if req.tool_choice is not None:
+        choice = req.tool_choice
+        if choice.type == "tool" and not choice.name:
+            raise bad_request("tool_choice {\"type\": \"tool\"} needs the tool's \"name\".",
+                              param="tool_choice.name")
+        fields["tool_choice"] = {"auto": "auto", "any": "required", "none": "none"}.get(
+            choice.type) or {"type": "function", "function": {"name": choice.name}}
+        if choice.disable_parallel_tool_use:
+            fields["parallel_tool_calls"] = False
+    if req.thinking is not None and req.thinking.type != "disabled":
+        raise bad_request(f"thinking {{\"type\": \"{req.thinking.type}\"}}: the model "
+                          f"'{req.model}' does not produce thinking blocks.",
+                          param="thinking.type")
+    if req.output_config is not None and req.output_config.format is not None:
+        fields["response_format"] = {"type": "json_schema", "json_schema": {
+            "name": "output", "schema": req.output_config.format.schema_}}
+    if isinstance(req, MessagesRequest):
+        # Anthropic's default temperature is 1; the model's scale maps it (K2: to 0.6).
+        temperature = 1.0 if req.temperature is None else req.temperature
+        fields.update(max_tokens=req.max_tokens, temperature=temperature * temperature_scale,
+                      top_p=req.top_p, top_k=req.top_k, stop=req.stop_sequences,
+                      stream=req.stream)
+    return ChatCompletionRequest.model_validate(fields)
+
+
+def _chat_messages(req: CountTokensRequest) -> list[dict]:
+    out: list[dict] = []
+    system = _system_text(req.system)
+    if system:
+        out.append({"role": "system", "content": system})
+    for i, message in enumerate(req.messages):
+        where = f"messages.{i}.content"
+        blocks = ([{"type": "text", "text": message.content}]
+                  if isinstance(message.content, str) else message.content)
+        for j, block in enumerate(blocks):
+            _check_block(block, f"{where}.{j}")
+        if message.role == "assistant":
+            if i == len(req.messages) - 1:
+                raise bad_request("The last message is the assistant's: prefilling the reply "
+                                  "is not supported here. End with a user message.",
+                                  param=f"messages.{i}.role")
+            out.append(_assistant(blocks))
+        else:
+            out += _user(blocks, where)
+    return out
+
+
+def _system_text(system) -> str:
+    if system is None or isinstance(system, str):
+        return system or ""
+    texts = []
+    for j, block in enumerate(system):
+        if not isinstance(block, dict) or block.get("type") != "text":
+            raise bad_request("system blocks must be text blocks.", param=f"system.{j}.type")
+        _check_block(block, f"system.{j}")
+        texts.append(block["text"])
+    return "\n\n".join(texts)
+
+
+def _check_block(block: Any, where: str) -> None:
+    kind = block.get("type") if isinstance(block, dict) else None
+    allowed = _BLOCK_KEYS.get(kind)
+    if allowed is None:
+        raise bad_request(f"Content blocks of type {kind!r} are not supported here; this server "
+                          f"takes {', '.join(_BLOCK_KEYS)} blocks.", param=f"{where}.type")
+    unknown = sorted(set(block) - allowed - _IGNORED_BLOCK_KEYS)
+    if unknown:
+        raise bad_request(f"A {kind} block cannot have {', '.join(unknown)} here.",
+                          param=f"{where}.{unknown[0]}")
+    if kind == "text" and not isinstance(block.get("text"), str):
+        raise bad_request("A text block needs a string 'text'.", param=f"{where}.text")
+    if kind == "tool_use" and not (isinstance(block.get("name"), str)
+                                   and isinstance(block.get("input"), dict)
+                                   and isinstance(block.get("id"), str)):
+        raise bad_request("A tool_use block needs 'id', 'name' and an object 'input'.",
+                          param=where)
+    if kind == "tool_result" and not isinstance(block.get("tool_use_id"), str):
+        raise bad_request("A tool_result block needs its 'tool_use_id'.",
+                          param=f"{where}.tool_use_id")
+
+
+def _assistant(blocks: list[dict]) -> dict:
+    text = "".join(b["text"] for b in blocks if b["type"] == "text")
+    calls = [{"id": b["id"], "type": "function",
+              "function": {"name": b["name"], "arguments": json.dumps(b["input"],
+                                                                     ensure_ascii=False)}}
+             for b in blocks if b["type"] == "tool_use"]
+    message: dict[str, Any] = {"role": "assistant", "content": text or None}
+    if calls:
+        message["tool_calls"] = calls
+    elif not text:
+        message["content"] = ""
+    return message
+
+
+def _user(blocks: list[dict], where: str) -> list[dict]:
+    """A user turn: its tool results as tool messages, its text and images as a user message."""
+    out: list[dict] = []
+    parts: list[dict] = []
+    for j, block in enumerate(blocks):
+        if block["type"] == "tool_result":
+            out.append({"role": "tool", "tool_call_id": block["tool_use_id"],
+                        "content": _tool_result_text(block, f"{where}.{j}")})
+        elif block["type"] == "text":
+            parts.append({"type": "text", "text": block["text"]})
+        elif block["type"] == "image":
+            raise bad_request("This model accepts text only; the message contains an image "
+                              "block.", param=f"{where}.{j}", code="unsupported_content_type")
+        else:
+            raise bad_request(f"A user message cannot hold a {block['type']} block.",
+                              param=f"{where}.{j}.type")
+    if parts:
+        out.append({"role": "user", "content": "".join(p["text"] for p in parts)})
+    return out
+
+
+def _tool_result_text(block: dict, where: str) -> str:
+    content = block.get("content")
+    if content is None:
+        text = ""
+    elif isinstance(content, str):
+        text = content
+    elif isinstance(content, list) and all(isinstance(b, dict) and b.get("type") == "text"
+                                           and isinstance(b.get("text"), str) for b in content):
+        text = "".join(b["text"] for b in content)
+    else:
+        raise bad_request("tool_result content must be a string or text blocks (this model "
+                          "accepts text only).", param=f"{where}.content")
+    # Anthropic's models see the error flag; a chat template has no field for it.
+    return f"Error: {text}" if block.get("is_error") else text
+
+
+# -- the reply ---------------------------------------------------------------------------
+def message_id() -> str:
+    return f"msg_{uuid.uuid4().hex[:24]}"
+
+
+def tool_use_id() -> str:
+    return f"toolu_{uuid.uuid4().hex[:24]}"
+
+
+def stop_reason(finish_reason: str | None, stop_sequence: str | None) -> str:
+    if finish_reason == "tool_calls":
+        return "tool_use"
+    if finish_reason == "length":
+        return "max_tokens"
+    if finish_reason == "content_filter":
+        return "refusal"
+    return "stop_sequence" if stop_sequence else "end_turn"
+
+
+def usage(prompt_tokens: int, output_tokens: int, cached_tokens: int) -> dict:
+    """Anthropic counts cache reads apart: input + cache_read + cache_creation = the prompt."""
+    return {"input_tokens": prompt_tokens - cached_tokens, "output_tokens": output_tokens,
+            "cache_creation_input_tokens": 0, "cache_read_input_tokens": cached_tokens}
+
+
+def content_blocks(message: dict) -> list[dict]:
+    """A finished chat message (k2serve.api.chat_run.ChatRun.message) as content blocks."""
+    blocks: list[dict] = []
+    if message.get("content"):
+        blocks.append({"type": "text", "text": message["content"]})
+    for call in message.get("tool_calls") or ():
+        blocks.append({"type": "tool_use", "id": tool_use_id(),
+                       "name": call["function"]["name"],
+                       "input": json.loads(call["function"]["arguments"] or "{}")})
+    return blocks or [{"type": "text", "text": ""}]
+
+
+async def stream_events(pieces: AsyncIterator[StreamPiece], start: dict, prompt_tokens: int
+                        ) -> AsyncIterator[tuple[str, dict]]:
+    """(event name, data) of Anthropic's stream from a one-choice chat run's pieces.
+
+    `start` is the message as message_start shows it (empty content, null stop_reason)."""
+    yield "message_start", {"type": "message_start", "message": start}
+    yield "ping", {"type": "ping"}
+    index, open_kind = -1, None
+
+    def close():
+        return "content_block_stop", {"type": "content_block_stop", "index": index}
+
+    async for piece in pieces:
+        text = piece.delta.get("content")
+        if text:
+            if open_kind != "text":
+                if open_kind is not None:
+                    yield close()
+                index, open_kind = index + 1, "text"
+                yield "content_block_start", {"type": "content_block_start", "index": index,
+                                              "content_block": {"type": "text", "text": ""}}
+            yield "content_block_delta", {"type": "content_block_delta", "index": index,
+                                          "delta": {"type": "text_delta", "text": text}}
+        for call in piece.delta.get("tool_calls") or ():
+            function = call.get("function") or {}
+            if "name" in function:  # a new call opens its block
+                if open_kind is not None:
+                    yield close()
+                index, open_kind = index + 1, "tool_use"
+                yield "content_block_start", {
+                    "type": "content_block_start", "index": index,
+                    "content_block": {"type": "tool_use", "id": tool_use_id(),
+                                      "name": function["name"], "input": {}}}
+            if function.get("arguments"):
+                yield "content_block_delta", {
+                    "type": "content_block_delta", "index": index,
+                    "delta": {"type": "input_json_delta", "partial_json": function["arguments"]}}
+        if piece.finish_reason is not None:
+            if open_kind is not None:
+                yield close()
+                open_kind = None
+            totals = piece.usage or {}
+            cached = (totals.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
+            yield "message_delta", {
+                "type": "message_delta",
+                "delta": {"stop_reason": stop_reason(piece.finish_reason, piece.stop_sequence),
+                          "stop_sequence": piece.stop_sequence},
+                "usage": usage(prompt_tokens, totals.get("completion_tokens", 0), cached)}
+            yield "message_stop", {"type": "message_stop"}

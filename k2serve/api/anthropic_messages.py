@@ -51,7 +51,8 @@ def to_chat(req: CountTokensRequest, temperature_scale: float = 1.0) -> ChatComp
             choice.type) or {"type": "function", "function": {"name": choice.name}}
         if choice.disable_parallel_tool_use:
             fields["parallel_tool_calls"] = False
-    if req.thinking is not None and req.thinking.type != "disabled":
+    # "adaptive": the model decides whether to think, and this one does not.
+    if req.thinking is not None and req.thinking.type == "enabled":
         raise bad_request(f"thinking {{\"type\": \"{req.thinking.type}\"}}: the model "
                           f"'{req.model}' does not produce thinking blocks.",
                           param="thinking.type")
@@ -78,7 +79,13 @@ def _chat_messages(req: CountTokensRequest) -> list[dict]:
                   if isinstance(message.content, str) else message.content)
         for j, block in enumerate(blocks):
             _check_block(block, f"{where}.{j}")
-        if message.role == "assistant":
+        if message.role == "system":
+            for j, block in enumerate(blocks):
+                if block["type"] != "text":
+                    raise bad_request("A system message holds text blocks only.",
+                                      param=f"{where}.{j}.type")
+            out.append({"role": "system", "content": "".join(b["text"] for b in blocks)})
+        elif message.role == "assistant":
             if i == len(req.messages) - 1:
                 raise bad_request("The last message is the assistant's: prefilling the reply "
                                   "is not supported here. End with a user message.",

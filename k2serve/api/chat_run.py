@@ -115,8 +115,11 @@ class StreamPiece:
 
 
 async def start_chat(req: ChatCompletionRequest, request: Request, capacity: RequestCapacity,
-                     endpoint: str = "chat.completions") -> ChatRun:
+                     endpoint: str = "chat.completions", max_tokens_is_a_cap: bool = False
+                     ) -> ChatRun:
     """Validate, render and admit `req`; `endpoint` is the ledger's name for the surface.
+    `max_tokens_is_a_cap`: a max_tokens beyond what the context leaves is lowered to it, not
+    refused (Anthropic's clients send their model's largest output, e.g. 32000).
 
     Every client error is raised here, before a streamed reply's 200."""
     backend = text_backend_for(request, req.model, "chat.completions")
@@ -129,7 +132,11 @@ async def start_chat(req: ChatCompletionRequest, request: Request, capacity: Req
         raise bad_request("max_tokens must be at least 1 for chat completions.", param="max_tokens")
 
     prompt_text, prompt_ids = await run_in_threadpool(chat_prompt, req, backend, plan)
-    prepared = fit_context(prompt_ids, req.requested_max_tokens, None, backend.context_length,
+    requested = req.requested_max_tokens
+    room = backend.context_length - len(prompt_ids)
+    if max_tokens_is_a_cap and requested is not None and room > 0:
+        requested = min(requested, room)
+    prepared = fit_context(prompt_ids, requested, None, backend.context_length,
                            req.context_length_exceeded_behavior, chat_max_tokens_param(req))
     if stop is not None and req.stop_list:
         prepared.warnings.append("stop sequences are not applied to structured output: the "

@@ -72,9 +72,44 @@ def library_error(grammar: str, tokenizer: llguidance.LLTokenizer | None, what: 
         raise GrammarError(f"{what} cannot be used: {error}.", param)
 
 
+# -- keywords that constrain nothing --------------------------------------------------------
+# Where a schema's subschemas sit: one schema, a list of them, or a map of names to them.
+_SUBSCHEMA = ("items", "additionalProperties", "not", "if", "then", "else", "contains",
+              "unevaluatedProperties", "unevaluatedItems", "additionalItems")
+_SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+_SUBSCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions",
+                   "dependentSchemas")
+_ANNOTATIONS = {"title", "description", "$comment"}
+
+
+def without_vacuous_keywords(schema: Any) -> Any:
+    """`schema` less the keywords that allow every instance, which llguidance would refuse as
+    unimplemented: `propertyNames` of `{"type": "string"}` (every JSON key is a string; zod
+    and Claude Code's tools write it for records). The same instances validate."""
+    if not isinstance(schema, dict):
+        return schema
+    out = dict(schema)
+    names = out.get("propertyNames")
+    if names is True or (isinstance(names, dict)
+                         and set(names) - _ANNOTATIONS <= {"type"}
+                         and names.get("type", "string") == "string"):
+        del out["propertyNames"]
+    for key in _SUBSCHEMA:
+        if key in out:
+            out[key] = without_vacuous_keywords(out[key])
+    for key in _SUBSCHEMA_LISTS:
+        if isinstance(out.get(key), list):
+            out[key] = [without_vacuous_keywords(s) for s in out[key]]
+    for key in _SUBSCHEMA_MAPS:
+        if isinstance(out.get(key), dict):
+            out[key] = {name: without_vacuous_keywords(s) for name, s in out[key].items()}
+    return out
+
+
 # -- response_format ------------------------------------------------------------------------
 def json_schema_grammar(schema: dict) -> str:
-    return llguidance.LLMatcher.grammar_from_json_schema(schema, overrides=JSON_OPTIONS)
+    return llguidance.LLMatcher.grammar_from_json_schema(without_vacuous_keywords(schema),
+                                                         overrides=JSON_OPTIONS)
 
 
 def regex_grammar(pattern: str) -> str:
@@ -83,7 +118,7 @@ def regex_grammar(pattern: str) -> str:
 
 # -- tools ----------------------------------------------------------------------------------
 def _json_lark(schema: dict) -> str:
-    schema = {**copy.deepcopy(schema), "x-guidance": JSON_OPTIONS}
+    schema = {**copy.deepcopy(without_vacuous_keywords(schema)), "x-guidance": JSON_OPTIONS}
     return "%json " + json.dumps(schema, ensure_ascii=False)
 
 

@@ -73,6 +73,25 @@ def test_unsupported_keyword_and_bad_regex_are_named(compiler):
         compiler.compile(regex_grammar("(?=a)b"))
 
 
+def test_a_vacuous_property_names_is_no_constraint_to_refuse(compiler, tok):
+    """Claude Code's tools declare records as `propertyNames: {"type": "string"}`: every JSON
+    key is a string, so the schema compiles and allows exactly what it allowed."""
+    record = {"type": "object", "properties": {
+        "metadata": {"type": "object", "propertyNames": {"type": "string"},
+                     "additionalProperties": {"type": "integer"}},
+        "propertyNames": {"type": "string"}}}  # a property of that name stays a property
+    grammar = json_schema_grammar(record)
+    assert accepts(compiler, tok, grammar, '{"metadata": {"a": 1}, "propertyNames": "x"}')
+    assert not accepts(compiler, tok, grammar, '{"metadata": {"a": "one"}}')
+    assert not accepts(compiler, tok, grammar, '{"propertyNames": 3}')
+    tool = ToolSpec("tag", {"type": "object", "properties": {"m": record["properties"]["metadata"]}})
+    assert accepts(compiler, tok, json_tool_grammar([tool], None, True, False),
+                   '<tool_call>[{"name": "tag", "arguments": {"m": {"k": 2}}}]</tool_call>')
+    with pytest.raises(GrammarError, match="propertyNames"):  # a real constraint is refused
+        compiler.compile(json_schema_grammar({"type": "object",
+                                              "propertyNames": {"pattern": "^a"}}))
+
+
 def test_vocabulary_prepared_ahead_is_the_one_compiling_uses(tok):
     fresh = GrammarCompiler(tok)
     assert fresh._lltok is None

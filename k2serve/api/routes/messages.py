@@ -46,7 +46,7 @@ def temperature_scale(request: Request, model_id: str) -> float:
 async def messages(req: MessagesRequest, request: Request,
                    capacity: RequestCapacity = Depends(request_capacity)):
     chat = to_chat(req, temperature_scale(request, req.model))
-    run = await start_chat(chat, request, capacity, endpoint="messages")
+    run = await start_chat(chat, request, capacity, endpoint="messages", max_tokens_is_a_cap=True)
     reply = {"id": message_id(), "type": "message", "role": "assistant", "model": req.model}
     if req.stream:
         start = {**reply, "content": [], "stop_reason": None, "stop_sequence": None,

@@ -18,7 +18,8 @@ from k2serve.api.schemas.common import MAX_STOP_LENGTH, MAX_STOP_SEQUENCES
 class AnthropicMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    role: Literal["user", "assistant"]
+    # "system": Claude Code puts later instructions between the turns
+    role: Literal["user", "assistant", "system"]
     content: Union[str, list[dict[str, Any]]]
 
 
@@ -60,6 +61,32 @@ class OutputConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     format: OutputFormat | None = None
+    # How hard the model should think: a hint that a model without reasoning has no use for.
+    effort: Literal["low", "medium", "high", "xhigh", "max"] | None = None
+
+
+class ContextEdit(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    type: str
+
+
+class ContextManagement(BaseModel):
+    """Anthropic's server-side context edits. `clear_thinking_*` is accepted: earlier turns'
+    thinking never reaches the prompt here (k2serve.api.anthropic_messages)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    edits: list[ContextEdit] = Field(default_factory=list)
+
+    @field_validator("edits")
+    @classmethod
+    def _only_clear_thinking(cls, value):
+        for edit in value:
+            if not edit.type.startswith("clear_thinking_"):
+                raise ValueError(f"the context edit {edit.type!r} is not supported here "
+                                 f"(clear_thinking edits are)")
+        return value
 
 
 class CountTokensRequest(BaseModel):
@@ -74,6 +101,7 @@ class CountTokensRequest(BaseModel):
     tool_choice: AnthropicToolChoice | None = None
     thinking: ThinkingConfig | None = None
     output_config: OutputConfig | None = None
+    context_management: ContextManagement | None = None
 
 
 class MessagesRequest(CountTokensRequest):

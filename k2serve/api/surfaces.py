@@ -17,6 +17,7 @@ from k2serve.api.prompts import (
     completion_prompt_ids,
     fit_context,
 )
+from k2serve.api.responses_request import responses_to_chat
 from k2serve.api.schemas.chat import ChatCompletionRequest
 from k2serve.api.schemas.completions import CompletionRequest
 from k2serve.api.tools import plan_tools
@@ -25,6 +26,7 @@ from k2serve.serving.backend import GenerationBackend
 # ledger endpoint name -> its body as a chat request (raises APIError/ValueError when invalid)
 CHAT_SURFACES: dict[str, Callable[[dict], ChatCompletionRequest]] = {
     "chat.completions": ChatCompletionRequest.model_validate,
+    "responses": responses_to_chat,
 }
 GENERATING_ENDPOINTS = frozenset(CHAT_SURFACES) | {"completions"}
 

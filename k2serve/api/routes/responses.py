@@ -14,10 +14,10 @@ import asyncio
 import re
 import time
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import anyio
-from fastapi import APIRouter, Body, Depends, Query, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
@@ -49,6 +49,7 @@ from k2serve.api.responses_request import (
     responses_to_chat,
     with_history,
 )
+from k2serve.api.schemas.responses import ResponseCreateRequest
 from k2serve.errors import APIError, bad_request
 
 router = APIRouter(responses=ERROR_RESPONSES)
@@ -96,8 +97,9 @@ async def _save(request: Request, record: StoredResponse) -> None:
 
 
 @router.post("/v1/responses", responses=STREAM_OR_JSON)
-async def create_response(request: Request, body: dict[str, Any] = Body(...),
+async def create_response(sent: ResponseCreateRequest, request: Request,
                           capacity: RequestCapacity = Depends(request_capacity)):
+    body = sent.model_dump(exclude_unset=True)  # what was sent, unknown fields included
     check_fields(body)
     store = body.get("store") is not False
     stream, background = bool(body.get("stream")), bool(body.get("background"))

@@ -112,7 +112,8 @@ def sse_event(event: dict) -> str:
 
 
 class EventStream:
-    """Chat-delta pieces -> Responses events; `response` is the object as it stands."""
+    """Chat-delta pieces -> Responses events; `response` is the object as it stands (each
+    event carries a snapshot of it, not the object that goes on changing)."""
 
     def __init__(self, response: dict):
         self.response = response
@@ -127,8 +128,8 @@ class EventStream:
         return event
 
     def start(self) -> list[dict]:
-        return [self.event("response.created", response=self.response),
-                self.event("response.in_progress", response=self.response)]
+        return [self.event("response.created", response=_copy(self.response)),
+                self.event("response.in_progress", response=_copy(self.response))]
 
     def piece(self, piece: StreamPiece) -> list[dict]:
         events: list[dict] = []
@@ -166,7 +167,7 @@ class EventStream:
         self.response.update(status=status, incomplete_details=incomplete,
                              usage=usage_of(usage),
                              completed_at=int(time.time()) if status == "completed" else None)
-        return events + [self.event(f"response.{status}", response=self.response)]
+        return events + [self.event(f"response.{status}", response=_copy(self.response))]
 
     def fail(self, exc: BaseException) -> list[dict]:
         error = error_object(exc)
@@ -176,7 +177,7 @@ class EventStream:
         param = exc.param if isinstance(exc, APIError) else None
         return events + [self.event("error", code=error["code"], message=error["message"],
                                     param=param),
-                         self.event("response.failed", response=self.response)]
+                         self.event("response.failed", response=_copy(self.response))]
 
     # -- items ------------------------------------------------------------------------------
     _item_status = "completed"

@@ -22,8 +22,9 @@ from pydantic import ValidationError
 from k2serve.api.schemas.chat import ChatCompletionRequest
 from k2serve.errors import APIError, bad_request
 
-# Fields that change nothing here: OpenAI's hints for its own prompt cache and abuse checks.
-IGNORED = frozenset({"user", "safety_identifier", "prompt_cache_key"})
+# Fields that change nothing here: OpenAI's hints for its own prompt cache and abuse checks,
+# and a client's own tags (Codex CLI sends its session ids as client_metadata).
+IGNORED = frozenset({"user", "safety_identifier", "prompt_cache_key", "client_metadata"})
 ACCEPTED = frozenset({
     "model", "input", "instructions", "tools", "tool_choice", "parallel_tool_calls", "text",
     "max_output_tokens", "temperature", "top_p", "stream", "store", "previous_response_id",

@@ -18,6 +18,7 @@ from k2serve.api.middleware import (
     PathAliasMiddleware,
     RequestIdMiddleware,
 )
+from k2serve.api.response_store import MemoryResponseStore
 from k2serve.api.routes import (
     audio,
     capabilities,
@@ -28,6 +29,7 @@ from k2serve.api.routes import (
     models,
     moderations,
     rerank,
+    responses,
 )
 from k2serve.api.usage import log_usage
 from k2serve.platform.middleware import PlatformMiddleware
@@ -59,9 +61,10 @@ def create_app(registry: ModelRegistry, *, max_body_bytes: int = DEFAULT_MAX_BOD
     app.state.registry = registry
     app.state.usage_sinks = [log_usage]
     app.state.shared_prefix_cache = shared_prefix_cache
+    app.state.response_store = MemoryResponseStore()  # a platform puts its database's in
     install_error_handlers(app)
-    for module in (models, chat, completions, messages, audio, embeddings, rerank, moderations,
-                   capabilities):
+    for module in (models, chat, completions, messages, responses, audio, embeddings, rerank,
+                   moderations, capabilities):
         app.include_router(module.router)
 
     @app.get("/health")

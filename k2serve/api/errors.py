@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import re
+from typing import Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -34,6 +35,23 @@ class ErrorResponse(BaseModel):
 ERROR_RESPONSES: dict = {
     "4XX": {"model": ErrorResponse, "description": "The request cannot be served as sent"},
     "5XX": {"model": ErrorResponse, "description": "Overloaded (503) or a server fault"},
+}
+
+
+class AnthropicErrorDetail(BaseModel):
+    type: str
+    message: str
+
+
+class AnthropicErrorResponse(BaseModel):
+    type: Literal["error"]
+    error: AnthropicErrorDetail
+
+
+# Anthropic's API (/v1/messages) answers its errors in its own shape.
+ANTHROPIC_ERROR_RESPONSES: dict = {
+    "4XX": {"model": AnthropicErrorResponse, "description": "The request cannot be served as sent"},
+    "5XX": {"model": AnthropicErrorResponse, "description": "Overloaded or a server fault"},
 }
 
 

@@ -40,6 +40,10 @@ class UsageObserver(Protocol):
     def finished(self, record: UsageRecord) -> None:
         """The generation ended: its final usage, once."""
 
+    def detached(self) -> None:
+        """The generation goes on after the reply has ended (a background response): its
+        usage is final when `finished` comes, not when the reply ends."""
+
 
 @dataclass(eq=False)
 class RequestScope:

@@ -18,6 +18,7 @@ from k2serve.api.prompts import (
     completion_prompt_ids,
     fit_context,
 )
+from k2serve.api.responses_request import responses_to_chat
 from k2serve.api.schemas.chat import ChatCompletionRequest
 from k2serve.api.schemas.completions import CompletionRequest
 from k2serve.api.tools import plan_tools
@@ -27,6 +28,7 @@ from k2serve.serving.backend import GenerationBackend
 CHAT_SURFACES: dict[str, Callable[[dict], ChatCompletionRequest]] = {
     "chat.completions": ChatCompletionRequest.model_validate,
     "messages": messages_to_chat,
+    "responses": responses_to_chat,
 }
 GENERATING_ENDPOINTS = frozenset(CHAT_SURFACES) | {"completions"}
 

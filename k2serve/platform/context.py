@@ -46,6 +46,7 @@ class RequestContext:
     tracker: UsageTracker | None = None  # its generation's, when one ran
     record: UsageRecord | None = None  # ... and the record it reported
     app_done: bool = False
+    detached: bool = False  # its generation outlives the reply (a background response)
     settled: bool = False
     refunded: bool = False
     entry_id: int | None = None  # its ledger row, written at admission (Settlement.open_row)

@@ -32,8 +32,8 @@ log = logging.getLogger("k2serve.platform")
 
 GENERATION_PATHS = {"/v1/chat/completions": "chat.completions", "/v1/completions": "completions",
                     "/v1/moderations": "moderations", "/v1/embeddings": "embeddings",
-                    "/v1/rerank": "rerank"}
-GENERATION_PATHS["/v1/messages"] = "messages"  # Anthropic's API (k2serve.api.routes.messages)
+                    "/v1/rerank": "rerank",
+                    "/v1/messages": "messages", "/v1/responses": "responses"}  # agents' APIs
 GENERATION_PATHS.update({  # billed by audio seconds / characters (k2serve.api.routes.audio)
     "/v1/audio/speech": "audio.speech", "/v1/audio/generations": "audio.speech",
     "/v1/audio/transcriptions": "audio.transcribe", "/v1/audio/translations": "audio.translate"})

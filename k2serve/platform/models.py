@@ -90,3 +90,21 @@ class UsageEntry(Base):
     @property
     def total_tokens(self) -> int:
         return self.prompt_tokens + self.completion_tokens
+
+
+class StoredResponseRow(Base):
+    """A stored OpenAI Responses API response (k2serve.api.response_store), its key's alone."""
+
+    __tablename__ = "responses"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)  # resp_...
+    api_key_id: Mapped[str | None] = mapped_column(
+        String(32), ForeignKey("api_keys.id"), nullable=True)  # None: made in open mode
+    status: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[float] = mapped_column(Double)
+    updated_at: Mapped[float] = mapped_column(Double)
+    response: Mapped[str] = mapped_column(Text)  # JSON: the Response object
+    items: Mapped[str] = mapped_column(Text)  # JSON: the conversation it was generated from
+    new_from: Mapped[int] = mapped_column(Integer, default=0)  # where its own input starts
+
+    __table_args__ = (Index("ix_responses_created", "created_at"),)

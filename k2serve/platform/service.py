@@ -13,6 +13,8 @@ import os
 
 from starlette.concurrency import run_in_threadpool
 
+from k2serve.api.responses_request import with_history
+from k2serve.errors import APIError
 from k2serve.platform.admission import Admission
 from k2serve.platform.auth import Authenticator
 from k2serve.platform.context import RequestContext
@@ -28,6 +30,7 @@ from k2serve.platform.ratelimit import (
     RedisRateLimiter,
     RedisRetryStore,
 )
+from k2serve.platform.response_store import DatabaseResponseStore
 from k2serve.platform.retries import RetryGuard
 from k2serve.platform.settlement import LedgerObserver, Settlement
 
@@ -53,6 +56,7 @@ class Platform:
         self.retries = RetryGuard(store, self.limiter)
         self.admission = Admission(self.keys, self.limiter, self.budgets, self.retries)
         self.settlement = Settlement(self.writer, self.limiter, self.budgets, self.retries)
+        self.responses = DatabaseResponseStore(db)
         self._closed = False
 
     # -- wiring ------------------------------------------------------------------------
@@ -62,6 +66,7 @@ class Platform:
 
         self.admission.registry = self.settlement.registry = app.state.registry
         app.state.platform = self
+        app.state.response_store = self.responses
         app.include_router(admin.router)
 
     def open_mode(self) -> bool:
@@ -101,7 +106,21 @@ class Platform:
         return (await self.limiter.peek(key.id, key.rpm_limit, key.tpm_limit)).headers()
 
     async def admit(self, ctx: RequestContext, body: dict, raw: bytes, headers) -> None:
+        if ctx.endpoint == "responses" and body.get("previous_response_id"):
+            # reserve the whole conversation the route will run, stored history included
+            body = await run_in_threadpool(self._with_history, body, ctx.key)
         await self.admission.admit(ctx, body, raw, headers)
+
+    def _with_history(self, body: dict, key: KeyInfo | None) -> dict:
+        previous_id = body["previous_response_id"]
+        record = self.responses.load(previous_id, key.id if key else None) \
+            if isinstance(previous_id, str) and len(previous_id) <= 64 else None
+        if record is None:
+            return body  # the route answers 404
+        try:
+            return with_history(body, record.items, record.response.get("output") or [])
+        except APIError:
+            return body  # invalid input: the route answers 400
 
     async def open_row(self, ctx: RequestContext) -> LedgerObserver:
         """Write the request's `in_progress` ledger row; the observer its generation reports

@@ -102,6 +102,8 @@ class Settlement:
             run_soon(self.retries.close_slot(ctx, None))
         if ctx.endpoint is None or ctx.settled:
             return
+        if ctx.detached and ctx.record is None:
+            return  # a background generation: settled by `finished`, when it ends
         if ctx.record is None and ctx.tracker is not None:
             # The generation ran but its tracker has not reported: its stream was cancelled
             # (client gone) before the generator's own cleanup reached tracker.finish — an
@@ -252,6 +254,9 @@ class LedgerObserver:
 
     def finished(self, record: UsageRecord) -> None:
         self._settlement.finished(self._ctx, record)
+
+    def detached(self) -> None:
+        self._ctx.detached = True
 
 
 def _int(value) -> int:

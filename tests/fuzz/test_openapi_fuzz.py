@@ -58,6 +58,8 @@ def _own_operations() -> list[tuple[str, str]]:
 def _model_for(fuzz_app, path: str) -> str | None:
     path = path.removeprefix("/v1")
     return {"/chat/completions": fuzz_app.chat, "/completions": fuzz_app.chat,
+            "/responses": fuzz_app.chat, "/messages": fuzz_app.chat,
+            "/messages/count_tokens": fuzz_app.chat,
             "/embeddings": fuzz_app.embedding, "/rerank": fuzz_app.embedding,
             "/moderations": fuzz_app.moderation, "/audio/speech": fuzz_app.speech,
             "/audio/transcriptions": fuzz_app.transcription,
@@ -82,6 +84,10 @@ def _narrow(spec: dict, fuzz_app) -> dict:
                 if "max_tokens" in props:
                     props["max_tokens"] = {"type": "integer", "minimum": 0, "maximum": 3}
                     schema["required"] = sorted(set(schema.get("required", [])) | {"max_tokens"})
+                if "max_output_tokens" in props:  # the Responses API's max_tokens
+                    props["max_output_tokens"] = {"type": "integer", "minimum": 0, "maximum": 3}
+                    schema["required"] = sorted(set(schema.get("required", []))
+                                                | {"max_output_tokens"})
                 if "max_completion_tokens" in props:
                     props["max_completion_tokens"] = {"type": "integer", "minimum": 0,
                                                       "maximum": 3}

@@ -229,3 +229,36 @@ def test_required_streams_a_call_without_content(tool_server):
     assert content == "" and finish == "tool_calls"
     assert header == (0, "functions.get_weather:0", "get_weather")
     assert json.loads(arguments) == json.loads(ARGUMENTS)
+
+
+def test_responses_api_tool_call_round_trip(tool_server):
+    """The OpenAI Responses API on K2: the learned call comes back as a function_call item
+    (streamed too), and the next turn continues it by previous_response_id."""
+    import openai
+    client = openai.OpenAI(base_url=tool_server.base_v1, api_key="local", max_retries=0)
+    flat = [{"type": "function", **TOOLS[0]["function"]}]
+    first = client.responses.create(model=K2_ID, input=MESSAGES[0]["content"], tools=flat,
+                                    temperature=0)
+    message, call = first.output
+    assert message.type == "message" and message.content[0].text == "Let me check."
+    assert call.type == "function_call" and call.name == "get_weather"
+    assert call.call_id == "functions.get_weather:0"
+    assert json.loads(call.arguments) == json.loads(ARGUMENTS)
+    assert first.status == "completed"
+
+    with client.responses.stream(model=K2_ID, input=MESSAGES[0]["content"], tools=flat,
+                                 temperature=0) as stream:
+        kinds = [e.type for e in stream]
+        streamed = stream.get_final_response()
+    assert [(o.type, getattr(o, "arguments", None)) for o in streamed.output] == [
+        ("message", None), ("function_call", call.arguments)]
+    assert "response.function_call_arguments.delta" in kinds
+    assert streamed.output_text == "Let me check."
+
+    second = client.responses.create(model=K2_ID, previous_response_id=first.id, tools=flat,
+                                     input=[{"type": "function_call_output",
+                                             "call_id": call.call_id,
+                                             "output": '{"temp_c": 18}'}],
+                                     max_output_tokens=3, temperature=0)
+    assert second.status in ("completed", "incomplete")
+    assert second.usage.input_tokens > first.usage.input_tokens + first.usage.output_tokens

@@ -19,7 +19,11 @@ from k2serve.api.anthropic_messages import (
     usage,
 )
 from k2serve.api.chat_run import start_chat
-from k2serve.api.errors import ERROR_RESPONSES, STREAM_OR_JSON, anthropic_error_body
+from k2serve.api.errors import (
+    ANTHROPIC_ERROR_RESPONSES,
+    STREAM_OR_JSON,
+    anthropic_error_body,
+)
 from k2serve.api.generation import RequestCapacity, request_capacity
 from k2serve.api.models_lookup import registry_of, text_backend_for
 from k2serve.api.prompts import chat_prompt
@@ -27,7 +31,7 @@ from k2serve.api.schemas.messages import CountTokensRequest, MessagesRequest
 from k2serve.api.tools import plan_tools
 from k2serve.errors import APIError
 
-router = APIRouter(responses=ERROR_RESPONSES)
+router = APIRouter(responses=ANTHROPIC_ERROR_RESPONSES)
 
 # Moonshot serves K2 on Anthropic's API with temperature x 0.6 (k2serve.serving.registry).
 K2_TEMPERATURE_SCALE = 0.6

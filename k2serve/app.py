@@ -30,6 +30,7 @@ from k2serve.api.routes import (
     moderations,
     rerank,
     responses,
+    tokenize,
 )
 from k2serve.api.usage import log_usage
 from k2serve.platform.middleware import PlatformMiddleware
@@ -64,7 +65,7 @@ def create_app(registry: ModelRegistry, *, max_body_bytes: int = DEFAULT_MAX_BOD
     app.state.response_store = MemoryResponseStore()  # a platform puts its database's in
     install_error_handlers(app)
     for module in (models, chat, completions, messages, responses, audio, embeddings, rerank,
-                   moderations, capabilities):
+                   moderations, capabilities, tokenize):
         app.include_router(module.router)
 
     @app.get("/health")

@@ -383,7 +383,8 @@ def test_dropped_stream_on_a_real_server_is_billed_for_what_it_produced(database
 # POST endpoints that are never billed: they answer 400/404 until such a model is served
 # (k2serve.api.routes.capabilities).
 UNBILLED_POSTS = {"/v1/images/generations", "/v1/videos", "/v2/videos",
-                  "/v1/messages/count_tokens",  # counts a prompt, runs nothing
+                  "/v1/messages/count_tokens", "/tokenize", "/v1/tokenize",  # count a prompt
+                  "/detokenize", "/v1/detokenize",
                   "/v1/responses/{response_id}/cancel"}  # stops a billed generation
 
 

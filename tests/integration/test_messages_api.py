@@ -200,3 +200,41 @@ def test_k2_tool_call_through_the_messages_api(k2_server):
     assert starts == ["text", "tool_use"]
     assert final.content[1].input == json.loads(ARGUMENTS)
     assert "<|" not in final.content[0].text
+
+
+def test_a_request_shaped_as_claude_code_sends_it(server):
+    """The fields Claude Code 2.1.197 sends on every turn (captured from a headless run against
+    this server): billing text and cache_control in system blocks, a system message between
+    turns, adaptive thinking, a clear_thinking context edit, effort, its 32000 max_tokens
+    (capped to the context here), a record schema written with propertyNames."""
+    task_tool = {"name": "TaskUpdate", "description": "Update a task.", "input_schema": {
+        "$schema": "https://json-schema.org/draft/2020-12/schema", "type": "object",
+        "properties": {"metadata": {"type": "object", "propertyNames": {"type": "string"},
+                                    "additionalProperties": {}}},
+        "additionalProperties": False}}
+    body = {
+        "model": EMBEDDED_ID, "max_tokens": 32000, "stream": True, "temperature": 0,
+        "system": [{"type": "text", "text": "x-anthropic-billing-header: cc_version=2.1.197;"},
+                   {"type": "text", "text": "You are a helpful assistant.",
+                    "cache_control": {"type": "ephemeral"}}],
+        "messages": [{"role": "user", "content": [
+            {"type": "text", "text": "<system-reminder>Today is 2026-12-05.</system-reminder>"},
+            {"type": "text", "text": "What is the capital of France?",
+             "cache_control": {"type": "ephemeral"}}]},
+            {"role": "system", "content": "Answer in one short sentence."}],
+        "tools": [task_tool],
+        "metadata": {"user_id": json.dumps({"device_id": "d", "session_id": "s"})},
+        "thinking": {"type": "adaptive"},
+        "context_management": {"edits": [{"type": "clear_thinking_20251015", "keep": "all"}]},
+        "output_config": {"effort": "high"}}
+    headers = {"anthropic-version": "2023-06-01", "x-api-key": "local",
+               "anthropic-beta": "claude-code-20250219,interleaved-thinking-2025-05-14"}
+    with httpx.stream("POST", server.root + "/v1/messages", json=body, headers=headers,
+                      timeout=300) as r:
+        assert r.status_code == 200, r.read()
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[0]["type"] == "message_start" and events[-1]["type"] == "message_stop"
+    text = "".join(e["delta"]["text"] for e in events if e["type"] == "content_block_delta")
+    (final,) = [e for e in events if e["type"] == "message_delta"]
+    assert text.strip() and final["delta"]["stop_reason"] == "end_turn"
+    assert 0 < final["usage"]["output_tokens"] < 8192

@@ -274,3 +274,26 @@ def test_a_replica_that_dies_mid_run():
         for server in [front, *replicas]:
             if server is not None:
                 stop_server(server)
+
+
+def test_the_agent_apis_through_the_front(front, upstream):
+    """Anthropic's Messages API and OpenAI's Responses API run on the upstream too; the stop
+    string that ended a reply is relayed (vLLM's `stop_reason`)."""
+    import anthropic
+
+    def messages(base: str, **fields):
+        client = anthropic.Anthropic(base_url=base, api_key="local", max_retries=0)
+        return client.messages.create(model=EMBEDDED_ID, max_tokens=12, messages=MESSAGES,
+                                      extra_body={"temperature": 0}, **fields)
+
+    direct, through = messages(upstream.root), messages(front.root)
+    assert through.content[0].text == direct.content[0].text
+    assert through.usage.output_tokens == direct.usage.output_tokens == 12
+    stop_at = direct.content[0].text.split()[1]
+    stopped = messages(front.root, stop_sequences=[stop_at])
+    assert stopped.stop_reason == "stop_sequence" and stopped.stop_sequence == stop_at
+
+    client = openai.OpenAI(base_url=front.base_v1, api_key="local", max_retries=0)
+    response = client.responses.create(model=EMBEDDED_ID, input=MESSAGES[0]["content"],
+                                       max_output_tokens=12, temperature=0)
+    assert response.output_text == direct.content[0].text

@@ -103,6 +103,7 @@ async def completions(req: CompletionRequest, request: Request,
         # Together's schema types logprobs as an object, not null: present only when asked
         body_choices.append({"index": i, "text": text,
                              "finish_reason": r.finish_reason if r else "length",
+                             **_stop_reason(r.stop_sequence if r else None),
                              **({"logprobs": logprobs} if logprobs is not None else {}),
                              **({"seed": req.seed + i} if req.seed is not None else {})})
     body = {"id": reply_id, "object": "text.completion", "created": created, "model": req.model,
@@ -117,14 +118,14 @@ async def completions(req: CompletionRequest, request: Request,
 
 
 async def _stream(req, reply_id, created, choices, prepared, echo_text):
-    def chunk(index, text, finish_reason, usage, logprobs=None, token_id=None):
+    def chunk(index, text, finish_reason, usage, logprobs=None, token_id=None, stop=None):
         delta = {"content": text}
         if token_id is not None:
             delta["token_id"] = token_id
         return {"id": reply_id, "object": "completion.chunk", "created": created,
                 "model": req.model,
                 "choices": [{"index": index, "text": text, "finish_reason": finish_reason,
-                             "logprobs": logprobs, "delta": delta}],
+                             "logprobs": logprobs, "delta": delta, **_stop_reason(stop)}],
                 "usage": usage}
 
     if echo_text:
@@ -138,4 +139,10 @@ async def _stream(req, reply_id, created, choices, prepared, echo_text):
     async for index, delta, usage in stream_deltas(choices, req.n, len(prepared.ids)):
         logprobs = together_logprobs(delta.logprobs) if delta.logprobs else None
         yield chunk(index, delta.text, delta.finish_reason, usage, logprobs,
-                    delta.token_ids[-1] if delta.token_ids else None)
+                    delta.token_ids[-1] if delta.token_ids else None, delta.stop_sequence)
+
+
+def _stop_reason(stop_sequence: str | None) -> dict:
+    """vLLM's `stop_reason`: the stop string that ended the choice (a k2serve in front of this
+    one reads it, e.g. for Anthropic's `stop_sequence`)."""
+    return {"stop_reason": stop_sequence} if stop_sequence is not None else {}

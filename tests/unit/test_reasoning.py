@@ -3,13 +3,26 @@ tool-call parser (k2serve.api.chat_output): streamed in any cut, it equals the w
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from k2serve.api.anthropic_messages import messages_to_chat
 from k2serve.api.chat_output import ChoiceOutput, OutputPlan, reasoning_tokens
+from k2serve.api.responses_request import responses_to_chat
 from k2serve.api.tools import ToolPlan
+from k2serve.errors import APIError
+from k2serve.models.tiny_k2_tokenizer import write_tiny_k2_tokenizer_files
+from k2serve.structured import GrammarCompiler
+from k2serve.structured.grammars import (
+    ThinkingSyntax,
+    ToolSpec,
+    json_tool_grammar,
+    k2_tool_grammar,
+)
 from k2serve.text.chat_template import ChatTemplate
 from k2serve.text.k2_tokenizer import packaged_k2_chat_template
+from k2serve.text.loading import load_tokenizer
 from k2serve.text.reasoning import (
     ReasoningFormat,
     ReasoningSplitter,
@@ -148,11 +161,96 @@ def test_reasoning_tokens_count_the_deltas_before_the_end():
     assert out.reasoning_tokens == 0
 
 
-def test_tool_grammar_lets_a_reasoning_model_think_first():
-    """Lark text check only; the integration tests run it on a tiny K2-Thinking."""
-    from k2serve.structured.grammars import ThinkingSyntax, ToolSpec, k2_tool_grammar
-    spec = ToolSpec("f", {"type": "object"})
-    grammar = k2_tool_grammar([spec], None, True, False, ThinkingSyntax(special=True))
-    start = grammar.splitlines()[0]
-    assert start == ("start: (section) | (<think> THINK? </think> section) | "
-                     "(<think> THINK? section)")
+WEATHER = ToolSpec("get_weather", {"type": "object", "properties": {"city": {"type": "string"}},
+                                   "required": ["city"]})
+JSON_CALL = '<tool_call>[{"name": "get_weather", "arguments": {"city": "Paris"}}]</tool_call>'
+
+
+@pytest.fixture(scope="module", params=[True, False], ids=["think-tokens", "think-text"])
+def k2_tokenizer(request, tmp_path_factory):
+    """K2-Thinking's (`<think>` one token each, special for the grammar) or K2's (text)."""
+    directory = tmp_path_factory.mktemp("tok")
+    write_tiny_k2_tokenizer_files(str(directory), thinking=request.param)
+    tokenizer = load_tokenizer(str(directory))
+    return tokenizer, GrammarCompiler(tokenizer), request.param
+
+
+def _accepts(k2_tokenizer, grammar: str, text: str) -> bool:
+    tokenizer, compiler, _ = k2_tokenizer
+    matcher = compiler.compile(grammar).new_matcher()
+    return all(matcher.accept(t) for t in tokenizer.encode(text)) and matcher.accept(
+        min(tokenizer.stop_token_ids))
+
+
+@pytest.mark.parametrize("text, auto, required", [
+    ("<think>Paris.</think>Let me check." + CALL, True, False),
+    ("<think>Paris.</think>" + CALL, True, True),
+    ("<think>Paris." + CALL, True, True),  # K2-Thinking: the section without </think>
+    (CALL, True, True),
+    ("<think>Paris.</think>It is sunny.", True, False),
+    ("It is sunny.", True, False),
+    ("<think>Paris.", False, False),  # thinking alone is no reply
+])
+def test_k2_call_grammar_allows_thinking_first(k2_tokenizer, text, auto, required):
+    syntax = ThinkingSyntax(special=k2_tokenizer[2])
+    assert _accepts(k2_tokenizer, k2_tool_grammar([WEATHER], None, True, True, syntax),
+                    text) == auto
+    assert _accepts(k2_tokenizer, k2_tool_grammar([WEATHER], None, True, False, syntax),
+                    text) == required
+
+
+@pytest.mark.parametrize("text, auto, required", [
+    ("<think>Paris < Rome?</think>\n\n" + JSON_CALL, True, True),
+    ("<think>Paris.</think>" + JSON_CALL, True, True),
+    (JSON_CALL, True, True),
+    ("<think>Paris.</think>Sunny.", True, False),
+    ("<think>Paris." + JSON_CALL, False, False),  # our JSON calls come after the block only
+    ("<think>Paris.</think>Sunny." + JSON_CALL, False, False),
+])
+def test_json_call_grammar_allows_thinking_first(k2_tokenizer, text, auto, required):
+    syntax = ThinkingSyntax(special=k2_tokenizer[2])
+    assert _accepts(k2_tokenizer, json_tool_grammar([WEATHER], None, True, True, syntax),
+                    text) == auto
+    assert _accepts(k2_tokenizer, json_tool_grammar([WEATHER], None, True, False, syntax),
+                    text) == required
+
+
+def test_an_opened_block_must_be_closed_or_end_in_a_call(k2_tokenizer):
+    syntax = ThinkingSyntax(special=k2_tokenizer[2], opened=True)
+    grammar = k2_tool_grammar([WEATHER], None, True, True, syntax)
+    assert _accepts(k2_tokenizer, grammar, "Paris.</think>Sunny.")
+    assert _accepts(k2_tokenizer, grammar, "Paris." + CALL)
+    assert not _accepts(k2_tokenizer, grammar, "Sunny, no thinking.")
+
+
+def test_thinking_off_where_the_template_has_a_switch():
+    switch = ReasoningFormat(switch="enable_thinking")
+    body = {"model": "m", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}],
+            "thinking": {"type": "disabled"}}
+    chat = messages_to_chat(body, switch)
+    assert chat.chat_template_kwargs == {"enable_thinking": False}
+    with pytest.raises(APIError, match="always thinks"):
+        messages_to_chat(body, ReasoningFormat())
+    assert messages_to_chat(body, None).chat_template_kwargs is None  # nothing to turn off
+    enabled = {**body, "thinking": {"type": "enabled", "budget_tokens": 1024}}
+    assert messages_to_chat(enabled, ReasoningFormat()).chat_template_kwargs is None
+    with pytest.raises(APIError, match="does not produce thinking"):
+        messages_to_chat(enabled, None)
+
+    effort = {"model": "m", "input": "hi", "reasoning": {"effort": "none"}}
+    assert responses_to_chat(effort, switch).chat_template_kwargs == {"enable_thinking": False}
+    with pytest.raises(APIError, match="always thinks"):
+        responses_to_chat(effort, ReasoningFormat())
+
+
+def test_anthropic_thinking_blocks_become_reasoning_content():
+    body = {"model": "m", "max_tokens": 8, "messages": [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": [
+            {"type": "thinking", "thinking": "Greet back.", "signature": "x"},
+            {"type": "redacted_thinking", "data": "opaque"},
+            {"type": "text", "text": "Hello!"}]},
+        {"role": "user", "content": "bye"}]}
+    assistant = messages_to_chat(body).messages[1]
+    assert (assistant.content, assistant.model_extra["reasoning_content"]) == (
+        "Hello!", "Greet back.")

@@ -1,5 +1,7 @@
 """A tiny K2 checkpoint taught (by a few hundred optimizer steps) to answer one conversation
-with a tool call — so serving tests exercise real generation of K2's tool-call format.
+with a tool call — so serving tests exercise real generation of K2's tool-call format. A tiny
+K2-Thinking (its `<think>` tokens and template) is taught two: one thinks then calls, one
+opens its call section inside the thinking, without `</think>` (as K2-Thinking does).
 
 The weights start as `write_tiny_k2_checkpoint`'s random ones; transformers'
 DeepseekV3ForCausalLM (test-only dependency) overfits them to the target, and they are
@@ -29,15 +31,47 @@ TARGET = ("Let me check.<|tool_calls_section_begin|><|tool_call_begin|>functions
           f"<|tool_call_argument_begin|>{ARGUMENTS}<|tool_call_end|><|tool_calls_section_end|>")
 
 
+THINKING = "The user wants Paris weather."
+ROME_MESSAGES = [{"role": "user", "content": "And in Rome?"}]
+ROME_THINKING = "Rome needs a lookup."
+ROME_ARGUMENTS = '{"city": "Rome"}'
+
+
+def _call(arguments: str) -> str:
+    return ("<|tool_calls_section_begin|><|tool_call_begin|>functions.get_weather:0"
+            f"<|tool_call_argument_begin|>{arguments}<|tool_call_end|><|tool_calls_section_end|>")
+
+
+THINKING_TARGETS = [  # (conversation, reply)
+    (MESSAGES, f"<think>{THINKING}</think>Let me check.{_call(ARGUMENTS)}"),
+    (ROME_MESSAGES, f"<think>{ROME_THINKING}{_call(ROME_ARGUMENTS)}"),
+]
+
+
 def write_tool_calling_k2(directory: Path, steps: int = 300) -> Path:
+    return _train(directory, [(MESSAGES, TARGET)], steps, thinking=False)
+
+
+def write_thinking_k2(directory: Path, steps: int = 400) -> Path:
+    return _train(directory, THINKING_TARGETS, steps, thinking=True)
+
+
+def _train(directory: Path, targets: list[tuple[list[dict], str]], steps: int,
+           thinking: bool) -> Path:
     import transformers
 
-    path = write_tiny_k2_checkpoint(directory, seed=0, fp8=False)
+    torch.manual_seed(0)
+    path = write_tiny_k2_checkpoint(directory, seed=0, fp8=False, thinking=thinking)
     tokenizer = load_tokenizer(str(path))
-    prompt = ChatTemplate.from_tokenizer(tokenizer).render(MESSAGES, tools=TOOLS,
-                                                          add_generation_prompt=True)
-    prompt_ids = tokenizer.encode(prompt)
-    target_ids = tokenizer.encode(TARGET) + [tokenizer.token_to_id("<|im_end|>")]
+    template = ChatTemplate.from_tokenizer(tokenizer)
+    end = tokenizer.token_to_id("<|im_end|>")
+    batch = []
+    for messages, target in targets:
+        prompt_ids = tokenizer.encode(template.render(messages, tools=TOOLS,
+                                                      add_generation_prompt=True))
+        target_ids = tokenizer.encode(target) + [end]
+        batch.append((torch.tensor([prompt_ids + target_ids]),
+                      torch.tensor([[-100] * len(prompt_ids) + target_ids])))
 
     hf_dir = directory.parent / (directory.name + "-hf")
     shutil.copytree(path, hf_dir, dirs_exist_ok=True)
@@ -48,15 +82,14 @@ def write_tool_calling_k2(directory: Path, steps: int = 300) -> Path:
     model = transformers.DeepseekV3ForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
     model.train()
 
-    ids = torch.tensor([prompt_ids + target_ids])
-    labels = torch.tensor([[-100] * len(prompt_ids) + target_ids])
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     for _ in range(steps):
-        loss = model(ids, labels=labels).loss
+        losses = [model(ids, labels=labels).loss for ids, labels in batch]
+        loss = sum(losses)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        if loss.item() < 2e-3:
+        if max(x.item() for x in losses) < 2e-3:
             break
     # save_pretrained writes the checkpoint names (per-expert tensors) that K2 ships.
     saved = directory.parent / (directory.name + "-trained")

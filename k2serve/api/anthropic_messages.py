@@ -3,12 +3,17 @@ message as its content blocks, and chat-delta pieces as its stream events.
 
 Content blocks map onto chat messages: `tool_use` blocks are an assistant's tool calls,
 `tool_result` blocks become `tool` messages (before the user text of the same turn, where
-Anthropic puts them), `thinking` blocks of earlier turns are left out as Anthropic itself
-leaves them out of the context. Every other block type is refused by name.
+Anthropic puts them), `thinking` blocks become the assistant message's `reasoning_content`,
+which a reasoning model's chat template keeps or drops by its own rules (`redacted_thinking`
+is Anthropic's encrypted text: nothing to read). Every other block type is refused by name.
+
+A reasoning model's thinking comes back as a `thinking` block before the reply, streamed as
+`thinking_delta`s and closed by a `signature_delta` (an opaque digest: the SDKs expect one).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import uuid
 from collections.abc import AsyncIterator
@@ -18,6 +23,7 @@ from k2serve.api.chat_run import StreamPiece
 from k2serve.api.schemas.chat import ChatCompletionRequest
 from k2serve.api.schemas.messages import CountTokensRequest, MessagesRequest
 from k2serve.errors import bad_request
+from k2serve.text.reasoning import ReasoningFormat
 
 # Harmless keys a block may carry: prompt prefixes are cached without being asked.
 _IGNORED_BLOCK_KEYS = {"cache_control", "citations"}
@@ -31,13 +37,17 @@ _BLOCK_KEYS = {
 }
 
 
-def messages_to_chat(body: dict) -> ChatCompletionRequest:
+def messages_to_chat(body: dict, reasoning: ReasoningFormat | None = None
+                     ) -> ChatCompletionRequest:
     """A /v1/messages body as the chat request it runs (its token reservation: same prompt)."""
-    return to_chat(MessagesRequest.model_validate(body))
+    return to_chat(MessagesRequest.model_validate(body), reasoning=reasoning)
 
 
-def to_chat(req: CountTokensRequest, temperature_scale: float = 1.0) -> ChatCompletionRequest:
-    fields: dict[str, Any] = {"model": req.model, "messages": _chat_messages(req)}
+def to_chat(req: CountTokensRequest, temperature_scale: float = 1.0,
+            reasoning: ReasoningFormat | None = None) -> ChatCompletionRequest:
+    """`reasoning`: how the model thinks (None: it does not)."""
+    fields: dict[str, Any] = {"model": req.model,
+                              "messages": _kept_thinking(_chat_messages(req), req)}
     if req.tools:
         fields["tools"] = [{"type": "function", "function": {
             "name": t.name, "description": t.description or "", "parameters": t.input_schema}}
@@ -51,11 +61,18 @@ def to_chat(req: CountTokensRequest, temperature_scale: float = 1.0) -> ChatComp
             choice.type) or {"type": "function", "function": {"name": choice.name}}
         if choice.disable_parallel_tool_use:
             fields["parallel_tool_calls"] = False
-    # "adaptive": the model decides whether to think, and this one does not.
-    if req.thinking is not None and req.thinking.type == "enabled":
-        raise bad_request(f"thinking {{\"type\": \"{req.thinking.type}\"}}: the model "
-                          f"'{req.model}' does not produce thinking blocks.",
-                          param="thinking.type")
+    thinking = req.thinking.type if req.thinking is not None else None
+    # "adaptive": the model decides whether to think (one without reasoning never does).
+    if thinking == "enabled" and reasoning is None:
+        raise bad_request(f"thinking {{\"type\": \"enabled\"}}: the model '{req.model}' "
+                          f"does not produce thinking blocks.", param="thinking.type")
+    if thinking == "disabled" and reasoning is not None:
+        if reasoning.switch is None:
+            raise bad_request(f"thinking {{\"type\": \"disabled\"}}: the model "
+                              f"'{req.model}' always thinks (its chat template has no switch "
+                              f"to turn thinking off); leave out thinking, or set it to "
+                              f"enabled or adaptive.", param="thinking.type")
+        fields["chat_template_kwargs"] = {reasoning.switch: False}
     if req.output_config is not None and req.output_config.format is not None:
         fields["response_format"] = {"type": "json_schema", "json_schema": {
             "name": "output", "schema": req.output_config.format.schema_}}
@@ -130,8 +147,32 @@ def _check_block(block: Any, where: str) -> None:
                           param=f"{where}.tool_use_id")
 
 
+def _kept_thinking(messages: list[dict], req: CountTokensRequest) -> list[dict]:
+    """A clear_thinking context edit drops the thinking of all but the last `keep`
+    assistant turns that have some (Anthropic's default: 1; {"keep": "all"} keeps all)."""
+    edits = req.context_management.edits if req.context_management is not None else []
+    keep: int | None = None
+    for edit in edits:
+        value = (edit.model_extra or {}).get("keep", {"type": "thinking_turns", "value": 1})
+        if value == "all":
+            continue
+        count = value.get("value") if isinstance(value, dict) else None
+        if not isinstance(count, int) or count < 0:
+            raise bad_request("context_management: a clear_thinking edit's keep is \"all\" "
+                              "or {\"type\": \"thinking_turns\", \"value\": N}.",
+                              param="context_management.edits")
+        keep = count if keep is None else min(keep, count)
+    if keep is None:
+        return messages
+    thinking = [i for i, m in enumerate(messages) if m.get("reasoning_content")]
+    cleared = set(thinking[:len(thinking) - keep]) if keep else set(thinking)
+    return [{k: v for k, v in m.items() if k != "reasoning_content"} if i in cleared else m
+            for i, m in enumerate(messages)]
+
+
 def _assistant(blocks: list[dict]) -> dict:
     text = "".join(b["text"] for b in blocks if b["type"] == "text")
+    thinking = "".join(b.get("thinking") or "" for b in blocks if b["type"] == "thinking")
     calls = [{"id": b["id"], "type": "function",
               "function": {"name": b["name"], "arguments": json.dumps(b["input"],
                                                                      ensure_ascii=False)}}
@@ -141,6 +182,8 @@ def _assistant(blocks: list[dict]) -> dict:
         message["tool_calls"] = calls
     elif not text:
         message["content"] = ""
+    if thinking:
+        message["reasoning_content"] = thinking
     return message
 
 
@@ -206,9 +249,19 @@ def usage(prompt_tokens: int, output_tokens: int, cached_tokens: int) -> dict:
             "cache_creation_input_tokens": 0, "cache_read_input_tokens": cached_tokens}
 
 
+def signature(thinking: str) -> str:
+    """An opaque signature for a thinking block (Anthropic's are encrypted; clients only
+    carry them back, and this server reads the thinking itself)."""
+    return "k2serve-" + hashlib.sha256(thinking.encode()).hexdigest()
+
+
 def content_blocks(message: dict) -> list[dict]:
     """A finished chat message (k2serve.api.chat_run.ChatRun.message) as content blocks."""
     blocks: list[dict] = []
+    if message.get("reasoning_content"):
+        thinking = message["reasoning_content"]
+        blocks.append({"type": "thinking", "thinking": thinking,
+                       "signature": signature(thinking)})
     if message.get("content"):
         blocks.append({"type": "text", "text": message["content"]})
     for call in message.get("tool_calls") or ():
@@ -226,16 +279,37 @@ async def stream_events(pieces: AsyncIterator[StreamPiece], start: dict, prompt_
     yield "message_start", {"type": "message_start", "message": start}
     yield "ping", {"type": "ping"}
     index, open_kind = -1, None
+    thinking = ""  # of the open thinking block
 
     def close():
-        return "content_block_stop", {"type": "content_block_stop", "index": index}
+        events = []
+        if open_kind == "thinking":
+            events.append(("content_block_delta", {
+                "type": "content_block_delta", "index": index,
+                "delta": {"type": "signature_delta", "signature": signature(thinking)}}))
+        return events + [("content_block_stop", {"type": "content_block_stop", "index": index})]
 
     async for piece in pieces:
+        reasoning = piece.delta.get("reasoning_content")
+        if reasoning:
+            if open_kind != "thinking":
+                if open_kind is not None:
+                    for event in close():
+                        yield event
+                index, open_kind, thinking = index + 1, "thinking", ""
+                yield "content_block_start", {
+                    "type": "content_block_start", "index": index,
+                    "content_block": {"type": "thinking", "thinking": "", "signature": ""}}
+            thinking += reasoning
+            yield "content_block_delta", {"type": "content_block_delta", "index": index,
+                                          "delta": {"type": "thinking_delta",
+                                                    "thinking": reasoning}}
         text = piece.delta.get("content")
         if text:
             if open_kind != "text":
                 if open_kind is not None:
-                    yield close()
+                    for event in close():
+                        yield event
                 index, open_kind = index + 1, "text"
                 yield "content_block_start", {"type": "content_block_start", "index": index,
                                               "content_block": {"type": "text", "text": ""}}
@@ -245,7 +319,8 @@ async def stream_events(pieces: AsyncIterator[StreamPiece], start: dict, prompt_
             function = call.get("function") or {}
             if "name" in function:  # a new call opens its block
                 if open_kind is not None:
-                    yield close()
+                    for event in close():
+                        yield event
                 index, open_kind = index + 1, "tool_use"
                 yield "content_block_start", {
                     "type": "content_block_start", "index": index,
@@ -257,7 +332,8 @@ async def stream_events(pieces: AsyncIterator[StreamPiece], start: dict, prompt_
                     "delta": {"type": "input_json_delta", "partial_json": function["arguments"]}}
         if piece.finish_reason is not None:
             if open_kind is not None:
-                yield close()
+                for event in close():
+                    yield event
                 open_kind = None
             totals = piece.usage or {}
             cached = (totals.get("prompt_tokens_details") or {}).get("cached_tokens", 0)

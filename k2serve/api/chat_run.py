@@ -5,7 +5,8 @@ request and reply shapes only: each translates its request into a ChatCompletion
 starts a ChatRun here (tools planned, grammar compiled, prompt rendered and fitted, capacity
 reserved, usage tracked under the surface's own ledger name, safety guard applied), and
 formats what the run yields — finished choices, or streamed pieces in chat-delta form
-(`{"content": ...}` or `{"tool_calls": [...]}`) that each surface maps onto its own events.
+(`{"reasoning_content": ...}`, `{"content": ...}` or `{"tool_calls": [...]}`) that each surface
+maps onto its own events (k2serve.api.chat_output reads the output).
 """
 
 from __future__ import annotations
@@ -16,6 +17,13 @@ from dataclasses import dataclass
 from fastapi import Request
 from starlette.concurrency import run_in_threadpool
 
+from k2serve.api.chat_output import (
+    ChoiceOutput,
+    OutputPlan,
+    output_plan,
+    reasoning_tokens,
+    thinking_syntax,
+)
 from k2serve.api.generation import (
     ChoiceAccumulator,
     RequestCapacity,
@@ -24,6 +32,7 @@ from k2serve.api.generation import (
     merged_choices,
     stream_deltas,
     until_disconnected,
+    usage_dict,
 )
 from k2serve.api.models_lookup import text_backend_for
 from k2serve.api.prefix_cache import cache_salt
@@ -36,17 +45,12 @@ from k2serve.api.prompts import (
 from k2serve.api.response_format import response_format_grammar
 from k2serve.api.safety_guard import SafetyGuard, chat_input_texts, safety_guard
 from k2serve.api.schemas.chat import ChatCompletionRequest
-from k2serve.api.tools import (
-    StreamingToolState,
-    ToolPlan,
-    finish_with_tools,
-    parse_message,
-    plan_tools,
-)
+from k2serve.api.tools import ToolPlan, finish_with_tools, plan_tools
 from k2serve.api.usage import UsageTracker
 from k2serve.errors import bad_request
 from k2serve.serving.backend import GenerationBackend, LogprobEntry, TextDelta
 from k2serve.structured import GrammarError
+from k2serve.structured.grammars import ThinkingSyntax
 
 
 @dataclass
@@ -60,41 +64,67 @@ class ChatRun:
     prepared: PreparedPrompt
     choices: AsyncIterator[tuple[int, TextDelta]]
     guard: SafetyGuard | None
+    output: OutputPlan | None = None  # how the output is read (reasoning, tool calls)
+
+    def __post_init__(self):
+        if self.output is None:
+            self.output = OutputPlan(self.plan, None)
 
     @property
     def prompt_tokens(self) -> int:
         return len(self.prepared.ids)
+
+    @property
+    def reasons(self) -> bool:
+        """Whether the model writes reasoning apart from its reply."""
+        return self.output.reasoning is not None
 
     async def results(self, request: Request) -> list[ChoiceAccumulator]:
         """Every choice, finished (cancelled if the client goes away first)."""
         return await until_disconnected(request, collect(self.choices, self.req.n))
 
     def message(self, result: ChoiceAccumulator) -> tuple[dict, str | None]:
-        """(the assistant's chat message, finish reason) of a finished choice: tool calls
-        parsed out of the text when the request declared tools."""
-        if self.plan is None:
-            return {"role": "assistant", "content": result.text}, result.finish_reason
-        message, has_calls = parse_message(result.text, self.plan)
+        """(the assistant's chat message, finish reason) of a finished choice: its reasoning
+        as `reasoning_content` (a reasoning model's), tool calls parsed out of the text when
+        the request declared tools."""
+        message, has_calls, _ = self.output.message(result.text)
         return message, finish_with_tools(result.finish_reason, has_calls)
+
+    def reasoning_tokens(self, result: ChoiceAccumulator) -> int | None:
+        """The tokens a finished choice spent reasoning (None: the model does not reason)."""
+        if not self.reasons:
+            return None
+        return reasoning_tokens(result.marks, self.output.message(result.text)[2])
+
+    def usage(self, results: list[ChoiceAccumulator]) -> dict:
+        """Chat usage of finished choices (reasoning tokens detailed for a reasoning model)."""
+        counts = [self.reasoning_tokens(r) for r in results]
+        return usage_dict(self.prompt_tokens, sum(r.completion_tokens for r in results),
+                          results[0].cached_tokens, None if not self.reasons else sum(counts))
 
     async def pieces(self) -> AsyncIterator[StreamPiece]:
         """The reply as chat-delta pieces, in order, per choice; the last piece of a choice
         carries its finish reason, and the very last one the usage."""
-        tools = StreamingToolState(self.req.n, self.plan) if self.plan is not None else None
+        outputs = [ChoiceOutput(self.output) for _ in range(self.req.n)]
+        plain = self.plan is None and not self.reasons
         async for index, delta, usage in stream_deltas(self.choices, self.req.n,
                                                        self.prompt_tokens):
-            if tools is None:
+            output = outputs[index]
+            parsed = output.feed(delta.text, len(delta.token_ids))
+            if plain:  # the text as it comes, with its last token's id
                 piece = {"content": delta.text}
                 if delta.token_ids:
                     piece["token_id"] = delta.token_ids[-1]
                 yield StreamPiece(index, piece, delta.finish_reason, usage, delta.logprobs,
                                   delta.stop_sequence)
                 continue
-            parsed = tools.deltas(index, delta.text, finished=bool(delta.finish_reason))
             if delta.finish_reason:
-                for piece in parsed:
+                for piece in parsed + output.finish():
                     yield StreamPiece(index, piece)
-                finish = finish_with_tools(delta.finish_reason, tools.has_tool_calls(index))
+                finish = finish_with_tools(delta.finish_reason, output.has_tool_calls)
+                if usage is not None and self.reasons:
+                    usage = {**usage, "completion_tokens_details": {
+                        "reasoning_tokens": sum(o.reasoning_tokens for o in outputs)}}
                 yield StreamPiece(index, {"content": ""}, finish, usage, delta.logprobs,
                                   delta.stop_sequence)
                 continue
@@ -107,7 +137,9 @@ class ChatRun:
 @dataclass
 class StreamPiece:
     index: int  # the choice
-    delta: dict  # {"content": str} or {"tool_calls": [{index, id?, type?, function}]}
+    # {"content": str}, {"reasoning_content": str} or {"tool_calls": [{index, id?, type?,
+    # function}]}
+    delta: dict
     finish_reason: str | None = None
     usage: dict | None = None
     logprobs: list[LogprobEntry] | None = None
@@ -127,11 +159,14 @@ async def start_chat(req: ChatCompletionRequest, request: Request, capacity: Req
     # Off the event loop: checking large tool schemas, rendering and tokenizing a long
     # prompt take seconds that every other request would wait for.
     plan = await run_in_threadpool(plan_tools, req, backend)
-    grammar, stop = await _grammar(req, backend, plan)
     if req.max_completion_tokens == 0 or req.max_tokens == 0:
         raise bad_request("max_tokens must be at least 1 for chat completions.", param="max_tokens")
 
     prompt_text, prompt_ids = await run_in_threadpool(chat_prompt, req, backend, plan)
+    # The prompt says whether the reply starts inside a thinking block, which the tool-call
+    # grammar must then allow first.
+    output = output_plan(backend, plan, prompt_text)
+    grammar, stop = await _grammar(req, backend, plan, thinking_syntax(backend, output))
     requested = req.requested_max_tokens
     room = backend.context_length - len(prompt_ids)
     if max_tokens_is_a_cap and requested is not None and room > 0:
@@ -150,11 +185,13 @@ async def start_chat(req: ChatCompletionRequest, request: Request, capacity: Req
         choices = guard.guarded(request, choices, chat_input_texts(req.messages), req.n,
                                 len(prepared.ids), tracker)
     capacity.owns(choices)
-    return ChatRun(req, backend, plan, prompt_text, prepared, choices, guard)
+    return ChatRun(req, backend, plan, prompt_text, prepared, choices, guard, output)
 
 
-async def _grammar(req: ChatCompletionRequest, backend: GenerationBackend, plan: ToolPlan | None):
-    """(compiled grammar or None, stop strings override): response_format or tool calls.
+async def _grammar(req: ChatCompletionRequest, backend: GenerationBackend, plan: ToolPlan | None,
+                   thinking: ThinkingSyntax | None):
+    """(compiled grammar or None, stop strings override): response_format or tool calls
+    (after a reasoning model's thinking).
 
     Stop strings would cut structured output short of valid, so they apply only to free text.
     """
@@ -170,7 +207,7 @@ async def _grammar(req: ChatCompletionRequest, backend: GenerationBackend, plan:
         param = what if what.startswith("response_format") else "response_format"
         return await compile_grammar(backend, text, what, param), []
     if plan is not None:
-        grammar = await compile_grammar(backend, plan.grammar, "The tools' parameters",
+        grammar = await compile_grammar(backend, plan.grammar(thinking), "The tools' parameters",
                                         "tools")
         return grammar, ([] if plan.whole_reply else None)
     return None, None

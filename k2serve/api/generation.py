@@ -211,11 +211,13 @@ class ChoiceAccumulator:
     cached_tokens: int = 0
     prompt_logprobs: list[LogprobEntry | None] | None = None
     stop_sequence: str | None = None
+    marks: list[tuple[int, int]] = field(default_factory=list)  # (text offset, tokens) per delta
 
     def add(self, delta: TextDelta) -> None:
         self.cached_tokens = delta.cached_tokens
         if delta.prompt_logprobs is not None:
             self.prompt_logprobs = delta.prompt_logprobs
+        self.marks.append((len(self.text), len(delta.token_ids)))
         self.text += delta.text
         self.token_ids += delta.token_ids
         if delta.logprobs:
@@ -251,10 +253,15 @@ def openai_chat_logprobs(entries: list[LogprobEntry]) -> dict:
         for e in entries], "refusal": None}
 
 
-def usage_dict(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
+def usage_dict(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0,
+               reasoning_tokens: int | None = None) -> dict:
+    """Chat usage; `reasoning_tokens` (a reasoning model's) as OpenAI details them."""
+    usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+             "total_tokens": prompt_tokens + completion_tokens,
+             "prompt_tokens_details": {"cached_tokens": cached_tokens}}
+    if reasoning_tokens is not None:
+        usage["completion_tokens_details"] = {"reasoning_tokens": reasoning_tokens}
+    return usage
 
 
 async def stream_deltas(choices: AsyncIterator[tuple[int, TextDelta]], n: int, prompt_tokens: int

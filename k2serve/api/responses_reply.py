@@ -1,10 +1,12 @@
 """The Response object and its streamed events (OpenAI Responses API), from a ChatRun's
 finished message or its chat-delta pieces.
 
-Output items: a `message` with one `output_text` part for the reply's text, then one
-`function_call` item per tool call. The stream is the typed event sequence the SDKs assemble
-(`response.created`, `response.in_progress`, `response.output_item.added`,
-`response.content_part.added`, `response.output_text.delta`/`.done`,
+Output items: a reasoning model's `reasoning` item (its thinking as one `reasoning_text`
+content part; no summary), a `message` with one `output_text` part for the reply's text, then
+one `function_call` item per tool call. The stream is the typed event sequence the SDKs
+assemble (`response.created`, `response.in_progress`, `response.output_item.added`,
+`response.content_part.added`, `response.reasoning_text.delta`/`.done`,
+`response.output_text.delta`/`.done`,
 `response.function_call_arguments.delta`/`.done`, `response.content_part.done`,
 `response.output_item.done`, then `response.completed` / `.incomplete` / `.failed`), each
 with its `sequence_number`.
@@ -37,7 +39,8 @@ def usage_of(usage: dict | None) -> dict | None:
     return {"input_tokens": usage["prompt_tokens"],
             "input_tokens_details": {"cached_tokens": cached, "cache_write_tokens": 0},
             "output_tokens": usage["completion_tokens"],
-            "output_tokens_details": {"reasoning_tokens": 0},
+            "output_tokens_details": {"reasoning_tokens": (
+                usage.get("completion_tokens_details") or {}).get("reasoning_tokens", 0)},
             "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"]}
 
 
@@ -93,10 +96,18 @@ def call_item(call_id: str, name: str, arguments: str, status: str = "completed"
             "call_id": call_id, "name": name, "arguments": arguments}
 
 
+def reasoning_item(text: str, status: str = "completed", item_id: str | None = None) -> dict:
+    return {"id": item_id or new_id("rs"), "type": "reasoning", "status": status,
+            "summary": [], "content": [{"type": "reasoning_text", "text": text}],
+            "encrypted_content": None}
+
+
 def output_items(message: dict, status: str) -> list[dict]:
     """A finished chat message as output items."""
     item_status = "incomplete" if status == "incomplete" else "completed"
     items = []
+    if message.get("reasoning_content"):
+        items.append(reasoning_item(message["reasoning_content"], item_status))
     if message.get("content"):
         items.append(message_item(message["content"], item_status))
     for call in message.get("tool_calls") or []:
@@ -133,6 +144,16 @@ class EventStream:
 
     def piece(self, piece: StreamPiece) -> list[dict]:
         events: list[dict] = []
+        reasoning = piece.delta.get("reasoning_content")
+        if reasoning:
+            if self._open is None or self._open["type"] != "reasoning":
+                events += self._close()
+                events += self._add(reasoning_item("", "in_progress"))
+                events.append(self._part_event("response.content_part.added", ""))
+            self._open["content"][0]["text"] += reasoning
+            events.append(self.event("response.reasoning_text.delta", item_id=self._open["id"],
+                                     output_index=self._index, content_index=0,
+                                     delta=reasoning))
         text = piece.delta.get("content")
         if text:
             if self._open is None or self._open["type"] != "message":
@@ -190,9 +211,10 @@ class EventStream:
                            item=_copy(item))]
 
     def _part_event(self, kind: str, text: str) -> dict:
+        part = ({"type": "reasoning_text", "text": text} if self._open["type"] == "reasoning"
+                else {"type": "output_text", "text": text, "annotations": [], "logprobs": []})
         return self.event(kind, item_id=self._open["id"], output_index=self._index,
-                          content_index=0, part={"type": "output_text", "text": text,
-                                                 "annotations": [], "logprobs": []})
+                          content_index=0, part=part)
 
     def _close(self) -> list[dict]:
         item, self._open = self._open, None
@@ -200,7 +222,12 @@ class EventStream:
             return []
         self._open = item  # the events below name it
         events = []
-        if item["type"] == "message":
+        if item["type"] == "reasoning":
+            text = item["content"][0]["text"]
+            events.append(self.event("response.reasoning_text.done", item_id=item["id"],
+                                     output_index=self._index, content_index=0, text=text))
+            events.append(self._part_event("response.content_part.done", text))
+        elif item["type"] == "message":
             text = item["content"][0]["text"]
             events.append(self.event("response.output_text.done", item_id=item["id"],
                                      output_index=self._index, content_index=0, text=text,

@@ -5,7 +5,8 @@ runs (k2serve.api.chat_run).
 becomes chat messages, `instructions` a system message first; flat function `tools` become
 chat's nested ones, `text.format` chat's `response_format`, `max_output_tokens` its
 `max_completion_tokens`. A field this server does not implement (built-in tools, `include`,
-`conversation`, reasoning effort, ...) is a 400 naming it, never dropped.
+`conversation`, reasoning effort, ...) is a 400 naming it, never dropped; `reasoning.effort`
+"none" turns a reasoning model's thinking off where its chat template can.
 
 `previous_response_id` is resolved by the caller, who has the stored response:
 `with_history` puts its conversation in front of the new input; `responses_to_chat` then
@@ -21,6 +22,7 @@ from pydantic import ValidationError
 
 from k2serve.api.schemas.chat import ChatCompletionRequest
 from k2serve.errors import APIError, bad_request
+from k2serve.text.reasoning import ReasoningFormat
 
 # Fields that change nothing here: OpenAI's hints for its own prompt cache and abuse checks,
 # and a client's own tags (Codex CLI sends its session ids as client_metadata).
@@ -291,8 +293,10 @@ def chat_response_format(text: Any) -> dict | None:
 
 
 # -- the whole request ------------------------------------------------------------------------
-def responses_to_chat(body: dict) -> ChatCompletionRequest:
-    """A Responses body (its history already in `input`) as the chat request it runs."""
+def responses_to_chat(body: dict, reasoning: ReasoningFormat | None = None
+                      ) -> ChatCompletionRequest:
+    """A Responses body (its history already in `input`) as the chat request it runs;
+    `reasoning`: how the model thinks (None: it does not)."""
     if not isinstance(body, dict):
         raise bad_request("The request body must be a JSON object.")
     check_fields(body)
@@ -310,6 +314,13 @@ def responses_to_chat(body: dict) -> ChatCompletionRequest:
               "max_completion_tokens": body.get("max_output_tokens"),
               "temperature": body.get("temperature"), "top_p": body.get("top_p")}
     chat.update({k: v for k, v in fields.items() if v is not None})
+    if reasoning is not None and (body.get("reasoning") or {}).get("effort") == "none":
+        if reasoning.switch is None:
+            raise bad_request(f"reasoning.effort 'none': the model '{body['model']}' always "
+                              f"thinks (its chat template has no switch to turn thinking "
+                              f"off); leave out reasoning.", param="reasoning.effort",
+                              code="unsupported_parameter")
+        chat["chat_template_kwargs"] = {reasoning.switch: False}
     try:
         return ChatCompletionRequest.model_validate(chat)
     except ValidationError as exc:

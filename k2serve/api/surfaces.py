@@ -23,10 +23,12 @@ from k2serve.api.schemas.chat import ChatCompletionRequest
 from k2serve.api.schemas.completions import CompletionRequest
 from k2serve.api.tools import plan_tools
 from k2serve.serving.backend import GenerationBackend
+from k2serve.text.reasoning import ReasoningFormat
 
-# ledger endpoint name -> its body as a chat request (raises APIError/ValueError when invalid)
-CHAT_SURFACES: dict[str, Callable[[dict], ChatCompletionRequest]] = {
-    "chat.completions": ChatCompletionRequest.model_validate,
+# ledger endpoint name -> its body (for a model that reasons so, or None) as a chat request
+# (raises APIError/ValueError when invalid)
+CHAT_SURFACES: dict[str, Callable[[dict, ReasoningFormat | None], ChatCompletionRequest]] = {
+    "chat.completions": lambda body, reasoning: ChatCompletionRequest.model_validate(body),
     "messages": messages_to_chat,
     "responses": responses_to_chat,
 }
@@ -48,7 +50,7 @@ def usage_bound(endpoint: str, backend: GenerationBackend, body: dict) -> tuple[
         ids = completion_prompt_ids(req, backend)
         default, param = COMPLETIONS_DEFAULT_MAX_TOKENS, "max_tokens"
     else:
-        req = CHAT_SURFACES[endpoint](body)
+        req = CHAT_SURFACES[endpoint](body, getattr(backend, "reasoning", None))
         ids = chat_prompt(req, backend, plan_tools(req, backend))[1]
         default, param = None, chat_max_tokens_param(req)
     if len(ids) >= backend.context_length and req.context_length_exceeded_behavior != "truncate":

@@ -14,7 +14,7 @@ answer in text; `required` and a named function make the reply a call from its f
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from k2serve.api.schemas.chat import ChatCompletionRequest
@@ -24,6 +24,7 @@ from k2serve.structured.grammars import (
     EMPTY_PARAMETERS,
     TOOL_NAME,
     GrammarError,
+    ThinkingSyntax,
     ToolSpec,
     check_json_schema,
     json_tool_grammar,
@@ -40,6 +41,7 @@ from k2serve.text.tool_parsers.json_calls import (
     render_tool_calls,
     tools_system_block,
 )
+from k2serve.text.tool_parsers.kimi_k2 import CALL_BEGIN, SECTION_BEGIN
 
 MAX_TOOLS = 128
 
@@ -90,8 +92,20 @@ class ToolPlan:
     """How this request's tool calls are declared, constrained and parsed."""
 
     format: str  # "kimi_k2" | "json"
-    grammar: str  # Lark text for k2serve.structured
+    specs: list[ToolSpec]
+    named: str | None  # the one function tool_choice names
+    parallel: bool
     whole_reply: bool  # True: the reply is the call block alone (required / named function)
+
+    def grammar(self, thinking: ThinkingSyntax | None = None) -> str:
+        """Lark text for k2serve.structured; `thinking`: the model reasons before its reply."""
+        build = k2_tool_grammar if self.format == "kimi_k2" else json_tool_grammar
+        return build(self.specs, self.named, self.parallel, not self.whole_reply, thinking)
+
+    @property
+    def call_markers(self) -> tuple[str, ...]:
+        """Markers that open calls even inside a thinking block (K2-Thinking's habit)."""
+        return (SECTION_BEGIN, CALL_BEGIN) if self.format == "kimi_k2" else ()
 
     def parse(self, text: str):
         return parse_tool_calls(text) if self.format == "kimi_k2" else parse_json_tool_calls(text)
@@ -127,9 +141,7 @@ def plan_tools(req: ChatCompletionRequest, backend: GenerationBackend) -> ToolPl
         return None
     parallel = req.parallel_tool_calls is not False
     with_text = named is None and req.tool_choice != "required"
-    fmt = tool_format(backend)
-    build = k2_tool_grammar if fmt == "kimi_k2" else json_tool_grammar
-    return ToolPlan(fmt, build(specs, named, parallel, with_text), whole_reply=not with_text)
+    return ToolPlan(tool_format(backend), specs, named, parallel, whole_reply=not with_text)
 
 
 def prepare_messages(messages: list[dict], backend: GenerationBackend,
@@ -166,34 +178,3 @@ def openai_tool_calls(calls) -> list[dict]:
 
 def finish_with_tools(finish_reason: str | None, has_tool_calls: bool) -> str | None:
     return "tool_calls" if has_tool_calls and finish_reason == "stop" else finish_reason
-
-
-def parse_message(text: str, plan: ToolPlan) -> tuple[dict, bool]:
-    """(assistant message, whether it holds tool calls) from a finished output."""
-    parsed = plan.parse(text)
-    message: dict[str, Any] = {"role": "assistant", "content": parsed.content}
-    if parsed.has_tool_calls:
-        message["tool_calls"] = openai_tool_calls(parsed.tool_calls)
-    return message, parsed.has_tool_calls
-
-
-@dataclass
-class StreamingToolState:
-    """One streaming parser per choice."""
-
-    n: int
-    plan: ToolPlan
-    parsers: list = field(default_factory=list)
-
-    def __post_init__(self):
-        self.parsers = [self.plan.streaming_parser() for _ in range(self.n)]
-
-    def deltas(self, index: int, text: str, finished: bool) -> list[dict]:
-        parser = self.parsers[index]
-        out = parser.feed(text) if text else []
-        if finished:
-            out += parser.finish()
-        return out
-
-    def has_tool_calls(self, index: int) -> bool:
-        return self.parsers[index].result().has_tool_calls

@@ -89,17 +89,18 @@ def random_weights(config: DeepseekV3Config, seed: int) -> dict[str, torch.Tenso
 
 def write_tiny_k2_checkpoint(directory: str | os.PathLike, *, seed: int = 0, fp8: bool = True,
                              num_shards: int = 3, q_lora_rank: int | None = 32,
-                             tokenizer: bool = True, vocab_size: int = 512) -> Path:
+                             tokenizer: bool = True, vocab_size: int = 512,
+                             thinking: bool = False) -> Path:
     """Write the checkpoint into `directory` (created if needed); returns its path.
 
     tokenizer: write K2's tokenizer files and size the vocabulary to them; False: no
-    tokenizer files, `vocab_size` tokens.
+    tokenizer files, `vocab_size` tokens. thinking: K2-Thinking's tokenizer and template.
     """
     path = Path(directory)
     path.mkdir(parents=True, exist_ok=True)
     bos = eos = end_of_turn = None
     if tokenizer:
-        vocab_size = write_tiny_k2_tokenizer_files(str(path))
+        vocab_size = write_tiny_k2_tokenizer_files(str(path), thinking)
         with open(path / "tokenizer_config.json") as f:
             ids = {t["content"]: int(i) for i, t in json.load(f)["added_tokens_decoder"].items()}
         bos, eos, end_of_turn = ids.get("[BOS]"), ids.get("[EOS]"), ids.get("<|im_end|>")

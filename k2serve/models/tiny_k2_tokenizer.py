@@ -45,6 +45,8 @@ Numbers: 2024, 3.14159, 1000000, 42. Café, naïve, résumé, Zürich, São Paul
 Здравствуйте, мир! Γειά σου κόσμε. こんにちは世界。 안녕하세요 emoji: 😀 🎉 👍 ✨
 """
 _TINY_MERGES = 300
+# K2-Thinking's thinking markers: added tokens, kept in text like the tool-call markers.
+K2_THINKING_TOKENS = ((22, "<think>", False), (23, "</think>", False))
 
 
 @lru_cache(maxsize=1)
@@ -88,9 +90,10 @@ def _merge_pair(word: tuple[bytes, ...], a: bytes, b: bytes) -> tuple[bytes, ...
     return tuple(out)
 
 
-def write_tiny_k2_tokenizer_files(directory: str) -> int:
+def write_tiny_k2_tokenizer_files(directory: str, thinking: bool = False) -> int:
     """Write a K2-format tokenizer (`tiktoken.model`, `tokenizer_config.json` with K2's special
-    tokens, `chat_template.jinja`) into `directory`; returns the vocab size (ranks + 256)."""
+    tokens, `chat_template.jinja`) into `directory`; returns the vocab size (ranks + 256).
+    `thinking`: K2-Thinking's (its `<think>` markers and template)."""
     ranks = tiny_k2_ranks()
     os.makedirs(directory, exist_ok=True)
     with open(os.path.join(directory, "tiktoken.model"), "wb") as f:
@@ -102,6 +105,7 @@ def write_tiny_k2_tokenizer_files(directory: str) -> int:
             str(n + off): {"content": text, "lstrip": False, "normalized": False, "rstrip": False,
                            "single_word": False, "special": special}
             for off, text, special in K2_NAMED_SPECIAL_TOKENS
+            + (K2_THINKING_TOKENS if thinking else ())
         },
         "additional_special_tokens": list(K2_ADDITIONAL_SPECIAL_TOKENS),
         "bos_token": "[BOS]", "eos_token": "[EOS]", "pad_token": "[PAD]", "unk_token": "[UNK]",
@@ -112,5 +116,5 @@ def write_tiny_k2_tokenizer_files(directory: str) -> int:
     with open(os.path.join(directory, "tokenizer_config.json"), "w", encoding="utf-8") as f:
         json.dump(config, f, indent=2, ensure_ascii=False)
     with open(os.path.join(directory, "chat_template.jinja"), "w", encoding="utf-8") as f:
-        f.write(packaged_k2_chat_template())
+        f.write(packaged_k2_chat_template(thinking))
     return n + NUM_RESERVED_SPECIAL_TOKENS

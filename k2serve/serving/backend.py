@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 if TYPE_CHECKING:
     from k2serve.engine.async_engine import Reservation
     from k2serve.engine.sampling_params import SamplingParams
+    from k2serve.text.reasoning import ReasoningFormat
     from k2serve.text.tokenizer_base import TokenizerBase
 
 GENERATION_ENDPOINTS = frozenset({"chat.completions", "completions"})
@@ -89,6 +90,7 @@ class GenerationBackend(ModelBackend, Protocol):
     context_length: int
     tokenizer: TokenizerBase
     tool_format: str | None  # the model's native tool-call format ("kimi_k2"), or None
+    reasoning: ReasoningFormat | None  # how it marks its thinking; None: it does not think
 
     def render_chat(self, messages: list[dict], tools: list[dict] | None = None,
                     **template_kwargs) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 from k2serve.engine.sequence import TokenLogprob
 from k2serve.serving.backend import LogprobEntry
 from k2serve.text.chat_template import ChatTemplate
+from k2serve.text.reasoning import reasoning_format
 from k2serve.text.tokenizer import encode_prompt
 from k2serve.text.tokenizer_base import TokenizerBase
 from k2serve.text.tool_parsers.kimi_k2 import SECTION_BEGIN as K2_SECTION_BEGIN
@@ -22,6 +23,8 @@ class TextModel:
         # The model's native tool-call format, recognised by its marker tokens.
         self.tool_format = ("kimi_k2" if tokenizer.token_to_id(K2_SECTION_BEGIN) is not None
                             else None)
+        # Whether (and how) the model writes its reasoning apart from its answer.
+        self.reasoning = reasoning_format(chat_template)
 
     def render_chat(self, messages: list[dict], tools: list[dict] | None = None,
                     **template_kwargs) -> str:

@@ -122,22 +122,82 @@ def _json_lark(schema: dict) -> str:
     return "%json " + json.dumps(schema, ensure_ascii=False)
 
 
+@dataclass(frozen=True)
+class ThinkingSyntax:
+    """A reasoning model's thinking block, for a grammar that must let it think first.
+
+    `special`: the markers are tokens the grammar names as such (K2's reserved ids), else
+    text. `opened`: the prompt already opened the block, so the reply starts inside it.
+    """
+
+    start: str = "<think>"
+    end: str = "</think>"
+    special: bool = False
+    opened: bool = False
+
+    def rules(self) -> tuple[str, str, list[str]]:
+        """(closed block, block left open, Lark lines): the open one is for K2's call
+        section, which may follow thinking without its end marker (K2-Thinking)."""
+        # A special token is named as is (llguidance's <...>), text is a quoted string.
+        start = "" if self.opened else (self.start if self.special else json.dumps(self.start))
+        if self.special:
+            return (f"{start} THINK? {self.end}", f"{start} THINK?", ["THINK: /(?s:.+)/"])
+        end = _regex_text(self.end)
+        # A lexeme that ends at the first end marker (text markers could hide in free text).
+        return (f"{start} THINK_CLOSED", f"{start} THINK_OPEN?",
+                [f"THINK_CLOSED: /(?s:.*){end}/ & ~/(?s:.*){end}(?s:.+)/",
+                 f"THINK_OPEN: /(?s:.+)/ & ~/(?s:.*){end}(?s:.*)/"])
+
+
+def _regex_text(text: str) -> str:
+    """`text` as a literal inside a Lark /regex/."""
+    return "".join("\\" + c if c in _REGEX_META else c for c in text)
+
+
+_REGEX_META = frozenset("\\.+*?()|[]{}^$/&~-#")
+
+
+def _with_thinking(reply: str, text: str, thinking: ThinkingSyntax | None,
+                   unclosed: str | None, after: str | None = None) -> list[str]:
+    """The start rule and its lexemes: `reply` (whose free text is the lexeme TEXT, the
+    regex `text`), or (when the model reasons) the thinking block then `after` (default
+    `reply`); only the latter when the prompt opened the block. `unclosed`: what may follow a
+    block left open."""
+    if thinking is None:
+        return [f"start: {reply}", f"TEXT: {text}"]
+    closed, open_, lines = thinking.rules()
+    after = after or reply
+    options = [f"{closed} {after}"]
+    if not thinking.opened:
+        if thinking.special:
+            options.insert(0, reply)
+        else:  # the lexer is greedy: free text must not take the start marker for its own
+            options.insert(0, reply.replace("TEXT", "FIRST_TEXT"))
+            lines.append(f"FIRST_TEXT: {text} & ~/{_regex_text(thinking.start)}(?s:.*)/")
+    if unclosed is not None:
+        options.append(f"{open_} {unclosed}")
+    return ["start: " + " | ".join(f"({o.strip()})" for o in options), f"TEXT: {text}",
+            *lines]
+
+
 def k2_tool_grammar(tools: list[ToolSpec], choice: str | None, parallel: bool,
-                    with_text: bool) -> str:
+                    with_text: bool, thinking: ThinkingSyntax | None = None) -> str:
     """Kimi K2's native format. `choice` None: any declared tool; else only that one.
 
     with_text (tool_choice auto): free text first, then the model may open the section (its
     own special token); once it does, every call names a declared tool and its arguments follow
     that tool's schema. Otherwise the reply is the section alone, with at least one call.
+    `thinking`: a reasoning model thinks first; the section may follow its block closed or
+    not (K2-Thinking opens it without `</think>`).
     """
     chosen = [t for t in tools if choice is None or t.name == choice]
-    lines = ["start: " + ("TEXT? section?" if with_text else "section"),
-             "TEXT: /(?s:.+)/",
-             "section: <|tool_calls_section_begin|> " + ("call+" if parallel and choice is None
-                                                          else "call")
-             + " <|tool_calls_section_end|>",
-             "call: " + " | ".join(f"call_{i}" for i in range(len(chosen))),
-             "IDX: /[0-9]{1,6}/"]
+    lines = _with_thinking("TEXT? section?" if with_text else "section", "/(?s:.+)/",
+                           thinking, "section")
+    lines += ["section: <|tool_calls_section_begin|> " + ("call+" if parallel and choice is None
+                                                           else "call")
+              + " <|tool_calls_section_end|>",
+              "call: " + " | ".join(f"call_{i}" for i in range(len(chosen))),
+              "IDX: /[0-9]{1,6}/"]
     for i, tool in enumerate(chosen):
         lines.append(f'call_{i}: <|tool_call_begin|> "functions.{tool.name}:" IDX '
                      f"<|tool_call_argument_begin|> args_{i} <|tool_call_end|>")
@@ -159,14 +219,20 @@ def json_calls_schema(tools: list[ToolSpec], choice: str | None, parallel: bool)
 
 
 def json_tool_grammar(tools: list[ToolSpec], choice: str | None, parallel: bool,
-                      with_text: bool) -> str:
+                      with_text: bool, thinking: ThinkingSyntax | None = None) -> str:
     """Our JSON call format: `<tool_call>[{"name": ..., "arguments": {...}}]</tool_call>`.
 
     with_text (auto): the reply is either plain text that never contains "<tool_call>", or the
     call block alone; the first characters decide, so a call is never half-free text.
+    `thinking`: a reasoning model's closed thinking block first; a line break or two may
+    follow it (one lexeme with the call's opening, so the lexer never has to choose early).
     """
-    lines = ["start: " + ("TEXT | calls" if with_text else "calls"),
-             r"TEXT: /(?s:.*)/ & ~/(?s:.*)<tool_call>(?s:.*)/",
-             f'calls: "{JSON_CALL_OPEN}" call_list "{JSON_CALL_CLOSE}"',
-             f"call_list: {_json_lark(json_calls_schema(tools, choice, parallel))}"]
+    reply = "(TEXT | calls)" if with_text else "calls"
+    lines = _with_thinking(reply, r"/(?s:.*)/ & ~/(?s:.*)<tool_call>(?s:.*)/", thinking, None,
+                           after="(TEXT | gap_calls)" if with_text else "gap_calls")
+    if thinking is not None:
+        lines += [f'gap_calls: GAP_OPEN call_list "{JSON_CALL_CLOSE}"',
+                  f"GAP_OPEN: /\\n{{0,2}}{_regex_text(JSON_CALL_OPEN)}/"]
+    lines += [f'calls: "{JSON_CALL_OPEN}" call_list "{JSON_CALL_CLOSE}"',
+              f"call_list: {_json_lark(json_calls_schema(tools, choice, parallel))}"]
     return "\n".join(lines) + "\n"

@@ -28,6 +28,12 @@ def grammar_special_ids(tokenizer: Any) -> set[int]:
     return special
 
 
+def is_grammar_special(tokenizer: Any, token_id: int) -> bool:
+    """`token_id in grammar_special_ids(tokenizer)`, without building the set."""
+    base = getattr(tokenizer, "num_base_tokens", None)
+    return token_id in tokenizer.special_ids or (base is not None and token_id >= base)
+
+
 class _Wrapper:
     """The duck-typed object `llguidance.TokenizerWrapper` reads."""
 

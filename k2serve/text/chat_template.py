@@ -17,6 +17,7 @@ from typing import Any
 
 import jinja2
 import jinja2.ext
+import jinja2.meta
 import jinja2.nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -80,6 +81,10 @@ class ChatTemplate:
             if v is not None
         }
         self._compiled = _compile(template)
+
+    def variables(self) -> frozenset[str]:
+        """The names the template reads from its context (e.g. `enable_thinking`)."""
+        return _variables(self.source)
 
     @classmethod
     def from_tokenizer(cls, tokenizer, template: str | None = None) -> ChatTemplate:
@@ -294,7 +299,12 @@ class _TemplateNamespace(jinja2.utils.Namespace):
 
 
 @lru_cache(maxsize=32)
-def _compile(template: str) -> jinja2.Template:
+def _variables(template: str) -> frozenset[str]:
+    return frozenset(jinja2.meta.find_undeclared_variables(_environment().parse(template)))
+
+
+@lru_cache(maxsize=1)
+def _environment() -> ImmutableSandboxedEnvironment:
     env = ImmutableSandboxedEnvironment(
         trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, jinja2.ext.loopcontrols]
     )
@@ -303,7 +313,12 @@ def _compile(template: str) -> jinja2.Template:
     env.globals["strftime_now"] = _strftime_now
     env.globals["dict"] = _TemplateDict()
     env.globals["namespace"] = _TemplateNamespace
+    return env
+
+
+@lru_cache(maxsize=32)
+def _compile(template: str) -> jinja2.Template:
     try:
-        return env.from_string(template)
+        return _environment().from_string(template)
     except jinja2.TemplateSyntaxError as e:
         raise TemplateError(f"chat template syntax error (line {e.lineno}): {e.message}") from e

@@ -216,9 +216,11 @@ def reserved_special_tokens(num_base_tokens: int, added_tokens_decoder: dict | N
     return {i: named.get(i, (f"<|reserved_token_{i}|>", True)) for i in ids}
 
 
-def packaged_k2_chat_template() -> str:
-    """The reconstructed K2 template shipped with k2serve (for checkpoints that carry none)."""
-    return resources.files(__package__).joinpath("templates/kimi_k2.jinja").read_text("utf-8")
+def packaged_k2_chat_template(thinking: bool = False) -> str:
+    """The reconstructed K2 template shipped with k2serve (for checkpoints that carry none);
+    `thinking`: K2-Thinking's (for the tiny K2-Thinking checkpoint)."""
+    name = "kimi_k2_thinking.jinja" if thinking else "kimi_k2.jinja"
+    return resources.files(__package__).joinpath(f"templates/{name}").read_text("utf-8")
 
 
 def _encode_pieces(text: str) -> Iterator[str]:

@@ -1,4 +1,8 @@
-"""POST /v1/chat/completions: OpenAI/Together's shapes over a ChatRun."""
+"""POST /v1/chat/completions: OpenAI/Together's shapes over a ChatRun.
+
+A reasoning model's thinking comes as `reasoning_content` (DeepSeek's and Moonshot's name) and
+`reasoning` (vLLM's current one), in the message and as stream deltas of their own.
+"""
 
 from __future__ import annotations
 
@@ -16,7 +20,6 @@ from k2serve.api.generation import (
     request_capacity,
     sse_stream,
     together_logprobs,
-    usage_dict,
 )
 from k2serve.api.schemas.chat import ChatCompletionRequest
 
@@ -45,7 +48,8 @@ async def chat_completions(req: ChatCompletionRequest, request: Request,
     choices = []
     for index, result in enumerate(results):
         message, finish = run.message(result)
-        choice = {"index": index, "message": message, "finish_reason": finish,
+        choice = {"index": index, "message": _with_reasoning_alias(message),
+                  "finish_reason": finish,
                   "logprobs": logprobs_of(result.logprobs)}
         if req.seed is not None:
             choice["seed"] = req.seed + index
@@ -57,8 +61,7 @@ async def chat_completions(req: ChatCompletionRequest, request: Request,
         "model": req.model,
         "prompt": prompt_field,
         "choices": choices,
-        "usage": usage_dict(run.prompt_tokens, sum(r.completion_tokens for r in results),
-                            results[0].cached_tokens),
+        "usage": run.usage(results),
     }
     if run.guard is not None:
         body["safety"] = run.guard.report()
@@ -73,7 +76,8 @@ async def _stream(run: ChatRun, reply_id: str, created: int, prompt_field: list,
     async for piece in run.pieces():
         body = {"id": reply_id, "object": "chat.completion.chunk", "created": created,
                 "model": run.req.model,
-                "choices": [{"index": piece.index, "delta": {"role": "assistant", **piece.delta},
+                "choices": [{"index": piece.index,
+                             "delta": {"role": "assistant", **_with_reasoning_alias(piece.delta)},
                              "finish_reason": piece.finish_reason,
                              "logprobs": logprobs_of(piece.logprobs)}],
                 "usage": piece.usage}
@@ -83,3 +87,9 @@ async def _stream(run: ChatRun, reply_id: str, created: int, prompt_field: list,
             body["prompt"] = prompt_field
         first = False
         yield body
+
+
+def _with_reasoning_alias(message: dict) -> dict:
+    if "reasoning_content" not in message:
+        return message
+    return {**message, "reasoning": message["reasoning_content"]}

@@ -46,10 +46,14 @@ def temperature_scale(request: Request, model_id: str) -> float:
     return K2_TEMPERATURE_SCALE if backend.tool_format == "kimi_k2" else 1.0
 
 
+def _reasoning(request: Request, model_id: str):
+    return text_backend_for(request, model_id, "chat.completions").reasoning
+
+
 @router.post("/v1/messages", responses=STREAM_OR_JSON)
 async def messages(req: MessagesRequest, request: Request,
                    capacity: RequestCapacity = Depends(request_capacity)):
-    chat = to_chat(req, temperature_scale(request, req.model))
+    chat = to_chat(req, temperature_scale(request, req.model), _reasoning(request, req.model))
     run = await start_chat(chat, request, capacity, endpoint="messages", max_tokens_is_a_cap=True)
     reply = {"id": message_id(), "type": "message", "role": "assistant", "model": req.model}
     if req.stream:
@@ -73,7 +77,7 @@ async def messages(req: MessagesRequest, request: Request,
 async def count_tokens(req: CountTokensRequest, request: Request):
     """The prompt's tokens as /v1/messages would build it (tools and system included)."""
     backend = text_backend_for(request, req.model, "chat.completions")
-    chat = to_chat(req)
+    chat = to_chat(req, reasoning=backend.reasoning)
 
     def count() -> int:
         return len(chat_prompt(chat, backend, plan_tools(chat, backend))[1])

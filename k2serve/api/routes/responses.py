@@ -27,8 +27,8 @@ from k2serve.api.generation import (
     RequestCapacity,
     collect,
     request_capacity,
-    usage_dict,
 )
+from k2serve.api.models_lookup import text_backend_for
 from k2serve.api.request_scope import request_scope
 from k2serve.api.response_store import ResponseStore, StoredResponse
 from k2serve.api.responses_reply import (
@@ -51,6 +51,7 @@ from k2serve.api.responses_request import (
 )
 from k2serve.api.schemas.responses import ResponseCreateRequest
 from k2serve.errors import APIError, bad_request
+from k2serve.text.reasoning import ReasoningFormat
 
 router = APIRouter(responses=ERROR_RESPONSES)
 
@@ -91,6 +92,16 @@ async def _load(request: Request, response_id: str, param: str | None = None
     return record
 
 
+def _reasoning(request: Request, model) -> ReasoningFormat | None:
+    """How the model reasons; None also for a model not served (start_chat then says so)."""
+    if not isinstance(model, str):
+        return None
+    try:
+        return text_backend_for(request, model, "chat.completions").reasoning
+    except APIError:
+        return None
+
+
 async def _save(request: Request, record: StoredResponse) -> None:
     with anyio.CancelScope(shield=True):  # also on the way out of a cancelled run
         await run_in_threadpool(store_of(request).save, record)
@@ -121,7 +132,7 @@ async def create_response(sent: ResponseCreateRequest, request: Request,
         new_from = len(previous.items) + len(output)
     items = input_items(full.get("input"))
     full = {**full, "input": items}  # the ids given here are the ones stored
-    req = responses_to_chat(full)
+    req = responses_to_chat(full, _reasoning(request, full.get("model")))
     owner = request_scope(request).api_key_id
     record = StoredResponse(new_id("resp"), owner, {}, items, new_from) if store else None
     response_id = record.id if record else new_id("resp")
@@ -143,7 +154,7 @@ async def create_response(sent: ResponseCreateRequest, request: Request,
     (result,) = await run.results(request)
     message, finish = run.message(result)
     status, incomplete = status_of(finish)
-    usage = usage_dict(run.prompt_tokens, result.completion_tokens, result.cached_tokens)
+    usage = run.usage([result])
     reply = response(status, output=output_items(message, status), usage=usage_of(usage),
                      incomplete=incomplete)
     if record is not None:
@@ -196,7 +207,7 @@ async def _generate(request: Request, run: ChatRun, record: StoredResponse, resp
         (result,) = await collect(run.choices, 1)
         message, finish = run.message(result)
         status, incomplete = status_of(finish)
-        usage = usage_dict(run.prompt_tokens, result.completion_tokens, result.cached_tokens)
+        usage = run.usage([result])
         record.response = response(status, output=output_items(message, status),
                                    usage=usage_of(usage), incomplete=incomplete)
     except asyncio.CancelledError:

@@ -72,8 +72,8 @@ class ContextEdit(BaseModel):
 
 
 class ContextManagement(BaseModel):
-    """Anthropic's server-side context edits. `clear_thinking_*` is accepted: earlier turns'
-    thinking never reaches the prompt here (k2serve.api.anthropic_messages)."""
+    """Anthropic's server-side context edits: `clear_thinking_*` (earlier turns' thinking
+    dropped before the chat template sees it, k2serve.api.anthropic_messages)."""
 
     model_config = ConfigDict(extra="forbid")
 

@@ -85,8 +85,9 @@ def test_a_stop_sequence_is_named(client):
 
 def test_tool_use_round_trip_is_schema_valid(client):
     ask = [{"role": "user", "content": "What's the weather in Paris?"}]
-    reply = client.messages.create(model=EMBEDDED_ID, max_tokens=60, messages=ask,
-                                   tools=[WEATHER_TOOL],
+    # Greedy, with room to finish the call: a sampled argument can run past any max_tokens.
+    reply = client.messages.create(model=EMBEDDED_ID, max_tokens=100, messages=ask,
+                                   tools=[WEATHER_TOOL], extra_body=GREEDY,
                                    tool_choice={"type": "any", "disable_parallel_tool_use": True})
     assert reply.stop_reason == "tool_use"
     (call,) = [b for b in reply.content if b.type == "tool_use"]
@@ -94,12 +95,13 @@ def test_tool_use_round_trip_is_schema_valid(client):
     jsonschema.validate(call.input, WEATHER_TOOL["input_schema"])
 
     # Streamed: the tool_use block's input_json_delta pieces join into the same kind of input.
-    with client.messages.stream(model=EMBEDDED_ID, max_tokens=60, messages=ask,
-                                tools=[WEATHER_TOOL], tool_choice={"type": "tool",
-                                                                   "name": "get_weather"}) as s:
+    with client.messages.stream(model=EMBEDDED_ID, max_tokens=100, messages=ask,
+                                tools=[WEATHER_TOOL], extra_body=GREEDY,
+                                tool_choice={"type": "tool", "name": "get_weather"}) as s:
         partial = "".join(e.delta.partial_json for e in s if e.type == "content_block_delta"
                           and e.delta.type == "input_json_delta")
         streamed = s.get_final_message()
+    assert streamed.stop_reason == "tool_use"
     (streamed_call,) = [b for b in streamed.content if b.type == "tool_use"]
     assert json.loads(partial) == streamed_call.input
     jsonschema.validate(streamed_call.input, WEATHER_TOOL["input_schema"])

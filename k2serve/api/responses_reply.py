@@ -66,7 +66,8 @@ def response_object(response_id: str, body: dict, created_at: float, status: str
         "temperature": body.get("temperature", 1.0),
         "text": body.get("text") or {"format": {"type": "text"}},
         "tool_choice": body.get("tool_choice") or "auto",
-        "tools": [dict(t, strict=t.get("strict", True)) if isinstance(t, dict) else t
+        "tools": [dict(t, strict=t.get("strict", True))
+                  if isinstance(t, dict) and t.get("type") == "function" else t
                   for t in tools],
         "top_p": body.get("top_p", 1.0),
         "truncation": "disabled",
@@ -91,9 +92,21 @@ def message_item(text: str, status: str = "completed", item_id: str | None = Non
 
 
 def call_item(call_id: str, name: str, arguments: str, status: str = "completed",
-              item_id: str | None = None) -> dict:
-    return {"id": item_id or new_id("fc"), "type": "function_call", "status": status,
+              item_id: str | None = None, namespaces: frozenset[str] = frozenset()) -> dict:
+    """A function_call item; `name` as the model called it: a namespaced function's
+    `namespace.name` is split back into its two fields."""
+    item = {"id": item_id or new_id("fc"), "type": "function_call", "status": status,
             "call_id": call_id, "name": name, "arguments": arguments}
+    namespace, _, short = name.partition(".")
+    if short and namespace in namespaces:
+        item.update(name=short, namespace=namespace)
+    return item
+
+
+def tool_namespaces(tools: list | None) -> frozenset[str]:
+    """The namespaces a request's `tools` declare."""
+    return frozenset(t["name"] for t in tools or () if isinstance(t, dict)
+                     and t.get("type") == "namespace" and isinstance(t.get("name"), str))
 
 
 def reasoning_item(text: str, status: str = "completed", item_id: str | None = None) -> dict:
@@ -102,8 +115,9 @@ def reasoning_item(text: str, status: str = "completed", item_id: str | None = N
             "encrypted_content": None}
 
 
-def output_items(message: dict, status: str) -> list[dict]:
-    """A finished chat message as output items."""
+def output_items(message: dict, status: str, namespaces: frozenset[str] = frozenset()
+                 ) -> list[dict]:
+    """A finished chat message as output items (`namespaces`: see call_item)."""
     item_status = "incomplete" if status == "incomplete" else "completed"
     items = []
     if message.get("reasoning_content"):
@@ -113,7 +127,8 @@ def output_items(message: dict, status: str) -> list[dict]:
     for call in message.get("tool_calls") or []:
         function = call["function"]
         items.append(call_item(call.get("id") or new_id("call"), function["name"],
-                               function.get("arguments") or "", item_status))
+                               function.get("arguments") or "", item_status,
+                               namespaces=namespaces))
     return items
 
 
@@ -172,7 +187,9 @@ class EventStream:
                 self._call_index = index
                 events += self._close()
                 events += self._add(call_item(call.get("id") or new_id("call"),
-                                              function.get("name") or "", "", "in_progress"))
+                                              function.get("name") or "", "", "in_progress",
+                                              namespaces=tool_namespaces(
+                                                  self.response.get("tools"))))
             arguments = function.get("arguments")
             if arguments and self._open is not None and self._open["type"] == "function_call":
                 self._open["arguments"] += arguments

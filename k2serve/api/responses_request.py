@@ -35,6 +35,12 @@ ACCEPTED = frozenset({
 # Accepted only at the value that means "as usual" (what the SDKs may send by default).
 NEUTRAL = {"truncation": ("disabled",), "service_tier": ("auto", "default"),
            "top_logprobs": (0,)}
+# effort "none" turns thinking off (responses_to_chat); a summary "auto" means one if the model
+# gives one, and it gives none (Codex CLI always asks).
+REASONING_SETTINGS = {("effort", "none"), ("summary", "auto")}
+# Reasoning items already carry their text, and come back as input (Codex CLI asks for the
+# encrypted form to send its reasoning back with store=false): nothing more to include.
+INCLUDABLE = {"reasoning.encrypted_content"}
 MESSAGE_ROLES = ("user", "system", "developer", "assistant")
 TEXT_PARTS = ("input_text", "output_text")
 MAX_METADATA = 16
@@ -61,14 +67,18 @@ def check_fields(body: dict) -> None:
         if not isinstance(reasoning, dict):
             raise bad_request("reasoning must be an object.", param="reasoning")
         for key, value in reasoning.items():
-            if value is not None and not (key == "effort" and value == "none"):
-                raise bad_request(f"reasoning.{key} is not supported here: the model's "
-                                  f"reasoning cannot be configured.", param=f"reasoning.{key}",
-                                  code="unsupported_parameter")
+            if value is not None and (key, value) not in REASONING_SETTINGS:
+                raise bad_request(f"reasoning.{key}={value!r} is not supported here: the "
+                                  f"model's reasoning cannot be configured so.",
+                                  param=f"reasoning.{key}", code="unsupported_parameter")
     include = body.get("include")
-    if include:  # [] or null: nothing extra asked for
-        raise bad_request(f"include {include!r} is not supported here: replies carry no "
-                          f"extra data to include.", param="include", code="unsupported_parameter")
+    if include is not None and not isinstance(include, list):
+        raise bad_request("include must be a list.", param="include")
+    for value in include or ():
+        if value not in INCLUDABLE:
+            raise bad_request(f"include {value!r} is not supported here: replies carry no "
+                              f"extra data to include.", param="include",
+                              code="unsupported_parameter")
     options = body.get("stream_options")
     if options is not None and not isinstance(options, dict):
         raise bad_request("stream_options must be an object.", param="stream_options")
@@ -125,9 +135,15 @@ def _item(item: Any, i: int) -> dict:
         for key in ("call_id", "name", "arguments"):
             if not isinstance(item.get(key), str):
                 raise bad_request(f"{where}.{key} must be a string.", param=f"{where}.{key}")
-        return {"id": item.get("id") or new_id("fc"), "type": "function_call",
-                "status": "completed", "call_id": item["call_id"], "name": item["name"],
-                "arguments": item["arguments"]}
+        namespace = item.get("namespace")
+        if namespace is not None and not isinstance(namespace, str):
+            raise bad_request(f"{where}.namespace must be a string.", param=f"{where}.namespace")
+        stored = {"id": item.get("id") or new_id("fc"), "type": "function_call",
+                  "status": "completed", "call_id": item["call_id"], "name": item["name"],
+                  "arguments": item["arguments"]}
+        if namespace is not None:
+            stored["namespace"] = namespace
+        return stored
     if kind == "function_call_output":
         if not isinstance(item.get("call_id"), str):
             raise bad_request(f"{where}.call_id must be a string.", param=f"{where}.call_id")
@@ -205,7 +221,8 @@ def chat_messages(items: list[dict], instructions: str | None) -> list[dict]:
                              "content": item["output"]})
         elif kind == "function_call":
             call = {"id": item["call_id"], "type": "function",
-                    "function": {"name": item["name"], "arguments": item["arguments"]}}
+                    "function": {"name": flat_tool_name(item.get("namespace"), item["name"]),
+                                 "arguments": item["arguments"]}}
             last = messages[-1] if messages else None
             if last is None or last["role"] != "assistant":
                 last = {"role": "assistant", "content": None}
@@ -224,10 +241,17 @@ def chat_messages(items: list[dict], instructions: str | None) -> list[dict]:
 
 
 # -- tools and formats --------------------------------------------------------------------------
+def flat_tool_name(namespace: str | None, name: str) -> str:
+    """The name the model calls a namespaced function by (k2serve.api.responses_reply splits
+    it back into `namespace` and `name`)."""
+    return name if namespace is None else f"{namespace}.{name}"
+
+
 def chat_tools(tools: Any) -> list[dict] | None:
-    """Responses' flat function tools -> chat's {"type": "function", "function": {...}}.
-    `strict` needs nothing: a call's arguments always follow the schema (a grammar holds them
-    to it)."""
+    """Responses' flat function tools -> chat's {"type": "function", "function": {...}}; the
+    functions of a `namespace` tool (Codex CLI groups its sub-agent tools so) are named
+    `namespace.name`. `strict` needs nothing: a call's arguments always follow the schema (a
+    grammar holds them to it)."""
     if tools is None:
         return None
     if not isinstance(tools, list):
@@ -235,18 +259,50 @@ def chat_tools(tools: Any) -> list[dict] | None:
     out = []
     for i, tool in enumerate(tools):
         kind = tool.get("type") if isinstance(tool, dict) else None
-        if kind != "function":
+        if kind == "namespace":
+            out += _namespace_functions(tool, f"tools[{i}]")
+        elif kind == "function":
+            out.append(_function(tool, f"tools[{i}]"))
+        else:
             raise bad_request(f"tools[{i}].type {kind!r} is not supported here: this server "
                               f"runs function tools only (built-in tools such as web_search "
                               f"and file_search are OpenAI's).", param=f"tools[{i}].type",
                               code="unsupported_parameter")
-        for key in tool:
-            if key not in ("type", "name", "description", "parameters", "strict"):
-                raise bad_request(f"tools[{i}].{key} is not supported here.",
-                                  param=f"tools[{i}].{key}", code="unsupported_parameter")
-        function = {k: tool[k] for k in ("name", "description", "parameters")
-                    if tool.get(k) is not None}
-        out.append({"type": "function", "function": function})
+    return out
+
+
+def _function(tool: dict, where: str, namespace: str | None = None) -> dict:
+    for key in tool:
+        if key not in ("type", "name", "description", "parameters", "strict"):
+            raise bad_request(f"{where}.{key} is not supported here.", param=f"{where}.{key}",
+                              code="unsupported_parameter")
+    function = {k: tool[k] for k in ("name", "description", "parameters")
+                if tool.get(k) is not None}
+    if namespace is not None and isinstance(function.get("name"), str):
+        function["name"] = flat_tool_name(namespace, function["name"])
+    return {"type": "function", "function": function}
+
+
+def _namespace_functions(tool: dict, where: str) -> list[dict]:
+    for key in tool:
+        if key not in ("type", "name", "description", "tools"):
+            raise bad_request(f"{where}.{key} is not supported here.", param=f"{where}.{key}",
+                              code="unsupported_parameter")
+    namespace, inner = tool.get("name"), tool.get("tools")
+    if not isinstance(namespace, str) or not namespace or "." in namespace:
+        raise bad_request(f"{where}.name must be a non-empty name without '.'.",
+                          param=f"{where}.name")
+    if not isinstance(inner, list) or not inner:
+        raise bad_request(f"{where}.tools must list the namespace's functions.",
+                          param=f"{where}.tools")
+    out = []
+    for j, function in enumerate(inner):
+        kind = function.get("type") if isinstance(function, dict) else None
+        if kind != "function":
+            raise bad_request(f"{where}.tools[{j}].type {kind!r} is not supported here: a "
+                              f"namespace holds function tools.",
+                              param=f"{where}.tools[{j}].type", code="unsupported_parameter")
+        out.append(_function(function, f"{where}.tools[{j}]", namespace))
     return out
 
 

@@ -151,7 +151,11 @@ def test_json_schema_text_format(client):
 
 @pytest.mark.parametrize("fields,param", [
     ({"tools": [{"type": "web_search"}]}, "tools[0].type"),
-    ({"include": ["reasoning.encrypted_content"]}, "include"),
+    ({"include": ["file_search_call.results"]}, "include"),
+    ({"reasoning": {"summary": "detailed"}}, "reasoning.summary"),
+    ({"tools": [{"type": "namespace", "name": "ns", "tools": [{"type": "custom",
+                                                                "name": "f"}]}]},
+     "tools[0].tools[0].type"),
     ({"conversation": "conv_1"}, "conversation"),
     ({"reasoning": {"effort": "high"}}, "reasoning.effort"),
     ({"truncation": "auto"}, "truncation"),
@@ -209,3 +213,51 @@ def test_background_poll_and_cancel(client):
     cancelled = client.responses.cancel(long.id)
     assert cancelled.status == "cancelled"
     assert client.responses.retrieve(long.id).status == "cancelled"
+
+
+def test_a_request_shaped_as_codex_cli_sends_it(client):
+    """What Codex CLI 0.169 sends on every turn (captured against this server; its web_search
+    tool left out, as `-c web_search=disabled` does): functions grouped in a `namespace`,
+    reasoning summary "auto", the encrypted reasoning asked for, store off, its session tags.
+    A namespaced call comes back split into `namespace` and `name`, and goes back as such."""
+    agents = {"type": "namespace", "name": "multi_agent_v1",
+              "description": "Tools for spawning and managing sub-agents.",
+              "tools": [{"type": "function", "name": "close_agent", "strict": False,
+                         "description": "Close an agent.",
+                         "parameters": {"type": "object", "properties": {
+                             "id": {"type": "string"}}, "required": ["id"],
+                             "additionalProperties": False}}]}
+    shell = {"type": "function", "name": "exec_command", "strict": False,
+             "description": "Runs a command.", "parameters": {
+                 "type": "object", "properties": {"cmd": {"type": "string"}},
+                 "required": ["cmd"], "additionalProperties": False}}
+    codex = dict(store=False, include=["reasoning.encrypted_content"],
+                 reasoning={"summary": "auto"}, parallel_tool_calls=True,
+                 prompt_cache_key="01a245ac", extra_body={"client_metadata": {"turn_id": "t1"}})
+    ask = [{"type": "message", "role": "developer", "content": [
+               {"type": "input_text", "text": "You are a coding agent."}]},
+           {"type": "message", "role": "user", "content": [
+               {"type": "input_text", "text": "Close the agent a1."}]}]
+    r = client.responses.create(model=EMBEDDED_ID, input=ask, tools=[agents, shell],
+                                tool_choice={"type": "function", "name": "multi_agent_v1.close_agent"},
+                                temperature=0, max_output_tokens=40, **codex)
+    (call,) = [item for item in r.output if item.type == "function_call"]
+    assert (call.namespace, call.name) == ("multi_agent_v1", "close_agent")
+    assert set(json.loads(call.arguments)) == {"id"}
+    assert r.tools[0].type == "namespace"
+
+    with client.responses.stream(model=EMBEDDED_ID, input=ask, tools=[agents, shell],
+                                 tool_choice={"type": "function",
+                                              "name": "multi_agent_v1.close_agent"},
+                                 temperature=0, max_output_tokens=40, **codex) as stream:
+        streamed = stream.get_final_response()
+    (streamed_call,) = [item for item in streamed.output if item.type == "function_call"]
+    assert (streamed_call.namespace, streamed_call.name) == ("multi_agent_v1", "close_agent")
+    assert streamed_call.arguments == call.arguments
+
+    history = ask + [call.model_dump(exclude_none=True),
+                     {"type": "function_call_output", "call_id": call.call_id,
+                      "output": "closed"}]
+    after = client.responses.create(model=EMBEDDED_ID, input=history, tools=[agents, shell],
+                                    temperature=0, max_output_tokens=8, **codex)
+    assert after.status in ("completed", "incomplete")

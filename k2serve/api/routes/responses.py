@@ -39,6 +39,7 @@ from k2serve.api.responses_reply import (
     sse_event,
     status_of,
     stream_events,
+    tool_namespaces,
     usage_of,
 )
 from k2serve.api.responses_request import (
@@ -155,8 +156,8 @@ async def create_response(sent: ResponseCreateRequest, request: Request,
     message, finish = run.message(result)
     status, incomplete = status_of(finish)
     usage = run.usage([result])
-    reply = response(status, output=output_items(message, status), usage=usage_of(usage),
-                     incomplete=incomplete)
+    output = output_items(message, status, tool_namespaces(body.get("tools")))
+    reply = response(status, output=output, usage=usage_of(usage), incomplete=incomplete)
     if record is not None:
         record.response = reply
         await _save(request, record)
@@ -208,8 +209,9 @@ async def _generate(request: Request, run: ChatRun, record: StoredResponse, resp
         message, finish = run.message(result)
         status, incomplete = status_of(finish)
         usage = run.usage([result])
-        record.response = response(status, output=output_items(message, status),
-                                   usage=usage_of(usage), incomplete=incomplete)
+        output = output_items(message, status, tool_namespaces(record.response.get("tools")))
+        record.response = response(status, output=output, usage=usage_of(usage),
+                                   incomplete=incomplete)
     except asyncio.CancelledError:
         record.response = response("cancelled")
     except Exception as exc:

@@ -23,6 +23,7 @@ from starlette.datastructures import Headers
 from k2serve.api.errors import error_response
 from k2serve.api.middleware import BodyLimits, read_body, replay
 from k2serve.api.request_scope import scope_state
+from k2serve.api.routes.files import PRESIGNED_UPLOAD
 from k2serve.errors import APIError
 from k2serve.platform.context import RequestContext, log_request
 from k2serve.platform.form_fields import multipart_model
@@ -49,8 +50,9 @@ class PlatformMiddleware:
         self.body_limits = body_limits or BodyLimits()
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["path"] in PUBLIC_PATHS:
-            return await self.app(scope, receive, send)
+        if scope["type"] != "http" or scope["path"] in PUBLIC_PATHS or (
+                scope["method"] == "PUT" and PRESIGNED_UPLOAD.fullmatch(scope["path"])):
+            return await self.app(scope, receive, send)  # an upload URL's token is its key
         platform = self.platform
         rs = scope_state(scope)
         rs.request_id = rs.request_id or uuid.uuid4().hex

@@ -9,6 +9,7 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
 from k2serve import __version__, native
+from k2serve.api.batch_runner import BatchRunner
 from k2serve.api.batch_store import FileBlobs, MemoryBatchStore
 from k2serve.api.errors import install_error_handlers
 from k2serve.api.middleware import (
@@ -22,6 +23,7 @@ from k2serve.api.middleware import (
 from k2serve.api.response_store import MemoryResponseStore
 from k2serve.api.routes import (
     audio,
+    batches,
     capabilities,
     chat,
     completions,
@@ -54,7 +56,9 @@ def create_app(registry: ModelRegistry, *, max_body_bytes: int = DEFAULT_MAX_BOD
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        await app.state.batch_runner.start()  # resumes the batches a restart interrupted
         yield
+        await app.state.batch_runner.stop()
         for backend in registry.backends():
             backend.shutdown()
         if platform is not None:
@@ -69,9 +73,10 @@ def create_app(registry: ModelRegistry, *, max_body_bytes: int = DEFAULT_MAX_BOD
     app.state.batch_store = MemoryBatchStore()  # ... and its database's here
     app.state.file_blobs = FileBlobs()  # a temporary directory; a platform's data directory
     app.state.max_file_bytes = max_file_bytes
+    app.state.batch_runner = BatchRunner(app)
     install_error_handlers(app)
     for module in (models, chat, completions, messages, responses, audio, embeddings, rerank,
-                   moderations, capabilities, tokenize, files):
+                   moderations, capabilities, tokenize, files, batches):
         app.include_router(module.router)
 
     @app.get("/health")

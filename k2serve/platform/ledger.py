@@ -62,6 +62,7 @@ class LedgerRow:
     admitted_at: float | None = None
     retry_group: str | None = None
     retry_count: int = 0
+    batch_id: str | None = None  # a batch line's batch (billed at the batch price)
 
     @property
     def total_tokens(self) -> int:
@@ -98,7 +99,7 @@ def _columns(row: LedgerRow, now: float) -> dict:
         error=_text(row.error, 64) or None, ttft_s=row.ttft_s, duration_s=row.duration_s,
         started_at=row.started_at, admitted_at=row.admitted_at,
         retry_group=_text(row.retry_group, 64), retry_count=_count(row.retry_count),
-        updated_at=now)
+        batch_id=_text(row.batch_id, 64), updated_at=now)
 
 
 def apply_row(session, row: LedgerRow, entry_id: int | None = None) -> int:

@@ -20,6 +20,7 @@ import uuid
 
 from starlette.datastructures import Headers
 
+from k2serve.api.batch_runner import BATCH_SCOPE
 from k2serve.api.errors import error_response
 from k2serve.api.middleware import BodyLimits, read_body, replay
 from k2serve.api.request_scope import scope_state
@@ -59,10 +60,15 @@ class PlatformMiddleware:
         ctx = RequestContext(request_id=rs.request_id, method=scope["method"], path=scope["path"])
         headers = Headers(scope=scope)
 
+        batch = scope.get(BATCH_SCOPE)  # a batch line, run in-process: its batch's key
         try:
-            key = await platform.authenticate(_authorization(headers),
-                                              host=headers.get("host"),
-                                              origin=headers.get("origin"))
+            if batch is not None:
+                key = await platform.batch_caller(batch.get("key_id"))
+                ctx.batch_id = batch.get("batch_id")
+            else:
+                key = await platform.authenticate(_authorization(headers),
+                                                  host=headers.get("host"),
+                                                  origin=headers.get("origin"))
         except APIError as exc:
             return await self._refuse(ctx, exc, scope, receive, send)
         ctx.key = rs.caller = key

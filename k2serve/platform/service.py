@@ -106,6 +106,16 @@ class Platform:
                            origin: str | None = None) -> KeyInfo | None:
         return await self.auth.authenticate(authorization, host, origin)
 
+    async def batch_caller(self, key_id: str | None) -> KeyInfo | None:
+        """The key a batch line runs as: its batch's (None: made in open mode)."""
+        if key_id is None:
+            return None
+        key = await run_in_threadpool(self.keys.get, key_id)
+        if key is None or key.revoked:
+            raise APIError(401, "The API key that created this batch has been revoked.",
+                           code="invalid_api_key", type="invalid_request_error")
+        return key
+
     async def rate_limit_headers(self, key: KeyInfo | None) -> dict[str, str]:
         """The key's rate-limit headers, for a reply that reserved nothing."""
         if key is None or not key.has_limits:

@@ -178,10 +178,18 @@ class BatchRunner:
     async def _line(self, record: BatchRecord, line: BatchLine) -> None:
         url = line.url or record.endpoint
         request_id = f"{record.id}-{line.line_no}"
-        status, body = await call_app(self.app, url, line.body, request_id,
-                                      {"key_id": record.owner, "batch_id": record.id})
-        result = LineResult(record.id, line.line_no, line.custom_id, status, body, request_id)
-        await asyncio.shield(run_in_threadpool(self.store.save_line, result))
+        async def store(status: int, body: dict) -> None:
+            result = LineResult(record.id, line.line_no, line.custom_id, status, body,
+                                request_id)
+            await asyncio.shield(run_in_threadpool(self.store.save_line, result))
+            stored.append(result)
+
+        stored: list[LineResult] = []
+        await call_app(self.app, url, line.body, request_id,
+                       {"key_id": record.owner, "batch_id": record.id}, store)
+        if not stored:  # the app sent no whole reply (it should always)
+            await store(500, _error_body("The request ended without a reply."))
+        result = stored[0]
         if result.ok:
             record.completed += 1
         else:
@@ -226,9 +234,10 @@ class BatchRunner:
         return file.id
 
 
-async def call_app(app, path: str, body: dict, request_id: str, batch: dict
-                   ) -> tuple[int, dict]:
-    """POST `body` to the app's own route, in-process; (status, JSON body)."""
+async def call_app(app, path: str, body: dict, request_id: str, batch: dict,
+                   on_reply) -> None:
+    """POST `body` to the app's own route, in-process; `await on_reply(status, JSON body)`
+    as the reply's last byte arrives (before the platform commits its ledger row)."""
     raw = json.dumps(body).encode()
     scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"},
              "http_version": "1.1", "method": "POST", "scheme": "http", "path": path,
@@ -256,16 +265,25 @@ async def call_app(app, path: str, body: dict, request_id: str, batch: dict
             reply["status"] = message["status"]
         elif message["type"] == "http.response.body":
             reply["body"] += message.get("body", b"")
+            if not message.get("more_body", False):
+                await on_reply(reply["status"], _json_body(bytes(reply["body"])))
 
     try:
         await app(scope, receive, send)
     finally:
         never.cancel()
+
+
+def _json_body(raw: bytes) -> dict:
     try:
-        doc = json.loads(bytes(reply["body"]))
+        doc = json.loads(raw)
     except ValueError:
         doc = None
-    if not isinstance(doc, dict):
-        doc = {"error": {"message": bytes(reply["body"][:1000]).decode("utf-8", "replace"),
-                         "type": "server_error", "param": None, "code": None}}
-    return reply["status"], doc
+    if isinstance(doc, dict):
+        return doc
+    return _error_body(raw[:1000].decode("utf-8", "replace"))
+
+
+def _error_body(message: str) -> dict:
+    return {"error": {"message": message, "type": "server_error", "param": None,
+                      "code": None}}

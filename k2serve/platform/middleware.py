@@ -167,6 +167,14 @@ class PlatformMiddleware:
                     state["buf"] += chunk
                     if not message.get("more_body", False):
                         _capture_json(ctx, bytes(state["buf"]))
+                if ctx.entry_id is not None and ctx.batch_id is not None:
+                    # A batch line: its runner stores the reply as it receives it, and only
+                    # then is the row committed, so a crash between the two leaves a line
+                    # that is not run again (its row closed as interrupted), never one run
+                    # and billed twice.
+                    await send(message)
+                    await self.platform.before_body(ctx, not message.get("more_body", False))
+                    return
                 if ctx.entry_id is not None:  # usage committed before the bytes leave
                     await self.platform.before_body(ctx, not message.get("more_body", False))
             await send(message)

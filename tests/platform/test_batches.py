@@ -5,13 +5,16 @@ lines; another key sees none of it."""
 
 from __future__ import annotations
 
+import io
 import json
 import time
+from contextlib import redirect_stdout
 
 import openai
 import pytest
 from together import Together
 
+from k2serve.cli import main
 from k2serve.platform.keys import KeyStore
 from k2serve.platform.ledger import ledger_rows
 from k2serve.serving.registry import ModelSpec
@@ -83,6 +86,18 @@ def test_openai_sdk_runs_a_batch_billed_at_half_price(database):
         assert r.cost_usd == pytest.approx(full * 0.5) and r.cost_usd > 0
     assert {r.request_id for r in rows} == {f"{made.id}-{n}" for n in range(1, N + 1)}
     assert store.get_by_name("alice").spent_usd == pytest.approx(sum(r.cost_usd for r in ok))
+    # `k2serve usage` shows the batch spend apart (and within the total).
+    out = io.StringIO()
+    with redirect_stdout(out):
+        assert main(["usage", "--json", "--database-url", database.url]) == 0
+    alice_usage = {k["key"]: k for k in json.loads(out.getvalue())["keys"]}["alice"]
+    assert alice_usage["batch_requests"] == N - 1
+    assert alice_usage["batch_cost_usd"] == pytest.approx(sum(r.cost_usd for r in ok))
+    assert alice_usage["cost_usd"] == pytest.approx(alice_usage["batch_cost_usd"])
+    out = io.StringIO()
+    with redirect_stdout(out):
+        assert main(["usage", "--database-url", database.url]) == 0
+    assert "OF WHICH BATCH USD" in out.getvalue()
 
 
 def test_together_sdk_runs_and_cancels_batches(database, tmp_path):

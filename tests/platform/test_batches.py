@@ -143,3 +143,41 @@ def test_together_sdk_runs_and_cancels_batches(database, tmp_path):
                    if json.loads(x)["response"] is None)
         jobs = client.batches.list()
         assert {j.id for j in jobs} == {created.job.id, running.id}
+
+
+def test_without_a_platform_batches_run_in_memory_and_expire_past_their_window(tmp_path):
+    """No platform: files in a temporary directory, batches in memory, no key. A batch whose
+    window closes before its lines have all run expires with the results it has."""
+    from k2serve.app import create_app
+    from k2serve.serving.registry import ModelRegistry
+
+    registry = ModelRegistry()
+    registry.register(ModelSpec(id=SLOW, type="chat", context_length=64, pricing=PRICE),
+                      SlowBackend())
+    app = create_app(registry)
+    data = batch_jsonl(N).decode().replace(MODEL, SLOW).replace(
+        '"max_tokens": 2', '"max_tokens": 8').encode()  # 0.4 s a line, 2 at a time: 4 s
+    with live_server(app) as root:
+        client = openai_client(root, "none")
+        file = client.files.create(file=("in.jsonl", data), purpose="batch")
+        batch = client.batches.create(input_file_id=file.id, endpoint="/v1/chat/completions",
+                                      completion_window="1s")
+        done = wait_openai(client, batch.id)
+        assert done.status == "expired" and done.expired_at is not None
+        assert 0 < done.request_counts.completed < N
+        out = client.files.content(done.output_file_id).text.splitlines()
+        unrun = [json.loads(x) for x in client.files.content(done.error_file_id)
+                 .text.splitlines()]
+        assert len(out) == done.request_counts.completed and len(out) + len(unrun) == N
+        assert {e["error"]["code"] for e in unrun} == {"batch_expired"}
+        with pytest.raises(openai.BadRequestError) as err:  # the window's format
+            client.batches.create(input_file_id=file.id, endpoint="/v1/chat/completions",
+                                  completion_window="soon")
+        assert err.value.body["param"] == "completion_window"
+        with pytest.raises(openai.BadRequestError) as err:  # lines call another endpoint
+            client.batches.create(input_file_id=file.id, endpoint="/v1/completions",
+                                  completion_window="24h")
+        assert "Line 1 of the input file" in err.value.body["message"]
+        with pytest.raises(openai.NotFoundError):
+            client.batches.create(input_file_id="file-nope", endpoint="/v1/completions",
+                                  completion_window="24h")

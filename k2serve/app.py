@@ -9,6 +9,8 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
 from k2serve import __version__, native
+from k2serve.api.batch_runner import BatchRunner
+from k2serve.api.batch_store import FileBlobs, MemoryBatchStore
 from k2serve.api.errors import install_error_handlers
 from k2serve.api.middleware import (
     DEFAULT_BODY_TIMEOUT_S,
@@ -21,10 +23,12 @@ from k2serve.api.middleware import (
 from k2serve.api.response_store import MemoryResponseStore
 from k2serve.api.routes import (
     audio,
+    batches,
     capabilities,
     chat,
     completions,
     embeddings,
+    files,
     messages,
     models,
     moderations,
@@ -42,16 +46,19 @@ if TYPE_CHECKING:
 
 def create_app(registry: ModelRegistry, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
                body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
-               platform: Platform | None = None, shared_prefix_cache: bool = False) -> FastAPI:
+               platform: Platform | None = None, shared_prefix_cache: bool = False,
+               max_file_bytes: int = files.DEFAULT_MAX_FILE_BYTES) -> FastAPI:
     """The API. With a `platform` (k2serve.platform): API keys, rate limits, the usage
     ledger and /admin routes; without one, open and unmetered. A request body larger than
     `max_body_bytes` gets 413, one not all received within `body_timeout_s` seconds 408.
     `shared_prefix_cache`: every key's requests share cached prompt prefixes
-    (k2serve.api.prefix_cache)."""
+    (k2serve.api.prefix_cache). An uploaded file (/v1/files) may have `max_file_bytes`."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        await app.state.batch_runner.start()  # resumes the batches a restart interrupted
         yield
+        await app.state.batch_runner.stop()
         for backend in registry.backends():
             backend.shutdown()
         if platform is not None:
@@ -63,9 +70,13 @@ def create_app(registry: ModelRegistry, *, max_body_bytes: int = DEFAULT_MAX_BOD
     app.state.usage_sinks = [log_usage]
     app.state.shared_prefix_cache = shared_prefix_cache
     app.state.response_store = MemoryResponseStore()  # a platform puts its database's in
+    app.state.batch_store = MemoryBatchStore()  # ... and its database's here
+    app.state.file_blobs = FileBlobs()  # a temporary directory; a platform's data directory
+    app.state.max_file_bytes = max_file_bytes
+    app.state.batch_runner = BatchRunner(app)
     install_error_handlers(app)
     for module in (models, chat, completions, messages, responses, audio, embeddings, rerank,
-                   moderations, capabilities, tokenize):
+                   moderations, capabilities, tokenize, files, batches):
         app.include_router(module.router)
 
     @app.get("/health")
@@ -84,7 +95,8 @@ def create_app(registry: ModelRegistry, *, max_body_bytes: int = DEFAULT_MAX_BOD
                            if (state := backend.load_state) is not None}}
         return JSONResponse(body, status_code=200 if ok else 503)
 
-    limits = BodyLimits(max_bytes=max_body_bytes, timeout_s=body_timeout_s)
+    limits = BodyLimits(max_bytes=max_body_bytes, timeout_s=body_timeout_s,
+                        upload_max_bytes=max_file_bytes + (1 << 20))  # + multipart framing
     # Added innermost first. Outermost: ids on every reply (errors included), the alias, then
     # authentication (which reads a generation's body itself, once the key is known), then
     # the body read for everything else: no body byte is read before the key is checked.

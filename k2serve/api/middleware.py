@@ -61,6 +61,22 @@ class BodyLimits:
 
     max_bytes: int = DEFAULT_MAX_BODY_BYTES
     timeout_s: float = DEFAULT_BODY_TIMEOUT_S
+    upload_max_bytes: int | None = None  # file uploads (/v1/files): their own, larger limit
+
+    def for_scope(self, scope) -> BodyLimits:
+        if self.upload_max_bytes is None or not _is_upload(scope):
+            return self
+        return BodyLimits(max(self.max_bytes, self.upload_max_bytes), self.timeout_s)
+
+
+_UPLOAD_PATHS = frozenset({"/v1/files", "/v1/files/upload"})
+
+
+def _is_upload(scope) -> bool:
+    path = scope["path"]
+    if scope["method"] == "POST":
+        return path in _UPLOAD_PATHS
+    return scope["method"] == "PUT" and path.startswith("/v1/files/") and path.endswith("/upload")
 
 
 # The connection is closed after these: the rest of the body is never read.
@@ -80,6 +96,7 @@ async def read_body(scope, receive, limits: BodyLimits) -> bytes | None:
     rs = scope_state(scope)
     if rs.body is not None:
         return rs.body
+    limits = limits.for_scope(scope)
     length = dict(scope["headers"]).get(b"content-length")
     if length is not None and length.isdigit() and int(length) > limits.max_bytes:
         raise _too_large(limits)

@@ -62,7 +62,7 @@ class Admission:
             ctx.reserved = prompt + completion
             if key is not None and key.budget_usd is not None:
                 await self._hold_budget(ctx, key, prompt, completion)
-            if key is not None and key.has_limits:
+            if key is not None and key.has_limits and ctx.batch_id is None:
                 decision = await self.limiter.acquire(key.id, key.rpm_limit, key.tpm_limit,
                                                       ctx.reserved)
                 ctx.decision = decision
@@ -124,7 +124,8 @@ class Admission:
 
         The spend is read AFTER the holds: a request that finishes in between is counted in
         the holds (released only once its row is written) or in the spend, never neither."""
-        worst = cost_usd(pricing_for(self.registry, ctx.model), prompt, 0, completion)
+        worst = cost_usd(pricing_for(self.registry, ctx.model), prompt, 0, completion,
+                         batch=ctx.batch_id is not None)
         ctx.budget_hold, held = await self.budgets.hold(key.id, worst)
         spent = await run_in_threadpool(self.keys.spent_usd, key.id)
         if spent + held >= key.budget_usd:

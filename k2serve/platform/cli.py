@@ -187,12 +187,14 @@ def _usage(args) -> int:
         return 0
     scope = f"since {_when(since)}" if since is not None else "all time"
     print(f"Usage, {scope}, as of {_when(time.time())} (tokens and cost: billed requests):")
-    rows = [("KEY", "REQUESTS", "BILLED", "PROMPT", "CACHED", "COMPLETION", "TOTAL", "COST USD")]
+    rows = [("KEY", "REQUESTS", "BILLED", "PROMPT", "CACHED", "COMPLETION", "TOTAL", "COST USD",
+             "BATCH LINES", "OF WHICH BATCH USD")]
     for k in totals["keys"] + [dict(totals["total"], key="TOTAL")]:
         rows.append((k["key"] or "(no key: open mode)", str(k["requests"]),
                      str(k["billed_requests"]), str(k["prompt_tokens"]),
                      str(k["cached_tokens"]), str(k["completion_tokens"]),
-                     str(k["total_tokens"]), f"{k['cost_usd']:.8f}"))
+                     str(k["total_tokens"]), f"{k['cost_usd']:.8f}",
+                     str(k["batch_requests"]), f"{k['batch_cost_usd']:.8f}"))
     _table(rows)
     return 0
 

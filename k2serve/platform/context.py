@@ -50,6 +50,7 @@ class RequestContext:
     settled: bool = False
     refunded: bool = False
     entry_id: int | None = None  # its ledger row, written at admission (Settlement.open_row)
+    batch_id: str | None = None  # a batch line (k2serve.api.batch_runner): no rate limits
 
 
 def log_request(ctx: RequestContext, status: str) -> None:

@@ -133,6 +133,11 @@ class KeyStore:
             rows = session.scalars(select(ApiKey).order_by(ApiKey.created_at)).all()
             return [_info(r) for r in rows]
 
+    def get(self, key_id: str) -> KeyInfo | None:
+        with self.db.session() as session:
+            row = session.get(ApiKey, key_id)
+            return _info(row) if row is not None else None
+
     def get_by_name(self, name: str) -> KeyInfo | None:
         with self.db.session() as session:
             row = session.scalar(select(ApiKey).where(ApiKey.name == name))

@@ -62,6 +62,7 @@ class LedgerRow:
     admitted_at: float | None = None
     retry_group: str | None = None
     retry_count: int = 0
+    batch_id: str | None = None  # a batch line's batch (billed at the batch price)
 
     @property
     def total_tokens(self) -> int:
@@ -98,7 +99,7 @@ def _columns(row: LedgerRow, now: float) -> dict:
         error=_text(row.error, 64) or None, ttft_s=row.ttft_s, duration_s=row.duration_s,
         started_at=row.started_at, admitted_at=row.admitted_at,
         retry_group=_text(row.retry_group, 64), retry_count=_count(row.retry_count),
-        updated_at=now)
+        batch_id=_text(row.batch_id, 64), updated_at=now)
 
 
 def apply_row(session, row: LedgerRow, entry_id: int | None = None) -> int:
@@ -456,7 +457,12 @@ def usage_totals(db: Database, *, key_name: str | None = None,
             billed_sum(UsageEntry.prompt_tokens).label("prompt_tokens"),
             billed_sum(UsageEntry.cached_tokens).label("cached_tokens"),
             billed_sum(UsageEntry.completion_tokens).label("completion_tokens"),
-            billed_sum(UsageEntry.cost_usd).label("cost_usd"))
+            billed_sum(UsageEntry.cost_usd).label("cost_usd"),
+            func.coalesce(func.sum(case((billed & UsageEntry.batch_id.is_not(None), 1),
+                                        else_=0)), 0).label("batch_requests"),
+            func.coalesce(func.sum(case((billed & UsageEntry.batch_id.is_not(None),
+                                         UsageEntry.cost_usd), else_=0)), 0)
+            .label("batch_cost_usd"))
     query = (select(UsageEntry.api_key_id, ApiKey.name, *cols)
              .join(ApiKey, ApiKey.id == UsageEntry.api_key_id, isouter=True)
              .group_by(UsageEntry.api_key_id, ApiKey.name))
@@ -473,18 +479,22 @@ def usage_totals(db: Database, *, key_name: str | None = None,
         rows = session.execute(query.order_by(ApiKey.name)).all()
     keys = []
     total = {"requests": 0, "billed_requests": 0, "prompt_tokens": 0, "cached_tokens": 0,
-             "completion_tokens": 0, "total_tokens": 0, "cost_usd": 0.0}
+             "completion_tokens": 0, "total_tokens": 0, "cost_usd": 0.0,
+             "batch_requests": 0, "batch_cost_usd": 0.0}  # batch lines: included, and apart
     for r in rows:
         item = {"key": r.name, "key_id": r.api_key_id, "requests": int(r.requests),
                 "billed_requests": int(r.billed_requests),
                 "prompt_tokens": int(r.prompt_tokens), "cached_tokens": int(r.cached_tokens),
                 "completion_tokens": int(r.completion_tokens),
                 "total_tokens": int(r.prompt_tokens) + int(r.completion_tokens),
-                "cost_usd": round(float(r.cost_usd), 9)}
+                "cost_usd": round(float(r.cost_usd), 9),
+                "batch_requests": int(r.batch_requests),
+                "batch_cost_usd": round(float(r.batch_cost_usd), 9)}
         keys.append(item)
         for k in total:
             total[k] += item[k]
     total["cost_usd"] = round(total["cost_usd"], 9)
+    total["batch_cost_usd"] = round(total["batch_cost_usd"], 9)
     return {"since": since, "until": until, "key": key_name, "keys": keys, "total": total}
 
 

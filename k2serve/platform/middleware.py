@@ -20,9 +20,11 @@ import uuid
 
 from starlette.datastructures import Headers
 
+from k2serve.api.batch_runner import BATCH_SCOPE
 from k2serve.api.errors import error_response
 from k2serve.api.middleware import BodyLimits, read_body, replay
 from k2serve.api.request_scope import scope_state
+from k2serve.api.routes.files import PRESIGNED_UPLOAD
 from k2serve.errors import APIError
 from k2serve.platform.context import RequestContext, log_request
 from k2serve.platform.form_fields import multipart_model
@@ -49,18 +51,24 @@ class PlatformMiddleware:
         self.body_limits = body_limits or BodyLimits()
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["path"] in PUBLIC_PATHS:
-            return await self.app(scope, receive, send)
+        if scope["type"] != "http" or scope["path"] in PUBLIC_PATHS or (
+                scope["method"] == "PUT" and PRESIGNED_UPLOAD.fullmatch(scope["path"])):
+            return await self.app(scope, receive, send)  # an upload URL's token is its key
         platform = self.platform
         rs = scope_state(scope)
         rs.request_id = rs.request_id or uuid.uuid4().hex
         ctx = RequestContext(request_id=rs.request_id, method=scope["method"], path=scope["path"])
         headers = Headers(scope=scope)
 
+        batch = scope.get(BATCH_SCOPE)  # a batch line, run in-process: its batch's key
         try:
-            key = await platform.authenticate(_authorization(headers),
-                                              host=headers.get("host"),
-                                              origin=headers.get("origin"))
+            if batch is not None:
+                key = await platform.batch_caller(batch.get("key_id"))
+                ctx.batch_id = batch.get("batch_id")
+            else:
+                key = await platform.authenticate(_authorization(headers),
+                                                  host=headers.get("host"),
+                                                  origin=headers.get("origin"))
         except APIError as exc:
             return await self._refuse(ctx, exc, scope, receive, send)
         ctx.key = rs.caller = key
@@ -159,6 +167,14 @@ class PlatformMiddleware:
                     state["buf"] += chunk
                     if not message.get("more_body", False):
                         _capture_json(ctx, bytes(state["buf"]))
+                if ctx.entry_id is not None and ctx.batch_id is not None:
+                    # A batch line: its runner stores the reply as it receives it, and only
+                    # then is the row committed, so a crash between the two leaves a line
+                    # that is not run again (its row closed as interrupted), never one run
+                    # and billed twice.
+                    await send(message)
+                    await self.platform.before_body(ctx, not message.get("more_body", False))
+                    return
                 if ctx.entry_id is not None:  # usage committed before the bytes leave
                     await self.platform.before_body(ctx, not message.get("more_body", False))
             await send(message)

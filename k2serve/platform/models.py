@@ -82,8 +82,10 @@ class UsageEntry(Base):
     retry_count: Mapped[int] = mapped_column(Integer, default=0)
     billed: Mapped[bool] = mapped_column(Boolean, default=False)
     updated_at: Mapped[float | None] = mapped_column(Double, nullable=True)  # last write
+    batch_id: Mapped[str | None] = mapped_column(String(64), nullable=True)  # a batch's line
 
     __table_args__ = (Index("ix_usage_ledger_key_started", "api_key_id", "started_at"),
+                      Index("ix_usage_ledger_batch_id", "batch_id"),
                       Index("ix_usage_ledger_started", "started_at"),
                       Index("ix_usage_ledger_status_updated", "status", "updated_at"))
 
@@ -108,3 +110,47 @@ class StoredResponseRow(Base):
     new_from: Mapped[int] = mapped_column(Integer, default=0)  # where its own input starts
 
     __table_args__ = (Index("ix_responses_created", "created_at"),)
+
+
+class FileRow(Base):
+    """An uploaded file (k2serve.api.batch_store); its bytes are in the data directory."""
+
+    __tablename__ = "files"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    api_key_id: Mapped[str | None] = mapped_column(
+        String(32), ForeignKey("api_keys.id"), nullable=True, index=True)
+    filename: Mapped[str] = mapped_column(String(256))
+    purpose: Mapped[str] = mapped_column(String(32))
+    bytes: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[float] = mapped_column(Double)
+    status: Mapped[str] = mapped_column(String(16))  # processed | uploading
+    upload_token: Mapped[str | None] = mapped_column(String(64), nullable=True)  # sha256
+
+
+class BatchRow(Base):
+    """A batch job: its status (for the runner's queries) and its whole record as JSON."""
+
+    __tablename__ = "batches"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    api_key_id: Mapped[str | None] = mapped_column(
+        String(32), ForeignKey("api_keys.id"), nullable=True)
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    created_at: Mapped[float] = mapped_column(Double)
+    updated_at: Mapped[float] = mapped_column(Double)
+    record: Mapped[str] = mapped_column(Text)  # JSON: k2serve.api.batch_store.BatchRecord
+
+
+class BatchLineRow(Base):
+    """One batch line's result: the status and body its request got."""
+
+    __tablename__ = "batch_lines"
+
+    batch_id: Mapped[str] = mapped_column(String(64), ForeignKey("batches.id"),
+                                          primary_key=True)
+    line_no: Mapped[int] = mapped_column(Integer, primary_key=True)
+    custom_id: Mapped[str] = mapped_column(String(512))
+    status_code: Mapped[int] = mapped_column(Integer)
+    request_id: Mapped[str] = mapped_column(String(128))
+    body: Mapped[str] = mapped_column(Text)  # JSON

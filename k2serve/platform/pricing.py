@@ -6,15 +6,16 @@ from k2serve.serving.registry import ModelRegistry, Pricing
 
 
 def cost_usd(pricing: Pricing | None, prompt_tokens: int, cached_tokens: int,
-             completion_tokens: int) -> float:
+             completion_tokens: int, batch: bool = False) -> float:
     """Prompt tokens at the input price (cache hits at `cached_input` when the model has one),
-    completion tokens at the output price."""
+    completion tokens at the output price; a batch line at the model's batch share of it."""
     if pricing is None:
         return 0.0
     cached = max(0, min(cached_tokens, prompt_tokens))
     cached_price = pricing.cached_input if pricing.cached_input is not None else pricing.input
-    return ((prompt_tokens - cached) * pricing.input + cached * cached_price
+    cost = ((prompt_tokens - cached) * pricing.input + cached * cached_price
             + completion_tokens * pricing.output) / 1_000_000
+    return cost * pricing.batch if batch else cost
 
 
 def pricing_for(registry: ModelRegistry | None, model: str | None) -> Pricing | None:

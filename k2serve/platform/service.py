@@ -13,12 +13,15 @@ import os
 
 from starlette.concurrency import run_in_threadpool
 
+from k2serve.api.batch_store import FileBlobs
 from k2serve.api.responses_request import with_history
 from k2serve.errors import APIError
 from k2serve.platform.admission import Admission
 from k2serve.platform.auth import Authenticator
+from k2serve.platform.batch_store import DatabaseBatchStore
 from k2serve.platform.context import RequestContext
 from k2serve.platform.db import Database, open_database, redact
+from k2serve.platform.db import data_dir as data_directory
 from k2serve.platform.keys import KeyInfo, KeyStore
 from k2serve.platform.ledger import LedgerWriter, usage_totals
 from k2serve.platform.ratelimit import (
@@ -39,7 +42,7 @@ log = logging.getLogger("k2serve.platform")
 
 class Platform:
     def __init__(self, db: Database, *, host: str = "127.0.0.1", redis_url: str | None = None,
-                 window_s: float = WINDOW_S):
+                 window_s: float = WINDOW_S, files_dir: str | os.PathLike | None = None):
         self.db = db
         self.keys = KeyStore(db)
         self.redis_url = redis_url
@@ -57,6 +60,8 @@ class Platform:
         self.admission = Admission(self.keys, self.limiter, self.budgets, self.retries)
         self.settlement = Settlement(self.writer, self.limiter, self.budgets, self.retries)
         self.responses = DatabaseResponseStore(db)
+        self.batches = DatabaseBatchStore(db)
+        self.file_blobs = FileBlobs(files_dir)  # None: a temporary directory
         self._closed = False
 
     # -- wiring ------------------------------------------------------------------------
@@ -67,6 +72,8 @@ class Platform:
         self.admission.registry = self.settlement.registry = app.state.registry
         app.state.platform = self
         app.state.response_store = self.responses
+        app.state.batch_store = self.batches
+        app.state.file_blobs = self.file_blobs
         app.include_router(admin.router)
 
     def open_mode(self) -> bool:
@@ -98,6 +105,16 @@ class Platform:
     async def authenticate(self, authorization: str | None, host: str | None = None,
                            origin: str | None = None) -> KeyInfo | None:
         return await self.auth.authenticate(authorization, host, origin)
+
+    async def batch_caller(self, key_id: str | None) -> KeyInfo | None:
+        """The key a batch line runs as: its batch's (None: made in open mode)."""
+        if key_id is None:
+            return None
+        key = await run_in_threadpool(self.keys.get, key_id)
+        if key is None or key.revoked:
+            raise APIError(401, "The API key that created this batch has been revoked.",
+                           code="invalid_api_key", type="invalid_request_error")
+        return key
 
     async def rate_limit_headers(self, key: KeyInfo | None) -> dict[str, str]:
         """The key's rate-limit headers, for a reply that reserved nothing."""
@@ -170,4 +187,5 @@ def open_platform(*, database_url: str | None = None, data_dir: str | None = Non
         except Exception as exc:
             db.close()
             raise RuntimeError(f"cannot reach Redis at {redact(redis_url)}: {exc}") from exc
-    return Platform(db, host=host, redis_url=redis_url, window_s=window_s)
+    return Platform(db, host=host, redis_url=redis_url, window_s=window_s,
+                    files_dir=data_directory(data_dir) / "files")

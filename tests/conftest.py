@@ -105,6 +105,17 @@ def server():
     stop_server(live)
 
 
+@pytest.fixture(scope="session")
+def vllm_engine():
+    """One real vLLM (CPU) serving the embedded model for every test that asks (it takes
+    ~45 s to export the model and start); skips unless K2SERVE_TEST_VLLM_PYTHON is set."""
+    from tests.vllm_server import exported_smollm2, start_vllm, stop_vllm, vllm_python
+
+    server = start_vllm(vllm_python(), exported_smollm2())
+    yield server
+    stop_vllm(server)
+
+
 @pytest.fixture()
 def http(server):
     with httpx.Client(base_url=server.root, timeout=120) as client:

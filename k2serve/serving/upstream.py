@@ -40,6 +40,7 @@ from k2serve.engine.sampling_params import SamplingParams
 from k2serve.errors import APIError, bad_request, overloaded
 from k2serve.serving.backend import GENERATION_ENDPOINTS, LogprobEntry, TextDelta
 from k2serve.serving.text_model import TextModel
+from k2serve.structured.grammars import as_lark
 from k2serve.text.chat_template import ChatTemplate
 from k2serve.text.tokenizer_base import TokenizerBase
 
@@ -52,6 +53,7 @@ DOWN_BASE_S = 1.0
 DOWN_MAX_S = 30.0
 CONNECT_TIMEOUT_S = 5.0
 READ_TIMEOUT_S = 600.0  # between two chunks: a long prefill on a loaded upstream
+TOKEN_ID_PREFIX = "token_id:"  # vLLM's logprob tokens under return_tokens_as_token_ids
 
 
 @dataclass
@@ -196,8 +198,9 @@ class UpstreamBackend(TextModel):
             body["stop"] = stop
         if params.logprobs is not None:
             body["logprobs"] = max(params.logprobs, 1)  # OpenAI's completions: top n, >= 1
+            body["return_tokens_as_token_ids"] = True  # vLLM: tokens as "token_id:N"
         if params.grammar is not None:  # the upstream enforces it (llguidance's Lark dialect)
-            body["structured_outputs"] = {"grammar": params.grammar.source}
+            body["structured_outputs"] = {"grammar": as_lark(params.grammar.source)}
         return body
 
     def _http(self) -> httpx.AsyncClient:
@@ -300,7 +303,10 @@ class UpstreamBackend(TextModel):
                         or "upstream_refused")
 
     def _logprobs(self, logprobs: dict | None) -> list[LogprobEntry] | None:
-        """OpenAI completions logprobs (parallel arrays; k2serve also sends token_ids)."""
+        """OpenAI completions logprobs (parallel arrays). The tokens are named by id where the
+        upstream can (vLLM's `token_id:N` when asked, k2serve's `token_ids`), so the text and
+        bytes relayed are this tokenizer's own, not an upstream's decoding of a lone token
+        (which turns part of a UTF-8 character into U+FFFD)."""
         if not logprobs or not logprobs.get("tokens"):
             return None
         ids = logprobs.get("token_ids") or [None] * len(logprobs["tokens"])
@@ -308,14 +314,24 @@ class UpstreamBackend(TextModel):
         entries = []
         for token, token_id, lp, top in zip(logprobs["tokens"], ids,
                                              logprobs.get("token_logprobs") or (), tops):
-            if token_id is None:
-                token_id = self.tokenizer.token_to_id(token)
+            token, token_id, data = self._token(token, token_id)
             entries.append(LogprobEntry(
-                token=token, token_id=token_id if token_id is not None else -1,
-                logprob=lp if lp is not None else float("-inf"),
-                bytes=list(token.encode("utf-8")),
-                top=[(t, -1, v, list(t.encode("utf-8"))) for t, v in (top or {}).items()]))
+                token=token, token_id=token_id,
+                logprob=lp if lp is not None else float("-inf"), bytes=data,
+                top=[(*self._token(t)[:2], v, self._token(t)[2]) for t, v in (top or {}).items()]))
         return entries
+
+    def _token(self, token: str, token_id: int | None = None) -> tuple[str, int, list[int]]:
+        """(text, id, bytes) of an upstream's logprob token."""
+        if token_id is None and token.startswith(TOKEN_ID_PREFIX):
+            digits = token[len(TOKEN_ID_PREFIX):]
+            token_id = int(digits) if digits.isdigit() else None
+        if token_id is None:
+            token_id = self.tokenizer.token_to_id(token)
+        if token_id is None or token_id < 0:
+            return token, -1, list(token.encode("utf-8"))
+        data = self.tokenizer.token_bytes(token_id)
+        return data.decode("utf-8", errors="replace"), token_id, list(data)
 
 
 def _usage_int(usage: dict, key: str, default: int) -> int:

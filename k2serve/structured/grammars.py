@@ -236,3 +236,22 @@ def json_tool_grammar(tools: list[ToolSpec], choice: str | None, parallel: bool,
     lines += [f'calls: "{JSON_CALL_OPEN}" call_list "{JSON_CALL_CLOSE}"',
               f"call_list: {_json_lark(json_calls_schema(tools, choice, parallel))}"]
     return "\n".join(lines) + "\n"
+
+
+# -- for an upstream engine -----------------------------------------------------------------
+def as_lark(grammar: str) -> str:
+    """The grammar as one Lark text (llguidance's dialect, `%json` for a JSON schema), the
+    form vLLM's `structured_outputs.grammar` takes: vLLM passes that field to llguidance as
+    Lark (or GBNF), not as the JSON `{"grammars": [...]}` that json_schema_grammar and
+    regex_grammar return."""
+    if not grammar.lstrip().startswith("{"):
+        return grammar  # already Lark (the tool-call grammars)
+    grammars = json.loads(grammar).get("grammars") or []
+    if len(grammars) != 1:
+        raise GrammarError(f"a grammar of {len(grammars)} parts cannot be sent as one Lark text")
+    (part,) = grammars
+    if part.get("lark_grammar"):
+        return part["lark_grammar"]
+    if part.get("json_schema") is not None:  # its x-guidance options travel inside it
+        return "start: %json " + json.dumps(part["json_schema"], ensure_ascii=False) + "\n"
+    raise GrammarError(f"grammar part {sorted(k for k, v in part.items() if v)} has no Lark form")

@@ -19,8 +19,15 @@ from k2serve.models.loader import load_model
 from k2serve.serving.loader import SERVING_QUANTIZATION
 from k2serve.structured import GrammarCompiler, GrammarError
 from k2serve.structured.bitmask import allowed_tokens
-from k2serve.structured.grammars import (ToolSpec, check_json_schema, json_schema_grammar,
-                                         json_tool_grammar, k2_tool_grammar, regex_grammar)
+from k2serve.structured.grammars import (
+    ToolSpec,
+    as_lark,
+    check_json_schema,
+    json_schema_grammar,
+    json_tool_grammar,
+    k2_tool_grammar,
+    regex_grammar,
+)
 from k2serve.text.tokenizer import Tokenizer
 from tests.tiny_models import smollm2_gguf_path
 
@@ -192,6 +199,24 @@ def accepts(compiler, tok, grammar: str, text: str) -> bool:
         min(tok.stop_token_ids))
 
 
+@pytest.mark.parametrize("grammar, texts", [
+    (json_schema_grammar(PERSON), ['{"name": "Ann", "age": 30, "tags": ["a"]}',
+                                   '{"name": "Ann", "age": 30, "tags": []}',
+                                   '{"name":"Ann","age":30,"tags":[]}', '{"name": "Ann"}',
+                                   '{"name": "Ann", "age": 130, "tags": []}']),
+    (regex_grammar(r"(red|blue)/[0-9]+"), ["red/12", "blue/1", "red/", "red12", "green/1"]),
+])
+def test_the_lark_form_for_an_upstream_accepts_what_the_grammar_does(compiler, tok, grammar,
+                                                                      texts):
+    """vLLM takes `structured_outputs.grammar` as Lark text only: the form sent to it must be
+    the same language as the grammar k2serve itself would enforce."""
+    lark = as_lark(grammar)
+    assert not lark.lstrip().startswith("{")
+    verdicts = [accepts(compiler, tok, grammar, t) for t in texts]
+    assert any(verdicts) and not all(verdicts)
+    assert [accepts(compiler, tok, lark, t) for t in texts] == verdicts
+
+
 @pytest.mark.parametrize("text, auto, required", [
     ("Sure, it is sunny.", True, False),
     ('<tool_call>[{"name": "get_weather", "arguments": {"city": "Paris"}}]</tool_call>',
@@ -253,10 +278,13 @@ def test_k2_tool_grammar(k2, text, auto, required):
 
 
 # -- the JSON call format's parser ------------------------------------------------------------
-from hypothesis import given, settings, strategies as st  # noqa: E402
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st
 
-from k2serve.text.tool_parsers.json_calls import (JsonStreamingToolParser,  # noqa: E402
-                                                  parse_json_tool_calls)
+from k2serve.text.tool_parsers.json_calls import (  # noqa: E402
+    JsonStreamingToolParser,
+    parse_json_tool_calls,
+)
 
 CALLS_TEXT = ('<tool_call>[{"name": "get_weather", "arguments": {"city": "Pa\\"}ris", '
               '"days": [1, {"a": "]"}]}}, {"name": "get_time", "arguments": {}}]</tool_call>')

@@ -59,7 +59,7 @@ class OutputPlan:
 
 
 def output_plan(backend: GenerationBackend, tools: ToolPlan | None, prompt: str) -> OutputPlan:
-    fmt = getattr(backend, "reasoning", None)
+    fmt = backend.reasoning
     return OutputPlan(tools, fmt, fmt is not None and fmt.opened_by(prompt))
 
 

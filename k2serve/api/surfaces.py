@@ -50,7 +50,7 @@ def usage_bound(endpoint: str, backend: GenerationBackend, body: dict) -> tuple[
         ids = completion_prompt_ids(req, backend)
         default, param = COMPLETIONS_DEFAULT_MAX_TOKENS, "max_tokens"
     else:
-        req = CHAT_SURFACES[endpoint](body, getattr(backend, "reasoning", None))
+        req = CHAT_SURFACES[endpoint](body, backend.reasoning)
         ids = chat_prompt(req, backend, plan_tools(req, backend))[1]
         default, param = None, chat_max_tokens_param(req)
     if len(ids) >= backend.context_length and req.context_length_exceeded_behavior != "truncate":

@@ -56,13 +56,16 @@ class Admission:
         try:
             if key is not None and key.budget_usd is not None and key.spent_usd >= key.budget_usd:
                 raise self._over_budget(key, key.spent_usd, 0.0)
-            # Tokenizing a long prompt takes a while: not on the event loop.
-            prompt, completion = await run_in_threadpool(self.usage_bound, ctx.endpoint,
-                                                         body, raw)
-            ctx.reserved = prompt + completion
-            if key is not None and key.budget_usd is not None:
+            limited = key is not None and key.has_limits and ctx.batch_id is None
+            budgeted = key is not None and key.budget_usd is not None
+            if limited or budgeted:  # only these need the request's tokens counted first
+                # Tokenizing a long prompt takes a while: not on the event loop.
+                prompt, completion = await run_in_threadpool(self.usage_bound, ctx.endpoint,
+                                                             body, raw)
+                ctx.reserved = prompt + completion
+            if budgeted:
                 await self._hold_budget(ctx, key, prompt, completion)
-            if key is not None and key.has_limits and ctx.batch_id is None:
+            if limited:
                 decision = await self.limiter.acquire(key.id, key.rpm_limit, key.tpm_limit,
                                                       ctx.reserved)
                 ctx.decision = decision

@@ -30,6 +30,7 @@ from k2serve.api.prompts import chat_prompt
 from k2serve.api.schemas.messages import CountTokensRequest, MessagesRequest
 from k2serve.api.tools import plan_tools
 from k2serve.errors import APIError
+from k2serve.serving.backend import GenerationBackend
 
 router = APIRouter(responses=ANTHROPIC_ERROR_RESPONSES)
 
@@ -37,23 +38,19 @@ router = APIRouter(responses=ANTHROPIC_ERROR_RESPONSES)
 K2_TEMPERATURE_SCALE = 0.6
 
 
-def temperature_scale(request: Request, model_id: str) -> float:
+def temperature_scale(request: Request, model_id: str, backend: GenerationBackend) -> float:
     """The model's own scale, else K2's for a model that speaks K2's tool format."""
-    backend = text_backend_for(request, model_id, "chat.completions")  # 404 / 400 first
     scale = registry_of(request).get(model_id).spec.anthropic_temperature_scale
     if scale is not None:
         return scale
     return K2_TEMPERATURE_SCALE if backend.tool_format == "kimi_k2" else 1.0
 
 
-def _reasoning(request: Request, model_id: str):
-    return text_backend_for(request, model_id, "chat.completions").reasoning
-
-
 @router.post("/v1/messages", responses=STREAM_OR_JSON)
 async def messages(req: MessagesRequest, request: Request,
                    capacity: RequestCapacity = Depends(request_capacity)):
-    chat = to_chat(req, temperature_scale(request, req.model), _reasoning(request, req.model))
+    backend = text_backend_for(request, req.model, "chat.completions")  # 404 / 400 first
+    chat = to_chat(req, temperature_scale(request, req.model, backend), backend.reasoning)
     run = await start_chat(chat, request, capacity, endpoint="messages", max_tokens_is_a_cap=True)
     reply = {"id": message_id(), "type": "message", "role": "assistant", "model": req.model}
     if req.stream:

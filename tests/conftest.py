@@ -105,6 +105,25 @@ def server():
     stop_server(live)
 
 
+K2_ID = "moonshotai/Kimi-K2-Instruct-0905"
+
+
+@pytest.fixture(scope="session")
+def k2_tool_checkpoint(tmp_path_factory):
+    """A tiny K2 checkpoint trained to answer in text, then call a tool (tests/k2_trained)."""
+    from tests.k2_trained import write_tool_calling_k2
+
+    return write_tool_calling_k2(tmp_path_factory.mktemp("k2tools") / "ckpt")
+
+
+@pytest.fixture(scope="session")
+def k2_tool_server(k2_tool_checkpoint):
+    """That checkpoint served under K2's id, shared by every module that talks to it."""
+    live = start_server("--model", str(k2_tool_checkpoint), "--served-model-name", K2_ID)
+    yield live
+    stop_server(live)
+
+
 @pytest.fixture(scope="session")
 def vllm_engine():
     """One real vLLM (CPU) serving the embedded model for every test that asks (it takes

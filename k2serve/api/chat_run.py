@@ -42,6 +42,7 @@ from k2serve.api.prompts import (
     chat_prompt,
     fit_context,
 )
+from k2serve.api.request_scope import request_scope
 from k2serve.api.response_format import response_format_grammar
 from k2serve.api.safety_guard import SafetyGuard, chat_input_texts, safety_guard
 from k2serve.api.schemas.chat import ChatCompletionRequest
@@ -162,7 +163,8 @@ async def start_chat(req: ChatCompletionRequest, request: Request, capacity: Req
     if req.max_completion_tokens == 0 or req.max_tokens == 0:
         raise bad_request("max_tokens must be at least 1 for chat completions.", param="max_tokens")
 
-    prompt_text, prompt_ids = await run_in_threadpool(chat_prompt, req, backend, plan)
+    prompt_text, prompt_ids = await run_in_threadpool(chat_prompt, req, backend, plan,
+                                                      request_scope(request))
     # The prompt says whether the reply starts inside a thinking block, which the tool-call
     # grammar must then allow first.
     output = output_plan(backend, plan, prompt_text)

@@ -9,8 +9,10 @@ It works on the API's request models and raises the API's 400s, over any Generat
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from k2serve.api.request_scope import RequestScope
 from k2serve.api.schemas.chat import ChatCompletionRequest
 from k2serve.api.schemas.completions import CompletionRequest
 from k2serve.api.tools import ToolPlan, prepare_messages
@@ -65,21 +67,34 @@ def render_chat(req: ChatCompletionRequest, backend: GenerationBackend,
 
 
 def chat_prompt(req: ChatCompletionRequest, backend: GenerationBackend,
-                plan: ToolPlan | None) -> tuple[str, list[int]]:
-    """(prompt text, token ids). Seconds for a long prompt: callers run it off the loop."""
+                plan: ToolPlan | None, scope: RequestScope | None = None) -> tuple[str, list[int]]:
+    """(prompt text, token ids). Seconds for a long prompt: callers run it off the loop.
+    With the request's scope, a text encoded before for the same request is not again."""
     text = render_chat(req, backend, plan)
-    return text, backend.encode_chat_prompt(text)
+    return text, _encode_once(scope, "chat", text, backend.encode_chat_prompt)
+
+
+def _encode_once(scope: RequestScope | None, kind: str, text: str,
+                 encode: Callable[[str], list[int]]) -> list[int]:
+    memo = scope.encoded_prompt if scope is not None else None
+    if memo is not None and memo[0] == (kind, text):
+        return list(memo[1])
+    ids = encode(text)
+    if scope is not None:
+        scope.encoded_prompt = ((kind, text), list(ids))
+    return ids
 
 
 def chat_max_tokens_param(req: ChatCompletionRequest) -> str:
     return "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
 
 
-def completion_prompt_ids(req: CompletionRequest, backend: GenerationBackend) -> list[int]:
+def completion_prompt_ids(req: CompletionRequest, backend: GenerationBackend,
+                          scope: RequestScope | None = None) -> list[int]:
     """A completions prompt's token ids: its text encoded as plain text, or the ids it
     gives, each checked against the vocabulary. Seconds for a long prompt: run it off the loop."""
     if isinstance(req.prompt, str):
-        return backend.encode_text_prompt(req.prompt)
+        return _encode_once(scope, "text", req.prompt, backend.encode_text_prompt)
     vocab = backend.tokenizer.vocab_size
     for i, token in enumerate(req.prompt):
         if token >= vocab:

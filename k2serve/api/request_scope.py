@@ -51,6 +51,9 @@ class RequestScope:
     body: bytes | None = None  # the whole body, once read (k2serve.api.middleware.read_body)
     caller: Caller | None = None  # None: no platform, or open mode
     usage: UsageObserver | None = None
+    # A prompt admission already tokenized to count it, ((kind, text), ids): the route
+    # reuses the ids when it builds the same text (k2serve.api.prompts), not tokenizing twice.
+    encoded_prompt: tuple[tuple[str, str], list[int]] | None = None
 
     @property
     def api_key_id(self) -> str | None:

@@ -18,6 +18,7 @@ from k2serve.api.prompts import (
     completion_prompt_ids,
     fit_context,
 )
+from k2serve.api.request_scope import RequestScope
 from k2serve.api.responses_request import responses_to_chat
 from k2serve.api.schemas.chat import ChatCompletionRequest
 from k2serve.api.schemas.completions import CompletionRequest
@@ -40,18 +41,20 @@ def served_endpoint(endpoint: str) -> str:
     return "chat.completions" if endpoint in CHAT_SURFACES else endpoint
 
 
-def usage_bound(endpoint: str, backend: GenerationBackend, body: dict) -> tuple[int, int]:
+def usage_bound(endpoint: str, backend: GenerationBackend, body: dict,
+                scope: RequestScope | None = None) -> tuple[int, int]:
     """(prompt tokens, n x the most the request may generate) of a generating request,
     for rate limits and budgets: the prompt the route will build, with the model's own
     tokenizer and chat template, fitted to the context as the route fits it. Raises APIError /
-    ValueError for a body the route refuses anyway."""
+    ValueError for a body the route refuses anyway. The encoded prompt is kept on `scope`,
+    for the route to reuse."""
     if endpoint == "completions":
         req = CompletionRequest.model_validate(body)
-        ids = completion_prompt_ids(req, backend)
+        ids = completion_prompt_ids(req, backend, scope)
         default, param = COMPLETIONS_DEFAULT_MAX_TOKENS, "max_tokens"
     else:
         req = CHAT_SURFACES[endpoint](body, backend.reasoning)
-        ids = chat_prompt(req, backend, plan_tools(req, backend))[1]
+        ids = chat_prompt(req, backend, plan_tools(req, backend), scope)[1]
         default, param = None, chat_max_tokens_param(req)
     if len(ids) >= backend.context_length and req.context_length_exceeded_behavior != "truncate":
         return len(ids), 0  # the route refuses it: it holds its prompt until then

@@ -13,6 +13,7 @@ import time
 
 from starlette.concurrency import run_in_threadpool
 
+from k2serve.api.request_scope import RequestScope
 from k2serve.api.surfaces import GENERATING_ENDPOINTS, served_endpoint
 from k2serve.api.surfaces import usage_bound as generation_usage_bound
 from k2serve.errors import APIError
@@ -61,7 +62,7 @@ class Admission:
             if limited or budgeted:  # only these need the request's tokens counted first
                 # Tokenizing a long prompt takes a while: not on the event loop.
                 prompt, completion = await run_in_threadpool(self.usage_bound, ctx.endpoint,
-                                                             body, raw)
+                                                             body, raw, ctx.scope)
                 ctx.reserved = prompt + completion
             if budgeted:
                 await self._hold_budget(ctx, key, prompt, completion)
@@ -163,13 +164,15 @@ class Admission:
         return APIError(429, f"Rate limit reached for the API key '{key.name}': {what}. "
                              f"Retry in {wait} s.", code="rate_limit_exceeded", headers=headers)
 
-    def usage_bound(self, endpoint: str | None, body: dict, raw: bytes) -> tuple[int, int]:
+    def usage_bound(self, endpoint: str | None, body: dict, raw: bytes,
+                    scope: RequestScope | None = None) -> tuple[int, int]:
         """(prompt tokens, n x the most the request may generate), for TPM and budgets.
 
         A generation's prompt is tokenized with the model's own tokenizer (and chat
-        template), so the reservation bounds what the request can really use."""
+        template), so the reservation bounds what the request can really use; the encoded
+        prompt stays on the request's `scope` for its route."""
         try:
-            return self._usage_bound(endpoint, body)
+            return self._usage_bound(endpoint, body, scope)
         except (APIError, ValueError):  # an invalid request: the route will refuse it too
             log.debug("reservation of an invalid request: using an upper bound", exc_info=True)
             return self._upper_bound(body, raw)
@@ -177,13 +180,14 @@ class Admission:
             log.warning("reservation estimate failed; using an upper bound", exc_info=True)
             return self._upper_bound(body, raw)
 
-    def _usage_bound(self, endpoint: str | None, body: dict) -> tuple[int, int]:
+    def _usage_bound(self, endpoint: str | None, body: dict,
+                     scope: RequestScope | None) -> tuple[int, int]:
         model = body.get("model")
         served = self.registry.get(model) if isinstance(model, str) else None
         if served is None or endpoint is None or not served.serves(served_endpoint(endpoint)):
             return 0, 0  # the route answers 404 / 400
         if endpoint in GENERATING_ENDPOINTS:
-            return generation_usage_bound(endpoint, served.backend, body)
+            return generation_usage_bound(endpoint, served.backend, body, scope)
         return served.backend.usage_bound(body), 0  # all billed as input
 
     def _upper_bound(self, body: dict, raw: bytes) -> tuple[int, int]:

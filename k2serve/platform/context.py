@@ -12,6 +12,7 @@ from k2serve.platform.keys import KeyInfo
 from k2serve.platform.ratelimit import Decision
 
 if TYPE_CHECKING:
+    from k2serve.api.request_scope import RequestScope
     from k2serve.api.usage import UsageRecord, UsageTracker
 
 request_log = logging.getLogger("k2serve.requests")
@@ -44,6 +45,7 @@ class RequestContext:
     error_code: str | None = None
     captured_usage: dict | None = None
     tracker: UsageTracker | None = None  # its generation's, when one ran
+    scope: RequestScope | None = None  # what the layers tell the routes (k2serve.api)
     record: UsageRecord | None = None  # ... and the record it reported
     app_done: bool = False
     detached: bool = False  # its generation outlives the reply (a background response)

@@ -57,7 +57,8 @@ class PlatformMiddleware:
         platform = self.platform
         rs = scope_state(scope)
         rs.request_id = rs.request_id or uuid.uuid4().hex
-        ctx = RequestContext(request_id=rs.request_id, method=scope["method"], path=scope["path"])
+        ctx = RequestContext(request_id=rs.request_id, method=scope["method"], path=scope["path"],
+                             scope=rs)
         headers = Headers(scope=scope)
 
         batch = scope.get(BATCH_SCOPE)  # a batch line, run in-process: its batch's key

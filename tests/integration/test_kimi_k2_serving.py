@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from tests.conftest import start_server, stop_server
-from tests.k2_trained import ARGUMENTS, MESSAGES, TOOLS, write_tool_calling_k2
+from tests.k2_trained import ARGUMENTS, MESSAGES, TOOLS
 
 K2_ID = "moonshotai/Kimi-K2-Instruct-0905"
 
@@ -33,11 +33,8 @@ def fp8_server(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def tool_server(tmp_path_factory):
-    directory = write_tool_calling_k2(tmp_path_factory.mktemp("k2tools") / "ckpt")
-    live = start_server("--model", str(directory), "--served-model-name", K2_ID)
-    yield live
-    stop_server(live)
+def tool_server(k2_tool_server):
+    return k2_tool_server
 
 
 def test_models_lists_k2_with_its_price_and_context(fp8_server):

@@ -16,8 +16,8 @@ import pytest
 
 from k2serve.api.anthropic_messages import to_chat
 from k2serve.api.schemas.messages import MessagesRequest
-from tests.conftest import EMBEDDED_ID, start_server, stop_server
-from tests.k2_trained import ARGUMENTS, write_tool_calling_k2
+from tests.conftest import EMBEDDED_ID
+from tests.k2_trained import ARGUMENTS
 
 GREEDY = {"temperature": 0}
 QUESTION = [{"role": "user", "content": "Name three colours."}]
@@ -177,11 +177,8 @@ def test_temperature_is_scaled_by_the_models_anthropic_factor():
 
 
 @pytest.fixture(scope="module")
-def k2_server(tmp_path_factory):
-    directory = write_tool_calling_k2(tmp_path_factory.mktemp("k2tools") / "ckpt")
-    live = start_server("--model", str(directory), "--served-model-name", K2_ID)
-    yield live
-    stop_server(live)
+def k2_server(k2_tool_server):
+    return k2_tool_server
 
 
 def test_k2_tool_call_through_the_messages_api(k2_server):

@@ -153,22 +153,13 @@ K2_ID = "moonshotai/Kimi-K2-Instruct-0905"
 
 
 @pytest.fixture(scope="module")
-def k2_pair(tmp_path_factory):
+def k2_pair(k2_tool_checkpoint, k2_tool_server):
     """A tiny K2 checkpoint trained to call a tool, served by one k2serve; a second k2serve
     with no model of its own fronts it, with the checkpoint's tokenizer and template."""
-    from tests.k2_trained import write_tool_calling_k2
-
-    directory = write_tool_calling_k2(tmp_path_factory.mktemp("k2up") / "ckpt")
-    upstream = start_server("--model", str(directory), "--served-model-name", K2_ID)
-    try:
-        front = start_server("--families", "", "--upstream", f"{K2_ID}={upstream.base_v1}",
-                             "--upstream-tokenizer", f"{K2_ID}={directory}")
-    except Exception:
-        stop_server(upstream)
-        raise
-    yield front, upstream
+    front = start_server("--families", "", "--upstream", f"{K2_ID}={k2_tool_server.base_v1}",
+                         "--upstream-tokenizer", f"{K2_ID}={k2_tool_checkpoint}")
+    yield front, k2_tool_server
     stop_server(front)
-    stop_server(upstream)
 
 
 def test_k2_tool_calls_through_the_front_match_the_engine_serving_it(k2_pair):

@@ -184,6 +184,39 @@ def test_model_allow_list_and_budget(database):
                         ("rejected", 429, "insufficient_quota")]
 
 
+class CountingBackend(FakeBackend):
+    """Counts how often a prompt is tokenized."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoded = []
+
+    def encode_chat_prompt(self, text):
+        self.encoded.append(text)
+        return super().encode_chat_prompt(text)
+
+    def encode_text_prompt(self, text):
+        self.encoded.append(text)
+        return super().encode_text_prompt(text)
+
+
+def test_a_limited_keys_prompt_is_tokenized_once(database):
+    """Admission counts a rate-limited key's prompt; the route reuses those ids."""
+    _, key = KeyStore(database).create("metered", tpm=1000)
+    registry = ModelRegistry()
+    backend = CountingBackend()
+    registry.register(ModelSpec(id=MODEL, type="chat", context_length=64, pricing=PRICE), backend)
+    app = create_app(registry, platform=Platform(database))
+    auth = {"Authorization": f"Bearer {key}"}
+    with TestClient(app) as c:
+        r = completion(c, key=key, prompt="one two three")
+        assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == 3
+        r = c.post("/v1/chat/completions", headers=auth, json={
+            "model": MODEL, "max_tokens": 2, "messages": [{"role": "user", "content": "hi there"}]})
+        assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == 3
+    assert backend.encoded == ["one two three", "<chat> hi there"]
+
+
 def test_rate_limit_headers_reservation_and_refund(database):
     _, key = KeyStore(database).create("metered", rpm=3, tpm=40)
     app, _ = make_app(database)

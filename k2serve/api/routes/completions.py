@@ -30,6 +30,7 @@ from k2serve.api.prompts import (
     completion_prompt_text,
     fit_context,
 )
+from k2serve.api.request_scope import request_scope
 from k2serve.api.response_format import structured_outputs_grammar
 from k2serve.api.safety_guard import safety_guard
 from k2serve.api.schemas.completions import CompletionRequest
@@ -46,7 +47,8 @@ async def completions(req: CompletionRequest, request: Request,
     backend = text_backend_for(request, req.model, "completions")
     guard = safety_guard(request, req.safety_model)  # 400 for a safety model not served
     # A 4 MB prompt tokenizes for seconds: off the event loop, which serves everyone.
-    prompt_ids = await run_in_threadpool(completion_prompt_ids, req, backend)
+    prompt_ids = await run_in_threadpool(completion_prompt_ids, req, backend,
+                                         request_scope(request))
     prompt_text = req.prompt if isinstance(req.prompt, str) else \
         await run_in_threadpool(completion_prompt_text, req, backend)
     prepared = fit_context(prompt_ids, req.max_tokens,

@@ -148,18 +148,22 @@ async def _upload_part(form, limit: int) -> tuple[bytes, str | None]:
     return data, upload.filename
 
 
+async def _upload(request: Request, form, purpose: str) -> JSONResponse:
+    """Store the form's file part as a new file of the calling key's."""
+    data, part_name = await _upload_part(form, max_file_bytes(request))
+    name = _filename(_field(form, "file_name") or part_name, _field(form, "file_type"))
+    record = await _store(request, _new_record(request, name, purpose), data)
+    return JSONResponse(file_object(record))
+
+
 @router.post("/v1/files/upload", summary="Upload a file (Together)",
              openapi_extra=_UPLOAD_OPENAPI)
 async def upload_file(request: Request):
     form = await _form(request)
     try:
-        purpose = _purpose(form)
-        data, part_name = await _upload_part(form, max_file_bytes(request))
-        name = _filename(_field(form, "file_name") or part_name, _field(form, "file_type"))
-        record = await _store(request, _new_record(request, name, purpose), data)
+        return await _upload(request, form, _purpose(form))
     finally:
         await form.close()
-    return JSONResponse(file_object(record))
 
 
 @router.post("/v1/files", summary="Upload a file (OpenAI; or start a presigned upload)",
@@ -170,12 +174,9 @@ async def create_file(request: Request):
         purpose = _purpose(form)
         if form.get("file") is None and _field(form, "file_name") is not None:
             return await _presign(request, form, purpose)
-        data, part_name = await _upload_part(form, max_file_bytes(request))
-        name = _filename(_field(form, "file_name") or part_name, _field(form, "file_type"))
-        record = await _store(request, _new_record(request, name, purpose), data)
+        return await _upload(request, form, purpose)
     finally:
         await form.close()
-    return JSONResponse(file_object(record))
 
 
 async def _presign(request: Request, form, purpose: str) -> Response:

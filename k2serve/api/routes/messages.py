@@ -31,19 +31,16 @@ from k2serve.api.schemas.messages import CountTokensRequest, MessagesRequest
 from k2serve.api.tools import plan_tools
 from k2serve.errors import APIError
 from k2serve.serving.backend import GenerationBackend
+from k2serve.serving.catalog import K2_ANTHROPIC_TEMPERATURE_SCALE
 
 router = APIRouter(responses=ANTHROPIC_ERROR_RESPONSES)
-
-# Moonshot serves K2 on Anthropic's API with temperature x 0.6 (k2serve.serving.registry).
-K2_TEMPERATURE_SCALE = 0.6
-
 
 def temperature_scale(request: Request, model_id: str, backend: GenerationBackend) -> float:
     """The model's own scale, else K2's for a model that speaks K2's tool format."""
     scale = registry_of(request).get(model_id).spec.anthropic_temperature_scale
     if scale is not None:
         return scale
-    return K2_TEMPERATURE_SCALE if backend.tool_format == "kimi_k2" else 1.0
+    return K2_ANTHROPIC_TEMPERATURE_SCALE if backend.tool_format == "kimi_k2" else 1.0
 
 
 @router.post("/v1/messages", responses=STREAM_OR_JSON)

@@ -2,7 +2,7 @@
 // and read the follow-up answer.
 
 import { api } from "./api.js";
-import { $, el, readJSON, status } from "./dom.js";
+import { $, el, numberOrUndefined, readJSON, status } from "./dom.js";
 
 const panel = $("#tools");
 let conversation = [];
@@ -14,8 +14,8 @@ function toolChoice(tools) {
   return { type: "function", function: { name: tools[0].function.name } };
 }
 
-function show(role, node) {
-  $(".transcript", panel).append(el("div", { class: `message ${role}` }, el("b", {}, role), node));
+function show(role, node, label = role) {
+  $(".transcript", panel).append(el("div", { class: `message ${role}` }, el("b", {}, label), node));
 }
 
 async function ask(messages, tools, tool_choice) {
@@ -26,7 +26,7 @@ async function ask(messages, tools, tool_choice) {
       tools,
       tool_choice,
       temperature: 0,
-      max_tokens: 256,
+      max_tokens: numberOrUndefined($("[name=max_tokens]", panel)),
     },
   });
   const message = body.choices[0].message;
@@ -35,8 +35,8 @@ async function ask(messages, tools, tool_choice) {
   pending = message.tool_calls || [];
   if (pending.length) {
     for (const call of pending) {
-      show("tool call", el("code", { class: "tool-call", dataset: { name: call.function.name } },
-        `${call.function.name}(${call.function.arguments})`));
+      show("call", el("code", { class: "tool-call", dataset: { name: call.function.name } },
+        `${call.function.name}(${call.function.arguments})`), "tool call");
     }
     $("[name=result]", panel).disabled = false;
     $("[name=send_result]", panel).disabled = false;

@@ -6,9 +6,12 @@ import { $, el, status } from "./dom.js";
 import { stackedBars } from "./chart.js";
 
 const panel = $("#usage");
+// small costs keep their significant digits: $0.00000035, not $0.000000
+const usd = (v) => (v === 0 ? "$0" : v >= 0.01 ? `$${v.toFixed(4)}` : `$${v.toPrecision(2)}`);
+
 const METRICS = {
   total_tokens: { label: "tokens", format: (v) => String(Math.round(v)) },
-  cost_usd: { label: "cost (USD)", format: (v) => `$${v.toPrecision(3)}` },
+  cost_usd: { label: "cost (USD)", format: (v) => usd(v) },
   requests: { label: "requests", format: (v) => String(v) },
 };
 
@@ -20,7 +23,7 @@ function table(rows, withKey) {
       el("td", {}, r.day), ...(withKey ? [el("td", {}, r.key ?? "(no key)")] : []),
       el("td", {}, r.model ?? "—"), el("td", {}, String(r.requests)),
       el("td", {}, String(r.prompt_tokens)), el("td", {}, String(r.completion_tokens)),
-      el("td", {}, r.cost_usd.toFixed(6))))));
+      el("td", {}, usd(r.cost_usd))))));
 }
 
 function draw(target, rows, seriesOf, withKey) {

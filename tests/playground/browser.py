@@ -13,7 +13,9 @@ CHROMIUM = os.environ.get("K2SERVE_TEST_CHROMIUM", "/usr/bin/chromium")
 # No network beyond the page's own origin, no GPU, no first-run work: quiet and bounded.
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-        "--mute-audio", "--autoplay-policy=no-user-gesture-required"]
+        "--mute-audio", "--autoplay-policy=no-user-gesture-required",
+        # a microphone that plays a beep, granted without asking: the recording path runs
+        "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream"]
 
 
 def _missing(message: str):

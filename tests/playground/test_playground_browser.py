@@ -35,7 +35,11 @@ class Session:
         self.server, self.home, self.page = server, home, page
         self.requests: list = []
         self.keys: dict[str, str] = {}
+        self.errors: list[str] = []  # script errors and CSP refusals in the page
         page.on("request", lambda request: self.requests.append(request))
+        page.on("pageerror", lambda error: self.errors.append(str(error)))
+        page.on("console", lambda m: m.type == "error" and not m.text.startswith(
+            "Failed to load resource") and self.errors.append(m.text))  # 4xx: tested apart
 
     def url(self, fragment: str = "") -> str:
         return f"{self.server.root}/playground/{fragment}"
@@ -203,6 +207,13 @@ def test_structured_reply_validated_in_the_page(session):
     jsonschema.validate(reply, schema)  # the page's verdict agrees with a reference validator
     assert verdict.inner_text() == "✓ valid against the schema"
     session.shot("structured")
+    # a schema the grammar cannot enforce: the API's 400, shown as it says it
+    schema["properties"]["tags"] = {"type": "array", "uniqueItems": True}
+    panel.locator("[name=schema]").fill(json.dumps(schema))
+    panel.locator("[name=run]").click()
+    error = session.page.locator("#structured .status.error")
+    error.wait_for()
+    assert error.inner_text().startswith("400: ") and "uniqueItems" in error.inner_text()
 
 
 def test_completions_and_embeddings(session):
@@ -268,6 +279,16 @@ def test_speech_plays_and_transcription_reads_it(session):
     assert "wonderful day" in panel.locator(".output").inner_text().lower()
     session.shot("transcribe")
 
+    # a recording from the (fake) microphone goes the same way
+    record = panel.locator("[name=record]")
+    assert record.is_enabled()
+    record.click()
+    session.page.wait_for_selector("#transcribe [name=record]:text-is('Stop recording')")
+    time.sleep(1.5)
+    record.click()
+    session.page.wait_for_selector("#transcribe .status.ok:has-text('s of audio')", timeout=120_000)
+    assert panel.locator(".status").inner_text().startswith(("1 s", "2 s", "3 s"))
+
 
 def test_usage_chart_shows_the_requests_just_made(session):
     key = session.keys["alice"]
@@ -301,6 +322,10 @@ def test_usage_chart_shows_the_requests_just_made(session):
               for s in panel.locator(".per-key rect.segment").all()}
     assert "alice" in series
     session.shot("usage-admin")
+
+
+def test_no_script_errors(session):
+    assert session.errors == []
 
 
 def test_the_key_never_appears_in_a_url(session):

@@ -7,9 +7,12 @@ const COLORS = ["#3b6fd8", "#e07b39", "#3aa675", "#b04fc4", "#c9a227", "#d9475a"
 
 // rows: [{day, series, value}] -> an <svg>
 export function stackedBars(rows, { height = 260, format = String } = {}) {
+  const sums = new Map(); // several rows may share a day and series (a key's models)
+  for (const r of rows) sums.set(`${r.day}\n${r.series}`, (sums.get(`${r.day}\n${r.series}`) || 0) + r.value);
+  const value = (day, name) => sums.get(`${day}\n${name}`) || 0;
   const days = [...new Set(rows.map((r) => r.day))].sort();
   const series = [...new Set(rows.map((r) => r.series))];
-  const totals = days.map((d) => rows.filter((r) => r.day === d).reduce((s, r) => s + r.value, 0));
+  const totals = days.map((d) => series.reduce((sum, name) => sum + value(d, name), 0));
   const max = Math.max(...totals, 0) || 1;
   const left = 70, top = 10, plot = height - 50;
   const barWidth = 36, gap = 18;
@@ -24,13 +27,13 @@ export function stackedBars(rows, { height = 260, format = String } = {}) {
     const x = left + gap / 2 + i * (barWidth + gap);
     let y = top + plot;
     for (const [s, name] of series.entries()) {
-      const row = rows.find((r) => r.day === day && r.series === name);
-      if (!row || row.value <= 0) continue;
-      const h = Math.max(1, (plot * row.value) / max);
+      const v = value(day, name);
+      if (v <= 0) continue;
+      const h = Math.max(1, (plot * v) / max);
       y -= h;
       const rect = svg("rect", { x, y, width: barWidth, height: h, fill: COLORS[s % COLORS.length],
-        class: "segment", "data-day": day, "data-series": name, "data-value": row.value });
-      rect.append(svg("title", {}, `${day} · ${name}: ${format(row.value)}`));
+        class: "segment", "data-day": day, "data-series": name, "data-value": v });
+      rect.append(svg("title", {}, `${day} · ${name}: ${format(v)}`));
       chart.append(rect);
     }
     chart.append(svg("text", { x: x + barWidth / 2, y: top + plot + 16, class: "tick", "text-anchor": "middle" }, day.slice(5)));

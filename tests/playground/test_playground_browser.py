@@ -80,13 +80,13 @@ class Session:
 
 
 @pytest.fixture(scope="module")
-def session():
+def session(request):
     with sync_playwright() as playwright:
         browser = launch(playwright)
         home = tempfile.mkdtemp(prefix="k2serve-playground-")  # the ledger's database
         server = start_server(
             "--families", "chat,embedding,audio", "--threads", "1",
-            env={"K2SERVE_HOME": _models_home(), "HF_HUB_OFFLINE": "1",
+            env={"K2SERVE_HOME": _models_home(request.config), "HF_HUB_OFFLINE": "1",
                  "K2SERVE_DATABASE_URL": f"sqlite:///{home}/k2serve.db",
                  "K2SERVE_AUDIO_THREADS": "1"})
         try:
@@ -99,12 +99,16 @@ def session():
             shutil.rmtree(home, ignore_errors=True)
 
 
-def _models_home() -> str:
-    """all-mpnet-base-v2 unpacked once per checkout (the embeddings tests' directory)."""
+def _models_home(config) -> str:
+    """all-mpnet-base-v2 unpacked once per checkout, in the directory the embeddings tests
+    use (pytest's cache; a temporary one without it)."""
     from k2serve.embeddings import packages
 
-    path = Path(__file__).resolve().parents[2] / ".pytest_cache" / "d" / "k2serve-embedding-models"
-    path.mkdir(parents=True, exist_ok=True)
+    cache = getattr(config, "cache", None)
+    if cache is not None:
+        path = Path(cache.mkdir("k2serve-embedding-models"))
+    else:
+        path = Path(tempfile.mkdtemp(prefix="k2serve-embedding-models-"))
     packages.mpnet_dir(path)
     return str(path)
 

@@ -32,6 +32,7 @@ from k2serve.api.routes import (
     messages,
     models,
     moderations,
+    playground,
     rerank,
     responses,
     tokenize,
@@ -76,7 +77,7 @@ def create_app(registry: ModelRegistry, *, max_body_bytes: int = DEFAULT_MAX_BOD
     app.state.batch_runner = BatchRunner(app)
     install_error_handlers(app)
     for module in (models, chat, completions, messages, responses, audio, embeddings, rerank,
-                   moderations, capabilities, tokenize, files, batches):
+                   moderations, capabilities, tokenize, files, batches, playground):
         app.include_router(module.router)
 
     @app.get("/health")

@@ -29,7 +29,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 
-from sqlalchemy import case, func, insert, select, update
+from sqlalchemy import Integer, case, cast, func, insert, select, update
 from sqlalchemy.exc import DBAPIError, DisconnectionError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
@@ -504,3 +504,49 @@ def ledger_rows(db: Database, *, key_id: str | None = None) -> list[UsageEntry]:
         if key_id is not None:
             query = query.where(UsageEntry.api_key_id == key_id)
         return list(session.scalars(query).all())
+
+
+DAY_S = 86400
+
+
+def usage_by_day(db: Database, *, key_id: str | None = None, every_key: bool = False,
+                 since: float | None = None) -> list[dict]:
+    """Rows per UTC day and model (and key, with `every_key`): requests, billed tokens and
+    cost, oldest day first. Without `every_key`, one key's rows (`key_id` None: open mode's,
+    which carry no key). What the playground's usage chart draws."""
+    billed = UsageEntry.billed.is_(True)
+
+    def billed_sum(col):
+        return func.coalesce(func.sum(case((billed, col), else_=0)), 0)
+
+    # Times are positive, so SQLite's CAST (truncation) floors as PostgreSQL's floor() does.
+    day = (cast(UsageEntry.started_at / DAY_S, Integer) if db.dialect == "sqlite"
+           else func.floor(UsageEntry.started_at / DAY_S)).label("day")
+    group = [day, UsageEntry.model] + ([UsageEntry.api_key_id, ApiKey.name] if every_key else [])
+    query = select(*group, func.count(UsageEntry.id).label("requests"),
+                   billed_sum(UsageEntry.prompt_tokens).label("prompt_tokens"),
+                   billed_sum(UsageEntry.cached_tokens).label("cached_tokens"),
+                   billed_sum(UsageEntry.completion_tokens).label("completion_tokens"),
+                   billed_sum(UsageEntry.cost_usd).label("cost_usd"))
+    if every_key:
+        query = query.join(ApiKey, ApiKey.id == UsageEntry.api_key_id, isouter=True)
+    else:
+        query = query.where(UsageEntry.api_key_id.is_(None) if key_id is None
+                            else UsageEntry.api_key_id == key_id)
+    if since is not None:
+        query = query.where(UsageEntry.started_at >= since)
+    query = query.group_by(*group).order_by(day, UsageEntry.model)
+    with db.session() as session:
+        rows = session.execute(query).all()
+    out = []
+    for r in rows:
+        item = {"day": time.strftime("%Y-%m-%d", time.gmtime(int(r.day) * DAY_S)),
+                "model": r.model, "requests": int(r.requests),
+                "prompt_tokens": int(r.prompt_tokens), "cached_tokens": int(r.cached_tokens),
+                "completion_tokens": int(r.completion_tokens),
+                "total_tokens": int(r.prompt_tokens) + int(r.completion_tokens),
+                "cost_usd": round(float(r.cost_usd), 9)}
+        if every_key:
+            item["key"] = r.name
+        out.append(item)
+    return out

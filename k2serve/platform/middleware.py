@@ -40,8 +40,13 @@ GENERATION_PATHS.update({  # billed by audio seconds / characters (k2serve.api.r
     "/v1/audio/speech": "audio.speech", "/v1/audio/generations": "audio.speech",
     "/v1/audio/transcriptions": "audio.transcribe", "/v1/audio/translations": "audio.translate"})
 PUBLIC_PATHS = frozenset({"/health", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+PUBLIC_PREFIX = "/playground"  # static files; the page's API calls carry the user's key
 ADMIN_PREFIX = "/admin/"
 _CAPTURE_LIMIT = 1 << 20
+
+
+def _public(path: str) -> bool:
+    return path in PUBLIC_PATHS or path == PUBLIC_PREFIX or path.startswith(PUBLIC_PREFIX + "/")
 
 
 class PlatformMiddleware:
@@ -51,7 +56,7 @@ class PlatformMiddleware:
         self.body_limits = body_limits or BodyLimits()
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["path"] in PUBLIC_PATHS or (
+        if scope["type"] != "http" or _public(scope["path"]) or (
                 scope["method"] == "PUT" and PRESIGNED_UPLOAD.fullmatch(scope["path"])):
             return await self.app(scope, receive, send)  # an upload URL's token is its key
         platform = self.platform

@@ -23,7 +23,7 @@ from k2serve.platform.context import RequestContext
 from k2serve.platform.db import Database, open_database, redact
 from k2serve.platform.db import data_dir as data_directory
 from k2serve.platform.keys import KeyInfo, KeyStore
-from k2serve.platform.ledger import LedgerWriter, usage_totals
+from k2serve.platform.ledger import LedgerWriter, usage_by_day, usage_totals
 from k2serve.platform.ratelimit import (
     WINDOW_S,
     MemoryBudgetHolds,
@@ -67,7 +67,7 @@ class Platform:
     # -- wiring ------------------------------------------------------------------------
     def install(self, app) -> None:
         """The registry, the admin routes; create_app adds the middleware itself."""
-        from k2serve.platform import admin
+        from k2serve.platform import admin, usage_routes
 
         self.admission.registry = self.settlement.registry = app.state.registry
         app.state.platform = self
@@ -75,6 +75,7 @@ class Platform:
         app.state.batch_store = self.batches
         app.state.file_blobs = self.file_blobs
         app.include_router(admin.router)
+        app.include_router(usage_routes.router)
 
     def open_mode(self) -> bool:
         return self.auth.open_mode()
@@ -165,6 +166,18 @@ class Platform:
     def usage_totals(self, *, key_name: str | None = None, since: float | None = None) -> dict:
         self.writer.flush()
         return usage_totals(self.db, key_name=key_name, since=since)
+
+    def usage_by_day(self, *, key: KeyInfo | None = None, key_name: str | None = None,
+                     every_key: bool = False, since: float | None = None) -> list[dict]:
+        """Per day and model: the caller's own (`key`; None: open mode's), a named key's, or
+        every key's. Raises LookupError for an unknown `key_name`."""
+        self.writer.flush()
+        if key_name is not None:
+            key = self.keys.get_by_name(key_name)
+            if key is None:
+                raise LookupError(f"no key named {key_name!r}")
+        return usage_by_day(self.db, key_id=key.id if key else None, every_key=every_key,
+                            since=since)
 
 
 def open_platform(*, database_url: str | None = None, data_dir: str | None = None,

@@ -58,17 +58,31 @@ def write_thinking_k2(directory: Path, steps: int = 400) -> Path:
 
 def _train(directory: Path, targets: list[tuple[list[dict], str]], steps: int,
            thinking: bool) -> Path:
+    def prompts(tokenizer, template):
+        return [tokenizer.encode(template.render(messages, tools=TOOLS, add_generation_prompt=True))
+                for messages, _ in targets]
+
+    return train_k2(directory, prompts, [target for _, target in targets], steps, thinking)
+
+
+def train_k2(directory: Path, prompts, targets: list[str], steps: int, thinking: bool = False,
+             context_length: int = 4096, lr: float = 3e-3) -> Path:
+    """Write a tiny K2 checkpoint into `directory` and teach it to answer each prompt with
+    its target (then `<|im_end|>`). `prompts(tokenizer, template)` gives the prompts' ids."""
     import transformers
 
     torch.manual_seed(0)
     path = write_tiny_k2_checkpoint(directory, seed=0, fp8=False, thinking=thinking)
+    if context_length != 4096:  # YaRN over the tiny config's 128 original positions
+        config = json.loads((path / "config.json").read_text())
+        config["max_position_embeddings"] = context_length
+        config["rope_scaling"]["factor"] = context_length / 128
+        (path / "config.json").write_text(json.dumps(config, indent=2))
     tokenizer = load_tokenizer(str(path))
     template = ChatTemplate.from_tokenizer(tokenizer)
     end = tokenizer.token_to_id("<|im_end|>")
     batch = []
-    for messages, target in targets:
-        prompt_ids = tokenizer.encode(template.render(messages, tools=TOOLS,
-                                                      add_generation_prompt=True))
+    for prompt_ids, target in zip(prompts(tokenizer, template), targets, strict=True):
         target_ids = tokenizer.encode(target) + [end]
         batch.append((torch.tensor([prompt_ids + target_ids]),
                       torch.tensor([[-100] * len(prompt_ids) + target_ids])))
@@ -82,7 +96,7 @@ def _train(directory: Path, targets: list[tuple[list[dict], str]], steps: int,
     model = transformers.DeepseekV3ForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
     model.train()
 
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     for _ in range(steps):
         losses = [model(ids, labels=labels).loss for ids, labels in batch]
         loss = sum(losses)

@@ -51,6 +51,7 @@ class RequestScope:
     body: bytes | None = None  # the whole body, once read (k2serve.api.middleware.read_body)
     caller: Caller | None = None  # None: no platform, or open mode
     usage: UsageObserver | None = None
+    model: str | None = None  # the model it asked for, once known (metrics label it by this)
 
     @property
     def api_key_id(self) -> str | None:

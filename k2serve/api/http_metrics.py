@@ -3,6 +3,7 @@ multiply the series), method, status and served model."""
 
 from __future__ import annotations
 
+import re
 import time
 
 from k2serve.api.request_scope import scope_state
@@ -31,11 +32,41 @@ class HttpMetricsMiddleware:
         try:
             await self.app(scope, receive, send_status)
         finally:
-            route = scope.get("route")
-            endpoint = getattr(route, "path", None) or "unmatched"
+            endpoint = _endpoint(scope)
             model = _served_model(scope)
             HTTP_REQUESTS.labels(model, endpoint, scope["method"], str(status)).inc()
             HTTP_LATENCY.labels(model, endpoint).observe(time.perf_counter() - start)
+
+
+def _endpoint(scope) -> str:
+    """The route's path template; for a request refused before routing (a 401, a 429 from
+    the platform) the template its path matches; "unmatched" for none."""
+    route = scope.get("route")
+    if route is not None and getattr(route, "path", None):
+        return route.path
+    app = scope.get("app")
+    if app is None:
+        return "unmatched"
+    for pattern, template in _templates(app):
+        if pattern.match(scope["path"]):
+            return template
+    return "unmatched"
+
+
+_PARAM = re.compile(r"\\\{[^/]*?\\\}")  # a path parameter, once re.escape'd: \{file_id\}
+
+
+def _templates(app) -> list[tuple[re.Pattern, str]]:
+    """The app's path templates (its OpenAPI paths, and /metrics), as patterns; made once."""
+    cached = getattr(app.state, "metrics_route_templates", None)
+    if cached is None:
+        try:
+            paths = [*app.openapi().get("paths", {}), "/metrics"]
+        except Exception:  # a label is not worth failing a request for
+            paths = ["/metrics"]
+        cached = [(re.compile("^" + _PARAM.sub("[^/]+", re.escape(p)) + "$"), p) for p in paths]
+        app.state.metrics_route_templates = cached
+    return cached
 
 
 def _served_model(scope) -> str:

@@ -36,12 +36,15 @@ class JsonFormatter(logging.Formatter):
 
 
 def configure(level: str, fmt: str) -> None:
-    """The root logger's one handler: plain text (`text`) or JSON lines (`json`)."""
+    """Logging for a command: plain text (`text`, as `logging.basicConfig` sets it up, which
+    leaves a handler already there alone) or JSON lines (`json`: the root's one handler)."""
+    numeric = getattr(logging, level.upper(), logging.WARNING)
+    if fmt != "json":
+        logging.basicConfig(level=numeric,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        return
     handler = logging.StreamHandler()
-    if fmt == "json":
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(JsonFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(getattr(logging, level.upper(), logging.WARNING))
+    root.setLevel(numeric)

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import uuid
+from pathlib import Path
 
 import httpx
 import openai
@@ -233,3 +235,17 @@ def test_top_prints_one_frame(live, keys):
     assert cells[0] == "limited" and cells[2] == "2" and cells[4] == "—" and cells[5] == "1"
     assert cells[6] == f"{value(now, 'k2serve:key_requests_total', key='limited'):.0f}"
     assert cells[7] == f"{value(now, 'k2serve:key_tokens_total', key='limited'):.0f}"
+
+
+def test_the_dashboard_reads_only_metrics_the_server_exports(live, keys):
+    """docs/grafana-k2serve.json: every metric a panel queries is one /metrics declares."""
+    dashboard = json.loads((Path(__file__).parents[2] / "docs" / "grafana-k2serve.json")
+                           .read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", ())]
+    queried = {re.sub(r"_(bucket|sum|count)$", "", name).removesuffix("_total")
+               for e in exprs for name in re.findall(r"k2serve:[a-z0-9_]+", e)}
+    r = httpx.get(live.root + "/metrics", timeout=30,
+                  headers={"authorization": f"Bearer {keys['admin']}"})
+    declared = {family.name for family in text_string_to_metric_families(r.text)}
+    assert len(queried) > 25
+    assert queried <= declared, queried - declared

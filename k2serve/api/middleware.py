@@ -34,19 +34,25 @@ class RequestIdMiddleware:
         incoming = dict(scope["headers"]).get(b"x-request-id")
         request_id = incoming.decode("latin-1")[:128] if incoming else uuid.uuid4().hex
         scope.setdefault("state", {})[STATE_KEY] = RequestScope(request_id)
-        REQUEST_ID.set(request_id)  # this task's context: the request's own
+        token = REQUEST_ID.set(request_id)
         tracing.tag_current(request_id)  # a server span opened outside (FastAPI's)
+        span = None
 
         async def send_with_id(message):
             if message["type"] == "http.response.start":
                 message.setdefault("headers", [])
                 message["headers"] = list(message["headers"]) + [
                     (b"x-request-id", request_id.encode("latin-1"))]
+                if span is not None:
+                    span.set_attribute("http.response.status_code", message["status"])
             await send(message)
 
-        with tracing.span("request", **{"http.request.method": scope["method"],
-                                        "url.path": scope["path"]}):
-            await self.app(scope, receive, send_with_id)
+        try:
+            with tracing.span("request", **{"http.request.method": scope["method"],
+                                            "url.path": scope["path"]}) as span:
+                await self.app(scope, receive, send_with_id)
+        finally:
+            REQUEST_ID.reset(token)  # a batch line runs inside its runner's task
 
 
 class PathAliasMiddleware:

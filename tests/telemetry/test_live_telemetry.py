@@ -169,6 +169,7 @@ def test_one_request_traced_end_to_end_with_its_id(live, receiver):
     assert by_name["decode"]["attributes"]["k2serve.completion_tokens"] == \
         reply.usage.completion_tokens
     assert root["resource"]["service.name"] == "k2serve"
+    assert root["attributes"]["http.response.status_code"] == 200
 
     # JSON log lines: every line about this request parses and names it.
     lines = [line for line in list(live.output) if request_id in line]

@@ -12,6 +12,7 @@ from k2serve import __version__, native
 from k2serve.api.batch_runner import BatchRunner
 from k2serve.api.batch_store import FileBlobs, MemoryBatchStore
 from k2serve.api.errors import install_error_handlers
+from k2serve.api.http_metrics import HttpMetricsMiddleware
 from k2serve.api.middleware import (
     DEFAULT_BODY_TIMEOUT_S,
     DEFAULT_MAX_BODY_BYTES,
@@ -20,6 +21,7 @@ from k2serve.api.middleware import (
     PathAliasMiddleware,
     RequestIdMiddleware,
 )
+from k2serve.api.request_metrics import observe_usage
 from k2serve.api.response_store import MemoryResponseStore
 from k2serve.api.routes import (
     audio,
@@ -30,6 +32,7 @@ from k2serve.api.routes import (
     embeddings,
     files,
     messages,
+    metrics,
     models,
     moderations,
     playground,
@@ -68,7 +71,8 @@ def create_app(registry: ModelRegistry, *, max_body_bytes: int = DEFAULT_MAX_BOD
     app = FastAPI(title="k2serve", version=__version__, lifespan=lifespan,
                   description="OpenAI/Together-compatible inference API.")
     app.state.registry = registry
-    app.state.usage_sinks = [log_usage]
+    app.state.usage_sinks = [log_usage, observe_usage]
+    app.state.metrics_sources = []  # more of /metrics, read when scraped (the platform's)
     app.state.shared_prefix_cache = shared_prefix_cache
     app.state.response_store = MemoryResponseStore()  # a platform puts its database's in
     app.state.batch_store = MemoryBatchStore()  # ... and its database's here
@@ -77,7 +81,8 @@ def create_app(registry: ModelRegistry, *, max_body_bytes: int = DEFAULT_MAX_BOD
     app.state.batch_runner = BatchRunner(app)
     install_error_handlers(app)
     for module in (models, chat, completions, messages, responses, audio, embeddings, rerank,
-                   moderations, capabilities, tokenize, files, batches, playground):
+                   moderations, capabilities, tokenize, files, batches, metrics,
+                   playground):
         app.include_router(module.router)
 
     @app.get("/health")
@@ -98,13 +103,15 @@ def create_app(registry: ModelRegistry, *, max_body_bytes: int = DEFAULT_MAX_BOD
 
     limits = BodyLimits(max_bytes=max_body_bytes, timeout_s=body_timeout_s,
                         upload_max_bytes=max_file_bytes + (1 << 20))  # + multipart framing
-    # Added innermost first. Outermost: ids on every reply (errors included), the alias, then
-    # authentication (which reads a generation's body itself, once the key is known), then
-    # the body read for everything else: no body byte is read before the key is checked.
+    # Added innermost first. Outermost: ids on every reply (errors included), the alias, the
+    # HTTP metrics, then authentication (which reads a generation's body itself, once the key
+    # is known), then the body read for everything else: no body byte is read before the key
+    # is checked.
     app.add_middleware(BodySizeLimitMiddleware, limits=limits)
     if platform is not None:
         platform.install(app)
         app.add_middleware(PlatformMiddleware, platform=platform, body_limits=limits)
+    app.add_middleware(HttpMetricsMiddleware)  # refusals counted too
     app.add_middleware(PathAliasMiddleware)
     app.add_middleware(RequestIdMiddleware)
     return app

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 
@@ -24,6 +23,7 @@ def _serve(args: argparse.Namespace) -> int:
     from k2serve.serving.models_file import load_model_entry, read_models_file
     from k2serve.serving.registry import ModelRegistry
     from k2serve.serving.upstream_loader import load_upstream_model, parse_upstreams
+    from k2serve.telemetry import tracing
 
     if args.threads:
         import torch
@@ -77,10 +77,13 @@ def _serve(args: argparse.Namespace) -> int:
                      body_timeout_s=args.body_timeout, platform=platform,
                      shared_prefix_cache=args.shared_prefix_cache)
 
+    tracing_on = tracing.setup()  # only with OTEL_EXPORTER_OTLP_ENDPOINT set
     base = f"http://{_display_host(args.host)}:{args.port}"
+    # JSON logs: uvicorn's own loggers go to the root's JSON handler, not its text formatter.
+    log_config = None if args.log_format == "json" else uvicorn.config.LOGGING_CONFIG
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             access_log=False, timeout_keep_alive=args.keep_alive_timeout,
-                            http=h11_protocol(args.header_timeout))
+                            http=h11_protocol(args.header_timeout), log_config=log_config)
     server = uvicorn.Server(config)
 
     original_startup = server.startup
@@ -89,11 +92,16 @@ def _serve(args: argparse.Namespace) -> int:
         await original_startup(sockets=sockets)
         if server.started:
             served = ", ".join(s.id for s in registry.specs()) or "no models"
+            traces = " — traces: OTLP" if tracing_on else ""
             print(f"k2serve: serving {served} — API at {base}/v1, docs at {base}/docs — "
-                  f"{platform.startup_note()} — {native.describe(build=False)}", flush=True)
+                  f"{platform.startup_note()} — {native.describe(build=False)}{traces}",
+                  flush=True)
 
     server.startup = startup_then_announce
-    server.run()
+    try:
+        server.run()
+    finally:
+        tracing.shutdown()  # export the spans still queued
     return 0
 
 
@@ -162,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "prompts)")
     serve.add_argument("--threads", type=int, default=None, help="torch threads (default: cores)")
     serve.add_argument("--log-level", default="warning")
+    serve.add_argument("--log-format", choices=["text", "json"], default="text",
+                       help="json: one JSON object per log line, with the request id of the "
+                            "request it was logged for")
     serve.add_argument("--quiet", action="store_true", help="no progress bar")
     serve.add_argument("--redis-url", default=None,
                        help="share rate-limit counters between servers through this Redis "
@@ -173,6 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_parser(sub)
     from k2serve.doctor import add_doctor_parser
     add_doctor_parser(sub)
+    from k2serve.top import add_top_parser
+    add_top_parser(sub)
 
     tiny = sub.add_parser("tiny-k2", help="write a tiny random-weight Kimi K2 checkpoint "
                                           "(K2's real on-disk layout: FP8 shards, tiktoken)")
@@ -218,9 +231,10 @@ def _tiny_k2(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    level = getattr(args, "log_level", "warning")  # not every subcommand has the flag
-    logging.basicConfig(level=getattr(logging, level.upper(), logging.WARNING),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from k2serve.telemetry.logs import configure
+
+    # not every subcommand has the flags
+    configure(getattr(args, "log_level", "warning"), getattr(args, "log_format", "text"))
     return args.func(args)
 
 

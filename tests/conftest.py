@@ -42,10 +42,12 @@ class LiveServer:
 
 
 def start_server(*extra_args: str, startup_timeout: float = 180.0,
-                 env: dict[str, str] | None = None) -> LiveServer:
+                 env: dict[str, str] | None = None, output: list[str] | None = None
+                 ) -> LiveServer:
     """`env`: extra environment variables for the server. Unless it (or the caller's
     environment) names a data directory, the server gets a fresh one, so no test reads or
-    writes the developer's ~/.k2serve (its API keys would turn open mode off)."""
+    writes the developer's ~/.k2serve (its API keys would turn open mode off). `output`:
+    a list that receives the server's output lines (stdout and stderr) as they come."""
     port = free_port()
     env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
     if "K2SERVE_HOME" not in env and "--data-dir" not in extra_args:
@@ -73,7 +75,11 @@ def start_server(*extra_args: str, startup_timeout: float = 180.0,
             server.startup_line = line.strip()
             # Keep draining output so the pipe never fills and blocks the server.
             import threading
-            threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()
+            sink = output.append if output is not None else (lambda _line: None)
+            if output is not None:
+                output.extend(lines)
+            threading.Thread(target=lambda: [sink(line) for line in proc.stdout],
+                             daemon=True).start()
             return server
     proc.kill()
     raise RuntimeError("server did not start in time:\n" + "".join(lines))

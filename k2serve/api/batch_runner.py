@@ -42,6 +42,7 @@ from k2serve.api.batch_store import (
     LineResult,
 )
 from k2serve.errors import APIError
+from k2serve.telemetry.metrics import BATCH_LINES
 
 log = logging.getLogger("k2serve.batches")
 
@@ -87,6 +88,11 @@ class BatchRunner:
         self._cancelling.add(record.id)
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+    @property
+    def running(self) -> int:
+        """Batches running now (read by /metrics)."""
+        return len(self._tasks)
 
     async def stop(self) -> None:
         """At shutdown: stop every batch where it is (the next server resumes them)."""
@@ -194,6 +200,7 @@ class BatchRunner:
             record.completed += 1
         else:
             record.failed += 1
+        BATCH_LINES.labels("ok" if result.ok else "error").inc()
         # the counts, for progress (an estimate until the end: _finish recounts)
         await asyncio.shield(run_in_threadpool(self.store.save_batch, record))
 

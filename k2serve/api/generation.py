@@ -21,6 +21,7 @@ from k2serve.engine.sampling_params import SamplingParams
 from k2serve.errors import APIError, bad_request
 from k2serve.serving.backend import GenerationBackend, LogprobEntry, TextDelta
 from k2serve.structured import GrammarError, compiler_for
+from k2serve.telemetry import tracing
 
 DISCONNECT_POLL_S = 0.25
 
@@ -108,8 +109,9 @@ async def compile_grammar(backend: GenerationBackend, grammar: str, what: str, p
     a grammar the library cannot build is the client's 400."""
     compiler = compiler_for(backend.tokenizer)
     try:
-        return await anyio.to_thread.run_sync(
-            lambda: compiler.compile(grammar, what=what, param=param))
+        with tracing.span("grammar compile", **{"k2serve.grammar.for": param}):
+            return await anyio.to_thread.run_sync(
+                lambda: compiler.compile(grammar, what=what, param=param))
     except GrammarError as exc:
         raise bad_request(str(exc), param=exc.param) from None
 

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from k2serve.api.errors import error_response
 from k2serve.api.request_scope import STATE_KEY, RequestScope, scope_state
 from k2serve.errors import APIError
+from k2serve.telemetry import tracing
+from k2serve.telemetry.context import REQUEST_ID
 
 DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
 DEFAULT_BODY_TIMEOUT_S = 30.0
@@ -19,7 +21,9 @@ DEFAULT_BODY_TIMEOUT_S = 30.0
 
 class RequestIdMiddleware:
     """Puts the request's RequestScope on it (k2serve.api.request_scope), with its id; every
-    reply carries `x-request-id` (the client's own if it sent one)."""
+    reply carries `x-request-id` (the client's own if it sent one). The id is also the
+    context's (k2serve.telemetry.context), for log lines and spans, and with tracing on the
+    request gets its span here, the parent of its phases' spans."""
 
     def __init__(self, app):
         self.app = app
@@ -30,15 +34,25 @@ class RequestIdMiddleware:
         incoming = dict(scope["headers"]).get(b"x-request-id")
         request_id = incoming.decode("latin-1")[:128] if incoming else uuid.uuid4().hex
         scope.setdefault("state", {})[STATE_KEY] = RequestScope(request_id)
+        token = REQUEST_ID.set(request_id)
+        tracing.tag_current(request_id)  # a server span opened outside (FastAPI's)
+        span = None
 
         async def send_with_id(message):
             if message["type"] == "http.response.start":
                 message.setdefault("headers", [])
                 message["headers"] = list(message["headers"]) + [
                     (b"x-request-id", request_id.encode("latin-1"))]
+                if span is not None:
+                    span.set_attribute("http.response.status_code", message["status"])
             await send(message)
 
-        await self.app(scope, receive, send_with_id)
+        try:
+            with tracing.span("request", **{"http.request.method": scope["method"],
+                                            "url.path": scope["path"]}) as span:
+                await self.app(scope, receive, send_with_id)
+        finally:
+            REQUEST_ID.reset(token)  # a batch line runs inside its runner's task
 
 
 class PathAliasMiddleware:

@@ -54,6 +54,7 @@ class RequestScope:
     # A prompt admission already tokenized to count it, ((kind, text), ids): the route
     # reuses the ids when it builds the same text (k2serve.api.prompts), not tokenizing twice.
     encoded_prompt: tuple[tuple[str, str], list[int]] | None = None
+    model: str | None = None  # the model it asked for, once known (metrics label it by this)
 
     @property
     def api_key_id(self) -> str | None:

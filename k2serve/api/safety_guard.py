@@ -33,6 +33,7 @@ from k2serve.safety.labels import LABELS, THRESHOLD, openai_scores
 from k2serve.safety.model import TextScore
 from k2serve.safety.serving import ModerationBackend
 from k2serve.serving.backend import TextDelta
+from k2serve.telemetry import tracing
 
 log = logging.getLogger("k2serve.safety")
 
@@ -147,7 +148,9 @@ class SafetyGuard:
                           for v in self.verdicts]}
 
     async def _check(self, stage: str, texts: list[str], *, tail: bool = False) -> Verdict:
-        verdict = verdict_of(stage, await self.backend.classify(texts, tail=tail))
+        with tracing.span("safety check", **{"k2serve.safety.stage": stage,
+                                             "k2serve.safety.model": self.model_id}):
+            verdict = verdict_of(stage, await self.backend.classify(texts, tail=tail))
         if verdict.flagged:
             self.verdicts.append(verdict)
         return verdict

@@ -22,6 +22,7 @@ from fastapi import Request
 
 from k2serve.api.request_scope import request_scope
 from k2serve.serving.backend import TextDelta
+from k2serve.telemetry.metrics import INTER_TOKEN
 
 log = logging.getLogger("k2serve.requests")
 
@@ -44,6 +45,8 @@ class UsageRecord:
     duration_s: float = 0.0
     started_at: float = field(default_factory=time.time)
     api_key_id: str | None = None  # set by the auth layer, when there is one
+    finish_reason: str | None = None  # the first choice's (stop, length, tool_calls, ...)
+    queue_s: float | None = None  # our engine: waited this long before it was first scheduled
 
     @property
     def total_tokens(self) -> int:
@@ -62,15 +65,29 @@ class UsageTracker:
         self._progress_timer: asyncio.TimerHandle | None = None
         self.record = UsageRecord(request_id=rs.request_id, model=model, endpoint=endpoint,
                                   prompt_tokens=prompt_tokens, api_key_id=rs.api_key_id)
+        rs.model = model
+        self._last_token_at: list[float | None] = [None] * n  # per choice: inter-token gaps
+        self._inter_token = INTER_TOKEN.labels(model)
         if rs.usage is not None:
             rs.usage.started(self)
 
     def on_delta(self, index: int, delta: TextDelta) -> None:
-        if self.record.ttft_s is None and (delta.token_ids or delta.text):  # upstreams send text
-            self.record.ttft_s = time.perf_counter() - self._start
+        if delta.token_ids or delta.text:  # upstreams send text
+            now = time.perf_counter()
+            if self.record.ttft_s is None:
+                self.record.ttft_s = now - self._start
+            last = self._last_token_at[index]
+            tokens = max(1, delta.completion_tokens - self._completion[index])
+            if last is not None:
+                self._inter_token.observe((now - last) / tokens)
+            self._last_token_at[index] = now
+        if delta.scheduled_ns is not None and self.record.queue_s is None:
+            self.record.queue_s = max(0.0, delta.scheduled_ns / 1e9 - self.record.started_at)
         self._completion[index] = delta.completion_tokens
         if index == 0:
             self.record.cached_tokens = delta.cached_tokens
+            if delta.finish_reason:
+                self.record.finish_reason = delta.finish_reason
         # Every token is reported within PROGRESS_S of being produced: now, or by a timer
         # (the engine may stall right after a token the client has already been sent).
         now = time.monotonic()

@@ -65,6 +65,10 @@ class BlockManager:
         # Hashes of full blocks allocated but not computed yet: a sequence that would
         # share them waits for them instead of computing the same prefix twice.
         self._in_flight: set[bytes] = set()
+        # Prompt tokens looked up in the prefix cache, and those found (vLLM's
+        # prefix_cache_queries / prefix_cache_hits): counted per admission, read at scrape.
+        self.prefix_queries = 0
+        self.prefix_hits = 0
 
     # -- queries ------------------------------------------------------------------------
     @property
@@ -124,6 +128,9 @@ class BlockManager:
         for block_id in cached:
             self._take(block_id)
         fresh = [self._pop_free() for _ in range(fresh_needed)]
+        if use_cache:
+            self.prefix_queries += len(token_ids)
+            self.prefix_hits += len(cached) * self.block_size
         in_flight = [h for h in hashes[len(cached):] if h not in self._in_flight]
         self._in_flight.update(in_flight)
         return BlockAllocation(cached + fresh, len(cached) * self.block_size,

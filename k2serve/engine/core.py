@@ -70,7 +70,9 @@ class EngineCore:
         return {"running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
                 "kv_blocks_total": self.blocks.num_blocks, "kv_blocks_free": self.blocks.num_free,
                 "kv_block_size": self.blocks.block_size,
-                "preemptions": self.scheduler.num_preemptions}
+                "preemptions": self.scheduler.num_preemptions,
+                "prefix_cache_queries": self.blocks.prefix_queries,
+                "prefix_cache_hits": self.blocks.prefix_hits}
 
     # -- one step -------------------------------------------------------------------
     @torch.inference_mode()
@@ -165,6 +167,7 @@ class EngineCore:
                 num_prompt_tokens=len(seq.prompt_ids),
                 num_cached_tokens=seq.num_cached_tokens,
                 prompt_logprobs=seq.prompt_logprobs if first_output else None,
+                scheduled_ns=seq.first_scheduled_ns if first_output else None,
             ))
         return outputs
 

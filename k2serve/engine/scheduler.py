@@ -12,6 +12,7 @@ re-admission (mostly from the prefix cache, since its full blocks stay hashed).
 
 from __future__ import annotations
 
+import time
 from collections import Counter, deque
 from dataclasses import dataclass
 
@@ -127,6 +128,7 @@ class Scheduler:
         seq.num_computed = allocation.num_cached_tokens
         if seq.num_preemptions == 0:
             seq.num_cached_tokens = allocation.num_cached_tokens
+            seq.first_scheduled_ns = time.time_ns()
         seq.status = SequenceStatus.RUNNING
         self.running.append(seq)
         return True

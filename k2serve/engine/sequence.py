@@ -44,6 +44,7 @@ class RequestOutput:
     num_cached_tokens: int = 0
     prompt_logprobs: list[TokenLogprob | None] | None = None  # first call only
     error: str | None = None
+    scheduled_ns: int | None = None  # first output only: when it first joined the batch
 
 
 @dataclass
@@ -57,6 +58,7 @@ class Sequence:
     block_hashes: list[bytes] = field(default_factory=list)  # of its full, computed blocks
     in_flight_hashes: list[bytes] = field(default_factory=list)
     num_preemptions: int = 0
+    first_scheduled_ns: int | None = None  # time.time_ns() of its first admission (queue time)
     generator: torch.Generator | None = None
     prompt_logprobs: list[TokenLogprob | None] | None = None
     finish_reason: str | None = None

@@ -35,6 +35,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from k2serve.platform.db import Database
 from k2serve.platform.models import ApiKey, UsageEntry
+from k2serve.telemetry.metrics import LEDGER_LAG, LEDGER_SET_ASIDE
 
 log = logging.getLogger("k2serve.platform.ledger")
 
@@ -160,6 +161,7 @@ class _Op:
     attempts: int = 0
     failing_since: float | None = None
     not_before: float = 0.0
+    queued_at: float = field(default_factory=time.monotonic)  # its write lag starts here
 
     @property
     def key(self):
@@ -236,6 +238,16 @@ class LedgerWriter:
             log.error("ledger write of request %s not committed within %.0f s",
                       row.request_id, timeout)
             return None
+
+    def backlog(self) -> tuple[int, float]:
+        """Writes not committed yet, and how long the oldest has waited (s); read from
+        another thread for /metrics, so approximate."""
+        try:
+            oldest = min((op.queued_at for op in list(self._pending.values())), default=None)
+        except RuntimeError:  # changed while read
+            oldest = None
+        count = self._queue.qsize() + len(self._pending)
+        return count, (time.monotonic() - oldest if oldest is not None else 0.0)
 
     def flush(self, timeout: float = 30.0) -> bool:
         """Wait until every write submitted so far has landed (or been set aside)."""
@@ -331,6 +343,7 @@ class LedgerWriter:
     def _landed(self, op: _Op, entry_id: int) -> None:
         self._pending.pop(op.key, None)
         self.written += 1
+        LEDGER_LAG.observe(time.monotonic() - op.queued_at)
         if op.row.status == IN_PROGRESS:
             self._open.add(entry_id)
         else:
@@ -352,6 +365,7 @@ class LedgerWriter:
             return
         self._pending.pop(op.key, None)
         self.set_aside.append(op.row)
+        LEDGER_SET_ASIDE.inc()
         log.error("ledger row set aside after %d failed writes (%s): %s", op.attempts,
                   exc, _describe(op.row, op.entry_id))
         self._notify(op, None)

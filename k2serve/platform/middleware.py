@@ -29,6 +29,8 @@ from k2serve.errors import APIError
 from k2serve.platform.context import RequestContext, log_request
 from k2serve.platform.form_fields import multipart_model
 from k2serve.platform.service import Platform
+from k2serve.telemetry import tracing
+from k2serve.telemetry.metrics import KEY_LIMIT, KEY_REQUESTS, RATE_LIMITED
 
 log = logging.getLogger("k2serve.platform")
 
@@ -42,6 +44,7 @@ GENERATION_PATHS.update({  # billed by audio seconds / characters (k2serve.api.r
 PUBLIC_PATHS = frozenset({"/health", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
 PUBLIC_PREFIX = "/playground"  # static files; the page's API calls carry the user's key
 ADMIN_PREFIX = "/admin/"
+ADMIN_PATHS = frozenset({"/metrics"})  # with /admin/...: an admin key, unless open mode
 _CAPTURE_LIMIT = 1 << 20
 
 
@@ -79,7 +82,8 @@ class PlatformMiddleware:
             return await self._refuse(ctx, exc, scope, receive, send)
         ctx.key = rs.caller = key
 
-        if scope["path"].startswith(ADMIN_PREFIX) and key is not None and not key.is_admin:
+        admin_only = scope["path"].startswith(ADMIN_PREFIX) or scope["path"] in ADMIN_PATHS
+        if admin_only and key is not None and not key.is_admin:
             return await self._refuse(ctx, APIError(
                 403, f"The API key '{key.name}' is not an admin key (`k2serve keys create "
                      f"--admin`).", code="admin_key_required"), scope, receive, send)
@@ -111,10 +115,12 @@ class PlatformMiddleware:
         if model is None and headers.get("content-type", "").startswith("multipart/"):
             model = multipart_model(raw, headers["content-type"])  # audio uploads
             body = {"model": model} if model is not None else body
-        ctx.model = model[:256] if isinstance(model, str) else None
+        ctx.model = rs.model = model[:256] if isinstance(model, str) else None
         try:
-            await platform.admit(ctx, body, raw, headers)
-            rs.usage = await platform.open_row(ctx)  # its row exists before the app runs
+            with tracing.span("admission", **{"k2serve.endpoint": endpoint}):
+                await platform.admit(ctx, body, raw, headers)
+            with tracing.span("ledger write", **{"k2serve.ledger.status": "in_progress"}):
+                rs.usage = await platform.open_row(ctx)  # its row exists before the app runs
         except APIError as exc:
             return await self._refuse(ctx, exc, scope, receive, send)
         if ctx.replay is not None:  # the same request completed before: its stored reply
@@ -154,6 +160,7 @@ class PlatformMiddleware:
             kind = message["type"]
             if kind == "http.response.start":
                 ctx.status = message["status"]
+                _count(ctx)
                 raw_headers = list(message.get("headers", []))
                 if extra:
                     present = {k.lower() for k, _ in raw_headers}
@@ -173,6 +180,8 @@ class PlatformMiddleware:
                     state["buf"] += chunk
                     if not message.get("more_body", False):
                         _capture_json(ctx, bytes(state["buf"]))
+                if ctx.status == 429 and not message.get("more_body", False):
+                    _count_refusal(ctx)  # after the capture: the reply's error code
                 if ctx.entry_id is not None and ctx.batch_id is not None:
                     # A batch line: its runner stores the reply as it receives it, and only
                     # then is the row committed, so a crash between the two leaves a line
@@ -186,6 +195,25 @@ class PlatformMiddleware:
             await send(message)
 
         return sender
+
+
+def _count(ctx: RequestContext) -> None:
+    """Per-key metrics: each request (its rate is the key's RPM) and the key's limits."""
+    key = ctx.key
+    if key is None:
+        return
+    KEY_REQUESTS.labels(key.name).inc()
+    if key.rpm_limit:
+        KEY_LIMIT.labels(key.name, "rpm").set(key.rpm_limit)
+    if key.tpm_limit:
+        KEY_LIMIT.labels(key.name, "tpm").set(key.tpm_limit)
+
+
+def _count_refusal(ctx: RequestContext) -> None:
+    """A 429, by key and code (rate_limit_exceeded, insufficient_quota,
+    too_many_concurrent_requests, ...)."""
+    RATE_LIMITED.labels(ctx.key.name if ctx.key is not None else "",
+                        ctx.error_code or "unknown").inc()
 
 
 def _authorization(headers: Headers) -> str | None:

@@ -74,8 +74,23 @@ class Platform:
         app.state.response_store = self.responses
         app.state.batch_store = self.batches
         app.state.file_blobs = self.file_blobs
+        app.state.metrics_sources.append(self.live_metrics)
         app.include_router(admin.router)
         app.include_router(usage_routes.router)
+
+    def live_metrics(self):
+        """The ledger's backlog, read when /metrics is scraped."""
+        from prometheus_client.core import GaugeMetricFamily
+
+        count, oldest = self.writer.backlog()
+        pending = GaugeMetricFamily("k2serve:ledger_pending_writes",
+                                    "Ledger writes queued, not committed yet.")
+        pending.add_metric([], count)
+        age = GaugeMetricFamily("k2serve:ledger_oldest_pending_seconds",
+                                "How long the oldest uncommitted ledger write has waited.")
+        age.add_metric([], oldest)
+        yield pending
+        yield age
 
     def open_mode(self) -> bool:
         return self.auth.open_mode()

@@ -27,6 +27,8 @@ from k2serve.platform.ratelimit import (
 )
 from k2serve.platform.retries import RetryGuard
 from k2serve.serving.registry import ModelRegistry
+from k2serve.telemetry import tracing
+from k2serve.telemetry.metrics import KEY_TOKENS
 
 log = logging.getLogger("k2serve.platform")
 
@@ -77,7 +79,8 @@ class Settlement:
         if ctx.record is not None or (final and ctx.tracker is None):
             row = self._settle(ctx)
             if row is not None:
-                await self.writer.write(row, ctx.entry_id, timeout=LEDGER_WAIT_S)
+                with tracing.span("ledger write", **{"k2serve.ledger.status": row.status}):
+                    await self.writer.write(row, ctx.entry_id, timeout=LEDGER_WAIT_S)
         elif final:  # a tracker that has not reported: its tokens so far
             await self.writer.write(self._record_row(ctx, ctx.tracker.snapshot(), IN_PROGRESS),
                                     ctx.entry_id, timeout=LEDGER_WAIT_S)
@@ -175,6 +178,8 @@ class Settlement:
             self._refund(ctx, prompt + completion)
             log_request(ctx, status)
         self._release_hold_after_write(ctx, row.cost_usd)
+        if ctx.key is not None:  # its rate: the key's TPM as billed
+            KEY_TOKENS.labels(ctx.key.name).inc(row.total_tokens)
         ctx.tracker = ctx.record = None  # a cycle: tracker -> its request scope -> observer -> ctx
         return row
 

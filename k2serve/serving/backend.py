@@ -58,6 +58,7 @@ class TextDelta:
     cached_tokens: int = 0
     prompt_logprobs: list[LogprobEntry | None] | None = None
     stop_sequence: str | None = None  # the stop string that ended the choice, if one did
+    scheduled_ns: int | None = None  # our engine, first delta: when it joined the batch
 
 
 @runtime_checkable

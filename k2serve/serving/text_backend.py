@@ -92,6 +92,7 @@ class TextBackend(TextModel):
                     cached_tokens=out.num_cached_tokens,
                     prompt_logprobs=prompt_lps,
                     stop_sequence=matcher.matched if matcher is not None else None,
+                    scheduled_ns=out.scheduled_ns,
                 )
                 if finish:
                     return

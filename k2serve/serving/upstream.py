@@ -41,6 +41,7 @@ from k2serve.errors import APIError, bad_request, overloaded
 from k2serve.serving.backend import GENERATION_ENDPOINTS, LogprobEntry, TextDelta
 from k2serve.serving.text_model import TextModel
 from k2serve.structured.grammars import as_lark
+from k2serve.telemetry.metrics import UPSTREAM_FAILURES, UPSTREAM_LATENCY
 from k2serve.text.chat_template import ChatTemplate
 from k2serve.text.tokenizer_base import TokenizerBase
 
@@ -217,16 +218,18 @@ class UpstreamBackend(TextModel):
                       ) -> AsyncIterator[TextDelta]:
         replica.in_flight += 1
         completion = 0
+        started = time.monotonic()
+        outcome = "error"  # ok | error | aborted (the client or a stop string ended it)
         try:
             try:
                 request = self._http().stream("POST", replica.url + "/completions", json=body)
                 response = await request.__aenter__()
             except httpx.TransportError as exc:
-                replica.failed(time.monotonic())
+                self._failed(replica)
                 raise UpstreamUnavailable(f"{replica.url}: {exc!r}") from None
             try:
                 if response.status_code >= 500:
-                    replica.failed(time.monotonic())
+                    self._failed(replica)
                     raise UpstreamUnavailable(f"{replica.url} answered {response.status_code}")
                 if response.status_code != 200:
                     await response.aread()
@@ -267,6 +270,7 @@ class UpstreamBackend(TextModel):
                                         replica.url, reported, prompt_tokens)
                         cached = _usage_int(usage.get("prompt_tokens_details") or {},
                                             "cached_tokens", 0)
+                        outcome = "ok"  # before the yield: the consumer may stop at it
                         yield TextDelta(text="", token_ids=[], logprobs=None,
                                         finish_reason=finish or "stop",
                                         prompt_tokens=prompt_tokens,
@@ -274,18 +278,29 @@ class UpstreamBackend(TextModel):
                                         stop_sequence=matched)
                         return
                 if finish is not None:  # an upstream that sends no usage
+                    outcome = "ok"
                     yield TextDelta(text="", token_ids=[], logprobs=None, finish_reason=finish,
                                     prompt_tokens=prompt_tokens, completion_tokens=completion,
                                     stop_sequence=matched)
                     return
                 raise UpstreamUnavailable(f"{replica.url} ended the stream before it finished")
             except httpx.TransportError as exc:
-                replica.failed(time.monotonic())
+                self._failed(replica)
                 raise UpstreamUnavailable(f"{replica.url}: {exc!r}") from None
             finally:
                 await request.__aexit__(None, None, None)
+        except GeneratorExit:
+            if outcome != "ok":
+                outcome = "aborted"
+            raise
         finally:
             replica.in_flight -= 1
+            UPSTREAM_LATENCY.labels(self.config.model_id, replica.url, outcome).observe(
+                time.monotonic() - started)
+
+    def _failed(self, replica: Replica) -> None:
+        replica.failed(time.monotonic())
+        UPSTREAM_FAILURES.labels(self.config.model_id, replica.url).inc()
 
     def _refusal(self, response: httpx.Response) -> APIError:
         """The upstream's own 4xx, passed on with its message."""

@@ -13,14 +13,14 @@ PACKAGE = Path(k2serve.__file__).parent
 
 # Top to bottom. The first name of a module path below k2serve decides its layer.
 LAYERS: list[tuple[str, set[str]]] = [
-    ("entry points", {"cli", "doctor", "bench", "app"}),
+    ("entry points", {"cli", "doctor", "bench", "app", "top"}),
     ("platform", {"platform"}),
     ("api", {"api"}),
     ("model families", {"audio", "embeddings", "safety"}),
     ("serving", {"serving"}),
     ("engine", {"engine"}),
     ("models", {"models"}),
-    ("foundations", {"text", "structured", "native", "errors", "__init__"}),
+    ("foundations", {"text", "structured", "native", "errors", "telemetry", "__init__"}),
 ]
 
 # (importing module, imported module) pairs allowed to point up, each with its reason.

@@ -130,7 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-waiting", type=int, default=EngineConfig.max_waiting,
                        help="requests queued beyond the running batch; more get 503")
     serve.add_argument("--no-quantize", action="store_true",
-                       help="dequantize a GGUF's 4-bit weights to float32 (slower)")
+                       help="dequantize a GGUF's 4-bit weights (or a pack-quantized "
+                            "checkpoint's INT4 experts) to float32 (slower)")
     serve.add_argument("--max-context-length", type=int, default=None,
                        help="cap the context length below the model's own")
     serve.add_argument("--upstream", action="append", default=[], metavar="ID=URL[,URL...]",

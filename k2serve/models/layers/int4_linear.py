@@ -80,6 +80,12 @@ def requantize_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
     return q.reshape(n, k), scale, lo + 8 * scale
 
 
+def _quantized(part) -> bool:
+    """A 4-bit source (GGUF's ``QuantizedTensor``, compressed-tensors' ``PackedInt4Tensor``:
+    ``int4_mappable``, ``int4_affine()``, ``dequantize()``), not a float tensor."""
+    return isinstance(part, QuantizedTensor) or hasattr(part, "int4_affine")
+
+
 class Int4Linear(nn.Module):
     """y = x @ W^T with W kept in int4 (group 32) when its checkpoint tensors allow it.
 
@@ -146,7 +152,7 @@ class Int4Linear(nn.Module):
             raise ValueError(f"shard(s) {missing} were never loaded")
         parts = [self._pending[s] for s in self.shard_sizes]
         self._pending = {}
-        if all(isinstance(p, QuantizedTensor) and p.int4_mappable for p in parts):
+        if all(_quantized(p) and p.int4_mappable for p in parts):
             groups = [p.int4_affine() for p in parts]
             q, scale, minimum = (torch.cat([g[i] for g in groups]) for i in range(3))
             kernels = native.kernels() if self.native else None
@@ -161,8 +167,7 @@ class Int4Linear(nn.Module):
                 self.weight = torch.cat([p.dequantize() for p in parts]).to(self.dense_dtype)
         else:
             self.dense_min_rows = 0
-            self.weight = torch.cat([p.dequantize() if isinstance(p, QuantizedTensor) else p.float()
-                                     for p in parts])
+            self.weight = torch.cat([p.dequantize() if _quantized(p) else p.float() for p in parts])
 
     def forward(self, x: torch.Tensor, dense_rows: DenseRows | None = None) -> torch.Tensor:
         """x [M, in] -> float32 [M, out]. dense_rows: the rows that take the dense copy, every

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from k2serve.models.layers.int4_linear import Int4Linear
 from k2serve.models.layers.linear import Linear, MergedLinear
 
 
@@ -71,6 +72,14 @@ class RoutedExperts(nn.Module):
         self.down = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size, dtype=dtype),
                                  requires_grad=False)
 
+    def load_expert(self, expert: int, proj: str, tensor: torch.Tensor) -> None:
+        inter = self.intermediate_size
+        if proj == "down_proj":
+            self.down.data[expert].copy_(tensor)
+        else:
+            rows = slice(0, inter) if proj == "gate_proj" else slice(inter, 2 * inter)
+            self.gate_up.data[expert, rows].copy_(tensor)
+
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         k = ids.shape[1]
         flat = ids.reshape(-1)
@@ -89,12 +98,55 @@ class RoutedExperts(nn.Module):
         return torch.zeros_like(x).index_add_(0, token, scaled)
 
 
+class Int4RoutedExperts(nn.Module):
+    """E SwiGLU experts kept 4-bit (``Int4Linear``: gate+up stacked, down), run on the tokens
+    routed to them; an expert whose checkpoint tensors are not 4-bit runs dense.
+
+    dense_min_rows: tokens routed to an expert from which it uses a dense float32 copy of
+    its weight (None: the int4 kernel for any count, and 4-bit memory only).
+    """
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int,
+                 dense_min_rows: int | None = None, native: bool = True):
+        super().__init__()
+        self.num_experts, self.intermediate_size = num_experts, intermediate_size
+        shards = {"gate": intermediate_size, "up": intermediate_size}
+        self.gate_up = nn.ModuleList(Int4Linear(hidden_size, shards, dense_min_rows, native=native)
+                                     for _ in range(num_experts))
+        self.down = nn.ModuleList(Int4Linear(intermediate_size, hidden_size, dense_min_rows, native=native)
+                                  for _ in range(num_experts))
+
+    def load_expert(self, expert: int, proj: str, tensor) -> None:
+        if proj == "down_proj":
+            self.down[expert].load(tensor)
+        else:
+            self.gate_up[expert].load(tensor, proj.removesuffix("_proj"))
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        k = ids.shape[1]
+        flat = ids.reshape(-1)
+        order = flat.argsort(stable=True)
+        token = order // k
+        counts = torch.bincount(flat, minlength=self.num_experts)
+        hit = counts.nonzero().flatten()
+        ends = counts.cumsum(0)[hit]
+        xs = x[token].float()
+        ys = torch.empty_like(xs)
+        for e, end, n in zip(hit.tolist(), ends.tolist(), counts[hit].tolist()):
+            rows = slice(end - n, end)
+            gate, up = self.gate_up[e](xs[rows]).chunk(2, dim=-1)
+            ys[rows] = self.down[e](F.silu(gate) * up)
+        scaled = (ys * weights.reshape(-1)[order, None]).to(x.dtype)
+        return torch.zeros_like(x).index_add_(0, token, scaled)
+
+
 class DeepseekMoE(nn.Module):
     def __init__(self, hidden_size: int, num_experts: int, intermediate_size: int, n_shared_experts: int,
-                 router: NoAuxTCRouter, dtype: torch.dtype):
+                 router: NoAuxTCRouter, dtype: torch.dtype, experts: nn.Module | None = None):
+        """experts: the routed experts (default: dense ``RoutedExperts`` in ``dtype``)."""
         super().__init__()
         self.gate = router  # HF name: mlp.gate.{weight, e_score_correction_bias}
-        self.experts = RoutedExperts(num_experts, hidden_size, intermediate_size, dtype)
+        self.experts = experts if experts is not None else RoutedExperts(num_experts, hidden_size, intermediate_size, dtype)
         self.shared_experts = (SwiGLUMLP(hidden_size, intermediate_size * n_shared_experts, dtype)
                                if n_shared_experts else None)
 

@@ -33,6 +33,9 @@ class QuantizationConfig:
       linears with our AMX kernel where the CPU has AMX; False: torch's kernels.
     dense_dtype: the dtype of the dense copies and their GEMMs (the LM head's too), float32
       or bfloat16 (see ``fast_bfloat16_gemm``). Layers with no int4 form stay float32.
+    expert_dense_min_rows: a 4-bit routed expert's (DeepSeek-V3 / K2-Thinking): tokens routed
+      to it in a step from which it uses a dense float32 copy (0: always, float32 compute;
+      None: the int4 kernel always and no copy, 4-bit memory only).
     """
 
     dense_min_rows: int | None = DEFAULT_DENSE_MIN_ROWS
@@ -42,6 +45,7 @@ class QuantizationConfig:
     head_exact_top: int = 16
     native: bool = True
     dense_dtype: torch.dtype = torch.float32
+    expert_dense_min_rows: int | None = None
 
     def __post_init__(self):
         if self.head not in ("int8", "int4", "dense"):

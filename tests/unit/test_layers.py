@@ -13,7 +13,7 @@ PACKAGE = Path(k2serve.__file__).parent
 
 # Top to bottom. The first name of a module path below k2serve decides its layer.
 LAYERS: list[tuple[str, set[str]]] = [
-    ("entry points", {"cli", "doctor", "bench", "app"}),
+    ("entry points", {"cli", "endpoints_cli", "doctor", "bench", "app"}),
     ("platform", {"platform"}),
     ("api", {"api"}),
     ("model families", {"audio", "embeddings", "safety"}),

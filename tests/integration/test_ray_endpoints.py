@@ -145,161 +145,6 @@ def test_bad_requests_are_4xx_naming_the_field(http):
     assert http.post("/v1/endpoints", content=b"{").status_code == 400
 
 
-def test_lifecycle_autoscaling_stop_start_billing_delete(http, cluster):
-    created = http.post("/v1/endpoints", json={
-        "model": EMBEDDED_ID, "hardware": "cpu_half", "display_name": "smol",
-        "autoscaling": {"min_replicas": 1, "max_replicas": 3}})
-    assert created.status_code == 200, created.text
-    endpoint = created.json()
-    assert endpoint["state"] in ("PENDING", "STARTING") and endpoint["type"] == "dedicated"
-    assert endpoint["autoscaling"] == {"min_replicas": 1, "max_replicas": 3}
-    assert endpoint["owner"] == "owner" and endpoint["name"].startswith(f"owner/{EMBEDDED_ID}-")
-    eid, name = endpoint["id"], endpoint["name"]
-    wait_for(http, eid, lambda e: e["state"] == "STARTED", "STARTED")
-
-    # Served by its name (and its id), listed in /v1/models; another key cannot see it.
-    reply = chat(http, name)
-    assert reply.status_code == 200, reply.text
-    assert reply.json()["choices"][0]["message"]["content"]
-    assert chat(http, eid).status_code == 200
-    assert name in [m["id"] for m in http.get("/v1/models").json()]
-    other = {"authorization": f"Bearer {cluster.keys['other']}"}
-    assert http.get(f"/v1/endpoints/{eid}", headers=other).status_code == 404
-    assert http.get("/v1/endpoints", headers=other).json()["data"] == []
-
-    # Load: 12 long streams at once, one ongoing request per replica as target -> 3.
-    def long_stream(_):
-        with httpx.Client(base_url=cluster.root, timeout=300, headers=http.headers) as c:
-            with c.stream("POST", "/v1/chat/completions", json={
-                    "model": name, "messages": CHAT, "max_tokens": 120, "stream": True,
-                    "ignore_eos": True}) as r:
-                return r.status_code, sum(1 for line in r.iter_lines() if line.startswith("data:"))
-    with concurrent.futures.ThreadPoolExecutor(12) as pool:
-        futures = [pool.submit(long_stream, i) for i in range(12)]
-        wait_for(http, eid, lambda e: e["replicas"] == 3, "scaled to 3", timeout=120)
-        results = [f.result(timeout=300) for f in futures]
-    assert all(status == 200 and chunks > 100 for status, chunks in results), results
-    # Idle: back to min_replicas.
-    wait_for(http, eid, lambda e: e["replicas"] == 1, "scaled back to 1", timeout=90)
-
-    # PATCH changes limits live: min 2 -> a second replica, without a restart.
-    patched = http.patch(f"/v1/endpoints/{eid}", json={"autoscaling": {"min_replicas": 2,
-                                                                       "max_replicas": 3}})
-    assert patched.json()["autoscaling"] == {"min_replicas": 2, "max_replicas": 3}
-    wait_for(http, eid, lambda e: e["replicas"] == 2, "scaled to the new min 2", timeout=90)
-
-    # Stop: STOPPED, its requests get a 400 naming the state, /v1/models leaves it out.
-    stopping = http.patch(f"/v1/endpoints/{eid}", json={"state": "STOPPED"}).json()
-    assert stopping["state"] in ("STOPPING", "STOPPED")
-    wait_for(http, eid, lambda e: e["state"] == "STOPPED", "STOPPED", timeout=60)
-    refused = chat(http, name)
-    assert refused.status_code == 400
-    assert refused.json()["error"]["code"] == "endpoint_not_running"
-    assert "STOPPED" in refused.json()["error"]["message"]
-    assert name not in [m["id"] for m in http.get("/v1/models").json()]
-
-    # Start again.
-    assert http.patch(f"/v1/endpoints/{eid}", json={"state": "STARTED"}).json()["state"] \
-        == "STARTING"
-    wait_for(http, eid, lambda e: e["state"] == "STARTED", "STARTED again")
-    assert chat(http, name).status_code == 200
-
-    # Billing: replica time at 60 cents a minute, on the owner key; `k2serve usage` shows it.
-    time.sleep(4)  # one metering interval
-    usage = subprocess.run([sys.executable, "-m", "k2serve.cli", "usage", "--json",
-                            "--data-dir", str(cluster.home)],
-                           capture_output=True, text=True, check=True)
-    dedicated = [d for d in json.loads(usage.stdout)["dedicated"] if d["endpoint_id"] == eid]
-    assert dedicated and dedicated[0]["key"] == "owner", usage.stdout
-    assert dedicated[0]["replica_minutes"] > 0.1  # > 6 replica-seconds have run by now
-    assert dedicated[0]["cost_usd"] == pytest.approx(dedicated[0]["replica_minutes"] * 0.6,
-                                                     rel=1e-3)
-    table = subprocess.run([sys.executable, "-m", "k2serve.cli", "usage", "--data-dir",
-                            str(cluster.home)], capture_output=True, text=True, check=True)
-    assert name in table.stdout and "REPLICA MIN" in table.stdout
-
-    # Delete: 204, then gone from the API, the models and the cluster.
-    assert http.delete(f"/v1/endpoints/{eid}").status_code == 204
-    assert http.get(f"/v1/endpoints/{eid}").status_code == 404
-    deadline = time.time() + 60
-    while chat(http, name).status_code != 404 and time.time() < deadline:
-        time.sleep(0.5)
-    assert chat(http, name).json()["error"]["code"] == "model_not_found"
-    while replica_pids(eid) and time.time() < deadline:
-        time.sleep(0.5)
-    assert replica_pids(eid) == []
-
-
-def test_scale_to_zero_after_inactive_timeout_and_wake(http):
-    endpoint = http.post("/v1/endpoints", json={
-        "model": EMBEDDED_ID, "hardware": "cpu_half", "inactive_timeout": 3,
-        "autoscaling": {"min_replicas": 1, "max_replicas": 1}}).json()
-    eid = endpoint["id"]
-    try:
-        wait_for(http, eid, lambda e: e["state"] == "STARTED", "STARTED")
-        # 3 "minutes" (3 s here) without a request: no replica runs, it stays STARTED.
-        idle = wait_for(http, eid, lambda e: e["replicas"] == 0, "scaled to zero", timeout=90)
-        assert idle["state"] == "STARTED"
-        gone_by = time.time() + 30  # the replica's process ends after its graceful shutdown
-        while replica_pids(eid) and time.time() < gone_by:
-            time.sleep(0.5)
-        assert replica_pids(eid) == []
-        # The next request waits for a replica to start, then is answered.
-        reply = chat(http, endpoint["name"])
-        assert reply.status_code == 200, reply.text
-        wait_for(http, eid, lambda e: e["replicas"] == 1, "back to 1", timeout=30)
-    finally:
-        http.delete(f"/v1/endpoints/{eid}")
-
-
-def test_a_killed_replica_is_replaced_and_nothing_hangs(http, cluster):
-    endpoint = http.post("/v1/endpoints", json={
-        "model": EMBEDDED_ID, "hardware": "cpu_half",
-        "autoscaling": {"min_replicas": 2, "max_replicas": 2}}).json()
-    eid, name = endpoint["id"], endpoint["name"]
-    try:
-        wait_for(http, eid, lambda e: e["state"] == "STARTED" and e["replicas"] == 2, "up")
-        body = {"model": name, "messages": CHAT, "max_tokens": 80, "ignore_eos": True}
-
-        def whole(_):
-            with httpx.Client(base_url=cluster.root, timeout=180, headers=http.headers) as c:
-                r = c.post("/v1/chat/completions", json=body)
-                return r.status_code, r.json()
-
-        def streamed(_):
-            with httpx.Client(base_url=cluster.root, timeout=180, headers=http.headers) as c:
-                with c.stream("POST", "/v1/chat/completions",
-                              json={**body, "stream": True}) as r:
-                    events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
-                    return r.status_code, events
-
-        victim = replica_pids(eid)[0]
-        with concurrent.futures.ThreadPoolExecutor(8) as pool:
-            wholes = [pool.submit(whole, i) for i in range(4)]
-            streams = [pool.submit(streamed, i) for i in range(4)]
-            time.sleep(3)  # all eight generating on the two replicas
-            os.kill(victim, signal.SIGKILL)
-            whole_results = [f.result(timeout=240) for f in wholes]  # nothing hangs
-            stream_results = [f.result(timeout=240) for f in streams]
-        for status, reply in whole_results:  # retried once on the other replica
-            assert status == 200, reply
-            assert reply["usage"]["completion_tokens"] == 80
-        broken = []
-        for status, events in stream_results:
-            assert status == 200
-            if events[-1] != "[DONE]" or any('"error"' in e for e in events):
-                error = json.loads(next(e for e in events if '"error"' in e))["error"]
-                assert error["code"] == "replica_failed" and "replica" in error["message"]
-                broken.append(error)
-        assert broken, "the killed replica was serving none of the streams"
-        # Ray replaces the replica.
-        wait_for(http, eid, lambda e: e["replicas"] == 2 and victim not in replica_pids(eid),
-                 "replaced the killed replica", timeout=120)
-        assert chat(http, name).status_code == 200
-    finally:
-        http.delete(f"/v1/endpoints/{eid}")
-
-
 SDK2_SCRIPT = textwrap.dedent("""
     import json, sys
     import together
@@ -336,3 +181,176 @@ def test_together_sdk_endpoints_calls(cluster):
     assert result["state"] == "STOPPED" and result["name"].startswith("owner/")
     assert result["display"] == "renamed" and result["max"] == 3
     assert result["id"] in result["listed"] and result["id"] not in result["after"]
+
+
+# -- one endpoint's life, in order (each test continues from the state the previous left:
+# replicas take ~15 s each to start here, so the module starts as few as it can) -----------
+@pytest.fixture(scope="module")
+def endpoint(cluster):
+    with httpx.Client(base_url=cluster.root, timeout=60,
+                      headers={"authorization": f"Bearer {cluster.keys['owner']}"}) as http:
+        created = http.post("/v1/endpoints", json={
+            "model": EMBEDDED_ID, "hardware": "cpu_half", "display_name": "smol",
+            "autoscaling": {"min_replicas": 1, "max_replicas": 3}})
+        assert created.status_code == 200, created.text
+        yield created.json()
+        http.delete(f"/v1/endpoints/{created.json()['id']}")
+
+
+def test_create_starts_and_serves_by_name(http, cluster, endpoint):
+    assert endpoint["state"] in ("PENDING", "STARTING") and endpoint["type"] == "dedicated"
+    assert endpoint["autoscaling"] == {"min_replicas": 1, "max_replicas": 3}
+    assert endpoint["owner"] == "owner" and endpoint["display_name"] == "smol"
+    assert endpoint["name"].startswith(f"owner/{EMBEDDED_ID}-")
+    eid, name = endpoint["id"], endpoint["name"]
+    wait_for(http, eid, lambda e: e["state"] == "STARTED", "STARTED")
+    # Served by its name (and its id), listed in /v1/models; another key cannot see it.
+    reply = chat(http, name)
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["choices"][0]["message"]["content"]
+    assert chat(http, eid).status_code == 200
+    assert name in [m["id"] for m in http.get("/v1/models").json()]
+    other = {"authorization": f"Bearer {cluster.keys['other']}"}
+    assert http.get(f"/v1/endpoints/{eid}", headers=other).status_code == 404
+    assert http.get("/v1/endpoints", headers=other).json()["data"] == []
+    assert http.post("/v1/chat/completions", headers=other, json={
+        "model": name, "messages": CHAT, "max_tokens": 4}).status_code == 200  # any key
+
+
+def test_load_scales_to_max_and_idle_back_to_min(http, cluster, endpoint):
+    eid, name = endpoint["id"], endpoint["name"]
+
+    def long_stream(_):  # target: one ongoing request per replica -> 3 replicas
+        with httpx.Client(base_url=cluster.root, timeout=300, headers=http.headers) as c:
+            with c.stream("POST", "/v1/chat/completions", json={
+                    "model": name, "messages": CHAT, "max_tokens": 120, "stream": True,
+                    "ignore_eos": True}) as r:
+                return r.status_code, sum(1 for line in r.iter_lines() if line.startswith("data:"))
+
+    with concurrent.futures.ThreadPoolExecutor(12) as pool:
+        futures = [pool.submit(long_stream, i) for i in range(12)]
+        wait_for(http, eid, lambda e: e["replicas"] == 3, "scaled to 3", timeout=120)
+        results = [f.result(timeout=300) for f in futures]
+    assert all(status == 200 and chunks > 100 for status, chunks in results), results
+    wait_for(http, eid, lambda e: e["replicas"] == 1, "scaled back to 1", timeout=90)
+
+
+def test_patch_changes_limits_live(http, endpoint):
+    eid = endpoint["id"]
+    patched = http.patch(f"/v1/endpoints/{eid}", json={"autoscaling": {"min_replicas": 2,
+                                                                       "max_replicas": 3}})
+    assert patched.json()["autoscaling"] == {"min_replicas": 2, "max_replicas": 3}
+    assert patched.json()["state"] == "STARTED"  # no restart
+    wait_for(http, eid, lambda e: e["replicas"] == 2, "scaled to the new min 2", timeout=90)
+
+
+def test_a_killed_replica_is_replaced_and_nothing_hangs(http, cluster, endpoint):
+    eid, name = endpoint["id"], endpoint["name"]
+    body = {"model": name, "messages": CHAT, "max_tokens": 80, "ignore_eos": True}
+
+    def whole(_):
+        with httpx.Client(base_url=cluster.root, timeout=180, headers=http.headers) as c:
+            r = c.post("/v1/chat/completions", json=body)
+            return r.status_code, r.json()
+
+    def streamed(_):
+        with httpx.Client(base_url=cluster.root, timeout=180, headers=http.headers) as c:
+            with c.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as r:
+                events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+                return r.status_code, events
+
+    victim = replica_pids(eid)[0]
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        wholes = [pool.submit(whole, i) for i in range(4)]
+        streams = [pool.submit(streamed, i) for i in range(4)]
+        time.sleep(3)  # all eight generating on the two replicas
+        os.kill(victim, signal.SIGKILL)
+        whole_results = [f.result(timeout=240) for f in wholes]  # nothing hangs
+        stream_results = [f.result(timeout=240) for f in streams]
+    for status, reply in whole_results:  # retried once on another replica, unseen
+        assert status == 200, reply
+        assert reply["usage"]["completion_tokens"] == 80
+    broken = []
+    for status, events in stream_results:
+        assert status == 200
+        if events[-1] != "[DONE]" or any('"error"' in e for e in events):
+            error = json.loads(next(e for e in events if '"error"' in e))["error"]
+            assert error["code"] == "replica_failed" and "replica" in error["message"]
+            broken.append(error)
+    assert broken, "the killed replica was serving none of the streams"
+    # Ray replaces the replica.
+    wait_for(http, eid, lambda e: e["replicas"] >= 2 and victim not in replica_pids(eid),
+             "replaced the killed replica", timeout=120)
+    assert chat(http, name).status_code == 200
+
+
+def test_stop_refuses_naming_the_state_then_start(http, endpoint):
+    eid, name = endpoint["id"], endpoint["name"]
+    stopping = http.patch(f"/v1/endpoints/{eid}", json={"state": "STOPPED"}).json()
+    assert stopping["state"] in ("STOPPING", "STOPPED")
+    wait_for(http, eid, lambda e: e["state"] == "STOPPED", "STOPPED", timeout=60)
+    refused = chat(http, name)
+    assert refused.status_code == 400
+    assert refused.json()["error"]["code"] == "endpoint_not_running"
+    assert "STOPPED" in refused.json()["error"]["message"]
+    assert name not in [m["id"] for m in http.get("/v1/models").json()]
+    gone_by = time.time() + 30
+    while replica_pids(eid) and time.time() < gone_by:
+        time.sleep(0.5)
+    assert replica_pids(eid) == []
+
+    started = http.patch(f"/v1/endpoints/{eid}", json={
+        "state": "STARTED", "autoscaling": {"min_replicas": 1, "max_replicas": 1}}).json()
+    assert started["state"] == "STARTING"
+    wait_for(http, eid, lambda e: e["state"] == "STARTED", "STARTED again")
+    assert chat(http, name).status_code == 200
+
+
+def test_scale_to_zero_after_inactive_timeout_and_wake(http, endpoint):
+    eid, name = endpoint["id"], endpoint["name"]
+    http.patch(f"/v1/endpoints/{eid}", json={"inactive_timeout": 3})
+    # 3 "minutes" (3 s here) without a request: no replica runs, it stays STARTED.
+    idle = wait_for(http, eid, lambda e: e["replicas"] == 0, "scaled to zero", timeout=90)
+    assert idle["state"] == "STARTED"
+    gone_by = time.time() + 30  # the replica's process ends after its graceful shutdown
+    while replica_pids(eid) and time.time() < gone_by:
+        time.sleep(0.5)
+    assert replica_pids(eid) == []
+    # The next request waits for a replica to start, then is answered.
+    reply = chat(http, name)
+    assert reply.status_code == 200, reply.text
+    wait_for(http, eid, lambda e: e["replicas"] == 1, "back to 1", timeout=30)
+
+
+def test_replica_time_is_billed_to_the_owner(cluster, endpoint):
+    time.sleep(4)  # one metering interval
+    usage = subprocess.run([sys.executable, "-m", "k2serve.cli", "usage", "--json",
+                            "--data-dir", str(cluster.home)],
+                           capture_output=True, text=True, check=True)
+    dedicated = [d for d in json.loads(usage.stdout)["dedicated"]
+                 if d["endpoint_id"] == endpoint["id"]]
+    assert dedicated and dedicated[0]["key"] == "owner", usage.stdout
+    assert dedicated[0]["replica_minutes"] > 0.5  # minutes of replicas have run by now
+    assert dedicated[0]["cost_usd"] == pytest.approx(dedicated[0]["replica_minutes"] * 0.6,
+                                                     rel=1e-3)  # 60 cents a minute
+    keys = subprocess.run([sys.executable, "-m", "k2serve.cli", "keys", "list", "--json",
+                           "--data-dir", str(cluster.home)],
+                          capture_output=True, text=True, check=True)
+    owner = next(k for k in json.loads(keys.stdout) if k["name"] == "owner")
+    assert owner["spent_usd"] >= dedicated[0]["cost_usd"] - 1e-6  # the key's spend counts it
+    table = subprocess.run([sys.executable, "-m", "k2serve.cli", "usage", "--data-dir",
+                            str(cluster.home)], capture_output=True, text=True, check=True)
+    assert endpoint["name"] in table.stdout and "REPLICA MIN" in table.stdout
+
+
+def test_delete(http, endpoint):
+    eid, name = endpoint["id"], endpoint["name"]
+    assert http.delete(f"/v1/endpoints/{eid}").status_code == 204
+    assert http.get(f"/v1/endpoints/{eid}").status_code == 404
+    deadline = time.time() + 60
+    while chat(http, name).status_code != 404 and time.time() < deadline:
+        time.sleep(0.5)
+    assert chat(http, name).json()["error"]["code"] == "model_not_found"
+    while replica_pids(eid) and time.time() < deadline:
+        time.sleep(0.5)
+    assert replica_pids(eid) == []

@@ -53,5 +53,5 @@ def endpoint_usage_totals(db: Database, *, key_name: str | None = None,
     with db.session() as session:
         rows = session.execute(query).all()
     return [{"endpoint_id": r.endpoint_id, "endpoint": r.name, "hardware": r.hardware,
-             "key": r.key, "replica_minutes": round(float(r.seconds) / 60.0, 4),
+             "key": r.key, "replica_minutes": round(float(r.seconds) / 60.0, 6),
              "cost_usd": round(float(r.cost), 9)} for r in rows]

@@ -5,6 +5,7 @@ billing of replica time and the server without --ray."""
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -162,4 +163,46 @@ def test_without_ray_the_api_says_how_to_enable_it(database):
         assert client.get("/v1/hardware").json() == {"object": "list", "data": []}
         reply = client.post("/v1/endpoints", json={"model": "m", "hardware": "h"})
         assert reply.status_code == 400 and "--ray" in reply.json()["error"]["message"]
+    platform.close()
+
+
+def test_cli_endpoints_and_hardware_commands(database, capsys):
+    """`k2serve endpoints ...` and `k2serve hardware` against a live server."""
+    from k2serve.cli import main
+    from tests.platform.conftest import live_server
+
+    registry = ModelRegistry()
+    platform = Platform(database)
+    platform.endpoints = EndpointManager(database, FakeCluster(), CONFIG, registry)
+    platform.endpoints.start()
+    _, key = KeyStore(database).create("cli")
+    with live_server(create_app(registry, platform=platform)) as url:
+        common = ["--url", url, "--api-key", key]
+
+        def run(*argv):
+            code = main(list(argv) + common)
+            return code, capsys.readouterr().out
+
+        code, out = run("hardware")
+        assert code == 0 and "cpu_2core" in out and "30" in out
+        code, out = run("endpoints", "create", "--model", EMBEDDED_CHAT_MODEL_ID,
+                        "--hardware", "cpu_2core", "--min-replicas", "1", "--max-replicas",
+                        "3", "--no-start", "--json")
+        created = json.loads(out)
+        assert code == 0 and created["state"] == "STOPPED"
+        eid = created["id"]
+        code, out = run("endpoints", "list")
+        assert code == 0 and eid in out and "STOPPED" in out
+        code, out = run("endpoints", "update", eid, "--max-replicas", "5")
+        assert code == 0 and "1..5" in out
+        code, out = run("endpoints", "start", eid)
+        assert code == 0 and "STARTING" in out
+        code, out = run("endpoints", "stop", eid)
+        assert code == 0 and "STOPPING" in out
+        code, out = run("endpoints", "get", eid)
+        assert code == 0 and eid in out
+        assert run("endpoints", "delete", eid)[0] == 0
+        with pytest.raises(SystemExit) as exit:  # a 404, said on stderr
+            run("endpoints", "get", eid)
+        assert exit.value.code == 1 and "404" in capsys.readouterr().err
     platform.close()

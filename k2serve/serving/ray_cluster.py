@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +21,7 @@ from k2serve.serving.dedicated_config import DedicatedModel, Hardware, Scaling
 log = logging.getLogger("k2serve.ray")
 
 NAMESPACE = "k2serve"
+STATUS_TTL_S = 0.5
 DEPLOYMENT = "replica"
 
 
@@ -58,6 +60,7 @@ class RayCluster:
         ray.init(**kwargs)
         serve.start(proxy_location="Disabled")
         self.address = address or "local"
+        self._status_cache = None
 
     # -- applications -------------------------------------------------------------------
     def deploy(self, app_name: str, model: DedicatedModel, hardware: Hardware, scaling: Scaling,
@@ -78,6 +81,7 @@ class RayCluster:
             graceful_shutdown_timeout_s=5)
         serve._run(deployment.bind(model, hardware.num_cpus), name=app_name,
                    route_prefix=None, _blocking=False)
+        self._status_cache = None
 
     def handle(self, app_name: str):
         from ray import serve
@@ -88,13 +92,12 @@ class RayCluster:
         from ray import serve
 
         serve.delete(app_name, _blocking=False)
+        self._status_cache = None
 
     def app_state(self, app_name: str) -> tuple[str | None, dict[str, int], str]:
         """(Serve's application status or None when absent, replica counts by state,
         message)."""
-        from ray import serve
-
-        status = serve.status().applications.get(app_name)
+        status = self._status().applications.get(app_name)
         if status is None:
             return None, {}, ""
         deployment = status.deployments.get(DEPLOYMENT)
@@ -103,10 +106,15 @@ class RayCluster:
         return str(status.status.value if hasattr(status.status, "value") else status.status), \
             {str(getattr(k, "value", k)): int(v) for k, v in replicas.items()}, message
 
-    def applications(self) -> list[str]:
+    def _status(self):
+        """Serve's status, asked at most every STATUS_TTL_S (the manager reads it for each
+        endpoint on each tick)."""
         from ray import serve
 
-        return list(serve.status().applications)
+        now = time.monotonic()
+        if self._status_cache is None or now - self._status_cache[0] > STATUS_TTL_S:
+            self._status_cache = (now, serve.status())
+        return self._status_cache[1]
 
     # -- resources ------------------------------------------------------------------------
     def nodes(self) -> list[dict[str, dict[str, float]]]:

@@ -112,18 +112,19 @@ class ModelRegistry:
     def listed(self) -> list[ModelSpec]:
         """The models /v1/models lists: all but those whose backend says it is not
         serving now (`listed` False: a stopped dedicated endpoint)."""
-        return [spec for spec, backend in self._entries.values()
-                if getattr(backend, "listed", True)]
+        return [spec for spec, backend in self.models() if getattr(backend, "listed", True)]
 
+    # Lists are copied in one C call: dedicated endpoints (k2serve.platform.endpoints) are
+    # registered and removed from another thread while requests read the registry.
     def models(self) -> list[ServedModel]:
         return list(self._entries.values())
 
     def serving(self, endpoint: str) -> list[ServedModel]:
         """The models that serve `endpoint`, in registration order."""
-        return [m for m in self._entries.values() if m.serves(endpoint)]
+        return [m for m in self.models() if m.serves(endpoint)]
 
     def specs(self) -> list[ModelSpec]:
-        return [spec for spec, _ in self._entries.values()]
+        return [spec for spec, _ in self.models()]
 
     def backends(self) -> list[ModelBackend]:
-        return [backend for _, backend in self._entries.values()]
+        return [backend for _, backend in self.models()]

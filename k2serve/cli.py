@@ -90,7 +90,10 @@ def _serve(args: argparse.Namespace) -> int:
     base = f"http://{_display_host(args.host)}:{args.port}"
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             access_log=False, timeout_keep_alive=args.keep_alive_timeout,
-                            http=h11_protocol(args.header_timeout))
+                            http=h11_protocol(args.header_timeout),
+                            # asyncio's loop, the one k2serve is tested on: the `ray` extra
+                            # installs uvloop, which uvicorn would otherwise pick.
+                            loop="asyncio")
     server = uvicorn.Server(config)
 
     original_startup = server.startup

@@ -70,7 +70,11 @@ def cluster(tmp_path_factory):
         keys[name] = out.stdout.strip().splitlines()[-1]
     server = start_server("--families", "", "--ray", "--ray-num-cpus", "2",
                           "--endpoints-file", str(config), "--data-dir", str(home),
-                          startup_timeout=300, env={"OMP_NUM_THREADS": "1"})
+                          startup_timeout=300,
+                          # PyTorch's kernels in the replicas: each Ray worker would otherwise
+                          # wait on (or redo) the native build that other processes share;
+                          # what is tested here is Ray's orchestration, not the kernels.
+                          env={"OMP_NUM_THREADS": "1", "K2SERVE_NATIVE": "0"})
     server.home, server.keys = home, keys
     yield server
     with httpx.Client(base_url=server.root, timeout=60,

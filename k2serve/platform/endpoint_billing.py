@@ -3,8 +3,9 @@
 The endpoint manager meters the replicas that run (k2serve.platform.endpoints) and writes
 one `endpoint_usage` row per endpoint and interval: replica-seconds, the price per minute
 then, the cost. The owner key's `spent_usd` moves by the cost in the same transaction, so a
-key's budget counts its endpoints as it counts its tokens. Token prices of a dedicated
-endpoint's requests are zero: its hardware time is what it pays.
+key's budget counts its endpoints as it counts its tokens. A dedicated endpoint's requests
+are billed its model's token prices from the endpoints file on top (default zero: the
+hardware time is the whole bill).
 """
 
 from __future__ import annotations

@@ -286,7 +286,8 @@ class EndpointManager:
                               f"{row.id}`)")
         backend.on_request = lambda: self._woken(row.id)
         spec = ModelSpec(id=row.name, type="chat", context_length=backend.context_length,
-                         pricing=Pricing(), display_name=row.display_name,
+                         pricing=Pricing(input=model.price_input, output=model.price_output),
+                         display_name=row.display_name,
                          organization=row.owner)
         with self._lock:
             self._live[row.id] = _Live(backend)

@@ -24,6 +24,8 @@
     path = "/models/Kimi-K2-Instruct-0905"   # checkpoint (vLLM's --model; our tokenizer)
     vllm_args = ["--tensor-parallel-size", "8", "--enable-expert-parallel",
                  "--max-model-len", "131072"]
+    price_input = 0.0               # USD per 1M tokens on top of the minutes (default 0)
+    price_output = 0.0
 
 Without a file: one CPU hardware (`cpu_1core`, free) and the embedded model on our engine.
 """
@@ -89,6 +91,10 @@ class DedicatedModel:
     vllm_args: tuple[str, ...] = ()
     context_length: int | None = None
     max_num_seqs: int | None = None  # our engine's batch; vLLM: in vllm_args
+    # Token prices (USD per 1M) on top of the hardware's minutes; default 0: the replica
+    # time is the whole bill.
+    price_input: float = 0.0
+    price_output: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -187,9 +193,13 @@ def read_dedicated_config(path: str | None) -> DedicatedConfig:
         args = _typed(raw, "vllm_args", list, where, [])
         if not all(isinstance(a, str) for a in args):
             raise ValueError(f"{where}: 'vllm_args' must be a list of strings")
+        prices = [_typed(raw, k, number, where, 0.0) for k in ("price_input", "price_output")]
+        if any(p < 0 for p in prices):
+            raise ValueError(f"{where}: prices must not be negative")
         models.append(DedicatedModel(
             model_id, engine, model_path, _typed(raw, "tokenizer", str, where), tuple(args),
-            _typed(raw, "context_length", int, where), _typed(raw, "max_num_seqs", int, where)))
+            _typed(raw, "context_length", int, where), _typed(raw, "max_num_seqs", int, where),
+            float(prices[0]), float(prices[1])))
     defaults = DedicatedConfig()
     return DedicatedConfig(tuple(hardware) or defaults.hardware,
                            tuple(models) or defaults.models, scaling)

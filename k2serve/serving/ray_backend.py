@@ -77,11 +77,18 @@ class RayEndpointBackend(TextModel):
     def shutdown(self) -> None:
         self._handle = None
 
+    def unavailable(self) -> APIError | None:
+        """Why it cannot serve now (its endpoint is not STARTED), or None."""
+        if self.state == "STARTED":
+            return None
+        return bad_request(
+            f"The endpoint '{self.endpoint_name}' is {self.state}, so it cannot serve "
+            f"requests{self.state_hint}.", param="model", code="endpoint_not_running")
+
     def check(self, params: SamplingParams) -> None:
-        if self.state != "STARTED":
-            raise bad_request(
-                f"The endpoint '{self.endpoint_name}' is {self.state}, so it cannot serve "
-                f"requests{self.state_hint}.", param="model", code="endpoint_not_running")
+        error = self.unavailable()
+        if error is not None:
+            raise error
         if params.prompt_logprobs:
             raise bad_request("Prompt logprobs (echo with logprobs) are not available on a "
                               "dedicated endpoint.", param="echo", code="unsupported")

@@ -17,7 +17,12 @@ from k2serve.platform.endpoints import EndpointManager
 from k2serve.platform.keys import KeyStore
 from k2serve.platform.service import Platform
 from k2serve.serving.catalog import EMBEDDED_CHAT_MODEL_ID
-from k2serve.serving.dedicated_config import DedicatedConfig, Hardware, Scaling
+from k2serve.serving.dedicated_config import (
+    DedicatedConfig,
+    DedicatedModel,
+    Hardware,
+    Scaling,
+)
 from k2serve.serving.registry import ModelRegistry
 
 CONFIG = DedicatedConfig(
@@ -25,6 +30,7 @@ CONFIG = DedicatedConfig(
               Hardware("1x_nvidia_h100_80gb_sxm", num_cpus=8, num_gpus=1,
                        accelerator_type="H100", gpu_type="h100-80gb", gpu_memory=80,
                        gpu_link="sxm", cents_per_minute=6.0)),
+    models=(DedicatedModel(EMBEDDED_CHAT_MODEL_ID, price_input=0.5),),
     scaling=Scaling(meter_interval_s=1.0))
 
 
@@ -102,7 +108,8 @@ def test_lifecycle_owners_and_billing(served, database):
     assert served.get("/v1/endpoints", headers=served.other).json()["data"] == []
     assert served.get(f"/v1/endpoints/{eid}", headers=served.other).status_code == 404
     assert served.delete(f"/v1/endpoints/{eid}", headers=served.other).status_code == 404
-    assert name in [m["id"] for m in served.get("/v1/models", headers=served.owner).json()]
+    models = {m["id"]: m for m in served.get("/v1/models", headers=served.owner).json()}
+    assert models[name]["pricing"]["input"] == 0.5  # the file's token price, on top
 
     patched = served.patch(f"/v1/endpoints/{eid}", headers=served.owner,
                            json={"autoscaling": {"max_replicas": 6}, "display_name": "big"})

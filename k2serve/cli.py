@@ -70,6 +70,16 @@ def _serve(args: argparse.Namespace) -> int:
         except (FileNotFoundError, ValueError) as exc:
             print(f"k2serve: cannot load model: {exc}", file=sys.stderr)
             return 2
+    if args.ray is not None:
+        from k2serve.platform.endpoints_setup import open_endpoints
+
+        try:
+            platform.endpoints = open_endpoints(platform, registry, address=args.ray or None,
+                                                endpoints_file=args.endpoints_file,
+                                                num_cpus=args.ray_num_cpus)
+        except (RuntimeError, ValueError) as exc:
+            print(f"k2serve: cannot serve dedicated endpoints: {exc}", file=sys.stderr)
+            return 2
     register_families(registry, families - {"chat"},
                       FamilyOptions(data_dir=str(data_dir(args.data_dir)),
                                     progress=not args.quiet))
@@ -83,7 +93,10 @@ def _serve(args: argparse.Namespace) -> int:
     log_config = None if args.log_format == "json" else uvicorn.config.LOGGING_CONFIG
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             access_log=False, timeout_keep_alive=args.keep_alive_timeout,
-                            http=h11_protocol(args.header_timeout), log_config=log_config)
+                            http=h11_protocol(args.header_timeout), log_config=log_config,
+                            # asyncio's loop, the one k2serve is tested on: the `ray` extra
+                            # installs uvloop, which uvicorn would otherwise pick.
+                            loop="asyncio")
     server = uvicorn.Server(config)
 
     original_startup = server.startup
@@ -178,9 +191,23 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--redis-url", default=None,
                        help="share rate-limit counters between servers through this Redis "
                             "(default: $K2SERVE_REDIS_URL, else in memory)")
+    serve.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                       help="serve dedicated endpoints (/v1/endpoints) on a Ray cluster: "
+                            "connect to ADDRESS (auto, or HOST:PORT of `ray start --head`), "
+                            "or without one start a local cluster (needs `pip install "
+                            "'k2serve[ray]'`)")
+    serve.add_argument("--endpoints-file", default=None, metavar="PATH",
+                       help="with --ray: the hardware (and its price per minute), the "
+                            "deployable models and the autoscaling settings (TOML; README: "
+                            "Dedicated endpoints)")
+    serve.add_argument("--ray-num-cpus", type=float, default=None,
+                       help="with --ray and no address: CPUs of the local cluster "
+                            "(default: all)")
     add_database_args(serve)
     serve.set_defaults(func=_serve)
     add_platform_parsers(sub)
+    from k2serve.endpoints_cli import add_endpoints_parsers
+    add_endpoints_parsers(sub)
     from k2serve.bench.cli import add_bench_parser
     add_bench_parser(sub)
     from k2serve.doctor import add_doctor_parser

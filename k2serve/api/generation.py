@@ -6,6 +6,7 @@ Both endpoints build their prompt token ids with k2serve.api.prompts, then hand 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
@@ -19,7 +20,12 @@ from k2serve.api.usage import UsageTracker
 from k2serve.engine.async_engine import Reservation
 from k2serve.engine.sampling_params import SamplingParams
 from k2serve.errors import APIError, bad_request
-from k2serve.serving.backend import GenerationBackend, LogprobEntry, TextDelta
+from k2serve.serving.backend import (
+    REPLY_BUFFERED,
+    GenerationBackend,
+    LogprobEntry,
+    TextDelta,
+)
 from k2serve.structured import GrammarError, compiler_for
 from k2serve.telemetry import tracing
 
@@ -136,13 +142,14 @@ def merged_choices(backend: GenerationBackend, prompt_ids: list[int], req: Sampl
         p.cache_salt = cache_salt
         backend.check(p)
     stop_strings = req.stop_list if stop is None else stop
-    return _run_choices(backend, prompt_ids, params, stop_strings, tracker, reservation)
+    return _run_choices(backend, prompt_ids, params, stop_strings, tracker, reservation,
+                        buffered=not getattr(req, "stream", False))
 
 
 async def _run_choices(backend: GenerationBackend, prompt_ids: list[int],
                        params: list[SamplingParams], stop_strings: list[str],
-                       tracker: UsageTracker | None, reservation: Reservation | None
-                       ) -> AsyncIterator[tuple[int, TextDelta]]:
+                       tracker: UsageTracker | None, reservation: Reservation | None,
+                       buffered: bool = False) -> AsyncIterator[tuple[int, TextDelta]]:
     n = len(params)
     queue: asyncio.Queue = asyncio.Queue()
     done = object()
@@ -157,7 +164,9 @@ async def _run_choices(backend: GenerationBackend, prompt_ids: list[int],
         finally:
             await queue.put((index, done))
 
-    tasks = [asyncio.create_task(pump(i)) for i in range(n)]
+    context = contextvars.copy_context()
+    context.run(REPLY_BUFFERED.set, buffered)
+    tasks = [asyncio.create_task(pump(i), context=context.copy()) for i in range(n)]
     remaining = n
     status, error = "client_closed", None
     try:

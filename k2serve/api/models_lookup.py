@@ -34,6 +34,10 @@ def text_backend_for(request: Request, model_id: str, endpoint: str) -> Generati
         raise APIError(400, f"The model '{model_id}' is a {spec.type} model and cannot serve "
                             f"text generation; it serves {what_it_serves(spec.type)}.",
                        param="model", code="model_not_supported")
+    refusal = getattr(backend, "unavailable", None)  # a stopped dedicated endpoint says why,
+    error = refusal() if refusal is not None else None  # before its prompt is even built
+    if error is not None:
+        raise error
     return backend
 
 

@@ -166,6 +166,7 @@ def _keys_revoke(args) -> int:
 
 
 def _usage(args) -> int:
+    from k2serve.platform.endpoint_billing import endpoint_usage_totals
     from k2serve.platform.ledger import usage_totals
     from k2serve.platform.timeparse import parse_since
 
@@ -177,6 +178,7 @@ def _usage(args) -> int:
     db = _open(args)
     try:
         totals = usage_totals(db, key_name=args.key, since=since)
+        totals["dedicated"] = endpoint_usage_totals(db, key_name=args.key, since=since)
     except LookupError as exc:
         print(f"k2serve: {exc.args[0]}", file=sys.stderr)
         return 2
@@ -196,6 +198,13 @@ def _usage(args) -> int:
                      str(k["total_tokens"]), f"{k['cost_usd']:.8f}",
                      str(k["batch_requests"]), f"{k['batch_cost_usd']:.8f}"))
     _table(rows)
+    if totals["dedicated"]:
+        print("\nDedicated endpoints (replica time at the hardware's price per minute):")
+        rows = [("KEY", "ENDPOINT", "HARDWARE", "REPLICA MIN", "COST USD")]
+        rows += [(d["key"] or "(no key: open mode)", d["endpoint"], d["hardware"],
+                  f"{d['replica_minutes']:.4f}", f"{d['cost_usd']:.8f}")
+                 for d in totals["dedicated"]]
+        _table(rows)
     return 0
 
 

@@ -154,3 +154,48 @@ class BatchLineRow(Base):
     status_code: Mapped[int] = mapped_column(Integer)
     request_id: Mapped[str] = mapped_column(String(128))
     body: Mapped[str] = mapped_column(Text)  # JSON
+
+
+class EndpointRow(Base):
+    """A dedicated endpoint (k2serve.platform.endpoints): what its owner asked for and the
+    state it is in. Its replicas are a Ray Serve application named after its id."""
+
+    __tablename__ = "endpoints"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)  # endpoint-<uuid>
+    name: Mapped[str] = mapped_column(String(256), unique=True)  # the model id clients send
+    display_name: Mapped[str] = mapped_column(String(256))
+    model: Mapped[str] = mapped_column(String(256))
+    hardware: Mapped[str] = mapped_column(String(128))
+    api_key_id: Mapped[str | None] = mapped_column(
+        String(32), ForeignKey("api_keys.id"), nullable=True, index=True)  # the owner
+    owner: Mapped[str] = mapped_column(String(128))
+    state: Mapped[str] = mapped_column(String(16))
+    min_replicas: Mapped[int] = mapped_column(Integer)
+    max_replicas: Mapped[int] = mapped_column(Integer)
+    inactive_timeout: Mapped[int | None] = mapped_column(Integer, nullable=True)  # minutes
+    created_at: Mapped[float] = mapped_column(Double)
+    updated_at: Mapped[float] = mapped_column(Double)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)  # why it is in ERROR
+    deleted_at: Mapped[float | None] = mapped_column(Double, nullable=True)
+
+
+class EndpointUsageRow(Base):
+    """Replica time of a dedicated endpoint over one metering interval, at its hardware's
+    price; the owner key's `spent_usd` moves by `cost_usd` in the same transaction."""
+
+    __tablename__ = "endpoint_usage"
+
+    id: Mapped[int] = mapped_column(RowId, primary_key=True, autoincrement=True)
+    endpoint_id: Mapped[str] = mapped_column(String(64), ForeignKey("endpoints.id"),
+                                             index=True)
+    api_key_id: Mapped[str | None] = mapped_column(
+        String(32), ForeignKey("api_keys.id"), nullable=True)
+    hardware: Mapped[str] = mapped_column(String(128))
+    started_at: Mapped[float] = mapped_column(Double)
+    ended_at: Mapped[float] = mapped_column(Double)
+    replica_seconds: Mapped[float] = mapped_column(Double)
+    cents_per_minute: Mapped[float] = mapped_column(Double)
+    cost_usd: Mapped[float] = mapped_column(Double)
+
+    __table_args__ = (Index("ix_endpoint_usage_key_started", "api_key_id", "started_at"),)

@@ -22,6 +22,7 @@ from k2serve.platform.batch_store import DatabaseBatchStore
 from k2serve.platform.context import RequestContext
 from k2serve.platform.db import Database, open_database, redact
 from k2serve.platform.db import data_dir as data_directory
+from k2serve.platform.endpoint_billing import endpoint_usage_totals
 from k2serve.platform.keys import KeyInfo, KeyStore
 from k2serve.platform.ledger import LedgerWriter, usage_by_day, usage_totals
 from k2serve.platform.ratelimit import (
@@ -62,21 +63,24 @@ class Platform:
         self.responses = DatabaseResponseStore(db)
         self.batches = DatabaseBatchStore(db)
         self.file_blobs = FileBlobs(files_dir)  # None: a temporary directory
+        self.endpoints = None  # the EndpointManager, under `k2serve serve --ray`
         self._closed = False
 
     # -- wiring ------------------------------------------------------------------------
     def install(self, app) -> None:
         """The registry, the admin routes; create_app adds the middleware itself."""
-        from k2serve.platform import admin, usage_routes
+        from k2serve.platform import admin, endpoints_routes, usage_routes
 
         self.admission.registry = self.settlement.registry = app.state.registry
         app.state.platform = self
+        app.state.endpoints = self.endpoints
         app.state.response_store = self.responses
         app.state.batch_store = self.batches
         app.state.file_blobs = self.file_blobs
         app.state.metrics_sources.append(self.live_metrics)
         app.include_router(admin.router)
         app.include_router(usage_routes.router)
+        app.include_router(endpoints_routes.router)
 
     def live_metrics(self):
         """The ledger's backlog, read when /metrics is scraped."""
@@ -106,6 +110,8 @@ class Platform:
         if self._closed:
             return
         self._closed = self.settlement.closed = True
+        if self.endpoints is not None:  # bills the replica time metered so far
+            await run_in_threadpool(self.endpoints.close)
         await asyncio.sleep(0)  # let scheduled limiter settlements run
         await run_in_threadpool(self.writer.close)
         await self.limiter.aclose()
@@ -114,6 +120,8 @@ class Platform:
         """Synchronous close, for callers without an event loop (tests, CLI)."""
         if not self._closed:
             self._closed = self.settlement.closed = True
+            if self.endpoints is not None:
+                self.endpoints.close()
             self.writer.close()
         self.db.close()
 
@@ -180,7 +188,9 @@ class Platform:
     # -- reading -------------------------------------------------------------------------------
     def usage_totals(self, *, key_name: str | None = None, since: float | None = None) -> dict:
         self.writer.flush()
-        return usage_totals(self.db, key_name=key_name, since=since)
+        totals = usage_totals(self.db, key_name=key_name, since=since)
+        totals["dedicated"] = endpoint_usage_totals(self.db, key_name=key_name, since=since)
+        return totals
 
     def usage_by_day(self, *, key: KeyInfo | None = None, key_name: str | None = None,
                      every_key: bool = False, since: float | None = None) -> list[dict]:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import AsyncIterator
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
@@ -31,6 +32,11 @@ if TYPE_CHECKING:
     from k2serve.text.tokenizer_base import TokenizerBase
 
 GENERATION_ENDPOINTS = frozenset({"chat.completions", "completions"})
+
+# True while a generation runs for a reply sent only once it has ended (a request without
+# `stream`): a backend whose engine failed mid-way may then start it again from scratch,
+# unseen by the client. A streamed reply cannot take back what it sent.
+REPLY_BUFFERED: ContextVar[bool] = ContextVar("k2serve_reply_buffered", default=False)
 
 
 # -- what a generation streams ---------------------------------------------------------

@@ -81,6 +81,7 @@ class ModelRegistry:
 
     def __init__(self) -> None:
         self._entries: dict[str, ServedModel] = {}
+        self._aliases: dict[str, str] = {}  # another id of a model (a dedicated endpoint's)
 
     def register(self, spec: ModelSpec, backend: ModelBackend) -> None:
         if spec.type not in MODEL_TYPES:
@@ -91,17 +92,39 @@ class ModelRegistry:
         self._entries[spec.id] = ServedModel(spec, backend)
 
     def get(self, model_id: str) -> ServedModel | None:
-        return self._entries.get(model_id)
+        entry = self._entries.get(model_id)
+        if entry is None and model_id in self._aliases:
+            entry = self._entries.get(self._aliases[model_id])
+        return entry
 
+    def alias(self, alias_id: str, model_id: str) -> None:
+        """Answer `alias_id` with `model_id`'s model (not listed apart)."""
+        if alias_id in self._entries or model_id not in self._entries:
+            raise ValueError(f"cannot alias {alias_id!r} to {model_id!r}")
+        self._aliases[alias_id] = model_id
+
+    def unregister(self, model_id: str) -> None:
+        """Forget a model (or an alias) registered while serving: a deleted endpoint."""
+        self._aliases.pop(model_id, None)
+        if self._entries.pop(model_id, None) is not None:
+            self._aliases = {a: m for a, m in self._aliases.items() if m != model_id}
+
+    def listed(self) -> list[ModelSpec]:
+        """The models /v1/models lists: all but those whose backend says it is not
+        serving now (`listed` False: a stopped dedicated endpoint)."""
+        return [spec for spec, backend in self.models() if getattr(backend, "listed", True)]
+
+    # Lists are copied in one C call: dedicated endpoints (k2serve.platform.endpoints) are
+    # registered and removed from another thread while requests read the registry.
     def models(self) -> list[ServedModel]:
         return list(self._entries.values())
 
     def serving(self, endpoint: str) -> list[ServedModel]:
         """The models that serve `endpoint`, in registration order."""
-        return [m for m in self._entries.values() if m.serves(endpoint)]
+        return [m for m in self.models() if m.serves(endpoint)]
 
     def specs(self) -> list[ModelSpec]:
-        return [spec for spec, _ in self._entries.values()]
+        return [spec for spec, _ in self.models()]
 
     def backends(self) -> list[ModelBackend]:
-        return [backend for _, backend in self._entries.values()]
+        return [backend for _, backend in self.models()]

@@ -31,7 +31,7 @@ def wants_openai_shape(request: Request) -> bool:
 
 @router.get("/v1/models")
 async def list_models(request: Request, dedicated: bool | None = None):
-    models = [_model_object(spec) for spec in registry_of(request).specs()]
+    models = [_model_object(spec) for spec in registry_of(request).listed()]
     if wants_openai_shape(request):
         return JSONResponse({"object": "list", "data": models})
     return JSONResponse(models)

@@ -91,8 +91,10 @@ def main() -> None:
         core.add(GenerationRequest(f"r{i}", prompt, SamplingParams(
             max_tokens=args.steps + 64, temperature=0.7, seed=i, ignore_eos=True)))
     with torch.inference_mode():
+        start = time.perf_counter()
         while core.scheduler.waiting or any(s.num_computed < len(s.prompt_ids) for s in core.scheduler.running):
             core.step()  # prefill (and the first tokens)
+        print(f"prefill: {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
         for _ in range(3):
             core.step()  # warm-up decode steps
         timer = Timer()

@@ -14,7 +14,9 @@ each kernel, alternating kernels within each repeat, the ratio, the bytes read p
 (4-bit weights and their scales) at M = 1 and the multiply-adds per second (2 flops each) at
 every M, each as a share of the measured bandwidth / FMA peak. (Ours at M >= 32 runs 16-bit
 integer multiply-adds, twice float32 FMA's rate per instruction on AVX2: it can pass the
-float32 peak.) --isa forces our kernels' vector path (as K2SERVE_ISA does).
+float32 peak.) --isa forces our kernels' vector path (as K2SERVE_ISA does). --clock cpu times
+by the process's CPU time instead of the wall clock: on a machine shared with other work,
+use it with --threads 1 for per-core figures that the other work hardly moves.
 """
 
 from __future__ import annotations
@@ -40,18 +42,39 @@ PROBES = r"""
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
-// Sum of a buffer's floats, each thread a contiguous slice, 4 accumulators: bound by reads.
+// Sum of a buffer's floats, each thread a contiguous slice, 4 vector accumulators: bound by reads.
+#if defined(__AVX512F__)
+typedef __m512 R;
+#define RLOAD _mm512_loadu_ps
+#define RADD _mm512_add_ps
+#define RZERO _mm512_setzero_ps
+#define RLANES 16
+#else
+typedef __m256 R;
+#define RLOAD _mm256_loadu_ps
+#define RADD _mm256_add_ps
+#define RZERO _mm256_setzero_ps
+#define RLANES 8
+#endif
 double read_sum(torch::Tensor buffer) {
   const float* p = buffer.data_ptr<float>();
   const int64_t n = buffer.numel(), threads = at::get_num_threads();
   std::vector<double> partial(threads, 0.0);
   at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t lo = n * t / threads, hi = n * (t + 1) / threads;
-      float a0 = 0, a1 = 0, a2 = 0, a3 = 0;
-#pragma omp simd reduction(+ : a0, a1, a2, a3)
-      for (int64_t i = lo; i < hi - 3; i += 4) { a0 += p[i]; a1 += p[i + 1]; a2 += p[i + 2]; a3 += p[i + 3]; }
-      partial[t] = a0 + a1 + a2 + a3;
+      const int64_t lo = n * t / threads / (4 * RLANES) * (4 * RLANES);
+      const int64_t hi = n * (t + 1) / threads / (4 * RLANES) * (4 * RLANES);
+      R a0 = RZERO(), a1 = RZERO(), a2 = RZERO(), a3 = RZERO();
+      for (int64_t i = lo; i < hi; i += 4 * RLANES) {
+        a0 = RADD(a0, RLOAD(p + i));
+        a1 = RADD(a1, RLOAD(p + i + RLANES));
+        a2 = RADD(a2, RLOAD(p + i + 2 * RLANES));
+        a3 = RADD(a3, RLOAD(p + i + 3 * RLANES));
+      }
+      float out[RLANES];
+      R s = RADD(RADD(a0, a1), RADD(a2, a3));
+      memcpy(out, &s, sizeof(out));
+      for (int j = 0; j < RLANES; ++j) partial[t] += out[j];
     }
   });
   double total = 0;
@@ -93,7 +116,7 @@ double fma_flops(int64_t iterations) {
 """
 
 
-def machine_probes(threads: int) -> tuple[float, float]:
+def machine_probes(threads: int, clock=time.perf_counter) -> tuple[float, float]:
     """(read GB/s, float32 FMA GFLOP/s) on `threads` threads, medians of 5."""
     from torch.utils.cpp_extension import load_inline
 
@@ -102,12 +125,12 @@ def machine_probes(threads: int) -> tuple[float, float]:
     buffer = torch.ones(128 << 20)  # 512 MB: far beyond any cache
     reads, flops = [], []
     for _ in range(5):
-        start = time.perf_counter()
+        start = clock()
         probes.read_sum(buffer)
-        reads.append(buffer.nbytes / (time.perf_counter() - start) / 1e9)
-        start = time.perf_counter()
+        reads.append(buffer.nbytes / (clock() - start) / 1e9)
+        start = clock()
         done = probes.fma_flops(20_000_000)
-        flops.append(done / (time.perf_counter() - start) / 1e9)
+        flops.append(done / (clock() - start) / 1e9)
     return statistics.median(reads), statistics.median(flops)
 
 PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -136,7 +159,9 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--isa", help="force our kernels' vector path (avx2, portable, ...)")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall")
     args = parser.parse_args()
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     if args.isa:
         os.environ[native.ISA_ENV] = args.isa
     torch.set_num_threads(args.threads)
@@ -145,9 +170,9 @@ def main() -> None:
     if path is None:
         sys.exit("our int4 kernels do not run here (no native build, or no AVX2): nothing to compare")
     linear = kernels.int4_amx_linear if path == "amx" else kernels.int4_linear
-    bandwidth, peak = machine_probes(args.threads)
+    bandwidth, peak = machine_probes(args.threads, clock)
     print(f"machine ({args.threads} threads): read {bandwidth:.1f} GB/s, float32 FMA peak {peak:.0f} GFLOP/s"
-          f" | ours: {path}")
+          f" | ours: {path} | {args.clock} clock")
     layers = load_linears(kernels)
     ours_bytes = sum(layer[3] for layer in layers)
     theirs_bytes = sum(layer[4] for layer in layers)
@@ -173,9 +198,9 @@ def main() -> None:
         for _ in range(args.repeat):
             for name, fn in (("ours", ours), ("torch", theirs)):
                 fn()
-                start = time.perf_counter()
+                start = clock()
                 fn()
-                times[name].append(time.perf_counter() - start)
+                times[name].append(clock() - start)
         a, b = statistics.median(times["ours"]), statistics.median(times["torch"])
         fa, fb = 2 * m * macs / a / 1e9, 2 * m * macs / b / 1e9
         line = (f"{m:>4} {a * 1e3:>9.2f} {b * 1e3:>9.2f} {b / a:>6.2f}x {fa:>7.1f} ({fa / peak:>3.0%})"

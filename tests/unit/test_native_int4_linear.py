@@ -136,3 +136,20 @@ def test_bad_inputs_are_errors():
         kernels.int4_linear(torch.zeros(1, 96), packed, scales, mins)
     with pytest.raises(RuntimeError, match="not built on this CPU"):
         kernels.int4_linear(torch.zeros(1, 64), packed, scales, mins, isa="sse9")
+
+
+def test_k2serve_isa_forces_a_narrower_path_for_the_process():
+    import os
+    import subprocess
+    import sys
+
+    script = "from k2serve import native; native.kernels(); print(native.status()['vector_isa'], native.int4_path())"
+    for wanted, int4 in [("portable", "None"), ("no-such-isa", None)]:
+        env = dict(os.environ, K2SERVE_ISA=wanted)
+        out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr
+        isa, path = out.stdout.split()
+        if int4 is not None:
+            assert (isa, path) == (wanted, int4)
+        else:  # an unknown name: a warning, and the widest path
+            assert isa == kernels.vector_isas()[-1] and "is not a vector path built here" in out.stderr

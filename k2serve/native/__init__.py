@@ -5,6 +5,11 @@ content-addressed cache directory (``$K2SERVE_NATIVE_CACHE``, default
 ~/.cache/k2serve/native/<hash of source, torch version, flags>): every checkout and process
 with the same source shares one build, and a changed source builds anew. Every kernel has a
 pure-PyTorch fallback, used when no compiler is available or ``K2SERVE_NATIVE=0`` is set.
+
+One vector path per process, the widest the CPU has (avx512, avx2, else portable loops),
+chosen at load: ``K2SERVE_ISA=avx2|portable`` forces a narrower one (and keeps the int4
+linears off AMX tiles), e.g. to test the AVX2 path on an AVX-512 machine. A row's result
+never depends on the batch on any path.
 """
 
 from __future__ import annotations
@@ -22,8 +27,8 @@ log = logging.getLogger("k2serve.native")
 
 _SOURCES = [Path(__file__).with_name(name)
             for name in ("bindings.cpp", "paged_attention.cpp", "layer_ops.cpp", "int8_linear.cpp",
-                         "int4_amx.cpp")]
-_HEADERS = [Path(__file__).with_name("vector_math.h")]  # copied beside the sources, not compiled
+                         "int4_amx.cpp", "int4_linear.cpp")]
+_HEADERS = [Path(__file__).with_name(name) for name in ("vector_math.h", "isa.h")]  # copied beside the sources, not compiled
 # -fopenmp: at::parallel_for is OpenMP in torch's CPU build; without it the kernels would
 # silently run on one thread.
 # -ffp-contract=off: no FMA contraction, so elementwise maths rounds as PyTorch's does.
@@ -113,7 +118,38 @@ def kernels():
             log.warning("k2serve: native kernels unavailable, using PyTorch fallbacks (%s)",
                         _failure)
             _module = None
+        if _module is not None:
+            _apply_isa(_module)
         return _module
+
+
+ISA_ENV = "K2SERVE_ISA"
+ISAS = ("portable", "avx2", "avx512", "amx")  # narrowest first; amx: int4 linears on AMX tiles
+
+
+def _apply_isa(module) -> None:
+    """K2SERVE_ISA: a vector path narrower than the CPU's widest (unset or empty: the widest)."""
+    wanted = os.environ.get(ISA_ENV, "").strip().lower()
+    if not wanted or wanted == "amx":
+        return
+    if wanted not in module.vector_isas():
+        log.warning("k2serve: %s=%s is not a vector path built here (%s); using %s", ISA_ENV,
+                    wanted, ", ".join(module.vector_isas()), module.vector_isa())
+        return
+    module.set_vector_isa(wanted)
+
+
+def int4_path() -> str | None:
+    """Which of our int4 linears runs here: "amx", "avx512" or "avx2" (integer dots,
+    int4_linear.cpp), or None (no native build, or only portable loops: torch's kernel)."""
+    module = kernels()
+    if module is None:
+        return None
+    forced = os.environ.get(ISA_ENV, "").strip().lower()
+    if module.int4_amx_available() and forced in ("", "amx"):
+        return "amx"
+    isa = module.vector_isa()
+    return isa if isa != "portable" else None
 
 
 CPU_FEATURES = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16")
@@ -137,9 +173,9 @@ def status(build: bool = True) -> dict:
                   else f"build failed: {_failure}" if _failure else "not built")
         return {"native": False, "reason": reason, "path": "PyTorch fallbacks"}
     isa = module.vector_isa()
-    amx = bool(module.int4_amx_available())
-    return {"native": True, "vector_isa": isa, "int4_amx": amx,
-            "path": f"native {isa}" + (" + amx int4" if amx else "")}
+    int4 = int4_path()
+    return {"native": True, "vector_isa": isa, "int4_amx": int4 == "amx", "int4": int4 or "torch",
+            "path": f"native {isa}" + (" + amx int4" if int4 == "amx" else "")}
 
 
 def describe(build: bool = True) -> str:

@@ -2,6 +2,10 @@
 
 #include <torch/extension.h>
 
+#include <atomic>
+
+#include "isa.h"
+
 torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_pool, torch::Tensor v_pool,
                                      torch::Tensor block_tables, torch::Tensor seq_lens,
                                      int64_t block_size, double scale);
@@ -13,26 +17,52 @@ torch::Tensor decode_rotary_attention(torch::Tensor qkv, torch::Tensor cos, torc
 std::tuple<torch::Tensor, torch::Tensor> add_rms_norm(torch::Tensor x, c10::optional<torch::Tensor> residual,
                                                       torch::Tensor weight, double eps);
 torch::Tensor silu_mul(torch::Tensor gate_up);
-torch::Tensor int8_linear(torch::Tensor x, torch::Tensor w, torch::Tensor scale);
+torch::Tensor int8_linear(torch::Tensor x, torch::Tensor w, torch::Tensor scale, int64_t isa);
+torch::Tensor int4_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor scales, torch::Tensor mins,
+                          int64_t isa);
 bool int4_amx_available();
 std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> int4_amx_pack(torch::Tensor q, torch::Tensor scale,
                                                                       torch::Tensor min);
 torch::Tensor int4_amx_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor scales,
                               torch::Tensor mins);
 
-// The widest vector path the kernels were compiled with (-march=native picks it).
-static std::string vector_isa() {
-#if defined(__AVX512F__)
-  return "avx512";
-#elif defined(__AVX2__)
-  return "avx2";
-#else
-  return "portable";
-#endif
+namespace k2serve_native {
+namespace {
+std::atomic<int> g_isa{compiled_isa()};
+}
+int active_isa() { return g_isa.load(std::memory_order_relaxed); }
+}  // namespace k2serve_native
+
+namespace {
+const char* const kIsaNames[] = {"portable", "avx2", "avx512"};
+
+int isa_index(const std::string& name) {
+  for (int i = 0; i <= k2serve_native::compiled_isa(); ++i)
+    if (name == kIsaNames[i]) return i;
+  std::string built;
+  for (int i = 0; i <= k2serve_native::compiled_isa(); ++i) built += std::string(i ? ", " : "") + kIsaNames[i];
+  TORCH_CHECK(false, "vector path '", name, "' is not built on this CPU (built: ", built, ")");
+  return 0;
 }
 
+// The vector path the kernels take: the widest this CPU has, unless set lower.
+std::string vector_isa() { return kIsaNames[k2serve_native::active_isa()]; }
+
+// Every path built here, narrowest first (what a test may run).
+std::vector<std::string> vector_isas() {
+  return std::vector<std::string>(kIsaNames, kIsaNames + k2serve_native::compiled_isa() + 1);
+}
+
+// Chosen once at load (K2SERVE_ISA), before any model is built; tests switch it to run each path.
+void set_vector_isa(const std::string& name) { k2serve_native::g_isa.store(isa_index(name)); }
+
+int64_t isa_arg(const c10::optional<std::string>& name) { return name.has_value() ? isa_index(*name) : -1; }
+}  // namespace
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("vector_isa", &vector_isa, "the vector instruction set the kernels were built for");
+  m.def("vector_isa", &vector_isa, "the vector path the kernels take (portable, avx2, avx512)");
+  m.def("vector_isas", &vector_isas, "every vector path built on this CPU, narrowest first");
+  m.def("set_vector_isa", &set_vector_isa, "take this vector path from now on (one of vector_isas())");
   m.def("paged_decode_attention", &paged_decode_attention,
         "decode attention over a paged KV pool (float32 or bfloat16)");
   m.def("decode_rotary_attention", &decode_rotary_attention,
@@ -40,7 +70,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("add_rms_norm", &add_rms_norm, "(RMSNorm(x + residual) * weight, x + residual), float32",
         py::arg("x"), py::arg("residual"), py::arg("weight"), py::arg("eps"));
   m.def("silu_mul", &silu_mul, "silu(gate) * up of a fused [M, 2I] gate/up projection");
-  m.def("int8_linear", &int8_linear, "x @ W^T, W int8 with a float32 scale per row, float32 x");
+  m.def("int8_linear", [](torch::Tensor x, torch::Tensor w, torch::Tensor scale, c10::optional<std::string> isa) {
+          return int8_linear(x, w, scale, isa_arg(isa));
+        }, "x @ W^T, W int8 with a float32 scale per row, float32 x (isa: a path other than the process's)",
+        py::arg("x"), py::arg("w"), py::arg("scale"), py::arg("isa") = py::none());
+  m.def("int4_linear", [](torch::Tensor x, torch::Tensor packed, torch::Tensor scales, torch::Tensor mins,
+                          c10::optional<std::string> isa) {
+          return int4_linear(x, packed, scales, mins, isa_arg(isa));
+        }, "float32/bfloat16 x @ W^T, W from int4_amx_pack, on integer dots (AVX2/AVX-512/portable) -> bfloat16",
+        py::arg("x"), py::arg("packed"), py::arg("scales"), py::arg("mins"), py::arg("isa") = py::none());
   m.def("int4_amx_available", &int4_amx_available,
         "whether int4_amx_linear runs here (built with AMX, and the OS grants it)");
   m.def("int4_amx_pack", &int4_amx_pack, "(q, scale, min) -> int4_amx_linear's weight layout",

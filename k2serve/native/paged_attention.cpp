@@ -10,7 +10,7 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
-#if defined(__AVX512F__)
+#if defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
@@ -19,6 +19,7 @@
 #include <limits>
 #include <vector>
 
+#include "isa.h"
 #include "vector_math.h"
 
 namespace {
@@ -41,10 +42,38 @@ inline __m512 load16(const BFloat16* p) {
 }
 #endif
 
+#if defined(__AVX2__) && defined(__FMA__)
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const BFloat16* p) {
+  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+}
+
+inline float reduce8(__m256 v) {  // a fixed pairwise order
+  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
+}
+#endif
+
+// The vector path, chosen once per process (k2serve_native::active_isa): each head's
+// arithmetic is the same whatever the batch.
 template <typename T>
-inline float dot(const float* a, const T* b, int64_t n) {
+inline float dot(int isa, const float* a, const T* b, int64_t n) {
+#if defined(__AVX2__) && defined(__FMA__)
+  if (isa == k2serve_native::kAvx2 && n % 8 == 0) {
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+      acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), load8(b + i), acc0);
+      acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), load8(b + i + 8), acc1);
+    }
+    if (i < n) acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), load8(b + i), acc0);
+    return reduce8(_mm256_add_ps(acc0, acc1));
+  }
+#endif
 #if defined(__AVX512F__)
-  if (n % 16 == 0) {  // head dims 64, 128, ...: two accumulators, one reduction at the end
+  if (isa >= k2serve_native::kAvx512 && n % 16 == 0) {  // head dims 64, 128, ...: two accumulators, one reduction at the end
     __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
     int64_t i = 0;
     for (; i + 32 <= n; i += 32) {
@@ -69,9 +98,17 @@ inline void exp_inplace(float* x, int64_t n) {
 }
 
 template <typename T>
-inline void axpy(float alpha, const T* x, float* y, int64_t n) {
+inline void axpy(int isa, float alpha, const T* x, float* y, int64_t n) {
+#if defined(__AVX2__) && defined(__FMA__)
+  if (isa == k2serve_native::kAvx2 && n % 8 == 0) {
+    const __m256 a = _mm256_set1_ps(alpha);
+    for (int64_t i = 0; i < n; i += 8)
+      _mm256_storeu_ps(y + i, _mm256_fmadd_ps(a, load8(x + i), _mm256_loadu_ps(y + i)));
+    return;
+  }
+#endif
 #if defined(__AVX512F__)
-  if (n % 16 == 0) {
+  if (isa >= k2serve_native::kAvx512 && n % 16 == 0) {
     const __m512 a = _mm512_set1_ps(alpha);
     for (int64_t i = 0; i < n; i += 16)
       _mm512_storeu_ps(y + i, _mm512_fmadd_ps(a, load16(x + i), _mm512_loadu_ps(y + i)));
@@ -159,6 +196,7 @@ void decode_attention(const float* qp, const T* kp, const T* vp, const int64_t* 
                       int64_t Dv, int64_t max_blocks, int64_t block_size, int64_t ks0, int64_t ks1,
                       int64_t vs0, int64_t vs1, float fscale) {
   const int64_t G = H / KV;
+  const int isa = k2serve_native::active_isa();
   // One work item is a sequence's kv heads [h0, h1): all of them when there are enough
   // sequences to keep the threads busy (each slot's K and V rows are then read once, whole
   // and in order), one per item otherwise. Each head's arithmetic is the same either way.
@@ -177,7 +215,7 @@ void decode_attention(const float* qp, const T* kp, const T* vp, const int64_t* 
       float* oi = op + (b * H + h0 * G) * Dv;
       scores.resize(rows * len);
 #if defined(__AVX512F__)
-      if (D == 64 && Dv == 64) {
+      if (isa >= k2serve_native::kAvx512 && D == 64 && Dv == 64) {
         for (int64_t kvh = h0; kvh < h1; ++kvh)
           for (int64_t g = 0; g < G; g += 4) {  // up to 4 query heads at a time
             const int64_t j = (kvh - h0) * G + g, nh = std::min<int64_t>(4, G - g);
@@ -200,7 +238,7 @@ void decode_attention(const float* qp, const T* kp, const T* vp, const int64_t* 
         const T* kblock = kp + table[s0 / block_size] * block_size * ks0;
         for (int64_t i = 0; i < count; ++i)
           for (int64_t j = 0; j < rows; ++j)
-            scores[j * len + s0 + i] = dot(qi + j * D, kblock + i * ks0 + (h0 + j / G) * ks1, D) * fscale;
+            scores[j * len + s0 + i] = dot(isa, qi + j * D, kblock + i * ks0 + (h0 + j / G) * ks1, D) * fscale;
       }
       for (int64_t j = 0; j < rows; ++j) softmax_inplace(scores.data() + j * len, len);
       for (int64_t s0 = 0; s0 < len; s0 += block_size) {
@@ -208,7 +246,7 @@ void decode_attention(const float* qp, const T* kp, const T* vp, const int64_t* 
         const T* vblock = vp + table[s0 / block_size] * block_size * vs0;
         for (int64_t i = 0; i < count; ++i)
           for (int64_t j = 0; j < rows; ++j)
-            axpy(scores[j * len + s0 + i], vblock + i * vs0 + (h0 + j / G) * vs1, oi + j * Dv, Dv);
+            axpy(isa, scores[j * len + s0 + i], vblock + i * vs0 + (h0 + j / G) * vs1, oi + j * Dv, Dv);
       }
     }
   });

@@ -14,6 +14,15 @@ pytestmark = pytest.mark.skipif(kernels is None, reason="no C++ toolchain: fallb
 BLOCK = 16
 
 
+@pytest.fixture(params=kernels.vector_isas() if kernels is not None else [], autouse=True)
+def vector_path(request):
+    """Every test on every vector path this CPU runs (K2SERVE_ISA picks one per process)."""
+    before = kernels.vector_isa()
+    kernels.set_vector_isa(request.param)
+    yield request.param
+    kernels.set_vector_isa(before)
+
+
 def _random_tables(lengths, num_blocks, generator):
     """Disjoint random block ids (never the null block 0) per sequence, padded with 0."""
     widest = max(-(-n // BLOCK) for n in lengths)

@@ -11,6 +11,15 @@ kernels = native.kernels()
 pytestmark = pytest.mark.skipif(kernels is None, reason="no C++ toolchain: fallbacks only")
 
 
+@pytest.fixture(params=kernels.vector_isas() if kernels is not None else [], autouse=True)
+def vector_path(request):
+    """Every test on every vector path this CPU runs (K2SERVE_ISA picks one per process)."""
+    before = kernels.vector_isa()
+    kernels.set_vector_isa(request.param)
+    yield request.param
+    kernels.set_vector_isa(before)
+
+
 def _case(m, n, k, seed=0):
     g = torch.Generator().manual_seed(seed)
     w = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
@@ -49,3 +58,12 @@ def test_bad_shapes_are_errors():
         kernels.int8_linear(torch.zeros(1, 48), w[:, :48].contiguous(), scale)
     with pytest.raises(RuntimeError, match="int8"):
         kernels.int8_linear(torch.zeros(1, 64), w.float(), scale)
+
+
+def test_avx2_and_portable_paths_agree_bitwise(vector_path):
+    """The AVX2 path sums its 16 lanes in the portable loop's order: the same logits."""
+    if vector_path == "avx512":
+        pytest.skip("AVX-512 reduces its lanes in another order")
+    x, w, scale, _ = _case(5, 70, 9216, seed=2)
+    assert torch.equal(kernels.int8_linear(x, w, scale),
+                       kernels.int8_linear(x, w, scale, isa="portable"))

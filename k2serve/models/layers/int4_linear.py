@@ -1,12 +1,16 @@
 """Int4 weight-only linears: GGUF 4-bit weights kept 4-bit, run by an int4 kernel.
 
-A layer's weight is ``w = scale * q + min`` per 32-column group (``gguf_blocks.py``). Two
-kernels run that form, both with bfloat16 activations and a bfloat16 result:
+A layer's weight is ``w = scale * q + min`` per 32-column group (``gguf_blocks.py``). Three
+kernels run that form, all with a bfloat16 result:
 
 - ours, on Intel AMX tiles (``k2serve/native/int4_amx.cpp``), where the CPU has AMX and the
-  native kernels are built: exact products, float32 scales and sums (float16 where that is
-  exact), and a row's result bitwise the same at any M; 1.15x torch's kernel's speed at
-  one row, 2.2x at 8, 3.1x at 32 (``python benchmarks/int4_kernels.py``);
+  native kernels are built: bfloat16 activations, exact products, float32 scales and sums
+  (float16 where that is exact), and a row's result bitwise the same at any M; 1.15x
+  torch's kernel's speed at one row, 2.2x at 8, 3.1x at 32 (``python benchmarks/int4_kernels.py``);
+- ours on AVX2 / AVX-512 integer dots (``k2serve/native/int4_linear.cpp``) on other x86
+  CPUs: float32 (or bfloat16) activations quantized per group of 32 to int16, exact integer
+  dots, float32 scales and sums, a row's result bitwise the same at any M (and on either
+  path); same weight layout as the AMX kernel's;
 - torch's (``aten._weight_int4pack_mm_for_cpu``, group size 32), elsewhere: it dequantizes
   ``w = (q - 8) * scale + zero``, so ``zero = min + 8 scale``, with scale and zero rounded to
   bfloat16. It is fast only with bfloat16 activations (its float32 and float16 paths are
@@ -117,11 +121,12 @@ class Int4Linear(nn.Module):
         self.scale_zeros: torch.Tensor | None = None  # torch's kernel
         self.scales: torch.Tensor | None = None  # ours (with mins)
         self.mins: torch.Tensor | None = None
-        self._amx_linear = None  # our kernel's entry point, when it runs this layer
+        self._native_linear = None  # our kernel's entry point, when it runs this layer
+        self._native_path: str | None = None  # "amx", "avx512" or "avx2"
         self.weight: torch.Tensor | None = None  # dense (large M, or the only path)
 
     def extra_repr(self) -> str:
-        kind = ("int4 (amx)" if self._amx_linear is not None else "int4") if self.packed is not None else "dense"
+        kind = (f"int4 ({self._native_path})" if self._native_path else "int4") if self.packed is not None else "dense"
         return (f"in_features={self.in_features}, out_features={self.out_features}, {kind}, "
                 f"dense_min_rows={self.dense_min_rows if self.packed is not None else 0}")
 
@@ -156,9 +161,11 @@ class Int4Linear(nn.Module):
             groups = [p.int4_affine() for p in parts]
             q, scale, minimum = (torch.cat([g[i] for g in groups]) for i in range(3))
             kernels = native.kernels() if self.native else None
-            if kernels is not None and self.out_features % 16 == 0 and kernels.int4_amx_available():
+            path = native.int4_path() if kernels is not None else None
+            if path is not None and self.out_features % 16 == 0:
                 self.packed, self.scales, self.mins = kernels.int4_amx_pack(q, scale, minimum)
-                self._amx_linear = kernels.int4_amx_linear
+                self._native_path = path
+                self._native_linear = kernels.int4_amx_linear if path == "amx" else kernels.int4_linear
             else:
                 self.packed, self.scale_zeros = pack_int4(q, scale, minimum + 8 * scale)
             if self.dense_min_rows is not None or self.dense_copy:
@@ -185,8 +192,10 @@ class Int4Linear(nn.Module):
         return self._int4(x)
 
     def _int4(self, x: torch.Tensor) -> torch.Tensor:
-        if self._amx_linear is not None:
-            return self._amx_linear(x.to(INT4_ACT_DTYPE), self.packed, self.scales, self.mins)
+        if self._native_path == "amx":
+            return self._native_linear(x.to(INT4_ACT_DTYPE), self.packed, self.scales, self.mins)
+        if self._native_linear is not None:  # float32 or bfloat16 x as it comes
+            return self._native_linear(x, self.packed, self.scales, self.mins)
         return torch.ops.aten._weight_int4pack_mm_for_cpu(
             x.to(INT4_ACT_DTYPE), self.packed, GROUP_SIZE, self.scale_zeros)
 

@@ -30,7 +30,7 @@ class QuantizationConfig:
       to it on its own (``dense_min_rows=None``).
     native: run the int8 LM head with our native kernel where the kernels are built (x
       quantized per row to int16: finer than torch's kernel's bfloat16), and the int4
-      linears with our AMX kernel where the CPU has AMX; False: torch's kernels.
+      linears with ours (AMX tiles, else AVX-512/AVX2 integer dots); False: torch's kernels.
     dense_dtype: the dtype of the dense copies and their GEMMs (the LM head's too), float32
       or bfloat16 (see ``fast_bfloat16_gemm``). Layers with no int4 form stay float32.
     expert_dense_min_rows: a 4-bit routed expert's (DeepSeek-V3 / K2-Thinking): tokens routed

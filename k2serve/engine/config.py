@@ -37,3 +37,7 @@ class EngineConfig:
     # bfloat16 for quantized models, whose activations are bfloat16 already (half the bytes
     # decode attention reads, twice the tokens a pool holds).
     kv_cache_dtype: torch.dtype | None = None
+    # Speculative decoding: None (off), "ngram" (prompt lookup) or "draft" (a draft model the
+    # engine is given); at most this many tokens proposed per sequence and step.
+    speculative: str | None = None
+    num_speculative_tokens: int = 4

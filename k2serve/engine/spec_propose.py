@@ -15,19 +15,6 @@ from typing import Protocol
 
 from k2serve.engine.sequence import Sequence
 
-SPECULATIVE_METHODS = ("ngram", "draft")
-
-
-def parse_speculative(value: str | None) -> tuple[str | None, str | None]:
-    """``--speculative`` -> (method, draft model path): None, "ngram" or "draft:PATH"."""
-    if value is None or value == "" or value == "off":
-        return None, None
-    if value == "ngram":
-        return "ngram", None
-    if value.startswith("draft:") and value[len("draft:"):]:
-        return "draft", value[len("draft:"):]
-    raise ValueError(f"--speculative must be 'ngram' or 'draft:MODEL', not {value!r}")
-
 
 class Proposer(Protocol):
     def propose(self, requests: list[tuple[Sequence, int]], live: set[str]) -> None:

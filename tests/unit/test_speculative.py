@@ -86,14 +86,14 @@ def greedy_requests(tok, grammar):
     def req(rid, prompt, **kw):
         return GenerationRequest(rid, list(prompt), SamplingParams(temperature=0, **kw))
     return [
-        req("edit", edit, max_tokens=90, ignore_eos=True),
+        req("edit", edit, max_tokens=60, ignore_eos=True),
         # max_tokens ends in the middle of accepted proposals (k = 4)
         *[req(f"edit-len{n}", edit, max_tokens=n, ignore_eos=True) for n in (6, 11, 23)],
         # a stop token inside an accepted run
-        req("edit-stop", edit, max_tokens=90, stop_token_ids=frozenset({newline})),
+        req("edit-stop", edit, max_tokens=60, stop_token_ids=frozenset({newline})),
         req("edit-penalized", edit, max_tokens=40, ignore_eos=True, repetition_penalty=1.2,
             presence_penalty=0.5, logprobs=2),
-        *[req(f"other{i}", tok.encode(p), max_tokens=30, ignore_eos=True)
+        *[req(f"other{i}", tok.encode(p), max_tokens=20, ignore_eos=True)
           for i, p in enumerate(OTHERS)],
         # grammar-constrained sequences do not speculate: same tokens, same finish
         req("json", tok.encode("<|im_start|>user\nA person as JSON.<|im_end|>\n"
@@ -108,7 +108,7 @@ def test_greedy_tokens_identical_with_and_without_speculation(target, shallow_dr
          "required": ["name"], "additionalProperties": False}))
     plain = run(core_for(target), greedy_requests(tok, grammar))
     assert plain["edit-stop"][1] == "stop" and plain["json"][1] == "stop"
-    for method, draft in [("ngram", None), ("draft", shallow_draft), ("draft", target)]:
+    for method, draft in [("ngram", None), ("draft", shallow_draft)]:
         core = core_for(target, method, draft)
         spec = run(core, greedy_requests(tok, grammar))
         for rid, (ids, finish, lps) in plain.items():
@@ -119,23 +119,33 @@ def test_greedy_tokens_identical_with_and_without_speculation(target, shallow_dr
                 assert a.logprob == pytest.approx(b.logprob, abs=1e-3)
                 assert [t for t, _ in a.top] == [t for t, _ in b.top]
         stats_ = core.stats()
-        # proposals were both kept and refused (the target as its own draft: all kept)
-        assert stats_["spec_accepted_tokens"] > 20, (method, stats_)
-        if draft is not target:
-            assert stats_["spec_proposed_tokens"] > stats_["spec_accepted_tokens"], stats_
-        else:
-            assert stats_["spec_proposed_tokens"] == stats_["spec_accepted_tokens"], stats_
+        # proposals were both kept and refused
+        assert stats_["spec_accepted_tokens"] > (20 if method == "ngram" else 0), stats_
+        assert stats_["spec_proposed_tokens"] > stats_["spec_accepted_tokens"], stats_
         assert stats_["kv_blocks_free"] == stats_["kv_blocks_total"]
 
         # the prefix cache holds what speculation computed: a rerun hits it, same tokens
         core.add(GenerationRequest("again", tok.encode(EDIT), SamplingParams(
-            temperature=0, max_tokens=90, ignore_eos=True)))
+            temperature=0, max_tokens=60, ignore_eos=True)))
         ids, cached = [], 0
         while core.has_work():
             for o in core.step():
                 ids += o.token_ids
                 cached = o.num_cached_tokens
         assert cached >= 16 * (len(tok.encode(EDIT)) // 16) - 16 and ids == plain["edit"][0]
+
+
+def test_the_target_as_its_own_draft_has_every_proposal_kept(target, tok):
+    """The draft's own KV (caught up from what the target kept) is right: a draft equal to
+    the target proposes exactly the target's greedy tokens."""
+    def requests():
+        return [GenerationRequest(f"s{i}", tok.encode(p), SamplingParams(
+            temperature=0, max_tokens=24, ignore_eos=True)) for i, p in enumerate(OTHERS[:2])]
+    plain = run(core_for(target), requests())
+    core = core_for(target, "draft", target)
+    assert run(core, requests()) == plain
+    s = core.stats()
+    assert s["spec_proposed_tokens"] == s["spec_accepted_tokens"] > 20
 
 
 def test_speculation_within_a_tight_kv_pool_never_preempts_for_proposals(target, tok):
@@ -145,7 +155,7 @@ def test_speculation_within_a_tight_kv_pool_never_preempts_for_proposals(target,
         return [GenerationRequest(f"r{i}", tok.encode(EDIT), SamplingParams(
             temperature=0, max_tokens=40 + 7 * i, ignore_eos=True)) for i in range(3)]
     plain = run(core_for(target, max_step_tokens=64), requests())
-    tight = core_for(target, "ngram", num_kv_blocks=24, max_step_tokens=64)
+    tight = core_for(target, "ngram", num_kv_blocks=13, max_step_tokens=64)
     assert run(tight, requests()) == plain
     assert tight.stats()["preemptions"] > 0 and tight.stats()["spec_accepted_tokens"] > 0
     assert tight.stats()["kv_blocks_free"] == tight.stats()["kv_blocks_total"]

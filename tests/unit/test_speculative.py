@@ -107,6 +107,9 @@ def test_greedy_tokens_identical_with_and_without_speculation(target, shallow_dr
         {"type": "object", "properties": {"name": {"type": "string", "maxLength": 10}},
          "required": ["name"], "additionalProperties": False}))
     plain = run(core_for(target), greedy_requests(tok, grammar))
+    # the int4 model's LM head runs int8 below 8 rows, dense from 8 (top 16 logits exact
+    # either way): other logits, and so logprobs, move a little with the step's row count
+    tolerance = 1e-3 if target.quantization is None else 0.2
     assert plain["edit-stop"][1] == "stop" and plain["json"][1] == "stop"
     for method, draft in [("ngram", None), ("draft", shallow_draft)]:
         core = core_for(target, method, draft)
@@ -116,7 +119,7 @@ def test_greedy_tokens_identical_with_and_without_speculation(target, shallow_dr
             assert (got_ids, got_finish) == (ids, finish), (method, rid)
             assert [lp.token_id for lp in got_lps] == [lp.token_id for lp in lps]
             for a, b in zip(got_lps, lps):
-                assert a.logprob == pytest.approx(b.logprob, abs=1e-3)
+                assert a.logprob == pytest.approx(b.logprob, abs=tolerance)
                 assert [t for t, _ in a.top] == [t for t, _ in b.top]
         stats_ = core.stats()
         # proposals were both kept and refused

@@ -32,7 +32,7 @@ def test_ngram_speculation_answers_as_plain_decoding(server):
     finally:
         stop_server(live)
     assert fast == _complete(server.base_v1)
-    assert "base_amount" in fast or "subtotal" in fast  # it copied code from the prompt
+    assert fast.startswith("def total_price(items, tax_rate):")  # copied from the prompt
     assert 0 < engine["spec_accepted_tokens"] <= engine["spec_proposed_tokens"]
 
 

@@ -49,7 +49,8 @@ def _serve(args: argparse.Namespace) -> int:
         max_num_seqs=args.max_num_seqs, max_context_length=args.max_context_length,
         kv_cache_bytes=int(args.kv_cache_gb * (1 << 30)) if args.kv_cache_gb else None,
         max_waiting=args.max_waiting, quantize=not args.no_quantize,
-        kv_cache_dtype=args.kv_cache_dtype, progress=not args.quiet)
+        kv_cache_dtype=args.kv_cache_dtype, progress=not args.quiet,
+        speculative=args.speculative, num_speculative_tokens=args.num_speculative_tokens)
     try:
         entries = read_models_file(args.models_file) if args.models_file else []
         for entry in entries:
@@ -122,6 +123,16 @@ def _display_host(host: str) -> str:
     return "127.0.0.1" if host in ("0.0.0.0", "") else (f"[{host}]" if ":" in host else host)
 
 
+def _speculative_arg(value: str) -> str:
+    from k2serve.engine.config import parse_speculative
+
+    try:
+        parse_speculative(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     from k2serve.engine.config import (
         DEFAULT_KV_FRACTION,
@@ -155,6 +166,17 @@ def build_parser() -> argparse.ArgumentParser:
                             "checkpoint's INT4 experts) to float32 (slower)")
     serve.add_argument("--max-context-length", type=int, default=None,
                        help="cap the context length below the model's own")
+    serve.add_argument("--speculative", type=_speculative_arg, default=None,
+                       metavar="ngram|draft:MODEL",
+                       help="speculative decoding: 'ngram' proposes tokens found earlier in the "
+                            "text (prompt lookup: edits, quotes, code), 'draft:MODEL' runs a "
+                            "small model with the same tokenizer (a .gguf or HF directory); "
+                            "proposals are verified in one batched step, so outputs are "
+                            "distributed as without it (default: off)")
+    serve.add_argument("--num-speculative-tokens", type=int,
+                       default=EngineConfig.num_speculative_tokens,
+                       help="most tokens proposed per sequence and step (default: "
+                            f"{EngineConfig.num_speculative_tokens})")
     serve.add_argument("--upstream", action="append", default=[], metavar="ID=URL[,URL...]",
                        help="serve model ID from an OpenAI-compatible engine (vLLM, SGLang, "
                             "another k2serve) at these /v1 base URLs (replicas); repeatable")

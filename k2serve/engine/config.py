@@ -37,3 +37,18 @@ class EngineConfig:
     # bfloat16 for quantized models, whose activations are bfloat16 already (half the bytes
     # decode attention reads, twice the tokens a pool holds).
     kv_cache_dtype: torch.dtype | None = None
+    # Speculative decoding: None (off), "ngram" (prompt lookup) or "draft" (a draft model the
+    # engine is given); at most this many tokens proposed per sequence and step.
+    speculative: str | None = None
+    num_speculative_tokens: int = 4
+
+
+def parse_speculative(value: str | None) -> tuple[str | None, str | None]:
+    """``--speculative`` -> (method, draft model path): None, "ngram" or "draft:PATH"."""
+    if value is None or value == "" or value == "off":
+        return None, None
+    if value == "ngram":
+        return "ngram", None
+    if value.startswith("draft:") and value[len("draft:"):]:
+        return "draft", value[len("draft:"):]
+    raise ValueError(f"--speculative must be 'ngram' or 'draft:MODEL', not {value!r}")

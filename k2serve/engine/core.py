@@ -23,6 +23,9 @@ from k2serve.engine.sequence import (
     Sequence,
     TokenLogprob,
 )
+from k2serve.engine.spec_draft import DraftModelProposer
+from k2serve.engine.spec_propose import NgramProposer, Proposer
+from k2serve.engine.spec_verify import verify
 from k2serve.models.layers.int4_linear import DenseRows
 from k2serve.structured.bitmask import allowed_tokens
 
@@ -30,9 +33,14 @@ log = logging.getLogger(__name__)
 
 
 class EngineCore:
-    def __init__(self, model: torch.nn.Module, config: EngineConfig):
+    def __init__(self, model: torch.nn.Module, config: EngineConfig,
+                 draft_model: torch.nn.Module | None = None):
+        """draft_model: the proposer of ``config.speculative == "draft"`` (same vocabulary)."""
         self.model = model
         self.config = config
+        self.proposer = _make_proposer(config, model, draft_model)
+        self.num_spec_proposed = 0  # speculative tokens proposed / kept, since start
+        self.num_spec_accepted = 0
         kv_dtype = config.kv_cache_dtype or getattr(model, "kv_cache_dtype", torch.float32)
         self.kv = KVPool(model.kv_cache_spec(), config.block_size,
                          num_blocks=config.num_kv_blocks, max_bytes=config.kv_cache_bytes,
@@ -72,7 +80,9 @@ class EngineCore:
                 "kv_block_size": self.blocks.block_size,
                 "preemptions": self.scheduler.num_preemptions,
                 "prefix_cache_queries": self.blocks.prefix_queries,
-                "prefix_cache_hits": self.blocks.prefix_hits}
+                "prefix_cache_hits": self.blocks.prefix_hits,
+                "spec_proposed_tokens": self.num_spec_proposed,
+                "spec_accepted_tokens": self.num_spec_accepted}
 
     # -- one step -------------------------------------------------------------------
     @torch.inference_mode()
@@ -80,17 +90,54 @@ class EngineCore:
         batch = self.scheduler.schedule()
         if not batch:
             return []
+        if self.proposer is not None:
+            batch = self._speculate(batch)
         ctx = self.kv.attention_context(batch)
         ids: list[int] = []
         positions: list[int] = []
         for seq, count in batch:
             start = seq.num_computed
-            ids.extend(seq.all_ids[start:start + count])
+            ids.extend(seq.all_ids[start:start + count] if not seq.spec_ids
+                       else [seq.all_ids[-1], *seq.spec_ids])
             positions.extend(range(start, start + count))
         ctx.dense_rows = self._dense_prompt_rows(batch)
         hidden = self.model(torch.tensor(ids, dtype=torch.long),
                             torch.tensor(positions, dtype=torch.long), ctx)
         return self._sample_and_update(batch, hidden)
+
+    def _speculate(self, batch: list[tuple[Sequence, int]]) -> list[tuple[Sequence, int]]:
+        """Proposals for the decoding sequences, within the step's token budget, the
+        request's max_tokens, the context and the free KV blocks (speculation never preempts).
+        Grammar-constrained sequences do not speculate."""
+        budget = self.config.max_step_tokens - sum(count for _, count in batch)
+        requests = []
+        for seq, count in batch:
+            seq.spec_ids, seq.spec_probs = [], None
+            if not seq.is_decoding or seq.matcher is not None or budget <= 0:
+                continue
+            limit = min(self.config.num_speculative_tokens, budget,
+                        seq.params.max_tokens - len(seq.output_ids) - 1,
+                        self.config.context_length - seq.num_tokens)
+            if limit > 0:
+                requests.append((seq, limit))
+                budget -= limit
+        if not requests:
+            return batch
+        live = {s.request_id for s in (*self.scheduler.running, *self.scheduler.waiting)}
+        self.proposer.propose(requests, live)
+        size = self.blocks.block_size
+        for seq, _ in requests:
+            last = seq.num_computed + len(seq.spec_ids)  # position of the last proposal
+            while seq.spec_ids and len(seq.block_table) * size <= last:
+                block_id = self.blocks.append_block()
+                if block_id is None:  # keep what fits in the blocks it has
+                    keep = len(seq.block_table) * size - 1 - seq.num_computed
+                    seq.spec_ids = seq.spec_ids[:keep]
+                    if seq.spec_probs is not None:
+                        seq.spec_probs = seq.spec_probs[:keep] if keep else None
+                    break
+                seq.block_table.append(block_id)
+        return [(seq, 1 + len(seq.spec_ids)) for seq, _ in batch]
 
     def _dense_prompt_rows(self, batch) -> DenseRows:
         """The step's dense-row plan: the row runs [start, end) holding prompt tokens of long
@@ -124,8 +171,15 @@ class EngineCore:
         outputs: list[RequestOutput] = []
         sample_rows: list[int] = []  # hidden-state row of each sampling sequence
         samplers: list[Sequence] = []
+        speculating: list[tuple[Sequence, int]] = []  # and its k + 1 rows' count
+        spec_rows: list[int] = []
         offset = 0
         for seq, count in batch:
+            if seq.spec_ids:
+                spec_rows.extend(range(offset, offset + count))
+                speculating.append((seq, count))
+                offset += count
+                continue
             if seq.params.prompt_logprobs and seq.num_computed < len(seq.prompt_ids):
                 self._record_prompt_logprobs(seq, hidden[offset:offset + count])
             seq.num_computed += count
@@ -140,10 +194,14 @@ class EngineCore:
             self._finish(seq, "length")
             outputs.append(RequestOutput(seq.request_id, [], None, "length", len(seq.prompt_ids),
                                          prompt_logprobs=seq.prompt_logprobs))
-        if not samplers:
+        if not samplers and not speculating:
             return outputs
 
-        logits = self.model.compute_logits(hidden[torch.tensor(sample_rows)])
+        logits = self.model.compute_logits(hidden[torch.tensor(spec_rows + sample_rows)])
+        outputs.extend(self._verify_speculation(speculating, logits[:len(spec_rows)]))
+        logits = logits[len(spec_rows):]
+        if not samplers:
+            return outputs
         # Grammar hook: each constrained sequence's allowed tokens mask its logits row.
         allowed = allowed_tokens([s.matcher for s in samplers], logits.shape[-1],
                                  [s.params.stop_token_ids for s in samplers])
@@ -169,6 +227,39 @@ class EngineCore:
                 prompt_logprobs=seq.prompt_logprobs if first_output else None,
                 scheduled_ns=seq.first_scheduled_ns if first_output else None,
             ))
+        return outputs
+
+    def _verify_speculation(self, speculating: list[tuple[Sequence, int]],
+                            logits: torch.Tensor) -> list[RequestOutput]:
+        """Keep each speculating sequence's verified tokens (``spec_verify.verify``); the KV
+        of refused proposals stays in slots past num_computed, overwritten later."""
+        outputs = []
+        row = 0
+        for seq, count in speculating:
+            proposed, proposal_probs = seq.spec_ids, seq.spec_probs
+            seq.spec_ids, seq.spec_probs = [], None
+            tokens, logprobs, kept = verify(seq, logits[row:row + count], proposed,
+                                            proposal_probs)
+            row += count
+            self.num_spec_proposed += len(proposed)
+            self.num_spec_accepted += kept
+            emitted, finish = [], None
+            for token in tokens:
+                emitted.append(token)
+                seq.output_ids.append(token)
+                finish = self._finish_reason(seq, token)
+                if finish:
+                    break
+            # computed: the last token and the kept proposals (not the token added after them)
+            seq.num_computed += len(emitted)
+            self.scheduler.register_full_blocks(seq)
+            if finish:
+                self._finish(seq, finish)
+            outputs.append(RequestOutput(
+                request_id=seq.request_id, token_ids=emitted,
+                logprobs=logprobs[:len(emitted)] if logprobs is not None else None,
+                finish_reason=finish, num_prompt_tokens=len(seq.prompt_ids),
+                num_cached_tokens=seq.num_cached_tokens))
         return outputs
 
     def _record_prompt_logprobs(self, seq: Sequence, chunk_hidden: torch.Tensor) -> None:
@@ -207,3 +298,22 @@ class EngineCore:
     def _finish(self, seq: Sequence, reason: str) -> None:
         seq.finish_reason = reason
         self.scheduler.remove(seq)
+
+
+def _make_proposer(config: EngineConfig, model: torch.nn.Module,
+                   draft_model: torch.nn.Module | None) -> Proposer | None:
+    method = config.speculative
+    if method is None:
+        return None
+    if config.num_speculative_tokens < 1:
+        raise ValueError("num_speculative_tokens must be at least 1")
+    if method == "ngram":
+        return NgramProposer()
+    if method == "draft":
+        if draft_model is None:
+            raise ValueError("speculative decoding with a draft model needs the draft model")
+        if draft_model.config.vocab_size != model.config.vocab_size:
+            raise ValueError(f"the draft model's vocabulary ({draft_model.config.vocab_size} "
+                             f"tokens) is not the target's ({model.config.vocab_size})")
+        return DraftModelProposer(draft_model)
+    raise ValueError(f"unknown speculative decoding method {method!r}")

@@ -75,17 +75,24 @@ class KVPool:
         return table[positions // self.block_size] * self.block_size + positions % self.block_size
 
     def attention_context(self, batch: list[tuple[Sequence, int]]) -> PagedAttention:
-        """The step's context: decodes (count 1, listed first) batched, prefill chunks apart."""
+        """The step's context: decodes (listed first) batched, prefill chunks apart.
+
+        A decoding sequence that speculates computes its last token and the proposed ones
+        after it: each is a decode row of its own (the same block table, one more token
+        attended per row), so its logits are a plain decode's, whatever was proposed."""
         slot_parts, prefills = [], []
         decodes: list[Sequence] = []
+        lengths: list[int] = []  # tokens each decode row attends to, its own included
         decode_slots: list[int] = []  # slots of a run of decodes, computed without tensor ops
         row = 0
         for seq, count in batch:
             start = seq.num_computed
-            if count == 1 and seq.is_decoding:
-                block, offset = divmod(start, self.block_size)
-                decode_slots.append(seq.block_table[block] * self.block_size + offset)
-                decodes.append(seq)
+            if seq.is_decoding:  # count > 1: speculative rows
+                for position in range(start, start + count):
+                    block, offset = divmod(position, self.block_size)
+                    decode_slots.append(seq.block_table[block] * self.block_size + offset)
+                    decodes.append(seq)
+                    lengths.append(position + 1)
             else:
                 if decode_slots:
                     slot_parts.append(torch.tensor(decode_slots, dtype=torch.long))
@@ -100,7 +107,6 @@ class KVPool:
         ctx = PagedAttention(self.k, self.v, slot_mapping, prefills=prefills)
         if decodes:
             ctx.num_decode = len(decodes)
-            lengths = [seq.num_computed + 1 for seq in decodes]
             if self.native is not None:
                 widest = max(len(seq.block_table) for seq in decodes)
                 ctx.decode_block_tables = torch.tensor(

@@ -68,6 +68,29 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> SampleResult:
     return SampleResult(token_ids=token_ids, logprobs=logprobs)
 
 
+def probabilities(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """The distribution ``sample`` draws each row from, [B, V] float32: after biases,
+    penalties, the grammar mask, temperature and top-k / top-p / min-p; a greedy row is
+    one-hot at its argmax. (Speculative decoding accepts and resamples against it.)"""
+    logits = _apply_biases_and_penalties(logits.float().clone(), rows)
+    for i, row in enumerate(rows):
+        if row.allowed is not None:
+            logits[i].masked_fill_(~row.allowed.to(logits.device), float("-inf"))
+    probs = torch.zeros_like(logits)
+    greedy = [i for i, r in enumerate(rows) if r.params.greedy]
+    if greedy:
+        index = torch.tensor(greedy, dtype=torch.long)
+        probs[index, logits[index].argmax(dim=-1)] = 1.0
+    sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
+    if sampled:
+        index = torch.tensor(sampled, dtype=torch.long)
+        temperature = torch.tensor([rows[i].params.temperature for i in sampled]).unsqueeze(1)
+        sub = _filter_top_k_top_p_min_p(logits[index] / temperature,
+                                        [rows[i].params for i in sampled])
+        probs[index] = torch.softmax(sub, dim=-1)
+    return probs
+
+
 def _apply_biases_and_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     vocab = logits.shape[-1]
     for i, row in enumerate(rows):

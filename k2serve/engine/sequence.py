@@ -65,6 +65,11 @@ class Sequence:
     # Where this sequence stands in params.grammar (a k2serve.structured.GrammarMatcher). It
     # follows output_ids, which preemption by recompute keeps, so it survives preemption as is.
     matcher: Any = None
+    # Speculative decoding: tokens proposed for this step, verified after the forward pass
+    # (never part of all_ids until accepted); their probabilities under the proposer, one
+    # [V] row each, or None when the proposal was deterministic (n-gram, greedy draft).
+    spec_ids: list[int] = field(default_factory=list)
+    spec_probs: Any = None
 
     @property
     def request_id(self) -> str:

@@ -11,7 +11,7 @@ import torch
 
 from k2serve import native
 from k2serve.engine.async_engine import AsyncEngine
-from k2serve.engine.config import EngineConfig
+from k2serve.engine.config import EngineConfig, parse_speculative
 from k2serve.engine.core import EngineCore
 from k2serve.models.embedded import embedded_smollm2_gguf_path
 from k2serve.models.layers.quantization import QuantizationConfig, fast_bfloat16_gemm
@@ -55,6 +55,8 @@ class LoadOptions:
     max_waiting: int = EngineConfig.max_waiting
     progress: bool = True
     kv_cache_dtype: str = "auto"  # a KV_CACHE_DTYPES key
+    speculative: str | None = None  # None, "ngram" or "draft:MODEL" (parse_speculative)
+    num_speculative_tokens: int = EngineConfig.num_speculative_tokens
 
 
 def load_text_model(options: LoadOptions) -> tuple[ModelSpec, TextBackend]:
@@ -62,6 +64,9 @@ def load_text_model(options: LoadOptions) -> tuple[ModelSpec, TextBackend]:
     quantized = SERVING_QUANTIZATION if options.quantize and _has_4bit_weights(path) else False
     tokenizer = load_tokenizer(path)  # GGUF metadata, tiktoken (K2) or HF tokenizer.json
     template = ChatTemplate.from_tokenizer(tokenizer) if tokenizer.chat_template else None
+    method, draft_path = parse_speculative(options.speculative)
+    if draft_path is not None:
+        check_same_tokenizer(tokenizer, load_tokenizer(draft_path), draft_path)
 
     def build_core() -> EngineCore:  # runs on the engine's own thread (see AsyncEngine)
         if options.progress and native.enabled():
@@ -71,6 +76,12 @@ def load_text_model(options: LoadOptions) -> tuple[ModelSpec, TextBackend]:
         model, config = load_model(path, dtype=torch.float32, progress=options.progress,
                                    quantized=quantized)
         model.eval()
+        draft = None
+        if draft_path is not None:
+            draft_quantized = SERVING_QUANTIZATION if options.quantize and draft_path.endswith(
+                ".gguf") else False
+            draft, _ = load_model(draft_path, dtype=torch.float32, progress=options.progress,
+                                  quantized=draft_quantized)
         context_length = config.context_length
         if options.max_context_length:
             context_length = min(context_length, options.max_context_length)
@@ -79,7 +90,10 @@ def load_text_model(options: LoadOptions) -> tuple[ModelSpec, TextBackend]:
                                               context_length=context_length,
                                               kv_cache_bytes=options.kv_cache_bytes,
                                               kv_cache_dtype=KV_CACHE_DTYPES[options.kv_cache_dtype],
-                                              max_waiting=options.max_waiting))
+                                              max_waiting=options.max_waiting,
+                                              speculative=method,
+                                              num_speculative_tokens=options.num_speculative_tokens),
+                          draft_model=draft)
         # A request must fit in the KV cache on its own, so the cache bounds the context too.
         core.config.context_length = min(context_length,
                                          core.blocks.num_blocks * core.blocks.block_size)
@@ -104,6 +118,13 @@ def _has_4bit_weights(path: str) -> bool:
         return False
     with open(config_path) as f:
         return is_compressed_tensors_checkpoint(json.load(f))
+
+
+def check_same_tokenizer(target, draft, draft_path: str) -> None:
+    """A draft model must tokenize as the target does: its proposals are token ids."""
+    sample = "def f(x):\n    return x * 2  # Ünïcode, 数字 123\n<|im_end|>"
+    if target.vocab_size != draft.vocab_size or target.encode(sample) != draft.encode(sample):
+        raise ValueError(f"{draft_path}: the draft model's tokenizer is not the target model's")
 
 
 def _default_model_id(model_path: str | None) -> str:

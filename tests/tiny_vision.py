@@ -85,3 +85,22 @@ if __name__ == "__main__":
     import sys
     write_tiny_idefics3(sys.argv[1])
     print(sorted(os.listdir(sys.argv[1])))
+
+
+CHATML_TEMPLATE = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+                   "{{ message['content'] }}<end_of_utterance>\n{% endfor %}"
+                   "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def write_tiny_text_model(directory: str, seed: int = 0):
+    """A text-only tiny Llama chat checkpoint with the same tokenizer (to serve beside)."""
+    transformers = pytest.importorskip("transformers")
+    tok = tiny_tokenizer()
+    tok.chat_template = CHATML_TEMPLATE
+    config = transformers.LlamaConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+        eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
+    torch.manual_seed(seed)
+    transformers.LlamaForCausalLM(config).eval().save_pretrained(directory)
+    tok.save_pretrained(directory)

@@ -1,5 +1,5 @@
 """Vision chat over HTTP, through the official OpenAI SDK: a tiny random Idefics3 checkpoint
-served with `--vision-model` beside the embedded text-only default.
+served with `--vision-model` beside a tiny text-only chat model (`--model`).
 
 - /v1/models says which chat model takes images;
 - image_url parts (data: URLs) reach the model; a mixed batch of image and text requests gives
@@ -22,13 +22,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import EMBEDDED_ID, start_server, stop_server, wait_until_idle
+from tests.conftest import start_server, stop_server, wait_until_idle
 from tests.media.servers import bomb_png
-from tests.tiny_vision import write_tiny_idefics3
+from tests.tiny_vision import write_tiny_idefics3, write_tiny_text_model
 
 openai = pytest.importorskip("openai")
 
 VISION_ID = "tiny/idefics3-vision"
+TEXT_ID = "tiny/text-only"
 
 
 def data_url(image: Image.Image) -> str:
@@ -43,10 +44,13 @@ def picture(width: int, height: int, seed: int) -> Image.Image:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def vision_server(tmp_path_factory):
     directory = tmp_path_factory.mktemp("tiny-idefics3")
     write_tiny_idefics3(str(directory))
-    live = start_server("--vision-model", str(directory), "--vision-model-name", VISION_ID,
+    text_directory = tmp_path_factory.mktemp("tiny-text")
+    write_tiny_text_model(str(text_directory))
+    live = start_server("--model", str(text_directory), "--served-model-name", TEXT_ID,
+                        "--vision-model", str(directory), "--vision-model-name", VISION_ID,
                         env={"K2SERVE_MEDIA_HTTP": "1",
                              "K2SERVE_MEDIA_ALLOWED_DOMAINS": "localhost"})
     yield live
@@ -54,8 +58,10 @@ def server(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=server.root + "/v1", api_key="local", max_retries=0)
+def client(vision_server):
+    return openai.OpenAI(base_url=vision_server.root + "/v1", api_key="local", max_retries=0)
+
+
 
 
 def ask(client, content, model=VISION_ID, max_tokens=6):
@@ -70,12 +76,10 @@ def image_message(image: Image.Image, text: str = "What is this?") -> list[dict]
             {"type": "text", "text": text}]
 
 
-def test_models_say_which_chat_model_takes_images(server):
-    listed = httpx.get(server.root + "/v1/models",
-                       headers={"User-Agent": "OpenAI/Python"}).json()["data"]
-    by_id = {m["id"]: m for m in listed}
-    assert by_id[VISION_ID]["type"] == "chat" and by_id[VISION_ID]["vision"] is True
-    assert by_id[EMBEDDED_ID]["type"] == "chat" and by_id[EMBEDDED_ID]["vision"] is False
+def test_models_say_which_chat_model_takes_images(client):
+    by_id = {m.id: m for m in client.models.list()}
+    assert by_id[VISION_ID].type == "chat" and by_id[VISION_ID].vision is True
+    assert by_id[TEXT_ID].type == "chat" and by_id[TEXT_ID].vision is False
 
 
 def test_an_image_request_is_answered(client):
@@ -87,7 +91,7 @@ def test_an_image_request_is_answered(client):
     assert reply.usage.prompt_tokens - text_only.usage.prompt_tokens >= 20
 
 
-def test_a_mixed_batch_gives_each_request_its_own_greedy_output(server, client):
+def test_a_mixed_batch_gives_each_request_its_own_greedy_output(vision_server, client):
     requests = [image_message(picture(50, 37, 1)), [{"type": "text", "text": "Hello there"}],
                 image_message(picture(30, 60, 2), "Describe"),
                 image_message(picture(64, 64, 3)) + image_message(picture(20, 20, 4), "and?"),
@@ -98,7 +102,7 @@ def test_a_mixed_batch_gives_each_request_its_own_greedy_output(server, client):
         together = list(pool.map(lambda c: ask(client, c, max_tokens=8).choices[0]
                                  .message.content, requests * 2))
     assert together == alone * 2
-    with httpx.Client(base_url=server.root) as http:
+    with httpx.Client(base_url=vision_server.root) as http:
         wait_until_idle(http)
 
 
@@ -114,8 +118,9 @@ def test_the_prefix_cache_tells_images_apart(client):
 
 
 def test_the_text_only_model_names_the_flag(client):
+    assert ask(client, "hello", model=TEXT_ID).usage.completion_tokens == 6
     with pytest.raises(openai.BadRequestError) as caught:
-        ask(client, image_message(picture(8, 8, 0)), model=EMBEDDED_ID)
+        ask(client, image_message(picture(8, 8, 0)), model=TEXT_ID)
     error = caught.value.body
     assert error["code"] == "unsupported_content_type"
     assert "--vision-model" in error["message"] and "vision" in error["message"]

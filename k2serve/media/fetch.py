@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import ssl
 from collections.abc import Collection
 from dataclasses import dataclass
 from urllib.parse import unquote_to_bytes
@@ -143,7 +144,9 @@ async def _fetch_http(url: str, policy: MediaPolicy, accept: Collection[str],
         raise refuse(f"Invalid media URL: {exc}.", param) from None
     # trust_env=False: an HTTP(S)_PROXY from the environment would connect by name, not to
     # the vetted address
-    async with httpx.AsyncClient(trust_env=False, follow_redirects=False,
+    # the certificate is checked against the name (TLS SNI), though we connect by address
+    verify = ssl.create_default_context(cafile=policy.ca_file) if policy.ca_file else True
+    async with httpx.AsyncClient(trust_env=False, follow_redirects=False, verify=verify,
                                  timeout=policy.timeout_s) as client:
         for _hop in range(policy.max_redirects + 1):
             host = check_url(current, policy, param)

@@ -27,6 +27,7 @@ class MediaPolicy:
     max_pixels: the most pixels (width x height) an image may declare; checked from the
         header, before the pixels are decoded.
     max_redirects: redirects followed, each to the same host only.
+    ca_file: PEM certificates https hosts are verified against (None: the system's / certifi).
     resolver: DNS lookup; None uses the system's.
     """
 
@@ -37,6 +38,7 @@ class MediaPolicy:
     timeout_s: float = 10.0
     max_pixels: int = 25_000_000
     max_redirects: int = 3
+    ca_file: str | None = None
     resolver: Resolver | None = field(default=None, compare=False)
 
     def __post_init__(self):
@@ -51,7 +53,8 @@ class MediaPolicy:
     def from_env(cls, environ: dict[str, str] | None = None, **overrides) -> MediaPolicy:
         """K2SERVE_MEDIA_HTTP=1, K2SERVE_MEDIA_ALLOWED_DOMAINS=a.com,*.b.org,
         K2SERVE_MEDIA_ALLOWED_NETWORKS=10.1.0.0/16, K2SERVE_MEDIA_MAX_BYTES,
-        K2SERVE_MEDIA_TIMEOUT_S, K2SERVE_MEDIA_MAX_PIXELS, K2SERVE_MEDIA_MAX_REDIRECTS.
+        K2SERVE_MEDIA_TIMEOUT_S, K2SERVE_MEDIA_MAX_PIXELS, K2SERVE_MEDIA_MAX_REDIRECTS,
+        K2SERVE_MEDIA_CA_FILE.
         Keyword overrides (e.g. from CLI flags) win over the environment."""
         env = os.environ if environ is None else environ
 
@@ -71,6 +74,8 @@ class MediaPolicy:
                                 ("MAX_REDIRECTS", "max_redirects", int)):
             if (raw := get(name)) is not None:
                 values[key] = kind(raw)
+        if (ca_file := get("CA_FILE")) is not None:
+            values["ca_file"] = ca_file
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import shutil
+import ssl
+import subprocess
 import time
 
 import pytest
@@ -310,3 +313,34 @@ def test_the_policy_reads_the_environment():
     assert not default.allow_http and default.allowed_networks == ()
     with pytest.raises(ValueError):
         MediaPolicy(allowed_networks=("not-a-cidr",))
+
+
+# https: the certificate is checked against the name, though the connection goes to the address
+
+def _certificate(tmp_path, name: str) -> tuple[str, str]:
+    key, cert = tmp_path / f"{name}.key", tmp_path / f"{name}.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", f"/CN={name}", "-addext", f"subjectAltName=DNS:{name}",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    return str(cert), str(key)
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
+def test_https_verifies_the_certificate_for_the_name(tmp_path):
+    cert, key = _certificate(tmp_path, "img.test")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    with MediaServer(routes={"/cat.png": reply(PNG)}) as running:
+        running.httpd.socket = context.wrap_socket(running.httpd.socket, server_side=True)
+        url = f"https://img.test:{running.port}/cat.png"
+        media = asyncio.run(fetch_bytes(url, policy(allowed_networks=LOOPBACK_OK, ca_file=cert),
+                                        accept=("image/png",)))
+        assert media.data == PNG
+        # the same server under another name: its certificate does not match, refused
+        dns = FakeDNS({"other.test": [["127.0.0.1"]]})
+        error = refused(fetch_bytes(f"https://other.test:{running.port}/cat.png",
+                                    policy(dns, allowed_networks=LOOPBACK_OK, ca_file=cert),
+                                    accept=("image/png",)))
+        assert "failed" in error.message
+        # and without our CA (the system's trust store) it is refused too
+        refused(fetch_bytes(url, policy(allowed_networks=LOOPBACK_OK), accept=("image/png",)))

@@ -159,6 +159,15 @@ def test_an_ip_literal_is_vetted_too(server):
     assert "non-public" in error.message and server.hits == []
 
 
+@pytest.mark.parametrize("host", ["2130706433", "0x7f000001", "127.1", "localhost"])
+def test_other_spellings_of_loopback_are_refused_after_resolution(server, host):
+    """Numeric forms the system resolver accepts (inet_aton) land on the same check."""
+    rules = MediaPolicy(allow_http=True, allowed_domains=("*",))  # the system's resolver
+    error = refused(fetch_bytes(f"http://{host}:{server.port}/cat.png", rules,
+                                accept=("image/png",)))
+    assert "non-public" in error.message and server.hits == []
+
+
 def test_dns_rebinding_cannot_move_the_connection():
     """The first answer is the allowed address, every later one an internal host: the
     fetch connects to the first (no second lookup happens), and the next fetch, which sees

@@ -91,6 +91,14 @@ def test_an_image_request_is_answered(client):
     assert reply.usage.prompt_tokens - text_only.usage.prompt_tokens >= 20
 
 
+def test_tokenize_counts_the_images_tokens(vision_server, client):
+    content = image_message(picture(50, 37, 1))
+    reply = ask(client, content, max_tokens=1)
+    counted = httpx.post(vision_server.root + "/v1/tokenize", json={
+        "model": VISION_ID, "messages": [{"role": "user", "content": content}]}).json()
+    assert counted["count"] == reply.usage.prompt_tokens
+
+
 def test_a_mixed_batch_gives_each_request_its_own_greedy_output(vision_server, client):
     requests = [image_message(picture(50, 37, 1)), [{"type": "text", "text": "Hello there"}],
                 image_message(picture(30, 60, 2), "Describe"),

@@ -7,6 +7,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 
+from k2serve.api.chat_images import prepare_chat_images
 from k2serve.api.errors import ERROR_RESPONSES
 from k2serve.api.models_lookup import registry_of, text_backend_for
 from k2serve.api.prompts import chat_prompt
@@ -29,7 +30,14 @@ def _backend(request: Request, model: str | None, endpoint: str) -> GenerationBa
     return text_backend_for(request, model, endpoint)
 
 
-def _tokenize(req: TokenizeRequest, backend: GenerationBackend) -> list[int]:
+def _chat_request(req: TokenizeRequest) -> ChatCompletionRequest:
+    return ChatCompletionRequest.model_validate({
+        "model": req.model or "", "messages": req.messages, "tools": req.tools,
+        "tool_choice": req.tool_choice, "chat_template_kwargs": req.chat_template_kwargs})
+
+
+def _tokenize(req: TokenizeRequest, backend: GenerationBackend,
+              images: list | None = None) -> list[int]:
     if req.prompt is not None:
         if req.add_special_tokens is False:
             return backend.tokenizer.encode(req.prompt, add_special_tokens=False,
@@ -38,10 +46,8 @@ def _tokenize(req: TokenizeRequest, backend: GenerationBackend) -> list[int]:
     if req.add_special_tokens:
         raise bad_request("add_special_tokens applies to 'prompt'; a chat prompt's special "
                           "tokens come from the model's template.", param="add_special_tokens")
-    chat = ChatCompletionRequest.model_validate({
-        "model": req.model or "", "messages": req.messages, "tools": req.tools,
-        "tool_choice": req.tool_choice, "chat_template_kwargs": req.chat_template_kwargs})
-    return chat_prompt(chat, backend, plan_tools(chat, backend))[1]
+    chat = _chat_request(req)
+    return chat_prompt(chat, backend, plan_tools(chat, backend), images=images)[1]
 
 
 @router.post("/tokenize")
@@ -50,7 +56,11 @@ async def tokenize(req: TokenizeRequest, request: Request):
     """Token ids of a prompt or of a chat conversation, as a generation would see them."""
     endpoint = "completions" if req.prompt is not None else "chat.completions"
     backend = _backend(request, req.model, endpoint)
-    ids = await run_in_threadpool(_tokenize, req, backend)
+    images = None
+    vision = getattr(backend, "vision", None)
+    if vision is not None and req.prompt is None:  # the images' real token counts
+        images = await prepare_chat_images(request, _chat_request(req), vision)
+    ids = await run_in_threadpool(_tokenize, req, backend, images)
     return {"count": len(ids), "max_model_len": backend.context_length, "tokens": ids,
             "token_strs": (backend.tokenizer.convert_ids_to_tokens(ids)
                            if req.return_token_strs else None)}

@@ -84,6 +84,14 @@ def _serve(args: argparse.Namespace) -> int:
     register_families(registry, families - {"chat"},
                       FamilyOptions(data_dir=str(data_dir(args.data_dir)),
                                     progress=not args.quiet))
+    for kind, directory, name in (("image", args.image_model, args.image_model_name),
+                                  ("video", args.video_model, args.video_model_name)):
+        if directory:
+            error = _register_diffusion(registry, kind, directory, name)
+            if error:
+                print(f"k2serve: cannot serve the {kind} model {directory}: {error}",
+                      file=sys.stderr)
+                return 2
     app = create_app(registry, max_body_bytes=args.max_body_bytes,
                      body_timeout_s=args.body_timeout, platform=platform,
                      shared_prefix_cache=args.shared_prefix_cache)
@@ -117,6 +125,22 @@ def _serve(args: argparse.Namespace) -> int:
     finally:
         tracing.shutdown()  # export the spans still queued
     return 0
+
+
+def _register_diffusion(registry, kind: str, directory: str, name: str | None) -> str | None:
+    """Register an image / video pipeline directory; the reason it cannot be, or None."""
+    import importlib.util
+
+    from k2serve.diffusion.pipelines import EXTRA_HINT
+    from k2serve.diffusion.serving import register_diffusion_model
+
+    if importlib.util.find_spec("diffusers") is None:
+        return f"diffusers is not installed: {EXTRA_HINT}"
+    try:
+        register_diffusion_model(registry, directory, kind, name=name)
+    except (FileNotFoundError, ValueError) as exc:
+        return str(exc)
+    return None
 
 
 def _display_host(host: str) -> str:
@@ -190,6 +214,19 @@ def build_parser() -> argparse.ArgumentParser:
                        help="model families to serve, comma-separated: chat, embedding "
                             "(+rerank), moderation, audio, or all (default). Families "
                             "beside chat load in the background after start-up")
+    serve.add_argument("--image-model", default=None, metavar="DIR",
+                       help="serve POST /v1/images/generations with this diffusers pipeline "
+                            "directory (Stable Diffusion 1.x/2.x/XL, SD(XL)-Turbo, FLUX.1; "
+                            "needs `pip install 'k2serve[images]'`)")
+    serve.add_argument("--image-model-name", default=None, metavar="ID",
+                       help="the image model's id (default: the catalog id named like the "
+                            "directory, else the directory's name)")
+    serve.add_argument("--video-model", default=None, metavar="DIR",
+                       help="serve video jobs (POST /v2/videos) with this diffusers video "
+                            "pipeline directory (LTX-Video, Wan, CogVideoX, ...; text- and "
+                            "image-to-video)")
+    serve.add_argument("--video-model-name", default=None, metavar="ID",
+                       help="the video model's id (default: as for --image-model-name)")
     serve.add_argument("--max-body-bytes", type=int, default=16 * 1024 * 1024,
                        help="larger request bodies get 413")
     serve.add_argument("--body-timeout", type=float, default=30.0,

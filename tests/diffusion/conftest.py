@@ -1,0 +1,109 @@
+"""One `k2serve serve` with a tiny random Stable Diffusion pipeline (--image-model) and a
+tiny LTX-Video pipeline (--video-model), no chat model, and an API key, so the ledger rows
+its requests leave can be read back."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import LiveServer, start_server, stop_server
+
+pytest.importorskip("diffusers")
+
+# The image directory is named like a catalog id's last part: it is served under that id
+# (black-forest-labs/FLUX.1-schnell), at that id's catalog price.
+IMAGE_MODEL = "black-forest-labs/FLUX.1-schnell"
+VIDEO_MODEL = "tiny-ltx-video"
+ENV = {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "K2SERVE_IMAGE_MIN_SIDE": "32"}
+
+
+@dataclass
+class DiffusionStack:
+    server: LiveServer
+    home: str
+    image_dir: Path
+    video_dir: Path
+    key: str
+    key_id: str
+
+    @property
+    def db_url(self) -> str:
+        return f"sqlite:///{self.home}/k2serve.db"
+
+    def restart(self, **env) -> None:
+        stop_server(self.server)
+        self.server = _start(self, env)
+
+
+def _start(stack: DiffusionStack, env: dict | None = None) -> LiveServer:
+    return start_server("--families=", "--threads", "1",
+                        "--image-model", str(stack.image_dir),
+                        "--video-model", str(stack.video_dir),
+                        "--video-model-name", VIDEO_MODEL,
+                        env={"K2SERVE_HOME": stack.home, **ENV, **(env or {})})
+
+
+@pytest.fixture(scope="session")
+def pipelines_dir(tmp_path_factory):
+    import torch
+
+    from tests.diffusion.tiny_pipelines import ltx_video, stable_diffusion
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("pipelines")
+    stable_diffusion(root / "FLUX.1-schnell")
+    ltx_video(root / "tiny-ltx")
+    torch.set_num_threads(threads)
+    return root
+
+
+@pytest.fixture(scope="session")
+def diffusion_stack(pipelines_dir):
+    from k2serve.platform.db import Database
+    from k2serve.platform.keys import KeyStore
+
+    home = tempfile.mkdtemp(prefix="k2serve-diffusion-")
+    db = Database(f"sqlite:///{home}/k2serve.db")
+    try:
+        info, key = KeyStore(db).create("diffusion-tests")
+    finally:
+        db.close()
+    stack = DiffusionStack(None, home, pipelines_dir / "FLUX.1-schnell",
+                           pipelines_dir / "tiny-ltx", key, info.id)
+    stack.server = _start(stack)
+    yield stack
+    stop_server(stack.server)
+    shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.fixture()
+def http(diffusion_stack):
+    with httpx.Client(base_url=diffusion_stack.server.root, timeout=120,
+                      headers={"Authorization": f"Bearer {diffusion_stack.key}"}) as client:
+        yield client
+
+
+def ledger_row(stack: DiffusionStack, request_id: str, timeout: float = 15.0):
+    from k2serve.platform.db import Database
+    from k2serve.platform.ledger import ledger_rows
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        db = Database(stack.db_url, migrate=False)
+        try:
+            rows = [r for r in ledger_rows(db, key_id=stack.key_id)
+                    if r.request_id == request_id]
+        finally:
+            db.close()
+        if rows and all(r.status != "in_progress" for r in rows):
+            return rows
+        time.sleep(0.2)
+    raise AssertionError(f"no settled ledger row for request {request_id}")

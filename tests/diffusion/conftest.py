@@ -21,7 +21,8 @@ pytest.importorskip("diffusers")
 # (black-forest-labs/FLUX.1-schnell), at that id's catalog price.
 IMAGE_MODEL = "black-forest-labs/FLUX.1-schnell"
 VIDEO_MODEL = "tiny-ltx-video"
-ENV = {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "K2SERVE_IMAGE_MIN_SIDE": "32"}
+ENV = {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "K2SERVE_IMAGE_MIN_SIDE": "32",
+       "K2SERVE_IMAGE_MAX_WAITING": "1"}
 
 
 @dataclass

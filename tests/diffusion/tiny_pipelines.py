@@ -69,7 +69,7 @@ def stable_diffusion(directory: Path, seed: int = 0) -> Path:
         intermediate_size=37, layer_norm_eps=1e-05, num_attention_heads=4,
         num_hidden_layers=2, pad_token_id=1, vocab_size=len(tokenizer)))
     scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012,
-                                       beta_schedule="scaled_linear")
+                                       beta_schedule="scaled_linear", steps_offset=1)
     pipe = StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text_encoder,
                                    tokenizer=tokenizer, scheduler=scheduler,
                                    safety_checker=None, feature_extractor=None,

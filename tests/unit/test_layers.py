@@ -20,7 +20,8 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("serving", {"serving"}),
     ("engine", {"engine"}),
     ("models", {"models"}),
-    ("foundations", {"text", "structured", "native", "errors", "telemetry", "__init__"}),
+    ("foundations", {"text", "structured", "native", "errors", "telemetry", "media",
+                     "__init__"}),
 ]
 
 # (importing module, imported module) pairs allowed to point up, each with its reason.

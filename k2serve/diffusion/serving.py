@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from k2serve.diffusion.pipelines import DiffusionModel, pipeline_class_name
@@ -49,6 +49,9 @@ class DiffusionBackend(QueuelessBackend):
     worker: PipelineWorker
     limits: SizeLimits
     kind: str  # image | video
+    # What a video request leaves out, where the operator sets it (else the pipeline's own
+    # defaults): width, height, frames, steps.
+    defaults: dict = field(default_factory=dict)
 
     @property
     def endpoints(self) -> frozenset[str]:
@@ -95,6 +98,16 @@ def limits_from_env() -> SizeLimits:
                       max_frames=_env_int("K2SERVE_VIDEO_MAX_FRAMES", d.max_frames))
 
 
+def video_defaults_from_env() -> dict:
+    """K2SERVE_VIDEO_DEFAULT_WIDTH, _HEIGHT, _FRAMES, _STEPS: a request's defaults."""
+    found = {}
+    for name in ("width", "height", "frames", "steps"):
+        value = os.environ.get(f"K2SERVE_VIDEO_DEFAULT_{name.upper()}")
+        if value:
+            found[name] = int(value)
+    return found
+
+
 def model_id_for(directory: str | Path, name: str | None, model_type: str) -> str:
     if name:
         return name
@@ -117,6 +130,7 @@ def register_diffusion_model(registry: ModelRegistry, directory: str, kind: str,
                        _env_int("K2SERVE_VIDEO_MAX_QUEUED", DEFAULT_MAX_WAITING_VIDEOS))
     model = BackgroundModel(model_id, lambda: DiffusionModel(directory, kind))
     backend = DiffusionBackend(model.start(), PipelineWorker(f"{kind}-{model_id}", max_waiting),
-                               limits_from_env(), kind)
+                               limits_from_env(), kind,
+                               video_defaults_from_env() if kind == "video" else {})
     registry.register(model_spec(model_id, context_length=None, type=kind), backend)
     return model_id

@@ -22,7 +22,13 @@ pytest.importorskip("diffusers")
 IMAGE_MODEL = "black-forest-labs/FLUX.1-schnell"
 VIDEO_MODEL = "tiny-ltx-video"
 ENV = {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "K2SERVE_IMAGE_MIN_SIDE": "32",
-       "K2SERVE_IMAGE_MAX_WAITING": "1"}
+       "K2SERVE_IMAGE_MAX_WAITING": "1",
+       # A video request without sizes (the seed's) gets a tiny one, not LTX's 704x480x161.
+       "K2SERVE_VIDEO_DEFAULT_WIDTH": "32", "K2SERVE_VIDEO_DEFAULT_HEIGHT": "32",
+       "K2SERVE_VIDEO_DEFAULT_FRAMES": "9", "K2SERVE_VIDEO_DEFAULT_STEPS": "2",
+       # Input images by http(s) from the tests' loopback server only.
+       "K2SERVE_MEDIA_HTTP": "1", "K2SERVE_MEDIA_ALLOWED_DOMAINS": "127.0.0.1",
+       "K2SERVE_MEDIA_ALLOWED_NETWORKS": "127.0.0.0/8"}
 
 
 @dataclass

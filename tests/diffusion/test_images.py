@@ -189,8 +189,8 @@ def test_a_full_queue_answers_503_with_retry_after(diffusion_stack):
     def send():
         r = httpx.post(diffusion_stack.server.root + "/v1/images/generations", timeout=120,
                        headers={"Authorization": f"Bearer {diffusion_stack.key}"},
-                       json={"model": IMAGE_MODEL, "prompt": PROMPT, "width": 256,
-                             "height": 256, "steps": 25, "response_format": "base64"})
+                       json={"model": IMAGE_MODEL, "prompt": PROMPT, "width": 512,
+                             "height": 512, "steps": 40, "response_format": "base64"})
         statuses.append(r.status_code)
         headers.append(r.headers)
 

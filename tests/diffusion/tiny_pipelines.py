@@ -55,15 +55,18 @@ def stable_diffusion(directory: Path, seed: int = 0) -> Path:
 
     tokenizer = clip_tokenizer(directory.parent / f"{directory.name}-tokenizer")
     torch.manual_seed(seed)
+    # Cross-attention at the third level only: the seed's 1024x768 request stays cheap.
     unet = UNet2DConditionModel(
-        block_out_channels=(4, 8), layers_per_block=1, sample_size=32, in_channels=4,
-        out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
+        block_out_channels=(4, 8, 8), layers_per_block=1, sample_size=32, in_channels=4,
+        out_channels=4, down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"), cross_attention_dim=32,
         norm_num_groups=2)
+    # Four levels: 8x down, as Stable Diffusion's own VAE (so the UNet sees small latents
+    # even for the seed's 1024x768 request).
     vae = AutoencoderKL(
-        block_out_channels=[4, 8], in_channels=3, out_channels=3,
-        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
-        latent_channels=4, norm_num_groups=2)
+        block_out_channels=[4, 4, 4, 8], in_channels=3, out_channels=3,
+        down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+        latent_channels=4, norm_num_groups=2, layers_per_block=1)
     text_encoder = CLIPTextModel(CLIPTextConfig(
         bos_token_id=len(tokenizer) - 2, eos_token_id=len(tokenizer) - 1, hidden_size=32,
         intermediate_size=37, layer_norm_eps=1e-05, num_attention_heads=4,

@@ -64,14 +64,15 @@ def _public(job: VideoJob, request: Request) -> dict:
     return body
 
 
-def _defaults(model) -> dict:
-    """The pipeline's own defaults for what a request leaves out."""
+def _defaults(model, configured: dict) -> dict:
+    """What a request leaves out: the operator's defaults (K2SERVE_VIDEO_DEFAULT_*), else
+    the pipeline's own."""
     params = inspect.signature(type(model.pipe).__call__).parameters
     defaults = {name: p.default for name, p in params.items()
                 if p.default is not inspect.Parameter.empty}
     return {"width": defaults.get("width") or 512, "height": defaults.get("height") or 512,
             "frames": defaults.get("num_frames") or 49,
-            "steps": defaults.get("num_inference_steps") or 50}
+            "steps": defaults.get("num_inference_steps") or 50, **configured}
 
 
 def _size(req: VideoRequest, defaults: dict, limits) -> tuple[int, int]:
@@ -133,7 +134,7 @@ async def create_video(request: Request):
                           "media.frame_images).", param="prompt")
     model = await backend.model.get()
     limits = backend.limits
-    defaults = _defaults(model)
+    defaults = _defaults(model, backend.defaults)
     width, height = _size(req, defaults, limits)
     steps = check_steps(req.steps if req.steps is not None else defaults["steps"], limits)
     fps = req.fps if req.fps is not None else DEFAULT_FPS

@@ -129,13 +129,13 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _register_diffusion(registry, kind: str, directory: str, name: str | None) -> str | None:
     """Register an image / video pipeline directory; the reason it cannot be, or None."""
-    import importlib.util
-
-    from k2serve.diffusion.pipelines import EXTRA_HINT
+    from k2serve.diffusion.pipelines import diffusers_module
     from k2serve.diffusion.serving import register_diffusion_model
 
-    if importlib.util.find_spec("diffusers") is None:
-        return f"diffusers is not installed: {EXTRA_HINT}"
+    try:
+        diffusers_module()
+    except RuntimeError as exc:  # not installed: which extra installs it
+        return str(exc)
     try:
         register_diffusion_model(registry, directory, kind, name=name)
     except (FileNotFoundError, ValueError) as exc:

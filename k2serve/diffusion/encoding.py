@@ -7,10 +7,12 @@ from fractions import Fraction
 
 
 def image_bytes(image, output_format: str) -> bytes:
-    """A PIL image as `png` (lossless: the pipeline's pixels exactly) or `jpeg`."""
+    """A PIL image as `png` (lossless: the pipeline's pixels exactly), `webp` or `jpeg`."""
     buffer = io.BytesIO()
     if output_format == "png":
         image.save(buffer, format="PNG")
+    elif output_format == "webp":
+        image.convert("RGB").save(buffer, format="WEBP", quality=95)
     else:
         image.convert("RGB").save(buffer, format="JPEG", quality=95)
     return buffer.getvalue()

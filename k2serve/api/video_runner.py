@@ -101,7 +101,7 @@ class VideoRunner:
         p = job.params
         usage = (0, 0)
         try:
-            model = await backend.model.get()
+            model = await backend.model.get(wait_s=24 * 3600.0)  # a big model loads slowly
             image = await run_in_threadpool(self._input_image, p.get("image"))
             optional = {"negative_prompt": ("negative_prompt", p.get("negative_prompt")),
                         "guidance_scale": ("guidance_scale", p.get("guidance_scale")),
@@ -133,6 +133,11 @@ class VideoRunner:
             job.status, job.completed_at = FAILED, time.time()
             job.error = {"code": exc.code or "invalid_request", "message": exc.message}
             outcome = ("error", exc.code)
+        except ValueError as exc:  # diffusers' check of its inputs (a size it cannot make)
+            job.status, job.completed_at = FAILED, time.time()
+            job.error = {"code": "invalid_request",
+                         "message": f"The model '{job.model}' refused the job: {exc}"}
+            outcome = ("error", "invalid_request")
         except Exception as exc:  # the pipeline failed: the job says why
             log.exception("video job %s failed", job.id)
             job.status, job.completed_at = FAILED, time.time()

@@ -196,3 +196,54 @@ def test_bad_video_requests_are_400s_naming_the_parameter(http, fields, param):
 def test_unknown_job_is_a_404(http):
     r = http.get("/v2/videos/nope")
     assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+
+
+SDK2_SCRIPT = """
+import json, sys, time
+from together import Together
+base, key, image_model, video_model = sys.argv[1:5]
+client = Together(base_url=base, api_key=key)
+image = client.images.generate(model=image_model, prompt="a cat", width=32, height=32,
+                               steps=1, response_format="base64")
+job = client.videos.create(model=video_model, prompt="a cat", width=32, height=32,
+                           seconds="1", fps=8, steps=2)
+while (job := client.videos.retrieve(job.id)).status == "in_progress":
+    time.sleep(0.2)
+print(json.dumps({"image": image.data[0].type, "status": job.status,
+                  "url": job.outputs.video_url if job.outputs else None}))
+"""
+
+
+def test_together2_with_v1_base_url(diffusion_stack):
+    """together 2.x (scripts/install-sdk-2x's side copy) with a base URL ending /v1: its
+    videos go to /v1/videos."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.diffusion.conftest import IMAGE_MODEL
+
+    sdk2 = Path(__file__).resolve().parents[2] / ".sdk" / "together2"
+    if not (sdk2 / "together").is_dir():
+        pytest.fail(f"together 2.x side copy missing: run scripts/install-sdk-2x ({sdk2})")
+    out = subprocess.run([sys.executable, "-c", SDK2_SCRIPT, diffusion_stack.server.base_v1,
+                          diffusion_stack.key, IMAGE_MODEL, VIDEO_MODEL],
+                         env=dict(os.environ, PYTHONPATH=str(sdk2)), capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["image"] == "b64_json" and result["status"] == "completed"
+    assert httpx.get(result["url"]).headers["content-type"] == "video/mp4"
+
+
+def test_a_size_the_pipeline_refuses_fails_the_job_saying_why(http):
+    """LTX-Video makes sizes divisible by 32: 40x40 passes our checks (multiples of 8) and
+    the job fails with diffusers' reason, not a crash."""
+    r = http.post("/v2/videos", json={"model": VIDEO_MODEL, "prompt": PROMPT, **SMALL,
+                                      "width": 40, "height": 40})
+    assert r.status_code == 200, r.text
+    done = wait_for(http, r.json()["id"])
+    assert done["status"] == "failed" and done["error"]["code"] == "invalid_request"
+    assert "divisible by 32" in done["error"]["message"]

@@ -12,7 +12,7 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.diffusion.conftest import VIDEO_MODEL
+from tests.diffusion.conftest import VIDEO_MODEL, ledger_row
 
 PROMPT = "penguins building a snowman"
 SMALL = dict(width=32, height=32, seconds="1", fps=8, steps=2)  # 9 frames
@@ -109,6 +109,10 @@ def test_image_to_video_from_frame_images(diffusion_stack, http, ltx):
     want = ltx(3, image=Image.fromarray(start), prompt=PROMPT, width=32, height=32,
                num_frames=9, num_inference_steps=2, frame_rate=8)
     assert_video_of(video, want, 8)
+    # Its request's ledger row, settled when the job ended: one video, its kilopixel-steps.
+    (row,) = ledger_row(diffusion_stack, r.headers["x-request-id"])
+    assert (row.endpoint, row.status, row.model) == ("videos", "ok", VIDEO_MODEL)
+    assert (row.prompt_tokens, row.completion_tokens) == (1, int(np.ceil(32 * 32 * 2 * 9 / 1000)))
     # The seed's deprecated top-level frame_images, and no prompt, work too.
     r = http.post("/v2/videos", json={"model": VIDEO_MODEL, "seed": 3,
                                       "frame_images": [{"input_image": data_url}], **SMALL})
@@ -117,10 +121,11 @@ def test_image_to_video_from_frame_images(diffusion_stack, http, ltx):
 
 
 def test_a_job_can_be_cancelled(diffusion_stack, http):
-    r = http.post("/v2/videos", json={"model": VIDEO_MODEL, "prompt": PROMPT, "width": 64,
-                                      "height": 64, "seconds": "4", "fps": 8, "steps": 100})
-    assert r.status_code == 200, r.text
-    video_id = r.json()["id"]
+    created = http.post("/v2/videos", json={"model": VIDEO_MODEL, "prompt": PROMPT,
+                                            "width": 64, "height": 64, "seconds": "4",
+                                            "fps": 8, "steps": 100})
+    assert created.status_code == 200, created.text
+    video_id = created.json()["id"]
     r = http.post(f"/v2/videos/{video_id}/cancel")
     assert r.status_code == 200, r.text
     job = r.json()
@@ -129,6 +134,8 @@ def test_a_job_can_be_cancelled(diffusion_stack, http):
     assert http.get(f"/v2/videos/{video_id}").json()["error"]["code"] == "cancelled"
     r = http.post(f"/v2/videos/{video_id}/cancel")  # again: the same answer
     assert r.status_code == 200 and r.json()["error"]["code"] == "cancelled"
+    (row,) = ledger_row(diffusion_stack, created.headers["x-request-id"])
+    assert row.status == "client_closed" and row.cost_usd == 0 and not row.billed
 
 
 def test_jobs_survive_a_restart(diffusion_stack, ltx):

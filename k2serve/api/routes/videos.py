@@ -152,29 +152,24 @@ async def create_video(request: Request):
                               f"'{str(req.seconds)[:16]}'.", param="seconds")
     else:
         frames = min(defaults["frames"], limits.max_frames)
-    image_name = None
+    image = None
     if image_url is not None:
         if not model.supports_image_input():
             raise bad_request(f"The model '{model_id}' ({model.class_name}) cannot start from "
                               f"an image.", param="frame_images", code="unsupported_parameter")
         image = await input_image(request, image_url, "frame_images")
-        buffer = io.BytesIO()
-        image.save(buffer, format="PNG")
-        image_name = f"vin_{secrets.token_hex(16)}.png"
-        await run_in_threadpool(media_files(request).write, image_name, buffer.getvalue())
+    # Fail now, not in the job, on a parameter the pipeline does not take.
+    for name in ("negative_prompt", "guidance_scale"):
+        if getattr(req, name) is not None and name not in model.parameters(image is not None):
+            raise bad_request(f"The model '{model_id}' ({model.class_name}) does not take "
+                              f"'{name}'.", param=name, code="unsupported_parameter")
     params = {"prompt": req.prompt if req.prompt is not None else "", "width": width,
               "height": height, "frames": frames, "fps": fps, "steps": steps,
               "seconds": f"{(frames - 1) / fps:g}",
               "seed": req.seed if req.seed is not None else secrets.randbits(63),
               "negative_prompt": req.negative_prompt, "guidance_scale": req.guidance_scale,
               "crf": req.output_quality if req.output_quality is not None else 20,
-              "image": image_name}
-    # Fail now, not in the job, on a parameter the pipeline does not take.
-    for name, param in (("negative_prompt", "negative_prompt"),
-                        ("guidance_scale", "guidance_scale")):
-        if params[name] is not None and name not in model.parameters(image_name is not None):
-            raise bad_request(f"The model '{model_id}' ({model.class_name}) does not take "
-                              f"'{param}'.", param=param, code="unsupported_parameter")
+              "image": None}
     try:
         backend.worker.admit()
     except Busy as exc:
@@ -183,9 +178,17 @@ async def create_video(request: Request):
     job = VideoJob(id=str(uuid.uuid4()), owner=scope.api_key_id, model=model_id,
                    created_at=time.time(), params=params, request_id=scope.request_id)
     try:
+        if image is not None:  # kept beside the videos: a job run after a restart needs it
+            params["image"] = f"vin_{secrets.token_hex(16)}.png"
+            buffer = io.BytesIO()
+            image.save(buffer, format="PNG")
+            await run_in_threadpool(media_files(request).write, params["image"],
+                                    buffer.getvalue())
         await run_in_threadpool(request.app.state.video_store.save, job)
     except BaseException:
         backend.worker.release()
+        if params["image"]:
+            media_files(request).delete(params["image"])
         raise
     tracker = UsageTracker(request, model_id, "videos", 0, 1)
     if scope.usage is not None:

@@ -84,10 +84,15 @@ def _serve(args: argparse.Namespace) -> int:
     register_families(registry, families - {"chat"},
                       FamilyOptions(data_dir=str(data_dir(args.data_dir)),
                                     progress=not args.quiet))
-    for kind, directory, name in (("image", args.image_model, args.image_model_name),
-                                  ("video", args.video_model, args.video_model_name)):
-        if directory:
-            error = _register_diffusion(registry, kind, directory, name)
+    for kind, values, name in (("image", args.image_model, args.image_model_name),
+                               ("video", args.video_model, args.video_model_name)):
+        if name and len(values) != 1:
+            print(f"k2serve: --{kind}-model-name names one --{kind}-model; with several, "
+                  f"give each its id as ID=DIR", file=sys.stderr)
+            return 2
+        for value in values:
+            model_id, directory = _id_and_dir(value)
+            error = _register_diffusion(registry, kind, directory, model_id or name)
             if error:
                 print(f"k2serve: cannot serve the {kind} model {directory}: {error}",
                       file=sys.stderr)
@@ -125,6 +130,16 @@ def _serve(args: argparse.Namespace) -> int:
     finally:
         tracing.shutdown()  # export the spans still queued
     return 0
+
+
+def _id_and_dir(value: str) -> tuple[str | None, str]:
+    """`--image-model [ID=]DIR`: (ID or None, DIR)."""
+    import os
+
+    model_id, sep, directory = value.partition("=")
+    if sep and model_id and directory and not os.path.exists(value):
+        return model_id, directory
+    return None, value
 
 
 def _register_diffusion(registry, kind: str, directory: str, name: str | None) -> str | None:
@@ -214,17 +229,18 @@ def build_parser() -> argparse.ArgumentParser:
                        help="model families to serve, comma-separated: chat, embedding "
                             "(+rerank), moderation, audio, or all (default). Families "
                             "beside chat load in the background after start-up")
-    serve.add_argument("--image-model", default=None, metavar="DIR",
+    serve.add_argument("--image-model", action="append", default=[], metavar="[ID=]DIR",
                        help="serve POST /v1/images/generations with this diffusers pipeline "
                             "directory (Stable Diffusion 1.x/2.x/XL, SD(XL)-Turbo, FLUX.1; "
-                            "needs `pip install 'k2serve[images]'`)")
+                            "needs `pip install 'k2serve[images]'`), under ID if given; "
+                            "repeatable")
     serve.add_argument("--image-model-name", default=None, metavar="ID",
-                       help="the image model's id (default: the catalog id named like the "
-                            "directory, else the directory's name)")
-    serve.add_argument("--video-model", default=None, metavar="DIR",
+                       help="the id of the one --image-model (default: the catalog id named "
+                            "like the directory, else the directory's name)")
+    serve.add_argument("--video-model", action="append", default=[], metavar="[ID=]DIR",
                        help="serve video jobs (POST /v2/videos) with this diffusers video "
                             "pipeline directory (LTX-Video, Wan, CogVideoX, ...; text- and "
-                            "image-to-video)")
+                            "image-to-video), under ID if given; repeatable")
     serve.add_argument("--video-model-name", default=None, metavar="ID",
                        help="the video model's id (default: as for --image-model-name)")
     serve.add_argument("--max-body-bytes", type=int, default=16 * 1024 * 1024,

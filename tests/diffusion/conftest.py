@@ -1,6 +1,6 @@
-"""One `k2serve serve` with a tiny random Stable Diffusion pipeline (--image-model) and a
-tiny LTX-Video pipeline (--video-model), no chat model, and an API key, so the ledger rows
-its requests leave can be read back."""
+"""One `k2serve serve` with tiny random Stable Diffusion and FLUX.1 pipelines (--image-model)
+and a tiny LTX-Video pipeline (--video-model), no chat model, and an API key, so the ledger
+rows its requests leave can be read back."""
 
 from __future__ import annotations
 
@@ -17,9 +17,10 @@ from tests.conftest import LiveServer, start_server, stop_server
 
 pytest.importorskip("diffusers")
 
-# The image directory is named like a catalog id's last part: it is served under that id
-# (black-forest-labs/FLUX.1-schnell), at that id's catalog price.
-IMAGE_MODEL = "black-forest-labs/FLUX.1-schnell"
+IMAGE_MODEL = "tiny-stable-diffusion"  # --image-model ID=DIR
+# The FLUX directory is named like a catalog id's last part: it is served under that id,
+# at that id's catalog price.
+FLUX_MODEL = "black-forest-labs/FLUX.1-schnell"
 VIDEO_MODEL = "tiny-ltx-video"
 ENV = {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "K2SERVE_IMAGE_MIN_SIDE": "32",
        "K2SERVE_IMAGE_MAX_WAITING": "1",
@@ -36,6 +37,7 @@ class DiffusionStack:
     server: LiveServer
     home: str
     image_dir: Path
+    flux_dir: Path
     video_dir: Path
     key: str
     key_id: str
@@ -51,7 +53,8 @@ class DiffusionStack:
 
 def _start(stack: DiffusionStack, env: dict | None = None) -> LiveServer:
     return start_server("--families=", "--threads", "1",
-                        "--image-model", str(stack.image_dir),
+                        "--image-model", f"{IMAGE_MODEL}={stack.image_dir}",
+                        "--image-model", str(stack.flux_dir),
                         "--video-model", str(stack.video_dir),
                         "--video-model-name", VIDEO_MODEL,
                         env={"K2SERVE_HOME": stack.home, **ENV, **(env or {})})
@@ -61,12 +64,13 @@ def _start(stack: DiffusionStack, env: dict | None = None) -> LiveServer:
 def pipelines_dir(tmp_path_factory):
     import torch
 
-    from tests.diffusion.tiny_pipelines import ltx_video, stable_diffusion
+    from tests.diffusion.tiny_pipelines import flux, ltx_video, stable_diffusion
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("pipelines")
-    stable_diffusion(root / "FLUX.1-schnell")
+    stable_diffusion(root / "tiny-sd")
+    flux(root / "FLUX.1-schnell")
     ltx_video(root / "tiny-ltx")
     torch.set_num_threads(threads)
     return root
@@ -83,8 +87,9 @@ def diffusion_stack(pipelines_dir):
         info, key = KeyStore(db).create("diffusion-tests")
     finally:
         db.close()
-    stack = DiffusionStack(None, home, pipelines_dir / "FLUX.1-schnell",
-                           pipelines_dir / "tiny-ltx", key, info.id)
+    stack = DiffusionStack(None, home, pipelines_dir / "tiny-sd",
+                           pipelines_dir / "FLUX.1-schnell", pipelines_dir / "tiny-ltx", key,
+                           info.id)
     stack.server = _start(stack)
     yield stack
     stop_server(stack.server)

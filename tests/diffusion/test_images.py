@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from k2serve.serving.catalog import CATALOG
-from tests.diffusion.conftest import IMAGE_MODEL, ledger_row
+from tests.diffusion.conftest import FLUX_MODEL, IMAGE_MODEL, ledger_row
 
 PROMPT = "a red cube on a table"
 
@@ -155,20 +155,41 @@ def test_bad_parameters_are_400s_naming_them(http, fields, param):
     assert r.json()["error"]["param"] == param
 
 
+def test_flux_images_equal_diffusers_with_the_same_seed(diffusion_stack):
+    """FLUX.1's pipeline (two text encoders, a flow-matching transformer, distilled
+    guidance) through the SDK."""
+    import torch
+    from diffusers import AutoPipelineForText2Image
+    from together import Together
+
+    client = Together(base_url=diffusion_stack.server.root, api_key=diffusion_stack.key)
+    response = client.images.generate(model=FLUX_MODEL, prompt=PROMPT, width=64, height=32,
+                                      steps=2, seed=77, guidance_scale=3.5,
+                                      response_format="base64", output_format="png")
+    got = pixels(base64.b64decode(response.data[0].b64_json))
+    torch.set_num_threads(1)
+    pipe = AutoPipelineForText2Image.from_pretrained(str(diffusion_stack.flux_dir))
+    pipe.set_progress_bar_config(disable=True)
+    want = pipe(prompt=PROMPT, width=64, height=32, num_inference_steps=2, guidance_scale=3.5,
+                generator=torch.Generator("cpu").manual_seed(77)).images[0]
+    assert type(pipe).__name__ == "FluxPipeline"
+    assert np.array_equal(got, np.asarray(want))
+
+
 def test_each_request_is_one_ledger_row_priced_per_megapixel_step(diffusion_stack, http):
     r = http.post("/v1/images/generations", json={
-        "model": IMAGE_MODEL, "prompt": PROMPT, "width": 64, "height": 32, "steps": 3,
+        "model": FLUX_MODEL, "prompt": PROMPT, "width": 64, "height": 32, "steps": 3,
         "n": 2, "response_format": "base64"})
     assert r.status_code == 200, r.text
     (row,) = ledger_row(diffusion_stack, r.headers["x-request-id"])
-    assert (row.model, row.endpoint, row.status) == (IMAGE_MODEL, "images", "ok")
+    assert (row.model, row.endpoint, row.status) == (FLUX_MODEL, "images", "ok")
     kilopixel_steps = 64 * 32 * 3 * 2 / 1000
     assert row.prompt_tokens == 2 and row.completion_tokens == int(np.ceil(kilopixel_steps))
-    price = CATALOG[IMAGE_MODEL]["pricing"].megapixel_step
+    price = CATALOG[FLUX_MODEL]["pricing"].megapixel_step
     assert row.cost_usd == pytest.approx(row.completion_tokens / 1000 * price)
     assert price == pytest.approx(0.0027 / 4)  # Together's $0.0027 per MP at 4 steps
 
-    r = http.post("/v1/images/generations", json={"model": IMAGE_MODEL, "prompt": PROMPT,
+    r = http.post("/v1/images/generations", json={"model": FLUX_MODEL, "prompt": PROMPT,
                                                   "width": 33})
     (row,) = ledger_row(diffusion_stack, r.headers["x-request-id"])
     assert row.status == "rejected" and row.cost_usd == 0
@@ -176,8 +197,8 @@ def test_each_request_is_one_ledger_row_priced_per_megapixel_step(diffusion_stac
 
 def test_models_lists_the_image_and_video_models_with_their_types(http):
     listed = {m["id"]: m for m in http.get("/v1/models").json()}
-    assert listed[IMAGE_MODEL]["type"] == "image"
-    assert listed[IMAGE_MODEL]["pricing"]["per_megapixel_step"] == pytest.approx(0.0027 / 4)
+    assert listed[IMAGE_MODEL]["type"] == listed[FLUX_MODEL]["type"] == "image"
+    assert listed[FLUX_MODEL]["pricing"]["per_megapixel_step"] == pytest.approx(0.0027 / 4)
     assert listed["tiny-ltx-video"]["type"] == "video"
 
 

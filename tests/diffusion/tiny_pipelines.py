@@ -113,3 +113,39 @@ def ltx_video(directory: Path, seed: int = 0) -> Path:
                        tokenizer=tokenizer)
     pipe.save_pretrained(directory)
     return directory
+
+
+def flux(directory: Path, seed: int = 0) -> Path:
+    """FLUX.1's architecture (two text encoders, a flow-matching transformer), tiny."""
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        FluxPipeline,
+        FluxTransformer2DModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    clip = clip_tokenizer(directory.parent / f"{directory.name}-tokenizer")
+    t5, t5_vocab = t5_tokenizer()
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
+        axes_dims_rope=[4, 4, 8])
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        bos_token_id=len(clip) - 2, eos_token_id=len(clip) - 1, hidden_size=32,
+        intermediate_size=37, layer_norm_eps=1e-05, num_attention_heads=4, num_hidden_layers=2,
+        pad_token_id=1, vocab_size=len(clip), hidden_act="gelu", projection_dim=32))
+    text_encoder_2 = T5EncoderModel(T5Config(
+        vocab_size=t5_vocab, d_model=32, d_kv=8, d_ff=37, num_layers=1, num_heads=4,
+        decoder_start_token_id=0, pad_token_id=0, eos_token_id=1))
+    vae = AutoencoderKL(
+        sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4, 4, 4, 4),
+        down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+        layers_per_block=1, latent_channels=1, norm_num_groups=1, use_quant_conv=False,
+        use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035)
+    pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae,
+                        text_encoder=text_encoder, tokenizer=clip, text_encoder_2=text_encoder_2,
+                        tokenizer_2=t5, transformer=transformer)
+    pipe.save_pretrained(directory)
+    return directory

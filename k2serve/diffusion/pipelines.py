@@ -65,6 +65,21 @@ def _device():
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def _dtype(device: str):
+    """K2SERVE_DIFFUSION_DTYPE (float32, float16, bfloat16); default bfloat16 on a GPU (the
+    dtype FLUX.1 and LTX-Video ship in), float32 on the CPU (diffusers' own default)."""
+    import os
+
+    import torch
+
+    name = os.environ.get("K2SERVE_DIFFUSION_DTYPE") or (
+        "bfloat16" if device != "cpu" else "float32")
+    if name not in ("float32", "float16", "bfloat16"):
+        raise ValueError(f"K2SERVE_DIFFUSION_DTYPE must be float32, float16 or bfloat16, "
+                         f"not {name!r}")
+    return getattr(torch, name)
+
+
 @dataclass
 class Call:
     """One pipeline call: the keyword arguments it takes, and the step callback."""
@@ -93,11 +108,13 @@ class DiffusionModel:
         self.directory = str(directory)
         self.kind = kind
         self.class_name = pipeline_class_name(directory)
-        if kind == "image":
-            pipe = diffusers.AutoPipelineForText2Image.from_pretrained(self.directory)
-        else:
-            pipe = diffusers.DiffusionPipeline.from_pretrained(self.directory)
         device = _device()
+        dtype = _dtype(device)
+        if kind == "image":
+            pipe = diffusers.AutoPipelineForText2Image.from_pretrained(self.directory,
+                                                                      torch_dtype=dtype)
+        else:
+            pipe = diffusers.DiffusionPipeline.from_pretrained(self.directory, torch_dtype=dtype)
         if device != "cpu":
             pipe = pipe.to(device)
         pipe.set_progress_bar_config(disable=True)

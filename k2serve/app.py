@@ -46,6 +46,7 @@ from k2serve.api.routes import (
 from k2serve.api.usage import log_usage
 from k2serve.api.video_runner import VideoRunner
 from k2serve.api.video_store import MemoryVideoStore
+from k2serve.media import MediaPolicy
 from k2serve.platform.middleware import PlatformMiddleware
 from k2serve.serving.registry import ModelRegistry
 
@@ -56,12 +57,15 @@ if TYPE_CHECKING:
 def create_app(registry: ModelRegistry, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
                body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
                platform: Platform | None = None, shared_prefix_cache: bool = False,
-               max_file_bytes: int = files.DEFAULT_MAX_FILE_BYTES) -> FastAPI:
+               max_file_bytes: int = files.DEFAULT_MAX_FILE_BYTES,
+               media_policy: MediaPolicy | None = None) -> FastAPI:
     """The API. With a `platform` (k2serve.platform): API keys, rate limits, the usage
     ledger and /admin routes; without one, open and unmetered. A request body larger than
     `max_body_bytes` gets 413, one not all received within `body_timeout_s` seconds 408.
     `shared_prefix_cache`: every key's requests share cached prompt prefixes
-    (k2serve.api.prefix_cache). An uploaded file (/v1/files) may have `max_file_bytes`."""
+    (k2serve.api.prefix_cache). An uploaded file (/v1/files) may have `max_file_bytes`.
+    `media_policy`: what image URLs in requests may be fetched (default: the environment's,
+    MediaPolicy.from_env: data: URLs only unless K2SERVE_MEDIA_HTTP says otherwise)."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -88,6 +92,7 @@ def create_app(registry: ModelRegistry, *, max_body_bytes: int = DEFAULT_MAX_BOD
     app.state.video_store = MemoryVideoStore()  # a platform puts its database's in
     app.state.video_runner = VideoRunner(app)
     app.state.max_file_bytes = max_file_bytes
+    app.state.media_policy = media_policy or MediaPolicy.from_env()
     app.state.batch_runner = BatchRunner(app)
     install_error_handlers(app)
     for module in (models, chat, completions, messages, responses, audio, embeddings, rerank,

@@ -7,11 +7,14 @@ import sys
 
 
 def _serve(args: argparse.Namespace) -> int:
+    import dataclasses
+
     import uvicorn
 
     from k2serve import native
     from k2serve.api.http_protocol import h11_protocol
     from k2serve.app import create_app
+    from k2serve.media import MediaPolicy
     from k2serve.platform.db import data_dir
     from k2serve.serving.catalog import EMBEDDED_CHAT_MODEL_ID
     from k2serve.serving.families import (
@@ -62,6 +65,14 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"k2serve: cannot serve the configured models: {exc}", file=sys.stderr)
         return 2
     # The local chat model, unless the models file names it or an upstream serves its id.
+    if args.vision_model:  # a second local chat model, whose messages may hold images
+        try:
+            registry.register(*load_text_model(dataclasses.replace(
+                load_options, model_path=args.vision_model,
+                served_model_name=args.vision_model_name, speculative=None)))
+        except (FileNotFoundError, ValueError) as exc:
+            print(f"k2serve: cannot load the vision model: {exc}", file=sys.stderr)
+            return 2
     local_id = args.served_model_name or (None if args.model else EMBEDDED_CHAT_MODEL_ID)
     local_configured = any(entry.kind == "local" for entry in entries)
     if "chat" in families and not local_configured and (
@@ -97,9 +108,19 @@ def _serve(args: argparse.Namespace) -> int:
                 print(f"k2serve: cannot serve the {kind} model {directory}: {error}",
                       file=sys.stderr)
                 return 2
+    try:
+        media_policy = MediaPolicy.from_env(
+            allow_http=args.media_http or None,
+            allowed_domains=tuple(args.media_allowed_domains.split(","))
+            if args.media_allowed_domains else None,
+            max_bytes=args.media_max_bytes, timeout_s=args.media_timeout,
+            max_pixels=args.media_max_pixels)
+    except ValueError as exc:
+        print(f"k2serve: bad media settings: {exc}", file=sys.stderr)
+        return 2
     app = create_app(registry, max_body_bytes=args.max_body_bytes,
                      body_timeout_s=args.body_timeout, platform=platform,
-                     shared_prefix_cache=args.shared_prefix_cache)
+                     shared_prefix_cache=args.shared_prefix_cache, media_policy=media_policy)
 
     tracing_on = tracing.setup()  # only with OTEL_EXPORTER_OTLP_ENDPOINT set
     base = f"http://{_display_host(args.host)}:{args.port}"
@@ -190,6 +211,23 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a Hugging Face checkpoint directory or a Llama-family .gguf file "
                             "(default: the embedded SmolLM2-135M-Instruct)")
     serve.add_argument("--served-model-name", default=None, help="model id clients send")
+    serve.add_argument("--vision-model", default=None, metavar="DIR",
+                       help="also serve this vision chat model (an Idefics3 / SmolVLM "
+                            "checkpoint directory): its messages may hold image_url parts")
+    serve.add_argument("--vision-model-name", default=None, metavar="NAME",
+                       help="the vision model's id (default: its config's name or directory)")
+    serve.add_argument("--media-http", action="store_true",
+                       help="let image URLs be fetched over http(s) (default: data: URLs only; "
+                            "env K2SERVE_MEDIA_HTTP=1); needs --media-allowed-domains")
+    serve.add_argument("--media-allowed-domains", default=None, metavar="HOST[,HOST...]",
+                       help="hosts image URLs may name: example.com, *.example.com, or * "
+                            "(env K2SERVE_MEDIA_ALLOWED_DOMAINS); private addresses are refused")
+    serve.add_argument("--media-max-bytes", type=int, default=None,
+                       help="largest image fetched or inlined (default 20 MiB)")
+    serve.add_argument("--media-timeout", type=float, default=None,
+                       help="seconds one image fetch may take (default 10)")
+    serve.add_argument("--media-max-pixels", type=int, default=None,
+                       help="most pixels an image may declare (default 25,000,000)")
     serve.add_argument("--max-num-seqs", type=int, default=EngineConfig.max_num_seqs,
                        help="sequences decoded together in one batch")
     serve.add_argument("--kv-cache-gb", type=float, default=None,

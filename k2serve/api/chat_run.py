@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from fastapi import Request
 from starlette.concurrency import run_in_threadpool
 
+from k2serve.api.chat_images import prepare_chat_images
 from k2serve.api.chat_output import (
     ChoiceOutput,
     OutputPlan,
@@ -48,7 +49,7 @@ from k2serve.api.safety_guard import SafetyGuard, chat_input_texts, safety_guard
 from k2serve.api.schemas.chat import ChatCompletionRequest
 from k2serve.api.tools import ToolPlan, finish_with_tools, plan_tools
 from k2serve.api.usage import UsageTracker
-from k2serve.errors import bad_request
+from k2serve.errors import APIError, bad_request
 from k2serve.serving.backend import GenerationBackend, LogprobEntry, TextDelta
 from k2serve.structured import GrammarError
 from k2serve.structured.grammars import ThinkingSyntax
@@ -163,8 +164,20 @@ async def start_chat(req: ChatCompletionRequest, request: Request, capacity: Req
     if req.max_completion_tokens == 0 or req.max_tokens == 0:
         raise bad_request("max_tokens must be at least 1 for chat completions.", param="max_tokens")
 
+    vision = getattr(backend, "vision", None)
+    pictures = await prepare_chat_images(request, req, vision) if vision is not None else None
     prompt_text, prompt_ids = await run_in_threadpool(chat_prompt, req, backend, plan,
-                                                      request_scope(request))
+                                                      request_scope(request), pictures)
+    try:
+        images = vision.image_inputs(prompt_ids, pictures) if pictures else None
+    except ValueError as exc:
+        raise bad_request(f"The messages' images could not be placed: {exc}.",
+                          param="messages") from None
+    if images and len(prompt_ids) >= backend.context_length:
+        # truncating would cut image tokens off their image: refused whatever the behavior
+        raise APIError(400, f"The prompt is {len(prompt_ids)} tokens long with its images, which "
+                            f"exceeds this model's context length of {backend.context_length} "
+                            f"tokens.", param="messages", code="context_length_exceeded")
     # The prompt says whether the reply starts inside a thinking block, which the tool-call
     # grammar must then allow first.
     output = output_plan(backend, plan, prompt_text)
@@ -182,7 +195,7 @@ async def start_chat(req: ChatCompletionRequest, request: Request, capacity: Req
     tracker = UsageTracker(request, req.model, endpoint, len(prepared.ids), req.n)
     choices = merged_choices(backend, prepared.ids, req, prepared.max_tokens, tracker,
                              grammar=grammar, stop=stop, reservation=reservation,
-                             cache_salt=cache_salt(request, req))
+                             cache_salt=cache_salt(request, req), images=images)
     if guard is not None:  # input checked first, output released in checked pieces
         choices = guard.guarded(request, choices, chat_input_texts(req.messages), req.n,
                                 len(prepared.ids), tracker)

@@ -125,13 +125,14 @@ async def compile_grammar(backend: GenerationBackend, grammar: str, what: str, p
 def merged_choices(backend: GenerationBackend, prompt_ids: list[int], req: SamplingFields,
                    max_tokens: int, tracker: UsageTracker | None = None, *,
                    grammar=None, stop: list[str] | None = None,
-                   reservation: Reservation | None = None, cache_salt: str | None = None
-                   ) -> AsyncIterator[tuple[int, TextDelta]]:
+                   reservation: Reservation | None = None, cache_salt: str | None = None,
+                   images: list | None = None) -> AsyncIterator[tuple[int, TextDelta]]:
     """Run req.n choices concurrently; yield (choice index, delta) as they come.
 
     `grammar` (compiled) constrains every choice; `stop` replaces req's stop strings;
     `reservation` (RequestCapacity.reserve) is the capacity the choices run in;
-    `cache_salt` the prefix-cache namespace (k2serve.api.prefix_cache).
+    `cache_salt` the prefix-cache namespace (k2serve.api.prefix_cache); `images` a vision
+    model's prompt images (k2serve.engine.multimodal.ImageInput), shared by every choice.
 
     Closing this iterator cancels every choice, which aborts their engine requests. The
     tracker sees every delta and is finished here, however the request ends. Bad sampling
@@ -143,21 +144,24 @@ def merged_choices(backend: GenerationBackend, prompt_ids: list[int], req: Sampl
         backend.check(p)
     stop_strings = req.stop_list if stop is None else stop
     return _run_choices(backend, prompt_ids, params, stop_strings, tracker, reservation,
-                        buffered=not getattr(req, "stream", False))
+                        buffered=not getattr(req, "stream", False), images=images)
 
 
 async def _run_choices(backend: GenerationBackend, prompt_ids: list[int],
                        params: list[SamplingParams], stop_strings: list[str],
                        tracker: UsageTracker | None, reservation: Reservation | None,
-                       buffered: bool = False) -> AsyncIterator[tuple[int, TextDelta]]:
+                       buffered: bool = False, images: list | None = None
+                       ) -> AsyncIterator[tuple[int, TextDelta]]:
     n = len(params)
     queue: asyncio.Queue = asyncio.Queue()
     done = object()
+    # only a vision model's backend is handed images (the others' generate has no such field)
+    extra = {"images": images} if images else {}
 
     async def pump(index: int) -> None:
         try:
             async for delta in backend.generate(prompt_ids, params[index], stop_strings,
-                                                reservation=reservation):
+                                                reservation=reservation, **extra):
                 await queue.put((index, delta))
         except Exception as exc:  # delivered to the consumer, which raises it
             await queue.put((index, exc))

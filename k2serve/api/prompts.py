@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from k2serve.api.chat_images import VISION_FLAG_HINT
 from k2serve.api.request_scope import RequestScope
 from k2serve.api.schemas.chat import ChatCompletionRequest
 from k2serve.api.schemas.completions import CompletionRequest
@@ -21,6 +22,7 @@ from k2serve.serving.backend import GenerationBackend
 from k2serve.text.chat_template import (
     TemplateError,
     UnsupportedContentError,
+    flatten_text_parts,
     normalize_messages,
 )
 
@@ -34,30 +36,73 @@ class PreparedPrompt:
     warnings: list[str] = field(default_factory=list)
 
 
-def message_dicts(req: ChatCompletionRequest) -> list[dict]:
-    """Messages as the chat template expects them: text content, `developer` -> `system`."""
+def message_dicts(req: ChatCompletionRequest, vision: bool = False) -> list[dict]:
+    """Messages as the chat template expects them: text content, `developer` -> `system`.
+    `vision`: a vision model's, where a content list with images stays a list of template
+    parts ({"type": "text", "text"} / {"type": "image"})."""
     for i, m in enumerate(req.messages):
         if m.content is None and not (m.role == "assistant" and m.tool_calls):
             raise bad_request(f"messages[{i}] ({m.role}) must have content.",
                               param=f"messages.{i}.content")
     try:
-        messages = normalize_messages(req.messages)
+        messages = normalize_messages(req.messages, flatten_content=not vision)
+        if vision:
+            for i, message in enumerate(messages):
+                if isinstance(message.get("content"), list):
+                    message["content"] = template_parts(message["content"], i)
     except UnsupportedContentError as exc:
         kind = exc.part_type
-        raise bad_request(
-            f"Model '{req.model}' accepts text only; messages[{exc.message_index}] contains a "
-            f"'{kind}' part. Send text content, or use a model that accepts that input.",
-            param=f"messages.{exc.message_index}.content", code="unsupported_content_type") from exc
+        where = f"messages[{exc.message_index}]"
+        if kind == "image_url" and not vision:
+            message = (f"Model '{req.model}' accepts text only; {where} contains an 'image_url' "
+                       f"part. Send images to a vision model (its /v1/models entry says "
+                       f"\"vision\": true); {VISION_FLAG_HINT}.")
+        else:
+            message = (f"Model '{req.model}' accepts {'text and images' if vision else 'text'} "
+                       f"only; {where} contains a '{kind}' part. Send text content, or use a "
+                       f"model that accepts that input.")
+        raise bad_request(message, param=f"messages.{exc.message_index}.content",
+                          code="unsupported_content_type") from exc
     for message in messages:
         message.setdefault("content", "")
     return messages
+
+
+def template_parts(parts: list, message_index: int) -> str | list[dict]:
+    """A content list for a vision model's template: text parts joined as before when there
+    is no image, else {"type": "text"} / {"type": "image"} parts in order."""
+    if not any(isinstance(p, dict) and p.get("type") == "image_url" for p in parts):
+        return flatten_text_parts(parts, message_index)
+    out = []
+    for part in parts:
+        if isinstance(part, dict) and part.get("type") == "image_url":
+            out.append({"type": "image"})
+        else:
+            out.append({"type": "text", "text": flatten_text_parts([part], message_index)})
+    return out
+
+
+def _as_parts(messages: list[dict]) -> list[dict]:
+    """Every content as a parts list (what vision templates iterate), as transformers'
+    processors hand them string content."""
+    out = []
+    for message in messages:
+        content = message.get("content")
+        if isinstance(content, str):
+            message = {**message, "content": [{"type": "text", "text": content}]}
+        out.append(message)
+    return out
 
 
 def render_chat(req: ChatCompletionRequest, backend: GenerationBackend,
                 plan: ToolPlan | None) -> str:
     """The chat prompt's text: the messages (tools declared as the plan says) through the
     model's chat template."""
-    messages = prepare_messages(message_dicts(req), backend, req.tools, declare=plan is not None)
+    vision = getattr(backend, "vision", None) is not None
+    messages = prepare_messages(message_dicts(req, vision), backend, req.tools,
+                                declare=plan is not None)
+    if vision:
+        messages = _as_parts(messages)
     try:
         return backend.render_chat(messages, tools=req.tools or None,
                                    **(req.chat_template_kwargs or {}))
@@ -67,10 +112,21 @@ def render_chat(req: ChatCompletionRequest, backend: GenerationBackend,
 
 
 def chat_prompt(req: ChatCompletionRequest, backend: GenerationBackend,
-                plan: ToolPlan | None, scope: RequestScope | None = None) -> tuple[str, list[int]]:
+                plan: ToolPlan | None, scope: RequestScope | None = None,
+                images: list | None = None) -> tuple[str, list[int]]:
     """(prompt text, token ids). Seconds for a long prompt: callers run it off the loop.
-    With the request's scope, a text encoded before for the same request is not again."""
+    With the request's scope, a text encoded before for the same request is not again.
+    A vision model's prompt expands each image for `images` (its prepared images, in order;
+    None: each at its largest, a bound for rate limits before the images are fetched)."""
     text = render_chat(req, backend, plan)
+    vision = getattr(backend, "vision", None)
+    if vision is not None:
+        try:
+            text = vision.expand(text, images)
+        except ValueError as exc:
+            raise bad_request(f"The messages' images could not be placed: {exc}.",
+                              param="messages") from None
+        return text, backend.encode_chat_prompt(text)
     return text, _encode_once(scope, "chat", text, backend.encode_chat_prompt)
 
 

@@ -11,6 +11,10 @@ block is evicted (its hash forgotten) only when it is handed out again.
 A sequence may carry a cache salt (like vLLM's `cache_salt`): it seeds the hash of the first
 block, so sequences share cached blocks only when their salts are equal. The server salts with
 the API key, so one key cannot learn from `cached_tokens` what prompts another key sent.
+
+A block may also mix in a key of its own (`keys`: block index -> bytes): the content hash of
+the images whose embeddings start in it (k2serve.engine.multimodal), so equal token ids with
+different images are different prefixes.
 """
 
 from __future__ import annotations
@@ -28,9 +32,11 @@ def salt_root(salt: str | None) -> bytes | None:
     return hashlib.blake2b(salt.encode("utf-8"), digest_size=16, person=b"k2serve-salt").digest()
 
 
-def chain_hash(parent: bytes | None, tokens: list[int]) -> bytes:
+def chain_hash(parent: bytes | None, tokens: list[int], key: bytes | None = None) -> bytes:
     digest = hashlib.blake2b(parent or b"", digest_size=16)
     digest.update(struct.pack(f"<{len(tokens)}q", *tokens))
+    if key is not None:
+        digest.update(b"\x00key" + key)
     return digest.digest()
 
 
@@ -82,35 +88,41 @@ class BlockManager:
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
-    def prefix_hashes(self, token_ids: list[int], salt: str | None = None) -> list[bytes]:
-        """Chained hashes of the full blocks of `token_ids`."""
+    def prefix_hashes(self, token_ids: list[int], salt: str | None = None,
+                      keys: dict[int, bytes] | None = None) -> list[bytes]:
+        """Chained hashes of the full blocks of `token_ids` (block i mixes in keys[i])."""
         hashes, parent = [], salt_root(salt)
+        keys = keys or {}
         for start in range(0, len(token_ids) - self.block_size + 1, self.block_size):
-            parent = chain_hash(parent, token_ids[start:start + self.block_size])
+            parent = chain_hash(parent, token_ids[start:start + self.block_size],
+                                keys.get(start // self.block_size))
             hashes.append(parent)
         return hashes
 
-    def waits_for_in_flight(self, token_ids: list[int], salt: str | None = None) -> bool:
+    def waits_for_in_flight(self, token_ids: list[int], salt: str | None = None,
+                            keys: dict[int, bytes] | None = None) -> bool:
         """True when the first uncached full block is being computed for another sequence."""
-        for h in self.prefix_hashes(token_ids, salt):
+        for h in self.prefix_hashes(token_ids, salt, keys):
             if h in self._by_hash:
                 continue
             return h in self._in_flight
         return False
 
     # -- allocation ---------------------------------------------------------------------
-    def hash_block(self, parent: bytes | None, tokens: list[int], salt: str | None = None) -> bytes:
+    def hash_block(self, parent: bytes | None, tokens: list[int], salt: str | None = None,
+                   key: bytes | None = None) -> bytes:
         """The hash of a full block; `parent` is the previous block's (None for the first)."""
-        return chain_hash(parent if parent is not None else salt_root(salt), tokens)
+        return chain_hash(parent if parent is not None else salt_root(salt), tokens, key)
 
     def allocate(self, token_ids: list[int], use_cache: bool = True,
-                 salt: str | None = None) -> BlockAllocation | None:
+                 salt: str | None = None,
+                 keys: dict[int, bytes] | None = None) -> BlockAllocation | None:
         """Blocks for `token_ids`, reusing cached ones (later tokens get blocks as they come).
 
         Returns None when there are not enough free blocks; nothing is changed then.
         At least the last token is always left to compute, so the caller gets logits.
         """
-        hashes = self.prefix_hashes(token_ids, salt)
+        hashes = self.prefix_hashes(token_ids, salt, keys)
         cached: list[int] = []
         for h in hashes if use_cache else ():
             block_id = self._by_hash.get(h)

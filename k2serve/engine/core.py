@@ -15,6 +15,7 @@ import torch
 from k2serve.engine.block_manager import BlockManager
 from k2serve.engine.config import EngineConfig
 from k2serve.engine.kv_cache import KVPool
+from k2serve.engine.multimodal import ImageRows, block_keys, check_images
 from k2serve.engine.sampler import SamplingRow, make_generator, sample
 from k2serve.engine.scheduler import Scheduler, SchedulerConfig
 from k2serve.engine.sequence import (
@@ -48,6 +49,7 @@ class EngineCore:
         self.blocks = BlockManager(self.kv.num_blocks, config.block_size)
         self.scheduler = Scheduler(self.blocks, SchedulerConfig(config.max_num_seqs,
                                                                 config.max_step_tokens))
+        self.image_rows = ImageRows(model) if hasattr(model, "embed_images") else None
 
     # -- requests -------------------------------------------------------------------
     def add(self, request: GenerationRequest) -> None:
@@ -58,6 +60,11 @@ class EngineCore:
             raise ValueError(f"the request needs {needed} KV blocks but the cache holds only "
                              f"{self.blocks.num_blocks}")
         seq = Sequence(request)
+        if request.images:
+            if self.image_rows is None:
+                raise ValueError("this model takes no images")
+            check_images(request.images, len(request.prompt_ids))
+            seq.block_keys = block_keys(request.images, self.blocks.block_size)
         if request.params.grammar is not None:  # compiled already: this is a cheap copy
             seq.matcher = request.params.grammar.new_matcher()
         if request.params.seed is not None:
@@ -101,8 +108,10 @@ class EngineCore:
                        else [seq.all_ids[-1], *seq.spec_ids])
             positions.extend(range(start, start + count))
         ctx.dense_rows = self._dense_prompt_rows(batch)
+        images = self.image_rows.gather(batch) if self.image_rows is not None else None
+        extra = {} if images is None else {"image_rows": images[0], "image_embeds": images[1]}
         hidden = self.model(torch.tensor(ids, dtype=torch.long),
-                            torch.tensor(positions, dtype=torch.long), ctx)
+                            torch.tensor(positions, dtype=torch.long), ctx, **extra)
         return self._sample_and_update(batch, hidden)
 
     def _speculate(self, batch: list[tuple[Sequence, int]]) -> list[tuple[Sequence, int]]:

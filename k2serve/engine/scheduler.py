@@ -87,7 +87,7 @@ class Scheduler:
             seq = self.waiting[index]
             del self.waiting[index]
             if not seq.params.prompt_logprobs and self.blocks.waits_for_in_flight(
-                    seq.all_ids, seq.cache_salt):
+                    seq.all_ids, seq.cache_salt, seq.block_keys):
                 deferred.append(seq)  # its prefix is being computed right now: share it
                 continue
             if not self._admit(seq):
@@ -119,7 +119,7 @@ class Scheduler:
     def _admit(self, seq: Sequence) -> bool:
         use_cache = not seq.params.prompt_logprobs  # prompt logprobs need every position computed
         allocation = self.blocks.allocate(seq.all_ids, use_cache=use_cache,
-                                          salt=seq.cache_salt)
+                                          salt=seq.cache_salt, keys=seq.block_keys)
         if allocation is None:
             return False
         seq.block_table = allocation.block_ids
@@ -161,6 +161,7 @@ class Scheduler:
         seq.block_hashes = []
         seq.in_flight_hashes = []
         seq.num_computed = 0
+        seq.image_embeds.clear()  # re-encoded if it comes back
 
     # -- after the forward pass -----------------------------------------------------------
     def register_full_blocks(self, seq: Sequence) -> None:
@@ -174,6 +175,6 @@ class Scheduler:
                 tokens = seq.all_ids
             parent = seq.block_hashes[-1] if seq.block_hashes else None
             block_hash = self.blocks.hash_block(parent, tokens[i * size:(i + 1) * size],
-                                                seq.cache_salt)
+                                                seq.cache_salt, seq.block_keys.get(i))
             seq.block_hashes.append(block_hash)
             self.blocks.mark_computed(seq.block_table[i], block_hash)

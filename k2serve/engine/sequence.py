@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from k2serve.engine.multimodal import ImageInput
 from k2serve.engine.sampling_params import SamplingParams
 
 
@@ -23,6 +24,8 @@ class GenerationRequest:
     prompt_ids: list[int]
     params: SamplingParams
     owner: str | None = None  # who asked (API key id): waiting requests are admitted fairly
+    # Images whose embeddings replace some prompt positions' (a vision model's prompt)
+    images: list[ImageInput] = field(default_factory=list)
 
 
 @dataclass
@@ -70,6 +73,10 @@ class Sequence:
     # [V] row each, or None when the proposal was deterministic (n-gram, greedy draft).
     spec_ids: list[int] = field(default_factory=list)
     spec_probs: Any = None
+    # Images: the keys its block hashes mix in (block index -> key; multimodal.block_keys),
+    # and the embeddings of images encoded but not yet wholly placed (image index -> rows).
+    block_keys: dict[int, bytes] = field(default_factory=dict)
+    image_embeds: dict[int, Any] = field(default_factory=dict)
 
     @property
     def request_id(self) -> str:

@@ -185,8 +185,10 @@ class LlamaModel(nn.Module):
         self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
         self.quantized = quant is not None  # layers run LlamaDecoderLayer.forward_quantized
 
-    def forward(self, input_ids, positions, attn):
-        x = self.embed_tokens(input_ids)
+    def forward(self, input_ids, positions, attn, inputs_embeds=None):
+        """inputs_embeds: the rows' input embeddings when given (a vision model's image
+        rows spliced into the tokens'), else the tokens' own."""
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         cos, sin = self.rotary_emb(positions, x.dtype)
         residual = None
         if self.quantized:

@@ -11,17 +11,22 @@ from tqdm.auto import tqdm
 from k2serve.models.config import ModelConfig
 from k2serve.models.deepseek_config import DeepseekV3Config, is_deepseek_v3
 from k2serve.models.deepseek_v3 import DeepseekV3ForCausalLM
+from k2serve.models.idefics3 import Idefics3Config, Idefics3ForConditionalGeneration
 from k2serve.models.layers.quantization import QuantizationConfig
 from k2serve.models.llama import LlamaForCausalLM
 
-MODEL_CLASSES = {"llama": LlamaForCausalLM, "deepseek_v3": DeepseekV3ForCausalLM}
+MODEL_CLASSES = {"llama": LlamaForCausalLM, "deepseek_v3": DeepseekV3ForCausalLM,
+                 "idefics3": Idefics3ForConditionalGeneration}
 
 
 def config_from_hf(hf_config: dict):
     """config.json -> DeepseekV3Config (model_type kimi_k2 / deepseek_v3, or the
-    DeepseekV3ForCausalLM architecture), else ModelConfig (Llama family)."""
+    DeepseekV3ForCausalLM architecture), Idefics3Config (model_type idefics3), else
+    ModelConfig (Llama family)."""
     if is_deepseek_v3(hf_config):
         return DeepseekV3Config.from_hf_config(hf_config)
+    if hf_config.get("model_type") == "idefics3":  # SmolVLM: vision encoder + Llama
+        return Idefics3Config.from_hf_config(hf_config)
     return ModelConfig.from_hf_config(hf_config)
 
 

@@ -20,6 +20,7 @@ from k2serve.models.loaders.compressed_tensors import is_compressed_tensors_chec
 from k2serve.serving.catalog import CATALOG, EMBEDDED_CHAT_MODEL_ID, model_spec
 from k2serve.serving.registry import ModelSpec
 from k2serve.serving.text_backend import TextBackend
+from k2serve.serving.vision import VisionPrompter, vision_config
 from k2serve.structured import compiler_for
 from k2serve.text.chat_template import ChatTemplate
 from k2serve.text.loading import load_tokenizer
@@ -64,6 +65,8 @@ def load_text_model(options: LoadOptions) -> tuple[ModelSpec, TextBackend]:
     quantized = SERVING_QUANTIZATION if options.quantize and _has_4bit_weights(path) else False
     tokenizer = load_tokenizer(path)  # GGUF metadata, tiktoken (K2) or HF tokenizer.json
     template = ChatTemplate.from_tokenizer(tokenizer) if tokenizer.chat_template else None
+    vision = vision_config(path)  # an Idefics3 (SmolVLM) checkpoint: images in chat
+    prompter = VisionPrompter.from_checkpoint(path, tokenizer, vision) if vision else None
     method, draft_path = parse_speculative(options.speculative)
     if draft_path is not None:
         check_same_tokenizer(tokenizer, load_tokenizer(draft_path), draft_path)
@@ -102,10 +105,12 @@ def load_text_model(options: LoadOptions) -> tuple[ModelSpec, TextBackend]:
     engine = AsyncEngine(build_core)
     context_length = engine.core.config.context_length
     backend = TextBackend(tokenizer, engine, context_length=context_length,
-                          chat_template=template)
+                          chat_template=template, vision=prompter)
     compiler_for(tokenizer).prepare_in_background()  # structured outputs' vocabulary
     model_id = options.served_model_name or _default_model_id(options.model_path)
-    return model_spec(model_id, context_length=context_length), backend
+    spec = model_spec(model_id, context_length=context_length)
+    spec.vision = prompter is not None
+    return spec, backend
 
 
 def _has_4bit_weights(path: str) -> bool:

@@ -59,6 +59,7 @@ class ModelSpec:
     # K2's by 0.6: Anthropic clients send 1.0 by default, K2's recommended is 0.6). None: the
     # model family's own (0.6 for K2's tool format, else 1).
     anthropic_temperature_scale: float | None = None
+    vision: bool = False  # a chat model whose messages may hold images (image_url parts)
 
     def as_model_object(self) -> dict[str, Any]:
         obj: dict[str, Any] = {
@@ -75,6 +76,8 @@ class ModelSpec:
             "pricing": self.pricing.as_dict(),
             "running": True,
         }
+        if self.type == "chat":
+            obj["vision"] = self.vision
         return obj
 
 

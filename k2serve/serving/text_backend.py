@@ -11,10 +11,12 @@ import itertools
 from collections.abc import AsyncIterator
 
 from k2serve.engine.async_engine import AsyncEngine, Reservation
+from k2serve.engine.multimodal import ImageInput
 from k2serve.engine.sampling_params import SamplingParams
 from k2serve.engine.sequence import GenerationRequest
 from k2serve.serving.backend import GENERATION_ENDPOINTS, TextDelta
 from k2serve.serving.text_model import TextModel
+from k2serve.serving.vision import VisionPrompter
 from k2serve.text.chat_template import ChatTemplate
 from k2serve.text.detokenizer import IncrementalDetokenizer
 from k2serve.text.stop import StopMatcher
@@ -26,9 +28,11 @@ class TextBackend(TextModel):
     load_state = None  # its weights load before the server starts
 
     def __init__(self, tokenizer: TokenizerBase, engine: AsyncEngine, *, context_length: int,
-                 chat_template: ChatTemplate | None):
+                 chat_template: ChatTemplate | None, vision: VisionPrompter | None = None):
+        """vision: a vision model's prompter (its chat takes images); None for text only."""
         super().__init__(tokenizer, context_length=context_length, chat_template=chat_template)
         self.engine = engine
+        self.vision = vision
         self._ids = itertools.count()
 
     def stats(self) -> dict:
@@ -50,10 +54,11 @@ class TextBackend(TextModel):
 
     # -- generation -------------------------------------------------------------------
     async def generate(self, prompt_ids: list[int], params: SamplingParams,
-                       stop: list[str], reservation: Reservation | None = None
-                       ) -> AsyncIterator[TextDelta]:
+                       stop: list[str], reservation: Reservation | None = None,
+                       images: list[ImageInput] | None = None) -> AsyncIterator[TextDelta]:
         """Stream text deltas for one choice. Closing the iterator aborts the generation.
-        `reservation`: from `reserve`; it starts one of its slots.
+        `reservation`: from `reserve`; it starts one of its slots. `images`: a vision
+        model's prompt images (VisionPrompter.image_inputs).
 
         Tool-call markers are not special tokens (K2), so they survive detokenization for
         the tool parser while control tokens are skipped.
@@ -63,7 +68,8 @@ class TextBackend(TextModel):
         matcher = StopMatcher(stop) if stop else None
         completion_tokens = 0
         owner = reservation.owner if reservation is not None else None
-        request = GenerationRequest(request_id, prompt_ids, params, owner=owner)
+        request = GenerationRequest(request_id, prompt_ids, params, owner=owner,
+                                    images=list(images or ()))
         stream = self.engine.generate(request, reservation)
         try:
             async for out in stream:

@@ -215,6 +215,9 @@ def _read_chat_templates(directory: str, config: dict) -> dict[str, str]:
             if fn.endswith(".jinja"):
                 with open(os.path.join(extra_dir, fn), encoding="utf-8") as f:
                     templates[fn[: -len(".jinja")]] = f.read()
+    processor = _read_json(os.path.join(directory, "chat_template.json"))  # a processor's
+    if isinstance(processor, dict) and isinstance(processor.get("chat_template"), str):
+        templates["default"] = processor["chat_template"]
     main = os.path.join(directory, "chat_template.jinja")
     if os.path.exists(main):
         with open(main, encoding="utf-8") as f:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -41,6 +41,7 @@ class DiffusionStack:
     video_dir: Path
     key: str
     key_id: str
+    output: list[str] = field(default_factory=list)  # the server's log lines
 
     @property
     def db_url(self) -> str:
@@ -52,12 +53,13 @@ class DiffusionStack:
 
 
 def _start(stack: DiffusionStack, env: dict | None = None) -> LiveServer:
-    return start_server("--families=", "--threads", "1",
+    return start_server("--families=", "--threads", "1", "--log-level", "info",
                         "--image-model", f"{IMAGE_MODEL}={stack.image_dir}",
                         "--image-model", str(stack.flux_dir),
                         "--video-model", str(stack.video_dir),
                         "--video-model-name", VIDEO_MODEL,
-                        env={"K2SERVE_HOME": stack.home, **ENV, **(env or {})})
+                        env={"K2SERVE_HOME": stack.home, **ENV, **(env or {})},
+                        output=stack.output)
 
 
 @pytest.fixture(scope="session")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import io
 import threading
+import time
 
 import httpx
 import numpy as np
@@ -200,6 +201,18 @@ def test_models_lists_the_image_and_video_models_with_their_types(http):
     assert listed[IMAGE_MODEL]["type"] == listed[FLUX_MODEL]["type"] == "image"
     assert listed[FLUX_MODEL]["pricing"]["per_megapixel_step"] == pytest.approx(0.0027 / 4)
     assert listed["tiny-ltx-video"]["type"] == "video"
+
+
+def test_each_call_logs_its_steps(diffusion_stack, http):
+    r = http.post("/v1/images/generations", json={
+        "model": IMAGE_MODEL, "prompt": PROMPT, "width": 32, "height": 32, "steps": 3,
+        "response_format": "base64"})
+    assert r.status_code == 200, r.text
+    line = f"image request {r.headers['x-request-id']} ({IMAGE_MODEL}): step 3/3"
+    deadline = time.time() + 5
+    while not any(line in out for out in diffusion_stack.output) and time.time() < deadline:
+        time.sleep(0.05)
+    assert any(line in out for out in diffusion_stack.output)
 
 
 def test_a_full_queue_answers_503_with_retry_after(diffusion_stack):

@@ -27,7 +27,8 @@ PATH = re.compile(r"/v1/media/[A-Za-z0-9._-]{1,64}")  # what the platform lets t
 MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp",
                "mp4": "video/mp4"}
 IMAGE_LINK_TTL_S = 3600.0  # OpenAI's image URLs last an hour
-IMAGE_RETENTION_S = 24 * 3600.0  # images are deleted a day after they are made
+# Generated files are deleted this long after they are made (a link to one then gets 404).
+RETENTION_S = {"img": 24 * 3600.0, "vid": 7 * 24 * 3600.0}
 
 
 class MediaFiles:
@@ -71,10 +72,10 @@ class MediaFiles:
     def delete(self, name: str) -> None:
         (self.directory / name).unlink(missing_ok=True)
 
-    def prune_images(self, now: float | None = None) -> None:
-        """Delete the images older than IMAGE_RETENTION_S (videos live with their jobs)."""
-        limit = (now or time.time()) - IMAGE_RETENTION_S
-        for path in self.directory.glob("img_*"):
+    def prune(self, kind: str, now: float | None = None) -> None:
+        """Delete the `kind` files (img, vid) older than their RETENTION_S."""
+        limit = (now or time.time()) - RETENTION_S[kind]
+        for path in self.directory.glob(f"{kind}_*"):
             try:
                 if path.stat().st_mtime < limit:
                     path.unlink(missing_ok=True)

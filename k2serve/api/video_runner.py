@@ -118,6 +118,7 @@ class VideoRunner:
             data = await run_in_threadpool(mp4_bytes, frames, p["fps"], p.get("crf", 20))
             files = media_files(self.app)
             job.video = files.new_name("vid", "mp4")
+            await run_in_threadpool(files.prune, "vid")
             await run_in_threadpool(files.write, job.video, data)
             usage = (1, kilopixel_steps(p["width"], p["height"], p["steps"], 1, len(frames)))
             job.cost_usd = pricing.media_cost(*usage)

@@ -134,6 +134,11 @@ def test_expired_link_is_refused(tmp_path):
     assert files.verified_path(name, live["expires"], live["signature"]).read_bytes() == b"x"
     # The secret outlives the process: a second MediaFiles on the directory verifies it.
     assert MediaFiles(tmp_path).verified_path(name, live["expires"], live["signature"])
+    # A day later the image is gone: its link answers 404.
+    files.prune("img", now=time.time() + 24 * 3600 + 1)
+    with pytest.raises(APIError) as err:
+        files.verified_path(name, live["expires"], live["signature"])
+    assert err.value.status == 404
 
 
 @pytest.mark.parametrize("fields,param", [

@@ -154,7 +154,7 @@ async def generate_images(request: Request):
         base = base_url(request)
 
         def store() -> list[str]:
-            files.prune_images()
+            files.prune("img")
             links = []
             for blob in encoded:
                 name = files.new_name("img", output_format)

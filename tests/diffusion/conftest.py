@@ -41,6 +41,7 @@ class DiffusionStack:
     video_dir: Path
     key: str
     key_id: str
+    tpm_key: str  # 1000 tokens (images + kilopixel-steps) per minute
     output: list[str] = field(default_factory=list)  # the server's log lines
 
     @property
@@ -86,12 +87,14 @@ def diffusion_stack(pipelines_dir):
     home = tempfile.mkdtemp(prefix="k2serve-diffusion-")
     db = Database(f"sqlite:///{home}/k2serve.db")
     try:
-        info, key = KeyStore(db).create("diffusion-tests")
+        store = KeyStore(db)
+        info, key = store.create("diffusion-tests")
+        _, tpm_key = store.create("tpm-1000", tpm=1000)
     finally:
         db.close()
     stack = DiffusionStack(None, home, pipelines_dir / "tiny-sd",
                            pipelines_dir / "FLUX.1-schnell", pipelines_dir / "tiny-ltx", key,
-                           info.id)
+                           info.id, tpm_key)
     stack.server = _start(stack)
     yield stack
     stop_server(stack.server)

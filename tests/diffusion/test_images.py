@@ -201,6 +201,24 @@ def test_each_request_is_one_ledger_row_priced_per_megapixel_step(diffusion_stac
     assert row.status == "rejected" and row.cost_usd == 0
 
 
+def test_token_limits_reserve_images_and_kilopixel_steps(diffusion_stack):
+    """A key's TPM counts an image request's units: the default 1024x1024, 20 steps (20,972
+    kilopixel-steps) is more than 1000 a minute allows, a 32x32 one fits."""
+    headers = {"Authorization": f"Bearer {diffusion_stack.tpm_key}"}
+    with httpx.Client(base_url=diffusion_stack.server.root, headers=headers,
+                      timeout=60) as client:
+        r = client.post("/v1/images/generations", json={"model": IMAGE_MODEL,
+                                                         "prompt": PROMPT})
+        assert r.status_code == 429, r.text
+        assert r.json()["error"]["code"] == "request_exceeds_token_limit"
+        r = client.post("/v1/images/generations", json={
+            "model": IMAGE_MODEL, "prompt": PROMPT, "width": 32, "height": 32, "steps": 2,
+            "response_format": "base64"})
+        assert r.status_code == 200, r.text
+        used = 1000 - int(r.headers["x-tokenlimit-remaining"])
+        assert used == 1 + int(np.ceil(32 * 32 * 2 / 1000))
+
+
 def test_models_lists_the_image_and_video_models_with_their_types(http):
     listed = {m["id"]: m for m in http.get("/v1/models").json()}
     assert listed[IMAGE_MODEL]["type"] == listed[FLUX_MODEL]["type"] == "image"

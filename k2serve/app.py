@@ -13,6 +13,7 @@ from k2serve.api.batch_runner import BatchRunner
 from k2serve.api.batch_store import FileBlobs, MemoryBatchStore
 from k2serve.api.errors import install_error_handlers
 from k2serve.api.http_metrics import HttpMetricsMiddleware
+from k2serve.api.media_links import MediaFiles
 from k2serve.api.middleware import (
     DEFAULT_BODY_TIMEOUT_S,
     DEFAULT_MAX_BODY_BYTES,
@@ -26,11 +27,12 @@ from k2serve.api.response_store import MemoryResponseStore
 from k2serve.api.routes import (
     audio,
     batches,
-    capabilities,
     chat,
     completions,
     embeddings,
     files,
+    images,
+    media,
     messages,
     metrics,
     models,
@@ -39,8 +41,11 @@ from k2serve.api.routes import (
     rerank,
     responses,
     tokenize,
+    videos,
 )
 from k2serve.api.usage import log_usage
+from k2serve.api.video_runner import VideoRunner
+from k2serve.api.video_store import MemoryVideoStore
 from k2serve.media import MediaPolicy
 from k2serve.platform.middleware import PlatformMiddleware
 from k2serve.serving.registry import ModelRegistry
@@ -65,7 +70,9 @@ def create_app(registry: ModelRegistry, *, max_body_bytes: int = DEFAULT_MAX_BOD
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         await app.state.batch_runner.start()  # resumes the batches a restart interrupted
+        await app.state.video_runner.start()  # ... and the video jobs
         yield
+        await app.state.video_runner.stop()
         await app.state.batch_runner.stop()
         for backend in registry.backends():
             backend.shutdown()
@@ -81,12 +88,15 @@ def create_app(registry: ModelRegistry, *, max_body_bytes: int = DEFAULT_MAX_BOD
     app.state.response_store = MemoryResponseStore()  # a platform puts its database's in
     app.state.batch_store = MemoryBatchStore()  # ... and its database's here
     app.state.file_blobs = FileBlobs()  # a temporary directory; a platform's data directory
+    app.state.media_files = MediaFiles()  # generated images and videos: the same
+    app.state.video_store = MemoryVideoStore()  # a platform puts its database's in
+    app.state.video_runner = VideoRunner(app)
     app.state.max_file_bytes = max_file_bytes
     app.state.media_policy = media_policy or MediaPolicy.from_env()
     app.state.batch_runner = BatchRunner(app)
     install_error_handlers(app)
     for module in (models, chat, completions, messages, responses, audio, embeddings, rerank,
-                   moderations, capabilities, tokenize, files, batches, metrics,
+                   moderations, images, videos, media, tokenize, files, batches, metrics,
                    playground):
         app.include_router(module.router)
 

@@ -95,6 +95,19 @@ def _serve(args: argparse.Namespace) -> int:
     register_families(registry, families - {"chat"},
                       FamilyOptions(data_dir=str(data_dir(args.data_dir)),
                                     progress=not args.quiet))
+    for kind, values, name in (("image", args.image_model, args.image_model_name),
+                               ("video", args.video_model, args.video_model_name)):
+        if name and len(values) != 1:
+            print(f"k2serve: --{kind}-model-name names one --{kind}-model; with several, "
+                  f"give each its id as ID=DIR", file=sys.stderr)
+            return 2
+        for value in values:
+            model_id, directory = _id_and_dir(value)
+            error = _register_diffusion(registry, kind, directory, model_id or name)
+            if error:
+                print(f"k2serve: cannot serve the {kind} model {directory}: {error}",
+                      file=sys.stderr)
+                return 2
     try:
         media_policy = MediaPolicy.from_env(
             allow_http=args.media_http or None,
@@ -138,6 +151,32 @@ def _serve(args: argparse.Namespace) -> int:
     finally:
         tracing.shutdown()  # export the spans still queued
     return 0
+
+
+def _id_and_dir(value: str) -> tuple[str | None, str]:
+    """`--image-model [ID=]DIR`: (ID or None, DIR)."""
+    import os
+
+    model_id, sep, directory = value.partition("=")
+    if sep and model_id and directory and not os.path.exists(value):
+        return model_id, directory
+    return None, value
+
+
+def _register_diffusion(registry, kind: str, directory: str, name: str | None) -> str | None:
+    """Register an image / video pipeline directory; the reason it cannot be, or None."""
+    from k2serve.diffusion.pipelines import diffusers_module
+    from k2serve.diffusion.serving import register_diffusion_model
+
+    try:
+        diffusers_module()
+    except RuntimeError as exc:  # not installed: which extra installs it
+        return str(exc)
+    try:
+        register_diffusion_model(registry, directory, kind, name=name)
+    except (FileNotFoundError, ValueError) as exc:
+        return str(exc)
+    return None
 
 
 def _display_host(host: str) -> str:
@@ -228,6 +267,20 @@ def build_parser() -> argparse.ArgumentParser:
                        help="model families to serve, comma-separated: chat, embedding "
                             "(+rerank), moderation, audio, or all (default). Families "
                             "beside chat load in the background after start-up")
+    serve.add_argument("--image-model", action="append", default=[], metavar="[ID=]DIR",
+                       help="serve POST /v1/images/generations with this diffusers pipeline "
+                            "directory (Stable Diffusion 1.x/2.x/XL, SD(XL)-Turbo, FLUX.1; "
+                            "needs `pip install 'k2serve[images]'`), under ID if given; "
+                            "repeatable")
+    serve.add_argument("--image-model-name", default=None, metavar="ID",
+                       help="the id of the one --image-model (default: the catalog id named "
+                            "like the directory, else the directory's name)")
+    serve.add_argument("--video-model", action="append", default=[], metavar="[ID=]DIR",
+                       help="serve video jobs (POST /v2/videos) with this diffusers video "
+                            "pipeline directory (LTX-Video, Wan, CogVideoX, ...; text- and "
+                            "image-to-video), under ID if given; repeatable")
+    serve.add_argument("--video-model-name", default=None, metavar="ID",
+                       help="the video model's id (default: as for --image-model-name)")
     serve.add_argument("--max-body-bytes", type=int, default=16 * 1024 * 1024,
                        help="larger request bodies get 413")
     serve.add_argument("--body-timeout", type=float, default=30.0,

@@ -77,3 +77,35 @@ def embedding_backend_for(request: Request, model_id: str, endpoint: str, action
                             f"{action}; it serves {what_it_serves(spec.type)}. {alternatives}",
                        param="model", code="model_not_supported")
     return backend
+
+
+# An image / video model's endpoint -> (its model type, what it does, the serve flag)
+DIFFUSION_ENDPOINTS = {
+    "images": ("image", "generate images", "--image-model DIR"),
+    "videos": ("video", "generate videos", "--video-model DIR"),
+}
+
+
+def diffusion_backend_for(request: Request, model_id, endpoint: str):
+    """(model id, DiffusionBackend) of an image or video request's `model`: 400 for a missing
+    one, 404 for an unknown one, 400 for a model of another type; with no such model
+    configured, each says which `k2serve serve` flag serves one."""
+    registry = registry_of(request)
+    needed, action, flag = DIFFUSION_ENDPOINTS[endpoint]
+    capable = [s.id for s, _ in registry.serving(endpoint)]
+    hint = (f"Models that can: {', '.join(capable)}." if capable else
+            f"This server has no {needed} model configured: start it with `k2serve serve "
+            f"{flag}` (a diffusers pipeline directory).")
+    if model_id is None or model_id == "":
+        raise APIError(400, f"Missing required parameter: 'model'. {hint}", param="model")
+    if not isinstance(model_id, str):
+        raise APIError(400, "'model' must be a string.", param="model")
+    entry = registry.get(model_id)
+    if entry is None:
+        raise APIError(404, f"The model '{model_id[:256]}' does not exist or is not served "
+                            f"here. {hint}", param="model", code="model_not_found")
+    if not entry.serves(endpoint):
+        raise APIError(400, f"The model '{model_id}' is a {entry.spec.type} model and cannot "
+                            f"{action}; it serves {what_it_serves(entry.spec.type)}. {hint}",
+                       param="model", code="model_not_supported")
+    return model_id, entry.backend

@@ -100,6 +100,12 @@ class UsageTracker:
             except RuntimeError:  # no event loop (a direct caller): report on the next delta
                 pass
 
+    def set_usage(self, prompt_tokens: int, completion_tokens: int) -> None:
+        """A request that is not a text generation (an image, a video): its whole usage at
+        once, when its work is done (k2serve.diffusion.serving says what its tokens count)."""
+        self.record.prompt_tokens = prompt_tokens
+        self._completion[0] = completion_tokens
+
     def snapshot(self) -> "UsageRecord":
         """The usage so far, as a record with status `in_progress`."""
         return dataclasses.replace(self.record, completion_tokens=sum(self._completion),

@@ -188,7 +188,9 @@ class Admission:
             return 0, 0  # the route answers 404 / 400
         if endpoint in GENERATING_ENDPOINTS:
             return generation_usage_bound(endpoint, served.backend, body, scope)
-        return served.backend.usage_bound(body), 0  # all billed as input
+        bound = served.backend.usage_bound(body)
+        # An image/video model bounds (images, kilopixel-steps); the others their input.
+        return bound if isinstance(bound, tuple) else (bound, 0)
 
     def _upper_bound(self, body: dict, raw: bytes) -> tuple[int, int]:
         """A reservation without tokenizing: no prompt has more tokens than bytes (+ a

@@ -22,6 +22,7 @@ from starlette.datastructures import Headers
 
 from k2serve.api.batch_runner import BATCH_SCOPE
 from k2serve.api.errors import error_response
+from k2serve.api.media_links import PATH as SIGNED_MEDIA
 from k2serve.api.middleware import BodyLimits, read_body, replay
 from k2serve.api.request_scope import scope_state
 from k2serve.api.routes.files import PRESIGNED_UPLOAD
@@ -41,6 +42,8 @@ GENERATION_PATHS = {"/v1/chat/completions": "chat.completions", "/v1/completions
 GENERATION_PATHS.update({  # billed by audio seconds / characters (k2serve.api.routes.audio)
     "/v1/audio/speech": "audio.speech", "/v1/audio/generations": "audio.speech",
     "/v1/audio/transcriptions": "audio.transcribe", "/v1/audio/translations": "audio.translate"})
+GENERATION_PATHS.update({  # billed per image / video and megapixel-step (k2serve.diffusion)
+    "/v1/images/generations": "images", "/v2/videos": "videos", "/v1/videos": "videos"})
 PUBLIC_PATHS = frozenset({"/health", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
 PUBLIC_PREFIX = "/playground"  # static files; the page's API calls carry the user's key
 ADMIN_PREFIX = "/admin/"
@@ -60,8 +63,10 @@ class PlatformMiddleware:
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or _public(scope["path"]) or (
-                scope["method"] == "PUT" and PRESIGNED_UPLOAD.fullmatch(scope["path"])):
-            return await self.app(scope, receive, send)  # an upload URL's token is its key
+                scope["method"] == "PUT" and PRESIGNED_UPLOAD.fullmatch(scope["path"])) or (
+                scope["method"] in ("GET", "HEAD") and SIGNED_MEDIA.fullmatch(scope["path"])):
+            return await self.app(scope, receive, send)  # an upload URL's or a media link's
+            # signature is its key
         platform = self.platform
         rs = scope_state(scope)
         rs.request_id = rs.request_id or uuid.uuid4().hex

@@ -199,3 +199,18 @@ class EndpointUsageRow(Base):
     cost_usd: Mapped[float] = mapped_column(Double)
 
     __table_args__ = (Index("ix_endpoint_usage_key_started", "api_key_id", "started_at"),)
+
+
+class VideoJobRow(Base):
+    """A video generation job: its status (for the runner's queries) and its whole record
+    as JSON (k2serve.api.video_store.VideoJob)."""
+
+    __tablename__ = "video_jobs"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    api_key_id: Mapped[str | None] = mapped_column(
+        String(32), ForeignKey("api_keys.id"), nullable=True)
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    created_at: Mapped[float] = mapped_column(Double)
+    updated_at: Mapped[float] = mapped_column(Double)
+    record: Mapped[str] = mapped_column(Text)

@@ -1,4 +1,5 @@
-"""What a request costs: its model's catalog price per 1M tokens (`ModelSpec.pricing`)."""
+"""What a request costs: its model's catalog price per 1M tokens (`ModelSpec.pricing`), or
+per image and megapixel-step for an image or video model."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ def cost_usd(pricing: Pricing | None, prompt_tokens: int, cached_tokens: int,
     cached_price = pricing.cached_input if pricing.cached_input is not None else pricing.input
     cost = ((prompt_tokens - cached) * pricing.input + cached * cached_price
             + completion_tokens * pricing.output) / 1_000_000
+    # An image or video model's "tokens": images made and kilopixel-steps.
+    cost += pricing.media_cost(prompt_tokens, completion_tokens)
     return cost * pricing.batch if batch else cost
 
 

@@ -14,6 +14,7 @@ import os
 from starlette.concurrency import run_in_threadpool
 
 from k2serve.api.batch_store import FileBlobs
+from k2serve.api.media_links import MediaFiles
 from k2serve.api.responses_request import with_history
 from k2serve.errors import APIError
 from k2serve.platform.admission import Admission
@@ -24,7 +25,8 @@ from k2serve.platform.db import Database, open_database, redact
 from k2serve.platform.db import data_dir as data_directory
 from k2serve.platform.endpoint_billing import endpoint_usage_totals
 from k2serve.platform.keys import KeyInfo, KeyStore
-from k2serve.platform.ledger import LedgerWriter, usage_by_day, usage_totals
+from k2serve.platform.ledger import LedgerRow, LedgerWriter, usage_by_day, usage_totals
+from k2serve.platform.pricing import cost_usd, pricing_for
 from k2serve.platform.ratelimit import (
     WINDOW_S,
     MemoryBudgetHolds,
@@ -37,13 +39,15 @@ from k2serve.platform.ratelimit import (
 from k2serve.platform.response_store import DatabaseResponseStore
 from k2serve.platform.retries import RetryGuard
 from k2serve.platform.settlement import LedgerObserver, Settlement
+from k2serve.platform.video_store import DatabaseVideoStore
 
 log = logging.getLogger("k2serve.platform")
 
 
 class Platform:
     def __init__(self, db: Database, *, host: str = "127.0.0.1", redis_url: str | None = None,
-                 window_s: float = WINDOW_S, files_dir: str | os.PathLike | None = None):
+                 window_s: float = WINDOW_S, files_dir: str | os.PathLike | None = None,
+                 media_dir: str | os.PathLike | None = None):
         self.db = db
         self.keys = KeyStore(db)
         self.redis_url = redis_url
@@ -62,7 +66,9 @@ class Platform:
         self.settlement = Settlement(self.writer, self.limiter, self.budgets, self.retries)
         self.responses = DatabaseResponseStore(db)
         self.batches = DatabaseBatchStore(db)
+        self.videos = DatabaseVideoStore(db)
         self.file_blobs = FileBlobs(files_dir)  # None: a temporary directory
+        self.media_files = MediaFiles(media_dir)  # generated images and videos; the same
         self.endpoints = None  # the EndpointManager, under `k2serve serve --ray`
         self._closed = False
 
@@ -76,7 +82,10 @@ class Platform:
         app.state.endpoints = self.endpoints
         app.state.response_store = self.responses
         app.state.batch_store = self.batches
+        app.state.video_store = self.videos
+        app.state.bill_detached = self.bill_detached
         app.state.file_blobs = self.file_blobs
+        app.state.media_files = self.media_files
         app.state.metrics_sources.append(self.live_metrics)
         app.include_router(admin.router)
         app.include_router(usage_routes.router)
@@ -181,6 +190,18 @@ class Platform:
     def after_app(self, ctx: RequestContext) -> None:
         self.settlement.after_app(ctx)
 
+    def bill_detached(self, record, key_id: str | None) -> None:
+        """A ledger row of its own for work that no request is waiting on any more: a video
+        job run again after a restart (its request's row was closed as `interrupted`)."""
+        self.writer.submit(LedgerRow(
+            request_id=record.request_id, api_key_id=key_id, model=record.model,
+            endpoint=record.endpoint, status=record.status, started_at=record.started_at,
+            prompt_tokens=record.prompt_tokens, completion_tokens=record.completion_tokens,
+            cost_usd=cost_usd(pricing_for(self.settlement.registry, record.model),
+                              record.prompt_tokens, 0, record.completion_tokens),
+            http_status=200, error=record.error and record.error[:64],
+            duration_s=record.duration_s))
+
     def reservation(self, endpoint: str | None, body: dict, raw: bytes) -> int:
         """Tokens to hold against TPM: prompt tokens + n x the most the request may generate."""
         return sum(self.admission.usage_bound(endpoint, body, raw))
@@ -226,4 +247,5 @@ def open_platform(*, database_url: str | None = None, data_dir: str | None = Non
             db.close()
             raise RuntimeError(f"cannot reach Redis at {redact(redis_url)}: {exc}") from exc
     return Platform(db, host=host, redis_url=redis_url, window_s=window_s,
-                    files_dir=data_directory(data_dir) / "files")
+                    files_dir=data_directory(data_dir) / "files",
+                    media_dir=data_directory(data_dir) / "media")

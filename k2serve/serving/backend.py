@@ -12,6 +12,7 @@ model up for its endpoint (`ModelRegistry.lookup`) knows what it holds:
 - `embeddings`, `rerank`, `audio.speech`, `audio.transcribe`, `audio.translate` ->
   `MeteredBackend`: a bound on a request's tokens from its body alone, for rate limits.
 - `moderations` -> k2serve.safety.serving.ModerationBackend (`classify`).
+- `images`, `videos` -> k2serve.diffusion.serving.DiffusionBackend (a diffusers pipeline).
 
 A model's price is the registry's (`ModelSpec.pricing`): it belongs to the model id a key is
 billed for, not to whichever engine runs it.
@@ -124,8 +125,9 @@ class GenerationBackend(ModelBackend, Protocol):
 class MeteredBackend(ModelBackend, Protocol):
     """A backend whose requests' tokens are bounded from the body alone (no tokenizing)."""
 
-    def usage_bound(self, body: dict) -> int:
-        """The most tokens the request may use, held against the key's TPM until it ends."""
+    def usage_bound(self, body: dict) -> int | tuple[int, int]:
+        """The most tokens the request may use, held against the key's TPM until it ends
+        (an image or video model: (images, kilopixel-steps), k2serve.diffusion.serving)."""
 
 
 _MODEL_BACKEND_MEMBERS = ("endpoints", "load_state", "stats", "healthy", "shutdown")

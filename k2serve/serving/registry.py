@@ -23,12 +23,24 @@ class Pricing:
     finetune: float = 0.0
     cached_input: float | None = None
     batch: float = 0.5  # the share of the price a batch line pays (Together: 50% off)
+    # Image and video models (k2serve.diffusion), whose ledger rows count images (videos) as
+    # prompt tokens and kilopixel-steps as completion tokens: USD per image (video) made and
+    # per megapixel-step (width x height x steps [x frames] / 1e6).
+    image: float = 0.0
+    megapixel_step: float = 0.0
+
+    def media_cost(self, count: int, kilopixel_steps: int) -> float:
+        """USD for `count` images (videos) of `kilopixel_steps` in all."""
+        return count * self.image + kilopixel_steps * self.megapixel_step / 1000
 
     def as_dict(self) -> dict[str, float]:
         d = {"hourly": self.hourly, "input": self.input, "output": self.output,
              "base": self.base, "finetune": self.finetune}
         if self.cached_input is not None:
             d["cached_input"] = self.cached_input
+        if self.image or self.megapixel_step:
+            d["per_image"] = self.image
+            d["per_megapixel_step"] = self.megapixel_step
         return d
 
 

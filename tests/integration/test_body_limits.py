@@ -110,7 +110,7 @@ def assert_error(body: dict, code: str) -> None:
     assert body["error"]["code"] == code and body["error"]["type"] == "invalid_request_error"
 
 
-@pytest.mark.parametrize("path", ["/v1/completions", "/v1/images/generations", "/admin/usage"])
+@pytest.mark.parametrize("path", ["/v1/completions", "/tokenize", "/admin/usage"])
 def test_a_bad_key_is_refused_before_the_body_is_sent(live, path):
     """The body never comes; the 401 does, and before the body deadline (had the server
     waited for the body first, this would be a 408 after a second, or a hang)."""
@@ -147,7 +147,7 @@ def test_authentication_reads_no_body(tmp_path):
     assert calls == []
 
 
-@pytest.mark.parametrize("path", ["/v1/completions", "/v1/images/generations"])
+@pytest.mark.parametrize("path", ["/v1/completions", "/tokenize"])
 def test_a_stalled_body_gets_408_within_the_deadline(live, path):
     """Headers and part of a body, then nothing: 408 in the error shape about the deadline
     later, and the connection closed (a generation endpoint's body is read by the platform,
@@ -190,7 +190,7 @@ def test_an_oversized_body_gets_413_before_it_is_sent(live):
     assert elapsed < BODY_TIMEOUT_S and closed
 
 
-@pytest.mark.parametrize("path", ["/v1/completions", "/v1/images/generations"])
+@pytest.mark.parametrize("path", ["/v1/completions", "/tokenize"])
 def test_an_oversized_chunked_body_gets_413(live, path):
     port, key = live
     chunk = b"x" * 1000

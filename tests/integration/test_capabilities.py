@@ -1,4 +1,4 @@
-"""Endpoints of model types not served yet answer what the model can do, not an unknown path."""
+"""A model sent to an endpoint of another type answers what the model can do (and, for\nimage and video endpoints without such a model, the flag that serves one)."""
 
 from __future__ import annotations
 
@@ -22,6 +22,21 @@ def test_a_chat_model_sent_to_another_endpoint_says_what_it_is(http, path, actio
     assert err["param"] == "model" and err["code"] == "model_not_supported"
     assert f"is a chat model and cannot {action}" in err["message"]
     assert EMBEDDED_ID in err["message"]
+
+
+@pytest.mark.parametrize("path,flag", [("/v1/images/generations", "--image-model DIR"),
+                                       ("/v2/videos", "--video-model DIR"),
+                                       ("/v1/videos", "--video-model DIR")])
+def test_without_an_image_or_video_model_the_error_names_the_flag(http, path, flag):
+    """The seed's curl snippets name the chat model; with no such model configured, the
+    answer says which `k2serve serve` flag serves one."""
+    body = {"model": "moonshotai/Kimi-K2-Instruct-0905", "prompt": "Draw a cat"}
+    for model, status in ((EMBEDDED_ID, 400), ("moonshotai/Kimi-K2-Instruct-0905", 404),
+                          (None, 400)):
+        r = http.post(path, json={**body, "model": model})
+        assert r.status_code == status, r.text
+        err = r.json()["error"]
+        assert err["param"] == "model" and f"`k2serve serve {flag}`" in err["message"]
 
 
 def test_unknown_model_and_missing_model(http):

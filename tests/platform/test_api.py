@@ -413,12 +413,11 @@ def test_dropped_stream_on_a_real_server_is_billed_for_what_it_produced(database
     assert int(peek.headers["x-tokenlimit-remaining"]) == 1000 - row.total_tokens
 
 
-# POST endpoints that are never billed: they answer 400/404 until such a model is served
-# (k2serve.api.routes.capabilities).
-UNBILLED_POSTS = {"/v1/images/generations", "/v1/videos", "/v2/videos",
-                  "/v1/messages/count_tokens", "/tokenize", "/v1/tokenize",  # count a prompt
+# POST endpoints that are never billed.
+UNBILLED_POSTS = {"/v1/messages/count_tokens", "/tokenize", "/v1/tokenize",  # count a prompt
                   "/detokenize", "/v1/detokenize",
                   "/v1/responses/{response_id}/cancel",  # stops a billed generation
+                  "/v2/videos/{video_id}/cancel", "/v1/videos/{video_id}/cancel",  # the same
                   "/v1/files", "/v1/files/upload", "/v1/files/{file_id}/preprocess",
                   "/v1/batches",  # each line is billed as the request it is
                   "/v1/batches/{batch_id}/cancel",

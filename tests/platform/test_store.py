@@ -31,7 +31,7 @@ def test_migrations_build_the_models_schema_and_rerun_cleanly(database):
         db_indexes = {i["name"] for i in insp.get_indexes(table.name)}
         assert {i.name for i in table.indexes} <= db_indexes
     with database.engine.connect() as conn:
-        assert conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar() == "0005"
+        assert conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar() == "0006"
     if database.dialect == "sqlite":
         assert database.journal_mode() == "wal"
 
@@ -208,6 +208,10 @@ def test_pricing_and_since_parsing():
     half = Pricing(input=1.0, output=3.0, cached_input=0.5)
     assert cost_usd(half, 1000, 400, 0) == pytest.approx((600 * 1.0 + 400 * 0.5) / 1e6)
     assert cost_usd(None, 5, 0, 5) == 0.0
+    # An image model: 2 images at $0.01 each + 4096 kilopixel-steps at $0.002 per MP-step.
+    media = Pricing(image=0.01, megapixel_step=0.002)
+    assert cost_usd(media, 2, 0, 4096) == pytest.approx(2 * 0.01 + 4.096 * 0.002)
+    assert cost_usd(media, 2, 0, 4096, batch=True) == pytest.approx((0.02 + 0.008192) / 2)
     assert parse_since("90m", now=10_000) == 10_000 - 5400
     assert parse_since("7d", now=1e6) == 1e6 - 7 * 86400
     assert parse_since("2026-01-01") == 1767225600.0

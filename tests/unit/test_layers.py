@@ -16,7 +16,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("entry points", {"cli", "endpoints_cli", "doctor", "bench", "app", "top"}),
     ("platform", {"platform"}),
     ("api", {"api"}),
-    ("model families", {"audio", "embeddings", "safety"}),
+    ("model families", {"audio", "embeddings", "safety", "diffusion"}),
     ("serving", {"serving"}),
     ("engine", {"engine"}),
     ("models", {"models"}),

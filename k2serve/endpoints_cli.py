@@ -12,6 +12,8 @@ import json
 import os
 import sys
 
+from k2serve.platform.cli import print_table
+
 
 def _client_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--url", default=os.environ.get("K2SERVE_URL", "http://127.0.0.1:8000"),
@@ -132,7 +134,7 @@ def _list(args) -> int:
     rows = [("ID", "NAME", "MODEL", "STATE", "OWNER", "CREATED")]
     rows += [(e["id"], e["name"], e["model"], e["state"], e["owner"], e["created_at"])
              for e in data]
-    _table(rows)
+    print_table(rows)
     return 0
 
 
@@ -179,11 +181,5 @@ def _hardware(args) -> int:
     rows += [(h["id"], str(h["specs"]["gpu_count"]), h["specs"]["gpu_type"],
               f"{h['specs']['gpu_memory']:g} GB", f"{h['pricing']['cents_per_minute']:g}",
               (h.get("availability") or {}).get("status", "-")) for h in data]
-    _table(rows)
+    print_table(rows)
     return 0
-
-
-def _table(rows: list[tuple[str, ...]]) -> None:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
-        print("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip())

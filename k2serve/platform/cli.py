@@ -146,7 +146,7 @@ def _keys_list(args) -> int:
                      ",".join(k.allowed_models) if k.allowed_models else "all",
                      f"${k.budget_usd:.4f}" if k.budget_usd is not None else "-",
                      f"${k.spent_usd:.6f}", _when(k.created_at), _when(k.last_used_at)))
-    _table(rows)
+    print_table(rows)
     return 0
 
 
@@ -197,18 +197,19 @@ def _usage(args) -> int:
                      str(k["cached_tokens"]), str(k["completion_tokens"]),
                      str(k["total_tokens"]), f"{k['cost_usd']:.8f}",
                      str(k["batch_requests"]), f"{k['batch_cost_usd']:.8f}"))
-    _table(rows)
+    print_table(rows)
     if totals["dedicated"]:
         print("\nDedicated endpoints (replica time at the hardware's price per minute):")
         rows = [("KEY", "ENDPOINT", "HARDWARE", "REPLICA MIN", "COST USD")]
         rows += [(d["key"] or "(no key: open mode)", d["endpoint"], d["hardware"],
                   f"{d['replica_minutes']:.4f}", f"{d['cost_usd']:.8f}")
                  for d in totals["dedicated"]]
-        _table(rows)
+        print_table(rows)
     return 0
 
 
-def _table(rows: list[tuple[str, ...]]) -> None:
+def print_table(rows: list[tuple[str, ...]]) -> None:
+    """Rows of cells as left-aligned columns."""
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip())

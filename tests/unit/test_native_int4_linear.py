@@ -19,6 +19,7 @@ from k2serve import native  # noqa: E402
 from k2serve.models.layers.int4_linear import Int4Linear  # noqa: E402
 from k2serve.models.loaders.gguf import GGUFCheckpoint  # noqa: E402
 from tests.tiny_models import smollm2_gguf_path  # noqa: E402
+from tests.unit.int4_weights import weight_of  # noqa: E402
 from tests.unit.test_quantized_linear import _q4_k, _synthetic  # noqa: E402
 
 kernels = native.kernels()
@@ -30,11 +31,6 @@ Q = gguf.GGMLQuantizationType
 @pytest.fixture(scope="module")
 def smollm2():
     return GGUFCheckpoint(smollm2_gguf_path())
-
-
-def weight_of(q, scale, minimum):
-    n, k = q.shape
-    return (q.double().view(n, k // 32, 32) * scale.double()[..., None] + minimum.double()[..., None]).view(n, k)
 
 
 def assert_within_bound(y, x, w):

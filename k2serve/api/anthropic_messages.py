@@ -198,14 +198,29 @@ def _user(blocks: list[dict], where: str) -> list[dict]:
         elif block["type"] == "text":
             parts.append({"type": "text", "text": block["text"]})
         elif block["type"] == "image":
-            raise bad_request("This model accepts text only; the message contains an image "
-                              "block.", param=f"{where}.{j}", code="unsupported_content_type")
+            parts.append({"type": "image_url",
+                          "image_url": {"url": _image_url(block.get("source"), f"{where}.{j}")}})
         else:
             raise bad_request(f"A user message cannot hold a {block['type']} block.",
                               param=f"{where}.{j}.type")
-    if parts:
+    if any(p["type"] == "image_url" for p in parts):  # the chat route fetches and checks them
+        out.append({"role": "user", "content": parts})
+    elif parts:
         out.append({"role": "user", "content": "".join(p["text"] for p in parts)})
     return out
+
+
+def _image_url(source: Any, where: str) -> str:
+    """An image block's source as the URL a chat image_url part carries: base64 data as a
+    data: URL, a url source as it is (fetched under the server's media policy)."""
+    kind = source.get("type") if isinstance(source, dict) else None
+    if kind == "base64" and isinstance(source.get("data"), str) \
+            and isinstance(source.get("media_type"), str):
+        return f"data:{source['media_type']};base64,{source['data']}"
+    if kind == "url" and isinstance(source.get("url"), str):
+        return source["url"]
+    raise bad_request("An image block's source is {type: base64, media_type, data} or "
+                      "{type: url, url}.", param=f"{where}.source")
 
 
 def _tool_result_text(block: dict, where: str) -> str:

@@ -170,7 +170,15 @@ def _message_item(item: dict, where: str) -> dict:
     if isinstance(content, str):
         parts = [{"type": part, "text": content}]
     else:
-        _text_of(content, f"{where}.content", TEXT_PARTS + ("refusal",), "")  # validates
+        images = role != "assistant" and isinstance(content, list)
+        _text_of([p for p in content if not (images and _is_image(p))] if images else content,
+                 f"{where}.content", TEXT_PARTS + ("refusal",), "")  # validates
+        for j, p in enumerate(content if images else []):
+            if _is_image(p) and not isinstance(p.get("image_url"), str):
+                raise bad_request("An input_image part needs image_url (a data: URL, or "
+                                  "http(s) where the server allows it); file_id images are "
+                                  "not stored here.", param=f"{where}.content[{j}].image_url",
+                                  code="unsupported_content_type")
         parts = [dict(p) for p in content]
     if role == "assistant":
         for p in parts:
@@ -178,6 +186,10 @@ def _message_item(item: dict, where: str) -> dict:
                 p.setdefault("annotations", [])
     return {"id": item.get("id") or new_id("msg"), "type": "message", "role": role,
             "status": "completed", "content": parts}
+
+
+def _is_image(part: Any) -> bool:
+    return isinstance(part, dict) and part.get("type") == "input_image"
 
 
 def _text_of(parts: Any, where: str, kinds: tuple[str, ...], sep: str) -> str:
@@ -231,8 +243,13 @@ def chat_messages(items: list[dict], instructions: str | None) -> list[dict]:
         else:
             role = item["role"]
             sep = "" if role == "assistant" else "\n"
-            text = sep.join(p.get("text", p.get("refusal", "")) for p in item["content"])
-            messages.append({"role": role, "content": text})
+            if any(_is_image(p) for p in item["content"]):  # chat parts: the route fetches them
+                content: Any = [{"type": "image_url", "image_url": {"url": p["image_url"]}}
+                                if _is_image(p) else {"type": "text", "text": p.get("text", "")}
+                                for p in item["content"]]
+            else:
+                content = sep.join(p.get("text", p.get("refusal", "")) for p in item["content"])
+            messages.append({"role": role, "content": content})
         if kind in ("message", "function_call") and messages[-1]["role"] == "assistant" \
                 and reasoning:
             messages[-1]["reasoning_content"] = "\n".join(reasoning)

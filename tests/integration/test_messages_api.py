@@ -145,7 +145,7 @@ def test_structured_output_follows_the_schema(client):
      "messages.0.content.0.type"),
     ({"max_tokens": 5, "messages": [{"role": "user", "content": [
         {"type": "image", "source": {"type": "base64", "media_type": "image/png",
-                                     "data": "iVBORw0KGgo="}}]}]}, "messages.0.content.0"),
+                                     "data": "iVBORw0KGgo="}}]}]}, "--vision-model"),
     ({"max_tokens": 5, "messages": QUESTION + [{"role": "assistant", "content": "Red,"}]},
      "messages.1.role"),
     ({"max_tokens": 5, "messages": QUESTION, "tools": [{"type": "web_search_20250305",

@@ -161,8 +161,8 @@ def test_json_schema_text_format(client):
     ({"truncation": "auto"}, "truncation"),
     ({"prompt": {"id": "pmpt_1"}}, "prompt"),
     ({"input": [{"role": "user", "content": [
-        {"type": "input_image", "image_url": "https://example.com/a.png"}]}]},
-     "input[0].content[0]"),
+        {"type": "input_image", "file_id": "file_1"}]}]},
+     "input[0].content[0].image_url"),
     ({"tool_choice": {"type": "file_search"}}, "tool_choice"),
     ({"text": {"format": {"type": "json_schema", "name": "x"}}}, "text.format.schema"),
     ({"max_output_tokens": 0}, "max_output_tokens"),
@@ -177,6 +177,16 @@ def test_what_is_not_implemented_is_a_400_naming_it(client, fields, param):
                                 max_output_tokens=body["max_output_tokens"], extra_body=extra)
     assert err.value.body["param"] == param, err.value.body
     assert err.value.body["message"]
+
+
+def test_an_image_for_a_text_only_model_names_the_vision_flag(client):
+    with pytest.raises(openai.BadRequestError) as err:
+        client.responses.create(model=EMBEDDED_ID, max_output_tokens=4, input=[
+            {"role": "user", "content": [{"type": "input_image",
+                                          "image_url": "https://example.com/a.png"}]}])
+    assert err.value.body["code"] == "unsupported_content_type"
+    assert "--vision-model" in err.value.body["message"], err.value.body
+    assert err.value.body["param"] == "input.0.content", err.value.body
 
 
 def test_store_false_previous_unknown_and_delete(client):

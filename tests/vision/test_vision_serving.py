@@ -173,3 +173,42 @@ def test_media_refusals_are_400s(client, image_host, url, code, words):
     error = caught.value.body
     assert error["code"] == code and words in error["message"]
     assert error["param"] == "messages.0.content.1.image_url"
+
+
+def _png_base64(image: Image.Image) -> str:
+    return data_url(image).split(",", 1)[1]
+
+
+def test_anthropic_and_responses_image_inputs_reach_the_vision_model(vision_server, client):
+    """An Anthropic image block (base64 source) and a Responses input_image part are the
+    same image to the model as a chat image_url part: the same greedy reply."""
+    anthropic = pytest.importorskip("anthropic")
+    image, text = picture(50, 37, 1), "What is this?"
+    chat = client.chat.completions.create(
+        model=VISION_ID, messages=[{"role": "user", "content": image_message(image, text)}],
+        temperature=0, max_tokens=8).choices[0].message.content
+    messages = anthropic.Anthropic(base_url=vision_server.root, api_key="local", max_retries=0)
+    reply = messages.messages.create(model=VISION_ID, max_tokens=8, extra_body={"temperature": 0}, messages=[
+        {"role": "user", "content": [
+            {"type": "image", "source": {"type": "base64", "media_type": "image/png",
+                                         "data": _png_base64(image)}},
+            {"type": "text", "text": text}]}])
+    assert "".join(b.text for b in reply.content if b.type == "text") == chat
+    response = client.responses.create(model=VISION_ID, max_output_tokens=8, temperature=0,
+                                       input=[{"role": "user", "content": [
+                                           {"type": "input_image", "image_url": data_url(image)},
+                                           {"type": "input_text", "text": text}]}])
+    assert response.output_text == chat
+    # Anthropic counts cache reads apart: the same image's prompt was cached by the chat call
+    counted = reply.usage.input_tokens + reply.usage.cache_read_input_tokens
+    assert response.usage.input_tokens == counted > 20
+
+    with pytest.raises(anthropic.BadRequestError) as caught:  # a text-only model
+        messages.messages.create(model=TEXT_ID, max_tokens=4, messages=[{"role": "user", "content": [
+            {"type": "image", "source": {"type": "base64", "media_type": "image/png",
+                                         "data": _png_base64(image)}}]}])
+    assert "--vision-model" in caught.value.body["error"]["message"]
+    with pytest.raises(anthropic.BadRequestError) as caught:  # a source it cannot read
+        messages.messages.create(model=VISION_ID, max_tokens=4, messages=[{"role": "user", "content": [
+            {"type": "image", "source": {"type": "file", "file_id": "file_1"}}]}])
+    assert "source" in caught.value.body["error"]["message"]

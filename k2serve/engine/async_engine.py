@@ -47,10 +47,12 @@ class Reservation:
     Event loop thread only.
     """
 
-    def __init__(self, engine: AsyncEngine | None, owner: str | None, slots: int):
+    def __init__(self, engine: AsyncEngine | None, owner: str | None, slots: int,
+                 priority: int = 0):
         self._engine = engine
         self.owner = owner
         self.unstarted = slots
+        self.priority = priority  # of the requests it starts (GenerationRequest.priority)
 
     def start_one(self) -> None:
         """One slot starts generating: generate() counts it as in flight from now on."""
@@ -156,13 +158,15 @@ class AsyncEngine:
     def in_flight(self) -> int:
         return self._in_flight
 
-    def reserve(self, num_requests: int, owner: str | None = None) -> Reservation:
+    def reserve(self, num_requests: int, owner: str | None = None, priority: int = 0
+                ) -> Reservation:
         """Admit `num_requests` requests of `owner` (an API key id; None: anonymous) now,
         before their generation starts (a streamed reply starts it only after its headers are
-        sent), or raise EngineOverloaded / ShareExceeded. Release the result when done."""
+        sent), or raise EngineOverloaded / ShareExceeded. Release the result when done.
+        `priority`: of the requests in the engine's queue (0 interactive, 1 batch)."""
         self._admit(owner, num_requests)
         self._reserved += num_requests
-        return Reservation(self, owner, num_requests)
+        return Reservation(self, owner, num_requests, priority)
 
     def _admit(self, owner: str | None, count: int) -> None:
         """Count `count` more requests for `owner`, or refuse them.

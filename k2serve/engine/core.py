@@ -46,8 +46,8 @@ class EngineCore:
                          num_blocks=config.num_kv_blocks, max_bytes=config.kv_cache_bytes,
                          dtype=kv_dtype)
         self.blocks = BlockManager(self.kv.num_blocks, config.block_size)
-        self.scheduler = Scheduler(self.blocks, SchedulerConfig(config.max_num_seqs,
-                                                                config.max_step_tokens))
+        self.scheduler = Scheduler(self.blocks, SchedulerConfig(
+            config.max_num_seqs, config.max_step_tokens, config.mix_priorities))
 
     # -- requests -------------------------------------------------------------------
     def add(self, request: GenerationRequest) -> None:
@@ -76,6 +76,7 @@ class EngineCore:
 
     def stats(self) -> dict[str, int]:
         return {"running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
+                "waiting_batch": sum(s.priority > 0 for s in self.scheduler.waiting),
                 "kv_blocks_total": self.blocks.num_blocks, "kv_blocks_free": self.blocks.num_free,
                 "kv_block_size": self.blocks.block_size,
                 "preemptions": self.scheduler.num_preemptions,

@@ -23,6 +23,8 @@ class GenerationRequest:
     prompt_ids: list[int]
     params: SamplingParams
     owner: str | None = None  # who asked (API key id): waiting requests are admitted fairly
+    # Lower runs first: 0 interactive (the default), 1 a batch job's line (idle capacity).
+    priority: int = 0
 
 
 @dataclass
@@ -78,6 +80,10 @@ class Sequence:
     @property
     def owner(self) -> str | None:
         return self.request.owner
+
+    @property
+    def priority(self) -> int:
+        return self.request.priority
 
     @property
     def params(self) -> SamplingParams:

@@ -47,7 +47,8 @@ class EngineCore:
                          dtype=kv_dtype)
         self.blocks = BlockManager(self.kv.num_blocks, config.block_size)
         self.scheduler = Scheduler(self.blocks, SchedulerConfig(
-            config.max_num_seqs, config.max_step_tokens, config.mix_priorities))
+            config.max_num_seqs, config.max_step_tokens, config.mix_priorities,
+            config.background_step_tokens))
 
     # -- requests -------------------------------------------------------------------
     def add(self, request: GenerationRequest) -> None:

@@ -30,6 +30,7 @@ class SchedulerConfig:
     max_num_seqs: int
     max_step_tokens: int
     mix_priorities: bool = False  # see EngineConfig.mix_priorities
+    background_step_tokens: int = 32  # see EngineConfig.background_step_tokens
 
 
 class Scheduler:
@@ -69,7 +70,8 @@ class Scheduler:
 
         Unless `mix_priorities`, only the most urgent priority present computes; the others
         keep their KV blocks and wait for a step nothing more urgent needs (or one where
-        the urgent sequences can do nothing: waiting for a prefix another computes)."""
+        the urgent sequences can do nothing: waiting for a prefix another computes). A step
+        of background work only (priority > 0) computes at most `background_step_tokens`."""
         level = None
         if not self.config.mix_priorities and (self.running or self.waiting):
             level = min(seq.priority for seq in (*self.running, *self.waiting))
@@ -87,6 +89,8 @@ class Scheduler:
         self._preempted_now: set[int] = set()  # not re-admitted in the step that preempts
 
         budget = self.config.max_step_tokens
+        if level is not None and level > 0:  # only background work: keep the step short
+            budget = min(budget, self.config.background_step_tokens)
         decodes: list[tuple[Sequence, int]] = []
         for seq in list(self.running):
             if (seq.status is not SequenceStatus.RUNNING or not seq.is_decoding

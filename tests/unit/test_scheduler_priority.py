@@ -96,3 +96,15 @@ def test_owners_share_fairly_within_a_priority():
               seq("x1", 1, owner="c")):
         s.add(q)
     assert step(s) == ["a1", "b1", "a2"]  # fair between keys, interactive before batch
+
+
+def test_a_step_of_batch_work_alone_is_short():
+    """An interactive request arriving mid-step waits for at most a short step: batch
+    prompts go in background_step_tokens chunks, interactive ones in max_step_tokens."""
+    s = Scheduler(BlockManager(64, BLOCK), SchedulerConfig(8, 64, False, 8))
+    b1 = seq("b1", 1, prompt=20)
+    s.add(b1)
+    assert s.schedule() == [(b1, 8)]
+    b1.num_computed += 8
+    s.add(seq("i1", prompt=20))
+    assert [(q.request_id, n) for q, n in s.schedule()] == [("i1", 20)]

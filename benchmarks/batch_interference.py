@@ -4,9 +4,10 @@ a 1,000-line batch running on the same server, and the batch's progress meanwhil
     python benchmarks/batch_interference.py [--rounds 2] [--interactive 12] [--rate 0.3]
 
 Starts `k2serve serve` (the embedded model), then, each round: interactive requests alone
-(streamed chat, random prompts, Poisson arrivals: a low interactive load), then the same
-with a batch of `--batch-lines` chat lines (max_tokens 8) submitted just before, then the
-batch alone for a few seconds (its idle rate); the batch is cancelled at the round's end.
+(streamed chat, random prompts, Poisson arrivals: a low interactive load), and the same
+with a batch of `--batch-lines` chat lines (max_tokens 8) submitted just before, followed by
+the batch alone for a few seconds (its idle rate) and its cancel; the two phases in turn
+first (ABBA), so the machine's drift falls on both.
 Prints each phase and the medians over rounds: TTFT and TPOT with / without the batch, their
 ratio, and the batch's lines/min while interactive requests ran and alone.
 """
@@ -90,30 +91,39 @@ def main() -> int:
                     seed=999)  # warm-up: first-call costs out of the figures
         rounds = []
         for r in range(args.rounds):
-            alone = interactive(server.base_v1, args, seed=2 * r)
-            batch_id = submit(root, batch_file(model, args.batch_lines,
-                                               args.batch_max_tokens, r))
-            time.sleep(1.0)  # the batch under way
-            done0, _ = batch_state(root, batch_id)
-            t0 = time.monotonic()
-            busy = interactive(server.base_v1, args, seed=2 * r + 1)
-            t1 = time.monotonic()
-            done1, status1 = batch_state(root, batch_id)
-            time.sleep(args.idle_s)
-            done2, status2 = batch_state(root, batch_id)
-            t2 = time.monotonic()
-            httpx.post(f"{root}/v1/batches/{batch_id}/cancel", timeout=120)
-            row = {"ttft_alone": alone["ttft"], "tpot_alone": alone["tpot"],
-                   "ttft_batch": busy["ttft"], "tpot_batch": busy["tpot"],
-                   "batch_lpm_busy": (done1 - done0) / (t1 - t0) * 60,
-                   "batch_lpm_idle": (done2 - done1) / (t2 - t1) * 60}
+            row: dict = {}
+            # ABBA: alone first in even rounds, with the batch first in odd ones, so a drift
+            # in the machine's load falls on both.
+            for phase in (("alone", "batch") if r % 2 == 0 else ("batch", "alone")):
+                seed = 2 * r + (phase == "batch")
+                if phase == "alone":
+                    alone = interactive(server.base_v1, args, seed=seed)
+                    row.update(ttft_alone=alone["ttft"], tpot_alone=alone["tpot"])
+                    continue
+                batch_id = submit(root, batch_file(model, args.batch_lines,
+                                                   args.batch_max_tokens, r))
+                time.sleep(1.0)  # the batch under way
+                done0, _ = batch_state(root, batch_id)
+                t0 = time.monotonic()
+                busy = interactive(server.base_v1, args, seed=seed)
+                t1 = time.monotonic()
+                done1, status1 = batch_state(root, batch_id)
+                time.sleep(args.idle_s)
+                done2, status2 = batch_state(root, batch_id)
+                t2 = time.monotonic()
+                httpx.post(f"{root}/v1/batches/{batch_id}/cancel", timeout=120)
+                time.sleep(0.5)  # its running lines stop
+                row.update(ttft_batch=busy["ttft"], tpot_batch=busy["tpot"],
+                           batch_lpm_busy=(done1 - done0) / (t1 - t0) * 60,
+                           batch_lpm_idle=(done2 - done1) / (t2 - t1) * 60,
+                           batch_done=done2, batch_status=(status1, status2))
             rounds.append(row)
             print(f"round {r + 1}: TTFT {row['ttft_alone']:.0f} -> {row['ttft_batch']:.0f} ms, "
                   f"TPOT {row['tpot_alone']:.1f} -> {row['tpot_batch']:.1f} ms; batch "
                   f"{row['batch_lpm_busy']:.0f} lines/min beside interactive requests, "
-                  f"{row['batch_lpm_idle']:.0f} alone ({done2}/{args.batch_lines} lines, "
-                  f"{status1} then {status2})", flush=True)
-            if status1 != "in_progress":
+                  f"{row['batch_lpm_idle']:.0f} alone ({row['batch_done']}/{args.batch_lines} "
+                  f"lines, {' then '.join(row['batch_status'])})", flush=True)
+            if row["batch_status"][0] != "in_progress":
                 print("  (the batch ended before the interactive phase did: make it longer)")
     finally:
         stop_server(server)

@@ -119,12 +119,16 @@ class Scheduler:
 
         deferred: list[Sequence] = []
         running_by_owner = Counter(seq.owner for seq in self.running)
+        # A prefix is worth waiting for only if its sequence computes in this step: an
+        # interactive request never waits for a batch line's prompt, it computes its own.
+        computing = None if level is None else {
+            h for s in self.running if counts(s) for h in s.in_flight_hashes}
         while budget > 0:
             seq = self._next_waiting(running_by_owner, level)
             if seq is None:
                 break
             if not seq.params.prompt_logprobs and self.blocks.waits_for_in_flight(
-                    seq.all_ids, seq.cache_salt):
+                    seq.all_ids, seq.cache_salt, computing):
                 self.waiting.remove(seq)
                 deferred.append(seq)  # its prefix is being computed right now: share it
                 continue

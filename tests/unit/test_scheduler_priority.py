@@ -108,3 +108,27 @@ def test_a_step_of_batch_work_alone_is_short():
     b1.num_computed += 8
     s.add(seq("i1", prompt=20))
     assert [(q.request_id, n) for q, n in s.schedule()] == [("i1", 20)]
+
+
+def test_an_interactive_request_never_waits_for_a_batch_lines_prefix():
+    """Unmixed, batch lines do not compute while interactive work runs: an interactive
+    request sharing a prefix a batch line is computing computes it itself (an interactive
+    request sharing another interactive one's still waits for it, as before)."""
+    s = Scheduler(BlockManager(64, BLOCK), SchedulerConfig(8, 64, False, 4))
+    shared = [11, 12, 13, 14, 15, 16, 17, 18]
+    b1 = Sequence(GenerationRequest("b1", shared + [1, 2], SamplingParams(max_tokens=8),
+                                    priority=1))
+    s.add(b1)
+    assert step(s) == ["b1"]  # a 4-token chunk: its prefix's blocks are in flight
+    i1 = Sequence(GenerationRequest("i1", shared + [3, 4], SamplingParams(max_tokens=8)))
+    s.add(i1)
+    assert step(s) == ["i1"] and i1.status is SequenceStatus.RUNNING
+    i2 = Sequence(GenerationRequest("i2", [11, 12, 13, 14, 99, 98, 97, 96, 95],
+                                    SamplingParams(max_tokens=8)))
+    a = Sequence(GenerationRequest("a", [11, 12, 13, 14, 99, 98, 97, 96, 1],
+                                   SamplingParams(max_tokens=8)))
+    s2 = Scheduler(BlockManager(64, BLOCK), SchedulerConfig(8, 4, False, 4))
+    s2.add(a)
+    assert step(s2) == ["a"]  # 4 of its 9 tokens: its second block in flight
+    s2.add(i2)
+    assert step(s2) == ["a"]  # i2 waits to share a's block rather than compute it twice

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from k2serve.engine.core import EngineCore
+from k2serve.engine.foreground import FOREGROUND
 from k2serve.engine.sequence import GenerationRequest, RequestOutput
 
 log = logging.getLogger(__name__)
@@ -227,6 +228,11 @@ class AsyncEngine:
             self._drain_commands()
             if not self._core.has_work():
                 self._wakeup.wait()
+                self._wakeup.clear()
+                continue
+            if FOREGROUND.pending() and not self._core.has_urgent_work():
+                # An interactive request is on its way: leave it the CPU (see foreground.py).
+                self._wakeup.wait(0.005)
                 self._wakeup.clear()
                 continue
             try:

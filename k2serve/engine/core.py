@@ -75,9 +75,12 @@ class EngineCore:
     def has_work(self) -> bool:
         return self.scheduler.has_work()
 
+    def has_urgent_work(self) -> bool:
+        """Work of priority 0 (interactive requests), running or waiting."""
+        return self.scheduler.has_urgent_work()
+
     def stats(self) -> dict[str, int]:
         return {"running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
-                "waiting_batch": sum(s.priority > 0 for s in self.scheduler.waiting),
                 "kv_blocks_total": self.blocks.num_blocks, "kv_blocks_free": self.blocks.num_free,
                 "kv_block_size": self.blocks.block_size,
                 "preemptions": self.scheduler.num_preemptions,

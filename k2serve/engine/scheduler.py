@@ -64,6 +64,9 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def has_urgent_work(self) -> bool:
+        return any(seq.priority == 0 for seq in (*self.running, *self.waiting))
+
     # -- one step -----------------------------------------------------------------------
     def schedule(self) -> list[tuple[Sequence, int]]:
         """(sequence, tokens to compute) pairs; decodes first, in that order in the batch.

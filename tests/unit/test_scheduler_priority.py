@@ -132,3 +132,50 @@ def test_an_interactive_request_never_waits_for_a_batch_lines_prefix():
     assert step(s2) == ["a"]  # 4 of its 9 tokens: its second block in flight
     s2.add(i2)
     assert step(s2) == ["a"]  # i2 waits to share a's block rather than compute it twice
+
+
+def test_background_steps_wait_while_an_interactive_request_is_prepared(monkeypatch):
+    """An engine with only batch work runs no step while an interactive request is on its
+    way (parsed, tokenized: the CPU is its), and resumes once it is admitted, or after
+    MAX_HOLD_S at most."""
+    import time
+    from types import SimpleNamespace
+
+    from k2serve.engine import foreground
+    from k2serve.engine.async_engine import AsyncEngine
+
+    class BackgroundOnly:
+        config = SimpleNamespace(max_num_seqs=4, max_waiting=4)
+        steps = 0
+
+        def has_work(self):
+            return True
+
+        def has_urgent_work(self):
+            return False
+
+        def step(self):
+            self.steps += 1
+            time.sleep(0.001)
+            return []
+
+    gate = foreground.ForegroundGate()
+    monkeypatch.setattr("k2serve.engine.async_engine.FOREGROUND", gate)
+    engine = AsyncEngine(BackgroundOnly)
+    try:
+        time.sleep(0.05)
+        assert engine.core.steps > 0  # idle capacity: the batch runs
+        gate.hold()
+        time.sleep(0.02)
+        paused_at = engine.core.steps
+        time.sleep(0.2)
+        assert engine.core.steps == paused_at  # no step while the request is prepared
+        gate.release()
+        time.sleep(0.05)
+        assert engine.core.steps > paused_at
+        monkeypatch.setattr(foreground, "MAX_HOLD_S", 0.1)
+        gate.hold()  # never released: the hold lapses
+        time.sleep(0.3)
+        assert engine.core.steps > paused_at + 1
+    finally:
+        engine.shutdown()

@@ -35,8 +35,8 @@ class EngineConfig:
     mix_priorities: bool = False
     # The most tokens a step computes when only lower-priority sequences need one: an
     # interactive request arriving mid-step waits for at most such a step (its prompt's
-    # chunks would make a long one).
-    background_step_tokens: int = 32
+    # chunks would make a long one; on CPUs, 8 tokens cost about a decode step).
+    background_step_tokens: int = 8
     # Prompts of at least this many tokens are computed with the dense float32 weights of a
     # quantized model (compute-bound prefill: about twice the int4 kernel's speed); shorter
     # prompts and every generated token use the int4 kernel. A property of the sequence, so

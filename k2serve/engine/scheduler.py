@@ -30,7 +30,7 @@ class SchedulerConfig:
     max_num_seqs: int
     max_step_tokens: int
     mix_priorities: bool = False  # see EngineConfig.mix_priorities
-    background_step_tokens: int = 32  # see EngineConfig.background_step_tokens
+    background_step_tokens: int = 8  # see EngineConfig.background_step_tokens
 
 
 class Scheduler:

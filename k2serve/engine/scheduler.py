@@ -139,6 +139,8 @@ class Scheduler:
                 break
             self.waiting.remove(seq)
             running_by_owner[seq.owner] += 1
+            if computing is not None:  # it computes its prefix now: others may share it
+                computing.update(seq.in_flight_hashes)
             count = min(seq.num_tokens - seq.num_computed, budget)
             prefills.append((seq, count))
             budget -= count

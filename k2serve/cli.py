@@ -321,6 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_platform_parsers(sub)
     from k2serve.endpoints_cli import add_endpoints_parsers
     add_endpoints_parsers(sub)
+    from k2serve.batch_cli import add_batch_parsers
+    add_batch_parsers(sub)
     from k2serve.bench.cli import add_bench_parser
     add_bench_parser(sub)
     from k2serve.doctor import add_doctor_parser

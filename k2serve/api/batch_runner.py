@@ -7,10 +7,12 @@ not a header but the scope entry BATCH_SCOPE (the batch's owner and id), which n
 client can set: the platform takes the key from it, bills the line at the batch price and
 leaves it out of the key's rate limits (k2serve.platform.middleware).
 
-Few lines run at once (`concurrency`, across all batches), and a new one waits while an
-engine has interactive requests queued, so a batch fills idle capacity rather than taking
-it. Each line's result is stored as it ends; a server that restarts resumes its unfinished
-batches from the lines not yet stored. Cancel stops new lines at once (and the running
+Few lines run at once (`concurrency`, across all batches), and each enters the engine at
+the batch priority (k2serve.api.request_scope.engine_priority): the scheduler admits
+interactive requests first, preempts batch lines first, and (unless the engine mixes
+priorities) computes batch lines only in steps no interactive request needs, so a batch
+fills idle capacity rather than taking it. Each line's result is stored as it ends; a
+server that restarts resumes its unfinished batches from the lines not yet stored. Cancel stops new lines at once (and the running
 ones), keeping those finished; a batch past its window expires with its partial results.
 """
 
@@ -41,14 +43,15 @@ from k2serve.api.batch_store import (
     FileRecord,
     LineResult,
 )
+from k2serve.api.request_scope import BATCH_SCOPE
 from k2serve.errors import APIError
 from k2serve.telemetry.metrics import BATCH_LINES
 
 log = logging.getLogger("k2serve.batches")
 
-BATCH_SCOPE = "k2serve.batch"  # ASGI scope key: {"key_id": ..., "batch_id": ...}
-DEFAULT_CONCURRENCY = int(os.environ.get("K2SERVE_BATCH_CONCURRENCY", "2"))
-BUSY_WAIT_S = 2.0  # the longest a line waits for queued interactive requests to start
+# Lines in the engine at once: enough to fill an idle engine's steps, few enough that a
+# batch holds little of the engine's queue (max_in_flight) and KV cache.
+DEFAULT_CONCURRENCY = int(os.environ.get("K2SERVE_BATCH_CONCURRENCY", "4"))
 OUTPUT_PURPOSE = "batch_output"
 
 
@@ -153,7 +156,6 @@ class BatchRunner:
                     self._slots.release()
                     expired = True
                     break
-                await self._wait_for_idle(line)
                 task = asyncio.create_task(self._line(record, line))
                 task.add_done_callback(lambda _t: self._slots.release())
                 running.add(task)
@@ -166,20 +168,6 @@ class BatchRunner:
             if running:
                 await asyncio.gather(*running, return_exceptions=True)
         return expired
-
-    async def _wait_for_idle(self, line: BatchLine) -> None:
-        """Interactive requests first: wait (a little) while an engine has some queued."""
-        registry = self.app.state.registry
-        deadline = time.monotonic() + BUSY_WAIT_S
-        while time.monotonic() < deadline:
-            busy = False
-            for _spec, backend in registry.models():
-                stats = backend.stats()
-                if stats and stats.get("waiting", 0) > 0:
-                    busy = True
-            if not busy:
-                return
-            await asyncio.sleep(0.05)
 
     async def _line(self, record: BatchRecord, line: BatchLine) -> None:
         url = line.url or record.endpoint

@@ -14,10 +14,11 @@ from dataclasses import dataclass, field
 import anyio
 from fastapi import Request
 
-from k2serve.api.request_scope import request_scope
+from k2serve.api.request_scope import engine_priority, request_scope
 from k2serve.api.schemas.common import SamplingFields
 from k2serve.api.usage import UsageTracker
 from k2serve.engine.async_engine import Reservation
+from k2serve.engine.foreground import FOREGROUND
 from k2serve.engine.sampling_params import SamplingParams
 from k2serve.errors import APIError, bad_request
 from k2serve.serving.backend import (
@@ -43,15 +44,28 @@ class RequestCapacity:
     left to time out.
     """
 
-    def __init__(self, owner: str | None):
+    def __init__(self, owner: str | None, priority: int = 0):
         self.owner = owner  # the API key id: the engine shares itself fairly between keys
+        self.priority = priority  # 0 interactive, 1 a batch line (after interactive work)
         self._reservations: list[Reservation] = []
         self._streams: list[AsyncIterator] = []
+        # An interactive request pauses batch-only engine steps until it is admitted.
+        self._holding = priority == 0
+        if self._holding:
+            FOREGROUND.hold()
+
+    def _stop_holding(self) -> None:
+        if self._holding:
+            self._holding = False
+            FOREGROUND.release()
 
     def reserve(self, backend: GenerationBackend, num_requests: int) -> Reservation | None:
         """Admit `num_requests` choices now (before a streamed reply's 200), or raise
         EngineOverloaded (503) / ShareExceeded (429)."""
-        reservation = backend.reserve(num_requests, self.owner)
+        try:
+            reservation = backend.reserve(num_requests, self.owner, self.priority)
+        finally:
+            self._stop_holding()
         if reservation is not None:
             self._reservations.append(reservation)
         return reservation
@@ -62,6 +76,7 @@ class RequestCapacity:
         return stream
 
     async def close(self) -> None:
+        self._stop_holding()
         try:
             with anyio.CancelScope(shield=True):  # the exchange may end by cancellation
                 for stream in self._streams:
@@ -73,7 +88,8 @@ class RequestCapacity:
 
 async def request_capacity(request: Request) -> AsyncIterator[RequestCapacity]:
     """FastAPI dependency: the request's RequestCapacity, closed when the exchange ends."""
-    capacity = RequestCapacity(request_scope(request).api_key_id)
+    capacity = RequestCapacity(request_scope(request).api_key_id,
+                               engine_priority(request.scope))
     try:
         yield capacity
     finally:

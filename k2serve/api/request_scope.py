@@ -17,6 +17,10 @@ if TYPE_CHECKING:
     from k2serve.api.usage import UsageRecord, UsageTracker
 
 STATE_KEY = "k2serve"
+# ASGI scope key of a batch job's line, run in-process by k2serve.api.batch_runner:
+# {"key_id": ..., "batch_id": ...}. No HTTP client can set it.
+BATCH_SCOPE = "k2serve.batch"
+BATCH_PRIORITY = 1  # a batch line's engine priority (interactive requests: 0, first)
 
 
 class Caller(Protocol):
@@ -72,3 +76,9 @@ def scope_state(scope: dict) -> RequestScope:
 
 def request_scope(request: Request) -> RequestScope:
     return scope_state(request.scope)
+
+
+def engine_priority(scope: dict) -> int:
+    """The priority of the request's generations in the engine: a batch line's comes after
+    every interactive request's."""
+    return BATCH_PRIORITY if scope.get(BATCH_SCOPE) is not None else 0

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from k2serve.engine.core import EngineCore
+from k2serve.engine.foreground import FOREGROUND
 from k2serve.engine.sequence import GenerationRequest, RequestOutput
 
 log = logging.getLogger(__name__)
@@ -47,10 +48,12 @@ class Reservation:
     Event loop thread only.
     """
 
-    def __init__(self, engine: AsyncEngine | None, owner: str | None, slots: int):
+    def __init__(self, engine: AsyncEngine | None, owner: str | None, slots: int,
+                 priority: int = 0):
         self._engine = engine
         self.owner = owner
         self.unstarted = slots
+        self.priority = priority  # of the requests it starts (GenerationRequest.priority)
 
     def start_one(self) -> None:
         """One slot starts generating: generate() counts it as in flight from now on."""
@@ -156,13 +159,15 @@ class AsyncEngine:
     def in_flight(self) -> int:
         return self._in_flight
 
-    def reserve(self, num_requests: int, owner: str | None = None) -> Reservation:
+    def reserve(self, num_requests: int, owner: str | None = None, priority: int = 0
+                ) -> Reservation:
         """Admit `num_requests` requests of `owner` (an API key id; None: anonymous) now,
         before their generation starts (a streamed reply starts it only after its headers are
-        sent), or raise EngineOverloaded / ShareExceeded. Release the result when done."""
+        sent), or raise EngineOverloaded / ShareExceeded. Release the result when done.
+        `priority`: of the requests in the engine's queue (0 interactive, 1 batch)."""
         self._admit(owner, num_requests)
         self._reserved += num_requests
-        return Reservation(self, owner, num_requests)
+        return Reservation(self, owner, num_requests, priority)
 
     def _admit(self, owner: str | None, count: int) -> None:
         """Count `count` more requests for `owner`, or refuse them.
@@ -223,6 +228,11 @@ class AsyncEngine:
             self._drain_commands()
             if not self._core.has_work():
                 self._wakeup.wait()
+                self._wakeup.clear()
+                continue
+            if FOREGROUND.pending() and not self._core.has_urgent_work():
+                # An interactive request is on its way: leave it the CPU (see foreground.py).
+                self._wakeup.wait(0.005)
                 self._wakeup.clear()
                 continue
             try:

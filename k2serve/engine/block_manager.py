@@ -100,12 +100,14 @@ class BlockManager:
         return hashes
 
     def waits_for_in_flight(self, token_ids: list[int], salt: str | None = None,
-                            keys: dict[int, bytes] | None = None) -> bool:
-        """True when the first uncached full block is being computed for another sequence."""
+                            keys: dict[int, bytes] | None = None,
+                            among: set[bytes] | None = None) -> bool:
+        """True when the first uncached full block is being computed for another sequence
+        (with `among`: by one of the sequences whose in-flight hashes these are)."""
         for h in self.prefix_hashes(token_ids, salt, keys):
             if h in self._by_hash:
                 continue
-            return h in self._in_flight
+            return h in self._in_flight and (among is None or h in among)
         return False
 
     # -- allocation ---------------------------------------------------------------------

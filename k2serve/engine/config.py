@@ -28,6 +28,15 @@ class EngineConfig:
     kv_cache_bytes: int | None = None  # None: see DEFAULT_KV_FRACTION
     num_kv_blocks: int | None = None  # overrides kv_cache_bytes (tests)
     max_waiting: int = 256  # queued requests beyond the running batch; more are refused
+    # Whether lower-priority sequences (batch jobs) also compute in steps that serve
+    # higher-priority ones. Off: they compute only in steps nothing more urgent needs, so
+    # interactive latency stays as without them (on CPUs each extra sequence slows a step;
+    # on an accelerator, where it is nearly free, turning it on gains throughput).
+    mix_priorities: bool = False
+    # The most tokens a step computes when only lower-priority sequences need one: an
+    # interactive request arriving mid-step waits for at most such a step (its prompt's
+    # chunks would make a long one; on CPUs, 8 tokens cost about a decode step).
+    background_step_tokens: int = 8
     # Prompts of at least this many tokens are computed with the dense float32 weights of a
     # quantized model (compute-bound prefill: about twice the int4 kernel's speed); shorter
     # prompts and every generated token use the int4 kernel. A property of the sequence, so

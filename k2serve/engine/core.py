@@ -47,8 +47,9 @@ class EngineCore:
                          num_blocks=config.num_kv_blocks, max_bytes=config.kv_cache_bytes,
                          dtype=kv_dtype)
         self.blocks = BlockManager(self.kv.num_blocks, config.block_size)
-        self.scheduler = Scheduler(self.blocks, SchedulerConfig(config.max_num_seqs,
-                                                                config.max_step_tokens))
+        self.scheduler = Scheduler(self.blocks, SchedulerConfig(
+            config.max_num_seqs, config.max_step_tokens, config.mix_priorities,
+            config.background_step_tokens))
         self.image_rows = ImageRows(model) if hasattr(model, "embed_images") else None
 
     # -- requests -------------------------------------------------------------------
@@ -80,6 +81,10 @@ class EngineCore:
 
     def has_work(self) -> bool:
         return self.scheduler.has_work()
+
+    def has_urgent_work(self) -> bool:
+        """Work of priority 0 (interactive requests), running or waiting."""
+        return self.scheduler.has_urgent_work()
 
     def stats(self) -> dict[str, int]:
         return {"running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),

@@ -4,7 +4,10 @@ Every step: each decoding sequence gets one token (a new KV block when it crosse
 boundary, preempting the newest sequence when the pool is empty); then sequences still
 prefilling continue their prompt in chunks; then waiting sequences are admitted while
 there is room — under `max_num_seqs`, the per-step token budget and free KV blocks —
-the oldest of the owner (API key) running the fewest sequences first.
+the most urgent first (the lowest `priority`: interactive requests before a batch job's
+lines), then the oldest of the owner (API key) running the fewest sequences. A waiting
+sequence that does not fit preempts less urgent running ones, and when KV blocks run out
+the least urgent, newest sequence gives way.
 Preemption is by recompute: the victim's blocks are freed and it goes back to the front
 of the queue; its prompt and the tokens it already produced are computed again on
 re-admission (mostly from the prefix cache, since its full blocks stay hashed).
@@ -26,6 +29,8 @@ class SchedulerConfig:
 
     max_num_seqs: int
     max_step_tokens: int
+    mix_priorities: bool = False  # see EngineConfig.mix_priorities
+    background_step_tokens: int = 8  # see EngineConfig.background_step_tokens
 
 
 class Scheduler:
@@ -35,6 +40,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self._preempted_now: set[int] = set()
 
     # -- membership ---------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -58,63 +64,135 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def has_urgent_work(self) -> bool:
+        return any(seq.priority == 0 for seq in (*self.running, *self.waiting))
+
     # -- one step -----------------------------------------------------------------------
     def schedule(self) -> list[tuple[Sequence, int]]:
-        """(sequence, tokens to compute) pairs; decodes first, in that order in the batch."""
+        """(sequence, tokens to compute) pairs; decodes first, in that order in the batch.
+
+        Unless `mix_priorities`, only the most urgent priority present computes; the others
+        keep their KV blocks and wait for a step nothing more urgent needs (or one where
+        the urgent sequences can do nothing: waiting for a prefix another computes). A step
+        of background work only (priority > 0) computes at most `background_step_tokens`."""
+        level = None
+        if not self.config.mix_priorities and (self.running or self.waiting):
+            level = min(seq.priority for seq in (*self.running, *self.waiting))
+        batch = self._schedule(level)
+        if not batch and level is not None:
+            batch = self._schedule(None)
+        return batch
+
+    def _schedule(self, level: int | None) -> list[tuple[Sequence, int]]:
+        """One step over the sequences of priority <= `level` (None: all), most urgent
+        first: decodes, then prefills and admissions by priority."""
+        def counts(seq: Sequence) -> bool:
+            return level is None or seq.priority <= level
+
+        self._preempted_now: set[int] = set()  # not re-admitted in the step that preempts
+
         budget = self.config.max_step_tokens
+        if level is not None and level > 0:  # only background work: keep the step short
+            budget = min(budget, self.config.background_step_tokens)
         decodes: list[tuple[Sequence, int]] = []
         for seq in list(self.running):
-            if seq.status is not SequenceStatus.RUNNING or not seq.is_decoding:
+            if (seq.status is not SequenceStatus.RUNNING or not seq.is_decoding
+                    or not counts(seq)):
                 continue
             if self._ensure_slot(seq):
                 decodes.append((seq, 1))
                 budget -= 1
-        decodes = [(s, c) for s, c in decodes if s.status is SequenceStatus.RUNNING]
 
+        # Prefills of running sequences as urgent as anything waiting come before
+        # admissions; less urgent ones get what budget is left after them.
+        first = min((s.priority for s in self.waiting if counts(s)), default=None)
         prefills: list[tuple[Sequence, int]] = []
-        for seq in self.running:
+        later: list[Sequence] = []
+        for seq in sorted(self.running, key=lambda s: s.priority):
+            if seq.is_decoding or not counts(seq):
+                continue
+            if first is not None and seq.priority > first:
+                later.append(seq)
+                continue
             if budget <= 0:
                 break
-            if not seq.is_decoding:
-                count = min(seq.num_tokens - seq.num_computed, budget)
-                prefills.append((seq, count))
-                budget -= count
+            count = min(seq.num_tokens - seq.num_computed, budget)
+            prefills.append((seq, count))
+            budget -= count
 
         deferred: list[Sequence] = []
         running_by_owner = Counter(seq.owner for seq in self.running)
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            index = self._fairest_waiting(running_by_owner)
-            seq = self.waiting[index]
-            del self.waiting[index]
+        # A prefix is worth waiting for only if its sequence computes in this step: an
+        # interactive request never waits for a batch line's prompt, it computes its own.
+        computing = None if level is None else {
+            h for s in self.running if counts(s) for h in s.in_flight_hashes}
+        while budget > 0:
+            seq = self._next_waiting(running_by_owner, level)
+            if seq is None:
+                break
             if not seq.params.prompt_logprobs and self.blocks.waits_for_in_flight(
-                    seq.all_ids, seq.cache_salt, seq.block_keys):
+                    seq.all_ids, seq.cache_salt, seq.block_keys, computing):
+                self.waiting.remove(seq)
                 deferred.append(seq)  # its prefix is being computed right now: share it
                 continue
-            if not self._admit(seq):
-                self.waiting.insert(index, seq)
+            if not self._make_room_and_admit(seq):
                 break
+            self.waiting.remove(seq)
             running_by_owner[seq.owner] += 1
+            if computing is not None:  # it computes its prefix now: others may share it
+                computing.update(seq.in_flight_hashes)
             count = min(seq.num_tokens - seq.num_computed, budget)
             prefills.append((seq, count))
             budget -= count
         self.waiting.extendleft(reversed(deferred))
-        return decodes + prefills
 
-    def _fairest_waiting(self, running_by_owner: Counter) -> int:
-        """Index of the oldest waiting sequence of the owner (API key) running the fewest
-        sequences: a key with a long queue cannot take every slot while another key waits."""
-        best, best_load = 0, None
+        for seq in later:
+            if budget <= 0:
+                break
+            if seq.status is SequenceStatus.RUNNING:  # not preempted for an admission
+                count = min(seq.num_tokens - seq.num_computed, budget)
+                prefills.append((seq, count))
+                budget -= count
+        return [(s, c) for s, c in decodes + prefills if s.status is SequenceStatus.RUNNING]
+
+    def _next_waiting(self, running_by_owner: Counter, level: int | None) -> Sequence | None:
+        """The most urgent waiting sequence; within a priority, the oldest of the owner (API
+        key) running the fewest sequences: a key with a long queue cannot take every slot
+        while another key waits."""
+        best, best_rank = None, None
         seen: set = set()
-        for i, seq in enumerate(self.waiting):
-            if seq.owner in seen:
+        for seq in self.waiting:
+            if level is not None and seq.priority > level or id(seq) in self._preempted_now:
                 continue
-            seen.add(seq.owner)
-            load = running_by_owner[seq.owner]
-            if best_load is None or load < best_load:
-                best, best_load = i, load
-                if load == 0:
-                    break
+            if (seq.priority, seq.owner) in seen:
+                continue
+            seen.add((seq.priority, seq.owner))
+            rank = (seq.priority, running_by_owner[seq.owner])
+            if best_rank is None or rank < best_rank:
+                best, best_rank = seq, rank
         return best
+
+    def _make_room_and_admit(self, seq: Sequence) -> bool:
+        """Admit `seq`, preempting less urgent running sequences while it does not fit
+        (a batch job's line gives way to an interactive request)."""
+        while True:
+            if len(self.running) < self.config.max_num_seqs and self._admit(seq):
+                return True
+            victim = self._victim(below=seq.priority)
+            if victim is None:
+                return False
+            self._preempt(victim)
+
+    def _victim(self, below: int | None = None) -> Sequence | None:
+        """Who gives way when KV blocks or slots run out: the least urgent running sequence,
+        the newest among equals; with `below`, only one less urgent than that."""
+        victim = None
+        for seq in reversed(self.running):
+            if victim is None or seq.priority > victim.priority:
+                victim = seq
+        if victim is None or (below is not None and victim.priority <= below):
+            return None
+        return victim
 
     def _admit(self, seq: Sequence) -> bool:
         use_cache = not seq.params.prompt_logprobs  # prompt logprobs need every position computed
@@ -140,7 +218,7 @@ class Scheduler:
             if block_id is not None:
                 seq.block_table.append(block_id)
                 continue
-            victim = self.running[-1]  # the newest sequence gives way
+            victim = self._victim()  # the least urgent, newest sequence gives way
             self._preempt(victim)
             if victim is seq:
                 return False
@@ -152,6 +230,7 @@ class Scheduler:
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1
+        self._preempted_now.add(id(seq))
         self.waiting.appendleft(seq)
 
     def _release(self, seq: Sequence) -> None:

@@ -26,6 +26,8 @@ class GenerationRequest:
     owner: str | None = None  # who asked (API key id): waiting requests are admitted fairly
     # Images whose embeddings replace some prompt positions' (a vision model's prompt)
     images: list[ImageInput] = field(default_factory=list)
+    # Lower runs first: 0 interactive (the default), 1 a batch job's line (idle capacity).
+    priority: int = 0
 
 
 @dataclass
@@ -85,6 +87,10 @@ class Sequence:
     @property
     def owner(self) -> str | None:
         return self.request.owner
+
+    @property
+    def priority(self) -> int:
+        return self.request.priority
 
     @property
     def params(self) -> SamplingParams:

@@ -111,8 +111,10 @@ class GenerationBackend(ModelBackend, Protocol):
     def check(self, params: SamplingParams) -> None:
         """Raise APIError (400) for sampling it cannot do, before anything is generated."""
 
-    def reserve(self, num_requests: int, owner: str | None = None) -> Reservation:
-        """Admit `num_requests` choices now, or raise EngineOverloaded before any reply."""
+    def reserve(self, num_requests: int, owner: str | None = None, priority: int = 0
+                ) -> Reservation:
+        """Admit `num_requests` choices now, or raise EngineOverloaded before any reply.
+        `priority`: 0 interactive, 1 a batch job's line (queued after interactive work)."""
 
     def generate(self, prompt_ids: list[int], params: SamplingParams, stop: list[str],
                  reservation: Reservation | None = None) -> AsyncIterator[TextDelta]:

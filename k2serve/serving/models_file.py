@@ -12,6 +12,7 @@ by our engine (`kind = "local"`) or by an OpenAI-compatible engine elsewhere
     context_length = 131072             # default: what the upstream reports
     price_input = 0.6                   # USD per 1M tokens (default: the catalog's, else 0)
     price_output = 2.5
+    batch_price = 0.5                   # the share of these a batch job's line pays (default)
     constrains = true                   # it enforces structured_outputs.grammar (default)
     anthropic_temperature_scale = 0.6   # /v1/messages temperature x this (default: K2's 0.6)
 
@@ -34,12 +35,13 @@ from k2serve.models.embedded import embedded_smollm2_gguf_path
 from k2serve.serving.backend import ModelBackend
 from k2serve.serving.catalog import EMBEDDED_CHAT_MODEL_ID
 from k2serve.serving.loader import LoadOptions, load_text_model
-from k2serve.serving.registry import ModelSpec
+from k2serve.serving.registry import ModelSpec, Pricing
 from k2serve.serving.upstream_loader import load_upstream_model
 
 KINDS = ("local", "openai")
 _KEYS = {"id", "kind", "urls", "upstream_model", "api_key_env", "tokenizer", "context_length",
-         "price_input", "price_output", "path", "constrains", "anthropic_temperature_scale"}
+         "price_input", "price_output", "batch_price", "path", "constrains",
+         "anthropic_temperature_scale"}
 
 
 @dataclass
@@ -53,6 +55,7 @@ class ModelEntry:
     context_length: int | None = None
     price_input: float | None = None
     price_output: float | None = None
+    batch_price: float | None = None  # share of the price a batch line pays (None: 0.5)
     path: str | None = None
     constrains: bool = True
     anthropic_temperature_scale: float | None = None
@@ -116,6 +119,10 @@ def _entry(raw: dict[str, Any], where: str) -> ModelEntry:
     for key, value in prices.items():
         if value is not None and value < 0:
             raise ValueError(f"{where}: '{key}' must not be negative")
+    batch_price = typed("batch_price", (int, float))
+    if batch_price is not None and not 0 <= batch_price <= 1:
+        raise ValueError(f"{where}: 'batch_price' is the share of the price a batch line "
+                         f"pays, from 0 to 1 (0.5: half price), not {batch_price}")
     constrains = typed("constrains", bool)
     scale = typed("anthropic_temperature_scale", (int, float))
     if scale is not None and not 0 < scale <= 2:
@@ -124,7 +131,8 @@ def _entry(raw: dict[str, Any], where: str) -> ModelEntry:
                       upstream_model=typed("upstream_model", str),
                       api_key_env=typed("api_key_env", str), tokenizer=typed("tokenizer", str),
                       context_length=context, price_input=prices["price_input"],
-                      price_output=prices["price_output"], path=typed("path", str),
+                      price_output=prices["price_output"], batch_price=batch_price,
+                      path=typed("path", str),
                       constrains=True if constrains is None else constrains,
                       anthropic_temperature_scale=scale)
 
@@ -152,12 +160,19 @@ def load_model_entry(entry: ModelEntry, options: LoadOptions) -> tuple[ModelSpec
         spec, backend = load_upstream_model(
             entry.id, entry.urls, tokenizer, upstream_model=entry.upstream_model,
             api_key=api_key, context_length=entry.context_length, constrains=entry.constrains)
-    pricing = spec.pricing
-    if entry.price_input is not None:
-        pricing = dataclasses.replace(pricing, input=float(entry.price_input))
-    if entry.price_output is not None:
-        pricing = dataclasses.replace(pricing, output=float(entry.price_output))
+    pricing = entry_pricing(spec.pricing, entry)
     if entry.anthropic_temperature_scale is not None:
         spec = dataclasses.replace(
             spec, anthropic_temperature_scale=float(entry.anthropic_temperature_scale))
     return dataclasses.replace(spec, pricing=pricing), backend
+
+
+def entry_pricing(pricing: Pricing, entry: ModelEntry) -> Pricing:
+    """`pricing` (the catalog's) with what the entry names replaced."""
+    if entry.price_input is not None:
+        pricing = dataclasses.replace(pricing, input=float(entry.price_input))
+    if entry.price_output is not None:
+        pricing = dataclasses.replace(pricing, output=float(entry.price_output))
+    if entry.batch_price is not None:
+        pricing = dataclasses.replace(pricing, batch=float(entry.batch_price))
+    return pricing

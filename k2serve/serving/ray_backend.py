@@ -93,9 +93,10 @@ class RayEndpointBackend(TextModel):
             raise bad_request("Prompt logprobs (echo with logprobs) are not available on a "
                               "dedicated endpoint.", param="echo", code="unsupported")
 
-    def reserve(self, num_requests: int, owner: str | None = None) -> Reservation:
+    def reserve(self, num_requests: int, owner: str | None = None, priority: int = 0
+                ) -> Reservation:
         """The replicas queue and bound their own work (Serve's max_ongoing_requests)."""
-        return Reservation(None, owner, num_requests)
+        return Reservation(None, owner, num_requests, priority)
 
     # -- generation ----------------------------------------------------------------------
     async def generate(self, prompt_ids: list[int], params: SamplingParams, stop: list[str],

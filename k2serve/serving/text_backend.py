@@ -47,10 +47,11 @@ class TextBackend(TextModel):
     def check(self, params: SamplingParams) -> None:
         """Our engine does everything SamplingParams can say."""
 
-    def reserve(self, num_requests: int, owner: str | None = None) -> Reservation:
+    def reserve(self, num_requests: int, owner: str | None = None, priority: int = 0
+                ) -> Reservation:
         """Admit the request's choices now, or raise EngineOverloaded before any reply.
         The caller releases the reservation however the request ends."""
-        return self.engine.reserve(num_requests, owner)
+        return self.engine.reserve(num_requests, owner, priority)
 
     # -- generation -------------------------------------------------------------------
     async def generate(self, prompt_ids: list[int], params: SamplingParams,
@@ -68,8 +69,9 @@ class TextBackend(TextModel):
         matcher = StopMatcher(stop) if stop else None
         completion_tokens = 0
         owner = reservation.owner if reservation is not None else None
+        priority = reservation.priority if reservation is not None else 0
         request = GenerationRequest(request_id, prompt_ids, params, owner=owner,
-                                    images=list(images or ()))
+                                    images=list(images or ()), priority=priority)
         stream = self.engine.generate(request, reservation)
         try:
             async for out in stream:

@@ -128,9 +128,10 @@ class UpstreamBackend(TextModel):
                               "model on an upstream engine.", param="echo",
                               code="unsupported_by_upstream")
 
-    def reserve(self, num_requests: int, owner: str | None = None) -> Reservation:
+    def reserve(self, num_requests: int, owner: str | None = None, priority: int = 0
+                ) -> Reservation:
         """The upstream queues and bounds its own work: nothing is held here."""
-        return Reservation(None, owner, num_requests)
+        return Reservation(None, owner, num_requests, priority)
 
     # -- generation ----------------------------------------------------------------------
     async def generate(self, prompt_ids: list[int], params: SamplingParams, stop: list[str],

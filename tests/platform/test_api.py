@@ -54,7 +54,7 @@ class FakeBackend(TextBackend):
         super().__init__(FakeTokenizer(), None, context_length=context_length,
                          chat_template=None)
 
-    def reserve(self, num_requests, owner=None):
+    def reserve(self, num_requests, owner=None, priority=0):
         return None  # no engine: nothing to hold
 
     def stats(self):

@@ -156,7 +156,7 @@ def test_without_a_platform_batches_run_in_memory_and_expire_past_their_window(t
                       SlowBackend())
     app = create_app(registry)
     data = batch_jsonl(N).decode().replace(MODEL, SLOW).replace(
-        '"max_tokens": 2', '"max_tokens": 8').encode()  # 0.4 s a line, 2 at a time: 4 s
+        '"max_tokens": 2', '"max_tokens": 8').encode()  # 0.4 s a line, 4 at a time: 2 s
     with live_server(app) as root:
         client = openai_client(root, "none")
         file = client.files.create(file=("in.jsonl", data), purpose="batch")

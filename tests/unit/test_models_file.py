@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from k2serve.serving.models_file import read_models_file
+from k2serve.serving.models_file import entry_pricing, read_models_file
+from k2serve.serving.registry import Pricing
 
 VALID = '''
 [[models]]
@@ -18,6 +19,7 @@ tokenizer = "/models/k2"
 context_length = 131072
 price_input = 0.6
 price_output = 2.5
+batch_price = 0.25
 
 [[models]]
 id = "local/smol"
@@ -39,6 +41,10 @@ def test_a_valid_file(tmp_path):
         ("kimi-k2", "K2_KEY", 131072)
     assert (upstream.price_input, upstream.price_output, upstream.constrains) == (0.6, 2.5, True)
     assert local.kind == "local" and local.path is None and local.urls == []
+    # The batch price: the entry's share replaces the default half price; unnamed, it stays.
+    assert entry_pricing(Pricing(input=1.0, output=3.0), upstream) == Pricing(
+        input=0.6, output=2.5, batch=0.25)
+    assert entry_pricing(Pricing(input=1.0, output=3.0), local).batch == 0.5
 
 
 @pytest.mark.parametrize("text, message", [
@@ -49,6 +55,7 @@ def test_a_valid_file(tmp_path):
     ('[[models]]\nid = "a"\nkind = "local"\nprice = 3\n', "unknown keys price"),
     ('[[models]]\nid = "a"\nkind = "local"\nprice_input = -1\n', "must not be negative"),
     ('[[models]]\nid = "a"\nkind = "local"\ncontext_length = "big"\n', "wrong type"),
+    ('[[models]]\nid = "a"\nkind = "local"\nbatch_price = 2\n', "from 0 to 1"),
     ('[[models]]\nid = "a"\nkind = "local"\n[[models]]\nid = "a"\nkind = "local"\n',
      "listed twice"),
     ('[[models]]\nid = "a"\nkind = "local"\n[[models]]\nid = "b"\nkind = "local"\n',

@@ -63,12 +63,13 @@ CATALOG: dict[str, dict] = {
         type="audio", display_name="eSpeak NG", organization="eSpeak NG",
         license="gpl-3.0", link="https://github.com/espeak-ng/espeak-ng",
         pricing=Pricing(input=1.0, output=0.0)),
-    # Image models (k2serve.diffusion): Together lists FLUX.1 [schnell] at $0.0027 per
-    # megapixel at its default 4 steps, i.e. $0.000675 per megapixel-step.
+    # Image models (k2serve.diffusion): Together bills FLUX.1 [schnell] $0.0027 per image at
+    # 1024x1024 (1.048576 MP) and 4 steps (its pricing page, 2026), i.e. ~$0.000644 per
+    # megapixel-step.
     "black-forest-labs/FLUX.1-schnell": dict(
         type="image", display_name="FLUX.1 [schnell]", organization="Black Forest Labs",
         license="apache-2.0", link="https://huggingface.co/black-forest-labs/FLUX.1-schnell",
-        pricing=Pricing(megapixel_step=0.0027 / 4), created=1722470400),
+        pricing=Pricing(megapixel_step=0.0027 / (1.048576 * 4)), created=1722470400),
     # Input price per 1M words the classifier reads (a 1M-parameter BiLSTM: cheap).
     SAFETY_MODEL_ID: dict(
         type="moderation", display_name="Toxic Comment Classifier (6 labels)",

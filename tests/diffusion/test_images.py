@@ -193,7 +193,7 @@ def test_each_request_is_one_ledger_row_priced_per_megapixel_step(diffusion_stac
     assert row.prompt_tokens == 2 and row.completion_tokens == int(np.ceil(kilopixel_steps))
     price = CATALOG[FLUX_MODEL]["pricing"].megapixel_step
     assert row.cost_usd == pytest.approx(row.completion_tokens / 1000 * price)
-    assert price == pytest.approx(0.0027 / 4)  # Together's $0.0027 per MP at 4 steps
+    assert price == pytest.approx(0.0027 / (1.048576 * 4))  # $0.0027 per 1024x1024 image, 4 steps
 
     r = http.post("/v1/images/generations", json={"model": FLUX_MODEL, "prompt": PROMPT,
                                                   "width": 33})
@@ -222,7 +222,7 @@ def test_token_limits_reserve_images_and_kilopixel_steps(diffusion_stack):
 def test_models_lists_the_image_and_video_models_with_their_types(http):
     listed = {m["id"]: m for m in http.get("/v1/models").json()}
     assert listed[IMAGE_MODEL]["type"] == listed[FLUX_MODEL]["type"] == "image"
-    assert listed[FLUX_MODEL]["pricing"]["per_megapixel_step"] == pytest.approx(0.0027 / 4)
+    assert listed[FLUX_MODEL]["pricing"]["per_megapixel_step"] == pytest.approx(0.0027 / (1.048576 * 4))
     assert listed["tiny-ltx-video"]["type"] == "video"
 
 

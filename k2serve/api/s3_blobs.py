@@ -19,7 +19,8 @@ def parse_files_url(url: str) -> tuple[str, str]:
     """(bucket, key prefix ending in "/" or empty) of an s3:// URL; ValueError otherwise."""
     parsed = urlparse(url)
     if parsed.scheme != "s3" or not parsed.netloc:
-        raise ValueError(f"--files-url must look like s3://bucket/prefix, not {url!r}")
+        raise ValueError(f"--files-url / ${ENV_URL} must look like s3://bucket/prefix, "
+                         f"not {url!r}")
     prefix = parsed.path.strip("/")
     return parsed.netloc, f"{prefix}/" if prefix else ""
 

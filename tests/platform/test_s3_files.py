@@ -87,12 +87,16 @@ def test_batch_files_live_in_the_bucket_and_are_deleted_from_it(s3, tmp_path, mo
     platform.db.close()
 
 
-def test_a_missing_bucket_stops_start_up_with_a_clear_message(s3, tmp_path):
+@pytest.mark.parametrize("url, message", [
+    ("s3://no-such-bucket/x", "the files bucket s3://no-such-bucket does not exist"),
+    ("https://example.com/files", "must look like s3://bucket/prefix, not 'https://example.com"),
+])
+def test_a_bad_files_url_stops_start_up_with_a_clear_message(s3, tmp_path, url, message):
     endpoint, _ = s3
     env = {**CREDENTIALS, "K2SERVE_S3_ENDPOINT_URL": endpoint, "K2SERVE_HOME": str(tmp_path)}
     done = subprocess.run([sys.executable, "-m", "k2serve.cli", "serve", "--quiet",
-                           "--port", "0", "--files-url", "s3://no-such-bucket/x"], env={**os.environ, **env}, capture_output=True,
-                          text=True, timeout=60)
-    assert done.returncode == 2
-    assert "s3://no-such-bucket does not exist" in done.stderr
+                           "--port", "0", "--files-url", url], env={**os.environ, **env},
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stderr
+    assert message in done.stderr
     assert "Traceback" not in done.stderr

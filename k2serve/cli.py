@@ -36,7 +36,8 @@ def _serve(args: argparse.Namespace) -> int:
 
     try:  # before the model: a bad database or Redis URL fails in a second, not a minute
         platform = open_platform(database_url=args.database_url, data_dir=args.data_dir,
-                                 redis_url=args.redis_url, host=args.host)
+                                 redis_url=args.redis_url, host=args.host,
+                                 files_url=args.files_url)
     except RuntimeError as exc:
         print(f"k2serve: {exc}", file=sys.stderr)
         return 2
@@ -304,6 +305,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--redis-url", default=None,
                        help="share rate-limit counters between servers through this Redis "
                             "(default: $K2SERVE_REDIS_URL, else in memory)")
+    serve.add_argument("--files-url", default=None, metavar="s3://BUCKET/PREFIX",
+                       help="keep uploaded files and batch output in this S3-compatible "
+                            "bucket (default: $K2SERVE_FILES_URL, else the data directory; "
+                            "endpoint: $K2SERVE_S3_ENDPOINT_URL or $AWS_ENDPOINT_URL; needs "
+                            "`pip install 'k2serve[s3]'`)")
     serve.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
                        help="serve dedicated endpoints (/v1/endpoints) on a Ray cluster: "
                             "connect to ADDRESS (auto, or HOST:PORT of `ray start --head`), "

@@ -228,7 +228,7 @@ class Platform:
 
 def open_platform(*, database_url: str | None = None, data_dir: str | None = None,
                   redis_url: str | None = None, host: str = "127.0.0.1",
-                  window_s: float = WINDOW_S) -> Platform:
+                  window_s: float = WINDOW_S, files_url: str | None = None) -> Platform:
     """Open (and migrate) the database; check Redis answers. Raises RuntimeError with a
     message a user can act on."""
     redis_url = redis_url or os.environ.get("K2SERVE_REDIS_URL") or None
@@ -246,6 +246,19 @@ def open_platform(*, database_url: str | None = None, data_dir: str | None = Non
         except Exception as exc:
             db.close()
             raise RuntimeError(f"cannot reach Redis at {redact(redis_url)}: {exc}") from exc
-    return Platform(db, host=host, redis_url=redis_url, window_s=window_s,
-                    files_dir=data_directory(data_dir) / "files",
-                    media_dir=data_directory(data_dir) / "media")
+    files_url = files_url or os.environ.get("K2SERVE_FILES_URL") or None
+    blobs = None
+    if files_url:  # checked now: a missing bucket fails start-up, not the first upload
+        from k2serve.api.s3_blobs import open_file_blobs
+
+        try:
+            blobs = open_file_blobs(files_url)
+        except RuntimeError:
+            db.close()
+            raise
+    platform = Platform(db, host=host, redis_url=redis_url, window_s=window_s,
+                        files_dir=data_directory(data_dir) / "files",
+                        media_dir=data_directory(data_dir) / "media")
+    if blobs is not None:
+        platform.file_blobs = blobs
+    return platform

@@ -87,6 +87,9 @@ def create_body(body: dict) -> dict:
 def update_body(body: dict, endpoint_id: str, update_mask: str | None) -> dict:
     """3.x update -> k2serve's. traffic_split maps to start/stop: the only deployment takes
     all live traffic (weight > 0) or none (an empty split, or weight 0)."""
+    if "trafficSplit" in body:  # the SDK's wire name
+        body = {**{k: v for k, v in body.items() if k != "trafficSplit"},
+                "traffic_split": body["trafficSplit"]}
     if update_mask:
         fields = {f.strip() for f in update_mask.split(",") if f.strip()}
         body = {k: v for k, v in body.items() if k in fields or _camel(k) in fields

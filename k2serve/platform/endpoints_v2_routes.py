@@ -23,6 +23,7 @@ BASE = "/v2/projects/{project_id}/endpoints"
 async def list_endpoints(project_id: str, request: Request, after: str | None = None,
                          limit: int | None = None, order_by: str | None = None,
                          filter: str | None = None):
+    order_by = order_by or request.query_params.get("orderBy")  # the SDK's wire name
     if filter:
         raise bad_request("'filter' is not supported here; list without it.", param="filter")
     manager = _manager(request, required=False)
@@ -60,6 +61,7 @@ async def update_endpoint(project_id: str, endpoint_id: str, request: Request,
     manager = _manager(request)
     body = await _body(request)
     caller = request_scope(request).caller
+    update_mask = update_mask or request.query_params.get("updateMask")  # the SDK's name
     changes = v2.update_body(body, endpoint_id, update_mask)
 
     def work():

@@ -63,13 +63,13 @@ def test_create_needs_a_model_and_hardware_and_takes_the_name():
 def test_update_maps_traffic_split_to_start_and_stop_and_honours_the_mask():
     eid = "endpoint-1"
     assert v2.update_body({"traffic_split": []}, eid, None) == {"state": "STOPPED"}
-    assert v2.update_body({"traffic_split": [{"deploymentId": eid, "weight": 1}]}, eid,
+    assert v2.update_body({"trafficSplit": [{"deploymentId": eid, "weight": 1}]}, eid,
                           None) == {"state": "STARTED"}
     for bad in ([{"deploymentId": "other", "weight": 1}], [{"deploymentId": eid}], "x"):
         with pytest.raises(APIError) as err:
             v2.update_body({"traffic_split": bad}, eid, None)
         assert err.value.status == 400 and err.value.param == "traffic_split"
-    assert v2.update_body({"name": "n", "traffic_split": []}, eid, "name") == \
+    assert v2.update_body({"name": "n", "trafficSplit": []}, eid, "name") == \
         {"display_name": "n"}
     with pytest.raises(APIError):
         v2.update_body({"model": "other"}, eid, None)

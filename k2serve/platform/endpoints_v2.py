@@ -81,6 +81,8 @@ def create_body(body: dict) -> dict:
                           else "hardware")
     out = {k: body[k] for k in K2_FIELDS if k in body}
     out["display_name"] = _display_name(body.get("name"))
+    # 3.x's create has no autoscaling (a deployment's): one replica unless asked
+    out.setdefault("autoscaling", {"min_replicas": 1, "max_replicas": 1})
     return out
 
 

@@ -57,7 +57,8 @@ def test_create_needs_a_model_and_hardware_and_takes_the_name():
     assert err.value.param == "visibility"
     body = v2.create_body({"name": "proj/smol", "model": "m", "hardware": "h",
                            "state": "STOPPED", "visibility": "VISIBILITY_PRIVATE"})
-    assert body == {"model": "m", "hardware": "h", "state": "STOPPED", "display_name": "smol"}
+    assert body == {"model": "m", "hardware": "h", "state": "STOPPED", "display_name": "smol",
+                    "autoscaling": {"min_replicas": 1, "max_replicas": 1}}
 
 
 def test_update_maps_traffic_split_to_start_and_stop_and_honours_the_mask():

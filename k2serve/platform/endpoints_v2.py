@@ -153,3 +153,17 @@ def page(ids: list[str], after: str | None, limit: int | None, order_by: str | N
 def _camel(name: str) -> str:
     head, *rest = name.split("_")
     return head + "".join(p.title() for p in rest)
+
+
+def hardware_to_v2(obj: dict) -> dict:
+    """A /v1/hardware entry as 3.x's InferenceInstanceType. A CPU-only entry has gpuCount 0
+    and gpuType "cpu"; the one region is the Ray cluster this server drives."""
+    specs = obj["specs"]
+    gpu = specs.get("gpu_type") or "cpu"
+    count = int(specs.get("gpu_count") or 0)
+    memory = int(specs.get("gpu_memory") or 0)
+    described = f"{count}x {gpu} ({memory} GiB)" if count else "CPU only"
+    return {"id": obj["id"], "name": obj["id"], "description": described, "gpuCount": count,
+            "gpuMemoryGib": memory, "gpuType": gpu,
+            "priceCentsPerHour": round(obj["pricing"]["cents_per_minute"] * 60),
+            "regions": [{"name": "ray-cluster"}]}

@@ -11,7 +11,7 @@ from starlette.concurrency import run_in_threadpool
 
 from k2serve.api.errors import ERROR_RESPONSES
 from k2serve.api.request_scope import request_scope
-from k2serve.errors import bad_request
+from k2serve.errors import APIError, bad_request
 from k2serve.platform import endpoints_v2 as v2
 from k2serve.platform.endpoints_routes import _body, _manager
 
@@ -83,3 +83,23 @@ async def delete_endpoint(project_id: str, endpoint_id: str, request: Request,
 
     await run_in_threadpool(work)
     return JSONResponse({})
+
+
+@router.get("/v2/public/inference-instance-types")
+async def list_instance_types(request: Request):
+    manager = _manager(request, required=False)
+    data = [] if manager is None else await run_in_threadpool(manager.hardware)
+    return JSONResponse({"object": "list", "data": [v2.hardware_to_v2(h) for h in data],
+                         "next_cursor": None})
+
+
+@router.get("/v2/public/inference-instance-types/{instance_type}")
+async def get_instance_type(instance_type: str, request: Request):
+    manager = _manager(request, required=False)
+    data = [] if manager is None else await run_in_threadpool(manager.hardware)
+    for hardware in data:
+        if hardware["id"] == instance_type:
+            return JSONResponse(v2.hardware_to_v2(hardware))
+    raise APIError(404, f"No hardware '{instance_type}' this cluster can place; see GET "
+                        f"/v2/public/inference-instance-types.", param="id",
+                   code="hardware_not_found")

@@ -200,6 +200,8 @@ def test_together_3x_sdk_v2_endpoint_calls(cluster):
                               project_id="proj-demo")
     with pytest.raises(together.BadRequestError, match="'model' and 'hardware'"):
         owner.endpoints.create(name="nomodel")
+    assert [h.id for h in owner.endpoints.hardware.list().data] == ["cpu_half"]
+    assert owner.endpoints.hardware.retrieve("cpu_half").price_cents_per_hour == 3600
     made = [owner.endpoints.create(
         name=f"v2-{i}", extra_body={"model": EMBEDDED_ID, "hardware": "cpu_half",
                                     "state": "STOPPED"}) for i in range(3)]

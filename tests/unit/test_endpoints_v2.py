@@ -91,3 +91,17 @@ def test_cursor_pages_walk_every_id_once_in_either_order():
         with pytest.raises(APIError) as err:
             v2.page(ids, args["after"], args["limit"], args["order_by"])
         assert err.value.status == 400
+
+
+def test_hardware_parses_as_the_sdks_instance_type():
+    from together.types.endpoints.inference_instance_type import InferenceInstanceType
+
+    gpu = InferenceInstanceType.model_validate(v2.hardware_to_v2({
+        "id": "1x_nvidia_h100_80gb_sxm", "pricing": {"cents_per_minute": 6.0},
+        "specs": {"gpu_type": "h100-80gb", "gpu_link": "sxm", "gpu_memory": 80,
+                  "gpu_count": 1}}))
+    assert (gpu.gpu_count, gpu.gpu_memory_gib, gpu.price_cents_per_hour) == (1, 80, 360)
+    cpu = InferenceInstanceType.model_validate(v2.hardware_to_v2({
+        "id": "cpu_half", "pricing": {"cents_per_minute": 60.0},
+        "specs": {"gpu_type": None, "gpu_link": None, "gpu_memory": None, "gpu_count": 0}}))
+    assert (cpu.gpu_count, cpu.gpu_type, cpu.price_cents_per_hour) == (0, "cpu", 3600)

@@ -228,7 +228,8 @@ class EndpointManager:
                "created_at": _iso(row.created_at)}
         if listing:
             return obj
-        obj.update(display_name=row.display_name, hardware=row.hardware,
+        obj.update(updated_at=_iso(row.updated_at), display_name=row.display_name,
+                   hardware=row.hardware,
                    autoscaling={"min_replicas": row.min_replicas,
                                 "max_replicas": row.max_replicas},
                    inactive_timeout=row.inactive_timeout)

@@ -75,7 +75,12 @@ class Platform:
     # -- wiring ------------------------------------------------------------------------
     def install(self, app) -> None:
         """The registry, the admin routes; create_app adds the middleware itself."""
-        from k2serve.platform import admin, endpoints_routes, usage_routes
+        from k2serve.platform import (
+            admin,
+            endpoints_routes,
+            endpoints_v2_routes,
+            usage_routes,
+        )
 
         self.admission.registry = self.settlement.registry = app.state.registry
         app.state.platform = self
@@ -90,6 +95,7 @@ class Platform:
         app.include_router(admin.router)
         app.include_router(usage_routes.router)
         app.include_router(endpoints_routes.router)
+        app.include_router(endpoints_v2_routes.router)
 
     def live_metrics(self):
         """The ledger's backlog, read when /metrics is scraped."""

@@ -187,6 +187,52 @@ def test_together_sdk_endpoints_calls(cluster):
     assert result["id"] in result["listed"] and result["id"] not in result["after"]
 
 
+
+def test_together_3x_sdk_v2_endpoint_calls(cluster):
+    """together 3.x's `client.endpoints.*` (/v2/projects/{project_id}/endpoints): stopped
+    endpoints, so no replica starts; the project id is echoed, the key decides who sees what."""
+    together = pytest.importorskip("together")
+    if not hasattr(together.Together(api_key="x", base_url=cluster.root), "project_id"):
+        pytest.skip("the installed together SDK predates 3.x")
+    owner = together.Together(api_key=cluster.keys["owner"], base_url=cluster.root,
+                              project_id="proj-demo")
+    other = together.Together(api_key=cluster.keys["other"], base_url=cluster.root,
+                              project_id="proj-demo")
+    with pytest.raises(together.BadRequestError, match="'model' and 'hardware'"):
+        owner.endpoints.create(name="nomodel")
+    assert [h.id for h in owner.endpoints.hardware.list().data] == ["cpu_half"]
+    assert owner.endpoints.hardware.retrieve("cpu_half").price_cents_per_hour == 3600
+    made = [owner.endpoints.create(
+        name=f"v2-{i}", extra_body={"model": EMBEDDED_ID, "hardware": "cpu_half",
+                                    "state": "STOPPED"}) for i in range(3)]
+    first = made[0]
+    assert first.project_id == "proj-demo" and first.name.startswith("owner/")
+    assert first.deployments[0].state == "DEPLOYMENT_STATE_STOPPED"
+    assert first.deployments[0].api_model_id == EMBEDDED_ID and first.traffic_split == []
+    listed = [e.id for e in owner.endpoints.list(limit=1)]  # auto-pages over cursors
+    assert [e.id for e in made] == [i for i in listed if i in {e.id for e in made}]
+    assert len(listed) == len(set(listed))
+    assert not [e for e in other.endpoints.list() if e.id in listed]
+    with pytest.raises(together.NotFoundError):
+        other.endpoints.retrieve(first.id)
+    renamed = owner.endpoints.update(first.id, name="renamed", etag=first.etag)
+    assert renamed.etag != first.etag and owner.endpoints.retrieve(first.id).etag == \
+        renamed.etag
+    with pytest.raises(together.ConflictError):
+        owner.endpoints.update(first.id, name="again", etag=first.etag)
+    with pytest.raises(together.BadRequestError, match="traffic_split"):
+        owner.endpoints.update(first.id, traffic_split=[{"deployment_id": "x", "weight": 1}])
+    for endpoint in made:
+        owner.endpoints.delete(endpoint.id)
+    with pytest.raises(together.NotFoundError):
+        owner.endpoints.retrieve(first.id)
+    assert http_get_v1(cluster, first.id).status_code == 404  # the same store as /v1
+
+
+def http_get_v1(cluster, endpoint_id: str) -> httpx.Response:
+    return httpx.get(f"{cluster.root}/v1/endpoints/{endpoint_id}", timeout=30,
+                     headers={"authorization": f"Bearer {cluster.keys['owner']}"})
+
 # -- one endpoint's life, in order (each test continues from the state the previous left:
 # replicas take ~15 s each to start here, so the module starts as few as it can) -----------
 @pytest.fixture(scope="module")

@@ -421,7 +421,8 @@ UNBILLED_POSTS = {"/v1/messages/count_tokens", "/tokenize", "/v1/tokenize",  # c
                   "/v1/files", "/v1/files/upload", "/v1/files/{file_id}/preprocess",
                   "/v1/batches",  # each line is billed as the request it is
                   "/v1/batches/{batch_id}/cancel",
-                  "/v1/endpoints"}  # billed by replica time (k2serve.platform.endpoint_billing)
+                  "/v1/endpoints",  # billed by replica time (k2serve.platform.endpoint_billing)
+                  "/v2/projects/{project_id}/endpoints"}  # the same, in together 3.x shapes
 
 
 def test_every_post_endpoint_is_metered_or_declared_unbilled(database):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import time
 
+import httpx
 import pytest
 from starlette.testclient import TestClient
 
@@ -213,3 +214,53 @@ def test_cli_endpoints_and_hardware_commands(database, capsys):
             run("endpoints", "get", eid)
         assert exit.value.code == 1 and "404" in capsys.readouterr().err
     platform.close()
+
+
+def test_together_3x_sdk_over_the_same_endpoints(served):
+    """together 3.x's `client.endpoints.*` (/v2/projects/{project_id}/endpoints) on the same
+    manager: one deployment per endpoint, PROVISIONING -> READY, trafficSplit [] stops it."""
+    together = pytest.importorskip("together")
+    if not hasattr(together.Together(api_key="x"), "project_id"):
+        pytest.skip("the installed together SDK predates 3.x")
+
+    class InProcess(httpx.BaseTransport):  # the SDK wants a plain httpx.Client
+        def handle_request(self, request):
+            reply = served.request(request.method, str(request.url), content=request.read(),
+                                   headers=dict(request.headers))
+            return httpx.Response(reply.status_code, content=reply.content,
+                                  headers={"content-type": reply.headers.get(
+                                      "content-type", "application/json")})
+
+    http = httpx.Client(transport=InProcess(), base_url="http://testserver")
+
+    def sdk(headers):
+        return together.Together(api_key=headers["authorization"][7:], project_id="p-1",
+                                 base_url="http://testserver", http_client=http,
+                                 max_retries=0)
+
+    owner, other = sdk(served.owner), sdk(served.other)
+    made = owner.endpoints.create(name="p-1/smol", extra_body={
+        "model": EMBEDDED_CHAT_MODEL_ID, "hardware": "cpu_2core",
+        "autoscaling": {"min_replicas": 2, "max_replicas": 4}})
+    assert made.project_id == "p-1" and made.deployments[0].state == \
+        "DEPLOYMENT_STATE_PROVISIONING"
+    until(served, made.id, lambda e: e["state"] == "STARTED")
+    ready = owner.endpoints.retrieve(made.id)
+    (deployment,) = ready.deployments
+    assert deployment.state == "DEPLOYMENT_STATE_READY" and deployment.ready_replicas == 2
+    assert [(s.deployment_id, s.weight) for s in ready.traffic_split] == [(made.id, 1.0)]
+    assert [e.id for e in owner.endpoints.list()] == [made.id]
+    assert list(other.endpoints.list()) == []
+    with pytest.raises(together.NotFoundError):
+        other.endpoints.delete(made.id)
+    stopped = owner.endpoints.update(made.id, traffic_split=[], etag=ready.etag)
+    assert stopped.deployments[0].state == "DEPLOYMENT_STATE_STOPPING"
+    until(served, made.id, lambda e: e["state"] == "STOPPED")
+    assert ("delete", made.id) in served.cluster.calls
+    with pytest.raises(together.ConflictError):
+        owner.endpoints.delete(made.id, etag=ready.etag)
+    owner.endpoints.delete(made.id)
+    assert served.get(f"/v1/endpoints/{made.id}", headers=served.owner).status_code == 404
+    types = owner.endpoints.hardware.list().data
+    assert [(t.id, t.gpu_count, t.price_cents_per_hour) for t in types] == [
+        ("cpu_2core", 0, 1800)]

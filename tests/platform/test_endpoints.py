@@ -203,10 +203,11 @@ def test_cli_endpoints_and_hardware_commands(database, capsys):
         assert code == 0 and eid in out and "STOPPED" in out
         code, out = run("endpoints", "update", eid, "--max-replicas", "5")
         assert code == 0 and "1..5" in out
+        # the stand-in cluster may finish a transition before the command prints it
         code, out = run("endpoints", "start", eid)
-        assert code == 0 and "STARTING" in out
+        assert code == 0 and ("STARTING" in out or "STARTED" in out)
         code, out = run("endpoints", "stop", eid)
-        assert code == 0 and "STOPPING" in out
+        assert code == 0 and ("STOPPING" in out or "STOPPED" in out)
         code, out = run("endpoints", "get", eid)
         assert code == 0 and eid in out
         assert run("endpoints", "delete", eid)[0] == 0

@@ -11,25 +11,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
+
+from k2serve.client_cli import add_client_args, call_server
 
 # The server answers a User-Agent naming OpenAI with OpenAI's Batch object, whose
 # request_counts the progress bar shows.
 USER_AGENT = "k2serve-batch-cli (OpenAI-shaped replies)"
 FINAL = ("completed", "failed", "expired", "cancelled")
 BAR_WIDTH = 30
-
-
-def _client_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--url", default=os.environ.get("K2SERVE_URL", "http://127.0.0.1:8000"),
-                        help="the k2serve server (default: $K2SERVE_URL, else "
-                             "http://127.0.0.1:8000)")
-    parser.add_argument("--api-key", default=os.environ.get("K2SERVE_API_KEY"),
-                        help="an API key of that server (default: $K2SERVE_API_KEY)")
-    parser.add_argument("--json", action="store_true", help="print the API's JSON")
 
 
 def add_batch_parsers(sub: argparse._SubParsersAction) -> None:
@@ -49,40 +41,23 @@ def add_batch_parsers(sub: argparse._SubParsersAction) -> None:
                         help="with --wait: where the output file goes (default: FILE's name "
                              "with .output.jsonl; errors beside it with .errors.jsonl)")
     submit.add_argument("--poll", type=float, default=1.0, help="seconds between polls")
-    _client_args(submit)
+    add_client_args(submit)
     submit.set_defaults(func=_submit)
 
     status = bsub.add_parser("status", help="show a batch")
     status.add_argument("batch_id")
-    _client_args(status)
+    add_client_args(status)
     status.set_defaults(func=_status)
 
     cancel = bsub.add_parser("cancel", help="cancel a batch (finished lines are kept)")
     cancel.add_argument("batch_id")
-    _client_args(cancel)
+    add_client_args(cancel)
     cancel.set_defaults(func=_cancel)
 
 
 def _call(args, method: str, path: str, **kwargs):
-    import httpx
-
-    headers = {"user-agent": USER_AGENT}
-    if args.api_key:
-        headers["authorization"] = f"Bearer {args.api_key}"
-    try:
-        reply = httpx.request(method, args.url.rstrip("/") + path, headers=headers,
-                              timeout=300, **kwargs)
-    except httpx.HTTPError as exc:
-        print(f"k2serve: cannot reach {args.url}: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
-    if reply.status_code >= 400:
-        try:
-            message = reply.json()["error"]["message"]
-        except (ValueError, KeyError, TypeError):
-            message = reply.text[:500]
-        print(f"k2serve: {reply.status_code}: {message}", file=sys.stderr)
-        raise SystemExit(1)
-    return reply
+    return call_server(args, method, path, headers={"user-agent": USER_AGENT}, timeout=300,
+                       **kwargs)
 
 
 def _submit(args) -> int:

@@ -9,19 +9,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 
+from k2serve.client_cli import add_client_args, call_server
 from k2serve.platform.cli import print_table
-
-
-def _client_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--url", default=os.environ.get("K2SERVE_URL", "http://127.0.0.1:8000"),
-                        help="the k2serve server (default: $K2SERVE_URL, else "
-                             "http://127.0.0.1:8000)")
-    parser.add_argument("--api-key", default=os.environ.get("K2SERVE_API_KEY"),
-                        help="an API key of that server (default: $K2SERVE_API_KEY)")
-    parser.add_argument("--json", action="store_true", help="print the API's JSON")
 
 
 def add_endpoints_parsers(sub: argparse._SubParsersAction) -> None:
@@ -38,12 +28,12 @@ def add_endpoints_parsers(sub: argparse._SubParsersAction) -> None:
     create.add_argument("--inactive-timeout", type=int, default=None,
                         help="minutes without a request before it scales to zero")
     create.add_argument("--no-start", action="store_true", help="create it STOPPED")
-    _client_args(create)
+    add_client_args(create)
     create.set_defaults(func=_create)
 
     listing = esub.add_parser("list", help="list endpoints")
     listing.add_argument("--mine", action="store_true")
-    _client_args(listing)
+    add_client_args(listing)
     listing.set_defaults(func=_list)
 
     for name, func, text in (("get", _get, "show one endpoint"),
@@ -52,7 +42,7 @@ def add_endpoints_parsers(sub: argparse._SubParsersAction) -> None:
                              ("delete", _delete, "delete an endpoint")):
         p = esub.add_parser(name, help=text)
         p.add_argument("endpoint_id")
-        _client_args(p)
+        add_client_args(p)
         p.set_defaults(func=func)
 
     update = esub.add_parser("update", help="change replicas, name or inactive timeout")
@@ -61,34 +51,19 @@ def add_endpoints_parsers(sub: argparse._SubParsersAction) -> None:
     update.add_argument("--max-replicas", type=int, default=None)
     update.add_argument("--display-name", default=None)
     update.add_argument("--inactive-timeout", type=int, default=None)
-    _client_args(update)
+    add_client_args(update)
     update.set_defaults(func=_update)
 
     hardware = sub.add_parser("hardware", help="the hardware dedicated endpoints can use, "
                                                "with its price per minute")
     hardware.add_argument("--model", default=None,
                           help="only hardware for this model, with its availability")
-    _client_args(hardware)
+    add_client_args(hardware)
     hardware.set_defaults(func=_hardware)
 
 
 def _call(args, method: str, path: str, body: dict | None = None):
-    import httpx
-
-    headers = {"authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-    try:
-        reply = httpx.request(method, args.url.rstrip("/") + path, json=body, headers=headers,
-                              timeout=60)
-    except httpx.HTTPError as exc:
-        print(f"k2serve: cannot reach {args.url}: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
-    if reply.status_code >= 400:
-        try:
-            message = reply.json()["error"]["message"]
-        except (ValueError, KeyError, TypeError):
-            message = reply.text[:500]
-        print(f"k2serve: {reply.status_code}: {message}", file=sys.stderr)
-        raise SystemExit(1)
+    reply = call_server(args, method, path, json=body)
     return reply.json() if reply.content else None
 
 

@@ -13,7 +13,7 @@ PACKAGE = Path(k2serve.__file__).parent
 
 # Top to bottom. The first name of a module path below k2serve decides its layer.
 LAYERS: list[tuple[str, set[str]]] = [
-    ("entry points", {"cli", "endpoints_cli", "batch_cli", "doctor", "bench", "app", "top"}),
+    ("entry points", {"cli", "client_cli", "endpoints_cli", "batch_cli", "doctor", "bench", "app", "top"}),
     ("platform", {"platform"}),
     ("api", {"api"}),
     ("model families", {"audio", "embeddings", "safety", "diffusion"}),

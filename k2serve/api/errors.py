@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from typing import Literal
@@ -10,11 +11,11 @@ from typing import Literal
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from k2serve.engine.async_engine import EngineOverloaded, ShareExceeded
-from k2serve.errors import APIError, overloaded, share_exceeded, too_deep
+from k2serve.errors import APIError, bad_request, overloaded, share_exceeded, too_deep
 
 log = logging.getLogger(__name__)
 
@@ -151,3 +152,26 @@ def install_error_handlers(app: FastAPI) -> None:
         log.exception("unhandled error on %s", request.url.path)
         return error_response(APIError(500, "Internal server error.", type="server_error"),
                               request.url.path)
+
+
+# -- reading a body a route parses itself ------------------------------------------
+def validation_error(exc: ValidationError) -> APIError:
+    """A pydantic validation failure as a 400 naming its first field."""
+    err = exc.errors()[0]
+    param = ".".join(str(p) for p in err.get("loc", ())) or None
+    if err.get("type") == "missing":
+        return bad_request(f"Missing required parameter: '{param}'.", param=param)
+    return bad_request(f"Invalid value for '{param}': {err.get('msg')}.", param=param)
+
+
+async def json_body(request: Request) -> dict:
+    """The request's JSON object; a 400 in the API's error shape otherwise."""
+    try:
+        body = json.loads(await request.body() or b"null")
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise bad_request(f"Request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise too_deep() from None
+    if not isinstance(body, dict):
+        raise bad_request("Request body must be a JSON object.")
+    return body

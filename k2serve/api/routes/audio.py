@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import json
 
 from fastapi import APIRouter, Request
 from fastapi.responses import (
@@ -22,7 +21,7 @@ from fastapi.responses import (
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
-from k2serve.api.errors import ERROR_RESPONSES
+from k2serve.api.errors import ERROR_RESPONSES, json_body
 from k2serve.api.generation import SSE_DONE, sse
 from k2serve.api.models_lookup import registry_of
 from k2serve.api.request_scope import request_scope
@@ -30,7 +29,7 @@ from k2serve.api.schemas.audio import SpeechRequest
 from k2serve.api.usage import UsageTracker
 from k2serve.audio.errors import AudioRequestError
 from k2serve.audio.serving import Busy
-from k2serve.errors import APIError, bad_request, overloaded, too_deep
+from k2serve.errors import APIError, bad_request, overloaded
 
 router = APIRouter(responses=ERROR_RESPONSES)
 
@@ -83,14 +82,7 @@ async def _speech(request: Request):
     from k2serve.audio.speech import SpeechJob, check_input, rate_for_speed
     from k2serve.audio.voices import find_voice, voice_list
 
-    try:
-        body = json.loads(await request.body() or b"null")
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise bad_request(f"Request body is not valid JSON: {exc}") from None
-    except RecursionError:
-        raise too_deep() from None
-    if not isinstance(body, dict):
-        raise bad_request("Request body must be a JSON object.")
+    body = await json_body(request)
     model, backend = _backend(request, body.get("model"), "audio.speech", "audio",
                               "synthesize speech")
     try:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import json
 import secrets
 import time
 
@@ -19,7 +18,7 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from k2serve.api.errors import ERROR_RESPONSES
+from k2serve.api.errors import ERROR_RESPONSES, json_body, validation_error
 from k2serve.api.media_inputs import input_image
 from k2serve.api.media_links import IMAGE_LINK_TTL_S, base_url, media_files
 from k2serve.api.models_lookup import diffusion_backend_for
@@ -31,33 +30,13 @@ from k2serve.diffusion.encoding import image_bytes
 from k2serve.diffusion.pipelines import Stopped
 from k2serve.diffusion.serving import SizeLimits, kilopixel_steps
 from k2serve.diffusion.worker import Busy, StepLog
-from k2serve.errors import APIError, bad_request, overloaded, too_deep
+from k2serve.errors import APIError, bad_request, overloaded
 
 router = APIRouter(responses=ERROR_RESPONSES)
 
 DEFAULT_STEPS = 20  # Together's
 DEFAULT_SIDE = 1024
 DEFAULT_STRENGTH = 0.8  # diffusers' image-to-image default
-
-
-def validation_error(exc: ValidationError) -> APIError:
-    err = exc.errors()[0]
-    param = ".".join(str(p) for p in err.get("loc", ())) or None
-    if err.get("type") == "missing":
-        return bad_request(f"Missing required parameter: '{param}'.", param=param)
-    return bad_request(f"Invalid value for '{param}': {err.get('msg')}.", param=param)
-
-
-async def json_body(request: Request) -> dict:
-    try:
-        body = json.loads(await request.body() or b"null")
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise bad_request(f"Request body is not valid JSON: {exc}") from None
-    except RecursionError:
-        raise too_deep() from None
-    if not isinstance(body, dict):
-        raise bad_request("Request body must be a JSON object.")
-    return body
 
 
 def check_side(name: str, value: int, limits: SizeLimits) -> int:

@@ -22,17 +22,12 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from k2serve.api.errors import ERROR_RESPONSES
+from k2serve.api.errors import ERROR_RESPONSES, json_body, validation_error
 from k2serve.api.media_inputs import input_image
 from k2serve.api.media_links import base_url, media_files
 from k2serve.api.models_lookup import diffusion_backend_for, registry_of
 from k2serve.api.request_scope import request_scope
-from k2serve.api.routes.images import (
-    check_side,
-    check_steps,
-    json_body,
-    validation_error,
-)
+from k2serve.api.routes.images import check_side, check_steps
 from k2serve.api.schemas.videos import VideoRequest
 from k2serve.api.usage import UsageTracker
 from k2serve.api.video_store import CANCELLED, COMPLETED, VideoJob

@@ -11,9 +11,12 @@ Few lines run at once (`concurrency`, across all batches), and each enters the e
 the batch priority (k2serve.api.request_scope.engine_priority): the scheduler admits
 interactive requests first, preempts batch lines first, and (unless the engine mixes
 priorities) computes batch lines only in steps no interactive request needs, so a batch
-fills idle capacity rather than taking it. Each line's result is stored as it ends; a
-server that restarts resumes its unfinished batches from the lines not yet stored. Cancel stops new lines at once (and the running
-ones), keeping those finished; a batch past its window expires with its partial results.
+fills idle capacity rather than taking it. No new line starts while an interactive request
+is in flight (for at most MAX_LINE_WAIT_S), so the lines' own Python work (parsing,
+rendering, tokenizing, storing) does not compete with it on the serving process. Each
+line's result is stored as it ends; a server that restarts resumes its unfinished batches
+from the lines not yet stored. Cancel stops new lines at once (and the running ones),
+keeping those finished; a batch past its window expires with its partial results.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ from k2serve.api.batch_store import (
     LineResult,
 )
 from k2serve.api.request_scope import BATCH_SCOPE
+from k2serve.engine.foreground import FOREGROUND
 from k2serve.errors import APIError
 from k2serve.telemetry.metrics import BATCH_LINES
 
@@ -53,6 +57,10 @@ log = logging.getLogger("k2serve.batches")
 # batch holds little of the engine's queue (max_in_flight) and KV cache.
 DEFAULT_CONCURRENCY = int(os.environ.get("K2SERVE_BATCH_CONCURRENCY", "4"))
 OUTPUT_PURPOSE = "batch_output"
+# The longest a line waits for interactive requests to end: under steady interactive load
+# lines still enter the engine's queue, to run in whatever steps it leaves them.
+MAX_LINE_WAIT_S = 1.0
+INTERACTIVE_POLL_S = 0.01
 
 
 class BatchRunner:
@@ -152,6 +160,11 @@ class BatchRunner:
         try:
             for line in todo:
                 await self._slots.acquire()
+                try:
+                    await _after_interactive_requests()
+                except BaseException:  # cancelled: the slot is not lost with it
+                    self._slots.release()
+                    raise
                 if time.time() >= record.deadline:
                     self._slots.release()
                     expired = True
@@ -227,6 +240,13 @@ class BatchRunner:
         await run_in_threadpool(self.blobs.write, file.id, data)
         await run_in_threadpool(self.store.save_file, file)
         return file.id
+
+
+async def _after_interactive_requests() -> None:
+    waited = 0.0
+    while FOREGROUND.active and waited < MAX_LINE_WAIT_S:
+        await asyncio.sleep(INTERACTIVE_POLL_S)
+        waited += INTERACTIVE_POLL_S
 
 
 async def call_app(app, path: str, body: dict, request_id: str, batch: dict,

@@ -49,9 +49,11 @@ class RequestCapacity:
         self.priority = priority  # 0 interactive, 1 a batch line (after interactive work)
         self._reservations: list[Reservation] = []
         self._streams: list[AsyncIterator] = []
-        # An interactive request pauses batch-only engine steps until it is admitted.
-        self._holding = priority == 0
-        if self._holding:
+        # An interactive request pauses batch-only engine steps until it is admitted, and
+        # new batch lines until its reply has ended (k2serve.engine.foreground).
+        self._interactive = self._holding = priority == 0
+        if self._interactive:
+            FOREGROUND.enter()
             FOREGROUND.hold()
 
     def _stop_holding(self) -> None:
@@ -77,6 +79,9 @@ class RequestCapacity:
 
     async def close(self) -> None:
         self._stop_holding()
+        if self._interactive:
+            self._interactive = False
+            FOREGROUND.leave()
         try:
             with anyio.CancelScope(shield=True):  # the exchange may end by cancellation
                 for stream in self._streams:

@@ -55,9 +55,10 @@ class EmbeddingBackend(QueuelessBackend):
         """The loaded SentenceEncoder (503 while loading past the wait, or if it failed)."""
         return await self._model.get()
 
-    async def embed(self, sequences: list) -> np.ndarray:
+    async def embed(self, sequences: list, priority: int = 0) -> np.ndarray:
+        """`priority`: 0 interactive, 1 a batch line (runs while no interactive job waits)."""
         await self._model.get()
-        return await self._batcher.embed(sequences)
+        return await self._batcher.embed(sequences, priority)
 
     @property
     def batch_stats(self):

@@ -4,6 +4,10 @@ A request submits its token-id sequences and awaits a future; the worker takes e
 waiting at that moment, sorts their sequences by length (less padding), and runs them in
 forward passes of at most `max_batch_tokens` padded tokens. The event loop never runs model
 code, and a burst of small requests costs one forward pass instead of one each.
+
+Jobs of a batch (priority 1) wait while interactive jobs (priority 0) are queued, and run
+one forward pass at a time, so an interactive request that arrives meanwhile waits for at
+most one pass of batch work, not for the whole batch line.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ Forward = Callable[[list[list[int]]], np.ndarray]
 @dataclass
 class _Job:
     sequences: list[list[int]]
+    priority: int = 0  # 0 interactive, 1 a batch line
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
 
 
@@ -49,9 +54,11 @@ class EmbeddingBatcher:
         self._pending = 0  # sequences queued, not yet taken by the worker
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
+        self._stopping = False  # close() was called: the worker ends after this round
         self.stats = BatchStats()
 
-    def submit(self, sequences: list[list[int]]) -> concurrent.futures.Future:
+    def submit(self, sequences: list[list[int]], priority: int = 0
+               ) -> concurrent.futures.Future:
         """Future of a (len(sequences), dim) float32 array. 503 when the queue is full."""
         with self._lock:
             if self._pending and self._pending + len(sequences) > self.max_pending_sequences:
@@ -61,40 +68,51 @@ class EmbeddingBatcher:
                 self._thread = threading.Thread(target=self._run, name=f"embed-{self.name}",
                                                 daemon=True)
                 self._thread.start()
-        job = _Job(sequences)
+        job = _Job(sequences, priority)
         self._queue.put(job)
         return job.future
 
-    async def embed(self, sequences: list[list[int]]) -> np.ndarray:
+    async def embed(self, sequences: list[list[int]], priority: int = 0) -> np.ndarray:
         # Cancelling the awaiting task cancels the job (skipped if not started yet).
-        return await asyncio.wrap_future(self.submit(sequences))
+        return await asyncio.wrap_future(self.submit(sequences, priority))
 
     def close(self) -> None:
         if self._thread is not None:
             self._queue.put(None)
 
     def _run(self) -> None:
-        while True:
-            first = self._queue.get()
-            if first is None:
-                return
-            jobs = [first]
-            while True:
-                try:
-                    job = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if job is None:
-                    self._queue.put(None)  # stop after this round
-                    break
-                jobs.append(job)
-            with self._lock:
-                self._pending -= sum(len(j.sequences) for j in jobs)
-            live = [j for j in jobs if j.future.set_running_or_notify_cancel()]
-            if live:
-                self._process(live)
+        background: list[_Job] = []  # batch jobs taken, not yet run
+        while not self._stopping:
+            self._admit(background, block=not background)
+            if background and not self._stopping:
+                jobs, background = background, []
+                # Between two passes of batch work, interactive jobs that came meanwhile run.
+                self._process(jobs, between=lambda: self._admit(background, block=False))
+        for job in background:  # started (running) futures cannot be cancelled
+            job.future.set_exception(RuntimeError(f"{self.name} was closed"))
 
-    def _process(self, jobs: list[_Job]) -> None:
+    def _admit(self, background: list[_Job], block: bool) -> None:
+        """Take the queued jobs (waiting for one if `block`): run the interactive ones now,
+        add the batch ones to `background`."""
+        jobs: list[_Job] = []
+        while not self._stopping:
+            try:
+                job = self._queue.get() if block and not jobs else self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if job is None:
+                self._stopping = True
+            else:
+                jobs.append(job)
+        with self._lock:
+            self._pending -= sum(len(j.sequences) for j in jobs)
+        started = [j for j in jobs if j.future.set_running_or_notify_cancel()]
+        interactive = [j for j in started if j.priority == 0]
+        background += [j for j in started if j.priority != 0]
+        if interactive:
+            self._process(interactive)
+
+    def _process(self, jobs: list[_Job], between: Callable[[], None] | None = None) -> None:
         items = [(j, i, seq) for j, job in enumerate(jobs) for i, seq in enumerate(job.sequences)]
         items.sort(key=lambda item: len(item[2]))
         outputs: list[np.ndarray | None] = [None] * len(jobs)
@@ -106,6 +124,8 @@ class EmbeddingBatcher:
                 while end < len(items) and (end + 1 - start) * len(items[end][2]) <= self.max_batch_tokens:
                     end += 1
                 chunk = items[start:end]
+                if between is not None and start:
+                    between()
                 vectors = self._forward([seq for _, _, seq in chunk])
                 self.stats.forward_passes += 1
                 for (j, i, _), vector in zip(chunk, vectors):

@@ -116,3 +116,62 @@ def test_embed_awaits_without_blocking_the_event_loop():
     out, _ = asyncio.run(main())
     assert out.tolist() == [[4, 2]]
     batcher.close()
+
+
+class SteppedForward:
+    """Each forward pass waits for its own `step()`: a test decides when each pass ends."""
+
+    def __init__(self):
+        self.calls: list[list[int]] = []  # first ids of each pass
+        self._steps = threading.Semaphore(0)
+        self._entered = threading.Semaphore(0)
+
+    def __call__(self, batch):
+        self.calls.append([seq[0] for seq in batch])
+        self._entered.release()
+        assert self._steps.acquire(timeout=10)
+        return np.array([[seq[0], len(seq)] for seq in batch], dtype=np.float32)
+
+    def wait_pass(self):
+        assert self._entered.acquire(timeout=10)
+
+    def step(self):
+        self._steps.release()
+
+
+def test_batch_jobs_wait_for_interactive_ones_queued_before_or_during_them():
+    forward = SteppedForward()
+    batcher = EmbeddingBatcher("t", forward, max_batch_tokens=2)
+    first = batcher.submit([[1]])                                   # interactive, running
+    forward.wait_pass()
+    batch = batcher.submit([[100 + i] for i in range(4)], priority=1)  # two passes of 2
+    early = batcher.submit([[2]])                                   # queued behind `first`
+    forward.step()
+    forward.wait_pass()  # `early` goes before the batch job queued before it
+    forward.step()
+    forward.wait_pass()  # the batch job's first pass
+    late = batcher.submit([[3]])
+    forward.step()
+    forward.wait_pass()  # `late` runs before the batch job's second pass
+    forward.step()
+    forward.wait_pass()
+    forward.step()
+    assert forward.calls == [[1], [2], [100, 101], [3], [102, 103]]
+    assert batch.result(5).tolist() == [[100 + i, 1] for i in range(4)]
+    assert [f.result(5).tolist() for f in (first, early, late)] == [[[1, 1]], [[2, 1]], [[3, 1]]]
+    batcher.close()
+
+
+def test_closing_fails_the_batch_jobs_left_rather_than_leaving_them_waiting():
+    forward = SteppedForward()
+    batcher = EmbeddingBatcher("t", forward, max_batch_tokens=1)
+    batch = batcher.submit([[100], [101]], priority=1)
+    forward.wait_pass()
+    late_batch = batcher.submit([[200]], priority=1)
+    batcher.close()
+    forward.step()
+    forward.wait_pass()  # the running job finishes its passes
+    forward.step()
+    assert batch.result(5).tolist() == [[100, 1], [101, 1]]
+    with pytest.raises(RuntimeError, match="closed"):
+        late_batch.result(5)

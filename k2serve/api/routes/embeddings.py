@@ -13,6 +13,7 @@ from starlette.concurrency import run_in_threadpool
 from k2serve.api.embedding_inputs import input_sequences, parse_input
 from k2serve.api.errors import ERROR_RESPONSES
 from k2serve.api.models_lookup import embedding_backend_for
+from k2serve.api.request_scope import engine_priority
 from k2serve.api.schemas.embeddings import EmbeddingRequest
 from k2serve.api.usage import UsageTracker
 from k2serve.errors import bad_request
@@ -27,7 +28,7 @@ async def embed_billed(request: Request, backend, model: str, endpoint: str,
     tracker = UsageTracker(request, model, endpoint, sum(len(s) for s in sequences), 1)
     status = "error"
     try:
-        vectors = await backend.embed(sequences)
+        vectors = await backend.embed(sequences, engine_priority(request.scope))
         status = "ok"
         return vectors
     except BaseException as exc:

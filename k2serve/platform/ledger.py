@@ -103,6 +103,12 @@ def _columns(row: LedgerRow, now: float) -> dict:
         batch_id=_text(row.batch_id, 64), updated_at=now)
 
 
+# The tables, not the ORM classes: Core statements skip the ORM's bulk-DML bookkeeping
+# (session synchronisation), which cost more CPU than the SQL itself on every request.
+_USAGE = UsageEntry.__table__
+_KEYS = ApiKey.__table__
+
+
 def apply_row(session, row: LedgerRow, entry_id: int | None = None) -> int:
     """Write one row's state — a new row, or (`entry_id`) the latest state of a row written
     at admission — bill it when it used tokens, and move the key's spend by the change in
@@ -112,43 +118,34 @@ def apply_row(session, row: LedgerRow, entry_id: int | None = None) -> int:
             not _eligible(values["prompt_tokens"], values["completion_tokens"]):
         # A row written at admission bills nothing yet: just the insert, no key lock (every
         # request pays for this one).
-        return session.execute(insert(UsageEntry).values(**values, billed=False)
-                               .returning(UsageEntry.id)).scalar_one()
+        return session.execute(insert(_USAGE).values(**values, billed=False)
+                               .returning(_USAGE.c.id)).scalar_one()
     if row.api_key_id is not None and session.bind.dialect.name != "sqlite":
         # (SQLite's BEGIN IMMEDIATE already holds the one write lock.)
-        session.execute(select(ApiKey.id).where(ApiKey.id == row.api_key_id).with_for_update())
-    delta = 0.0
+        session.execute(select(_KEYS.c.id).where(_KEYS.c.id == row.api_key_id)
+                        .with_for_update())
+    # Every attempt is billed for the tokens it used, retries included (README "Retries").
+    billed = _eligible(values["prompt_tokens"], values["completion_tokens"])
+    delta = values["cost_usd"] if billed else 0.0  # the change in the key's billed spend
     if entry_id is None:
-        entry_id = session.execute(insert(UsageEntry).values(**values, billed=False)
-                                   .returning(UsageEntry.id)).scalar_one()
-        was_billed = False
+        entry_id = session.execute(insert(_USAGE).values(**values, billed=billed)
+                                   .returning(_USAGE.c.id)).scalar_one()
     else:
-        old = session.execute(select(UsageEntry.cost_usd, UsageEntry.billed)
-                              .where(UsageEntry.id == entry_id)).one_or_none()
+        old = session.execute(select(_USAGE.c.cost_usd, _USAGE.c.billed)
+                              .where(_USAGE.c.id == entry_id)).one_or_none()
         if old is None:
             raise LookupError(f"no ledger row {entry_id}")
-        session.execute(update(UsageEntry).where(UsageEntry.id == entry_id).values(**values))
-        was_billed = bool(old.billed)
-        if was_billed:
-            delta += values["cost_usd"] - old.cost_usd
-    delta += _bill(session, entry_id, values, was_billed)
+        session.execute(update(_USAGE).where(_USAGE.c.id == entry_id)
+                        .values(**values, billed=billed))
+        if old.billed:
+            delta -= old.cost_usd
     if row.api_key_id is not None:
-        last = ApiKey.last_used_at
-        session.execute(update(ApiKey).where(ApiKey.id == row.api_key_id).values(
-            spent_usd=ApiKey.spent_usd + delta,
+        last = _KEYS.c.last_used_at
+        session.execute(update(_KEYS).where(_KEYS.c.id == row.api_key_id).values(
+            spent_usd=_KEYS.c.spent_usd + delta,
             last_used_at=case((last.is_(None) | (last < row.started_at), row.started_at),
                               else_=last)))
     return entry_id
-
-
-def _bill(session, entry_id: int, values: dict, was_billed: bool) -> float:
-    """Set `billed` on a row that used tokens (every attempt is billed for what it used,
-    retries included: README "Retries"); returns the change in billed cost."""
-    want = _eligible(values["prompt_tokens"], values["completion_tokens"])
-    if want == was_billed:
-        return 0.0
-    session.execute(update(UsageEntry).where(UsageEntry.id == entry_id).values(billed=want))
-    return values["cost_usd"] if want else -values["cost_usd"]
 
 
 @dataclass(eq=False)

@@ -13,7 +13,9 @@ by our engine (`kind = "local"`) or by an OpenAI-compatible engine elsewhere
     price_input = 0.6                   # USD per 1M tokens (default: the catalog's, else 0)
     price_output = 2.5
     batch_price = 0.5                   # the share of these a batch job's line pays (default)
-    constrains = true                   # it enforces structured_outputs.grammar (default)
+    engine = "vllm"                     # vllm | sglang | k2serve: how it takes a grammar
+    constrains = true                   # it enforces grammars (default; SGLang: started with
+                                        # --grammar-backend llguidance)
     anthropic_temperature_scale = 0.6   # /v1/messages temperature x this (default: K2's 0.6)
 
     [[models]]
@@ -36,11 +38,12 @@ from k2serve.serving.backend import ModelBackend
 from k2serve.serving.catalog import EMBEDDED_CHAT_MODEL_ID
 from k2serve.serving.loader import LoadOptions, load_text_model
 from k2serve.serving.registry import ModelSpec, Pricing
+from k2serve.serving.upstream import ENGINES
 from k2serve.serving.upstream_loader import load_upstream_model
 
 KINDS = ("local", "openai")
 _KEYS = {"id", "kind", "urls", "upstream_model", "api_key_env", "tokenizer", "context_length",
-         "price_input", "price_output", "batch_price", "path", "constrains",
+         "price_input", "price_output", "batch_price", "path", "constrains", "engine",
          "anthropic_temperature_scale"}
 
 
@@ -58,6 +61,7 @@ class ModelEntry:
     batch_price: float | None = None  # share of the price a batch line pays (None: 0.5)
     path: str | None = None
     constrains: bool = True
+    engine: str = "vllm"  # an upstream's engine (k2serve.serving.upstream.ENGINES)
     anthropic_temperature_scale: float | None = None
 
 
@@ -112,6 +116,10 @@ def _entry(raw: dict[str, Any], where: str) -> ModelEntry:
                              f"base URLs ending in /v1")
     elif urls:
         raise ValueError(f"{where}: 'urls' is for kind 'openai'")
+    engine = typed("engine", str)
+    if engine is not None and (kind != "openai" or engine not in ENGINES):
+        raise ValueError(f"{where}: 'engine' names an 'openai' model's engine, one of "
+                         f"{', '.join(ENGINES)}, not {engine!r}")
     context = typed("context_length", int)
     if context is not None and context <= 0:
         raise ValueError(f"{where}: 'context_length' must be positive")
@@ -134,7 +142,7 @@ def _entry(raw: dict[str, Any], where: str) -> ModelEntry:
                       price_output=prices["price_output"], batch_price=batch_price,
                       path=typed("path", str),
                       constrains=True if constrains is None else constrains,
-                      anthropic_temperature_scale=scale)
+                      engine=engine or "vllm", anthropic_temperature_scale=scale)
 
 
 def load_model_entry(entry: ModelEntry, options: LoadOptions) -> tuple[ModelSpec, ModelBackend]:
@@ -159,7 +167,8 @@ def load_model_entry(entry: ModelEntry, options: LoadOptions) -> tuple[ModelSpec
                                  f"{entry.api_key_env} (its API key) is not set")
         spec, backend = load_upstream_model(
             entry.id, entry.urls, tokenizer, upstream_model=entry.upstream_model,
-            api_key=api_key, context_length=entry.context_length, constrains=entry.constrains)
+            api_key=api_key, context_length=entry.context_length, constrains=entry.constrains,
+            engine=entry.engine)
     pricing = entry_pricing(spec.pricing, entry)
     if entry.anthropic_temperature_scale is not None:
         spec = dataclasses.replace(

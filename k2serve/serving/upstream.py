@@ -18,10 +18,13 @@ after the first token a failure ends the choice with an error (a stream cannot b
 Closing a choice's iterator closes its HTTP stream, which an upstream takes as an abort.
 
 Structured output and tool calls: k2serve builds the grammar (a JSON schema, its tool-call
-grammar for the model's own format) and sends it as vLLM's `structured_outputs.grammar`; the
-upstream enforces it token by token and k2serve parses the output with its own parsers. An
-upstream configured as unable to (`constrains=False`) gets no such request: a 400 says so,
-rather than an unchecked reply. Prompt logprobs (echo with logprobs) are not relayed (400).
+grammar for the model's own format) as one Lark text (llguidance's dialect) and sends it in
+the field the upstream's engine reads: vLLM's `structured_outputs.grammar` (its `guidance`
+backend), SGLang's `ebnf` (its `llguidance` grammar backend, which takes Lark there), or
+k2serve's own (it reads vLLM's). The upstream enforces it token by token and k2serve parses
+the output with its own parsers. An upstream configured as unable to (`constrains=False`)
+gets no such request: a 400 says so, rather than an unchecked reply. Prompt logprobs (echo
+with logprobs) are not relayed (400).
 """
 
 from __future__ import annotations
@@ -55,6 +58,8 @@ DOWN_MAX_S = 30.0
 CONNECT_TIMEOUT_S = 5.0
 READ_TIMEOUT_S = 600.0  # between two chunks: a long prefill on a loaded upstream
 TOKEN_ID_PREFIX = "token_id:"  # vLLM's logprob tokens under return_tokens_as_token_ids
+# The engines an upstream may run: they name a grammar's request field differently.
+ENGINES = ("vllm", "sglang", "k2serve")
 
 
 @dataclass
@@ -87,9 +92,10 @@ class UpstreamConfig:
     upstream_model: str | None = None  # the name the upstream serves it under (default: model_id)
     api_key: str | None = None
     headers: dict[str, str] = field(default_factory=dict)
-    # Whether the upstream enforces a grammar sent as vLLM's `structured_outputs.grammar` in
-    # llguidance's Lark dialect (k2serve does; vLLM does with its `guidance` backend).
+    # Whether the upstream enforces a grammar in llguidance's Lark dialect (vLLM with its
+    # `guidance` backend, SGLang with `--grammar-backend llguidance`, k2serve).
     constrains: bool = True
+    engine: str = "vllm"  # one of ENGINES: which request fields it reads
 
 
 class UpstreamBackend(TextModel):
@@ -198,11 +204,17 @@ class UpstreamBackend(TextModel):
             body["logit_bias"] = {str(k): v for k, v in params.logit_bias.items()}
         if stop:
             body["stop"] = stop
+        sglang = self.config.engine == "sglang"
         if params.logprobs is not None:
             body["logprobs"] = max(params.logprobs, 1)  # OpenAI's completions: top n, >= 1
-            body["return_tokens_as_token_ids"] = True  # vLLM: tokens as "token_id:N"
+            if not sglang:
+                body["return_tokens_as_token_ids"] = True  # vLLM: tokens as "token_id:N"
         if params.grammar is not None:  # the upstream enforces it (llguidance's Lark dialect)
-            body["structured_outputs"] = {"grammar": as_lark(params.grammar.source)}
+            lark = as_lark(params.grammar.source)
+            if sglang:  # its llguidance backend reads `ebnf` as Lark (or GBNF)
+                body["ebnf"] = lark
+            else:
+                body["structured_outputs"] = {"grammar": lark}
         return body
 
     def _http(self) -> httpx.AsyncClient:
@@ -237,7 +249,7 @@ class UpstreamBackend(TextModel):
                     raise self._refusal(response)
                 replica.succeeded()
                 finish: str | None = None
-                matched: str | None = None  # vLLM/SGLang: `stop_reason`, the stop string hit
+                matched: str | None = None
                 async for line in response.aiter_lines():
                     if not line.startswith("data: ") or line == "data: [DONE]":
                         continue
@@ -257,8 +269,10 @@ class UpstreamBackend(TextModel):
                         logprobs = self._logprobs(choice.get("logprobs"))
                         completion += len(logprobs) if logprobs else (1 if text else 0)
                         finish = choice.get("finish_reason") or finish
-                        if isinstance(choice.get("stop_reason"), str):
-                            matched = choice["stop_reason"]
+                        # the stop string hit: vLLM's `stop_reason`, SGLang's `matched_stop`
+                        for key in ("stop_reason", "matched_stop"):
+                            if isinstance(choice.get(key), str):
+                                matched = choice[key]
                         if text or logprobs:  # the finish itself rides on the usage delta
                             yield TextDelta(text=text, token_ids=[], logprobs=logprobs,
                                             finish_reason=None, prompt_tokens=prompt_tokens,

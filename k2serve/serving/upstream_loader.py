@@ -67,8 +67,8 @@ def upstream_context_length(urls: list[str], model: str, timeout_s: float = 10.0
 
 def load_upstream_model(model_id: str, urls: list[str], tokenizer_path: str, *,
                         upstream_model: str | None = None, api_key: str | None = None,
-                        context_length: int | None = None, constrains: bool = True
-                        ) -> tuple[ModelSpec, UpstreamBackend]:
+                        context_length: int | None = None, constrains: bool = True,
+                        engine: str = "vllm") -> tuple[ModelSpec, UpstreamBackend]:
     tokenizer = load_tokenizer(tokenizer_path)
     template = ChatTemplate.from_tokenizer(tokenizer) if tokenizer.chat_template else None
     context = context_length or upstream_context_length(urls, upstream_model or model_id)
@@ -76,6 +76,6 @@ def load_upstream_model(model_id: str, urls: list[str], tokenizer_path: str, *,
         raise ValueError(f"no replica of {model_id} ({', '.join(urls)}) answered /v1/models "
                          f"with its context length")
     config = UpstreamConfig(model_id, urls, upstream_model=upstream_model, api_key=api_key,
-                            constrains=constrains)
+                            constrains=constrains, engine=engine)
     backend = UpstreamBackend(config, tokenizer, context_length=context, chat_template=template)
     return model_spec(model_id, context_length=context), backend

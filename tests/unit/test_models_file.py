@@ -22,6 +22,12 @@ price_output = 2.5
 batch_price = 0.25
 
 [[models]]
+id = "sglang/model"
+kind = "openai"
+urls = ["http://h3:30000/v1"]
+engine = "sglang"
+
+[[models]]
 id = "local/smol"
 kind = "local"
 '''
@@ -34,12 +40,13 @@ def write(tmp_path, text):
 
 
 def test_a_valid_file(tmp_path):
-    upstream, local = read_models_file(write(tmp_path, VALID))
+    upstream, sglang, local = read_models_file(write(tmp_path, VALID))
     assert upstream.kind == "openai" and upstream.urls == ["http://h1:8000/v1",
                                                           "http://h2:8000/v1"]
     assert (upstream.upstream_model, upstream.api_key_env, upstream.context_length) == \
         ("kimi-k2", "K2_KEY", 131072)
     assert (upstream.price_input, upstream.price_output, upstream.constrains) == (0.6, 2.5, True)
+    assert (upstream.engine, sglang.engine) == ("vllm", "sglang")
     assert local.kind == "local" and local.path is None and local.urls == []
     # The batch price: the entry's share replaces the default half price; unnamed, it stays.
     assert entry_pricing(Pricing(input=1.0, output=3.0), upstream) == Pricing(
@@ -60,6 +67,9 @@ def test_a_valid_file(tmp_path):
      "listed twice"),
     ('[[models]]\nid = "a"\nkind = "local"\n[[models]]\nid = "b"\nkind = "local"\n',
      "at most one model of kind 'local'"),
+    ('[[models]]\nid = "a"\nkind = "openai"\nurls = ["http://x/v1"]\nengine = "tgi"\n',
+     "one of vllm, sglang, k2serve, not 'tgi'"),
+    ('[[models]]\nid = "a"\nkind = "local"\nengine = "vllm"\n', "an 'openai' model's engine"),
     ('title = "no models"\n', "no [[models]] entries"),
     ('[[models]\n', "cannot read"),
 ])

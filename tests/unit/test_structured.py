@@ -317,3 +317,42 @@ def test_json_call_parser_text_and_cut_off():
                                 '{"name": "g", "arguments": {"b": ')
     assert [c.name for c in cut.tool_calls] == ["f"] and cut.content is None
     assert cut.invalid_tool_calls[0].reason == "cut off"
+
+
+# -- SGLang's field for a grammar -------------------------------------------------------------
+def sglang_accepts(compiler, tok, lark: str, text: str) -> bool:
+    """What SGLang's llguidance grammar backend does with a request's `ebnf` text
+    (`grammar_from("ebnf", text)`, then an LLMatcher), followed token by token."""
+    import llguidance
+
+    matcher = llguidance.LLMatcher(compiler.lltokenizer, llguidance.grammar_from("ebnf", lark),
+                                   log_level=0)
+    return all(matcher.consume_token(t) for t in tok.encode(text)) and \
+        matcher.consume_token(min(tok.stop_token_ids)) and not matcher.is_error()
+
+
+@pytest.mark.parametrize("grammar, texts", [
+    (json_schema_grammar(PERSON), ['{"name": "Ann", "age": 30, "tags": ["a"]}',
+                                   '{"name": "Ann"}', '{"name": "Ann", "age": 130, "tags": []}']),
+    (regex_grammar(r"(red|blue)/[0-9]+"), ["red/12", "red/", "green/1"]),
+    (json_tool_grammar([WEATHER, TIME], None, True, False),
+     ['<tool_call>[{"name": "get_weather", "arguments": {"city": "Paris"}}]</tool_call>',
+      '<tool_call>[{"name": "get_weather", "arguments": {"unit": "c"}}]</tool_call>']),
+])
+def test_sglangs_ebnf_field_takes_the_same_language(compiler, tok, grammar, texts):
+    lark = as_lark(grammar)
+    verdicts = [accepts(compiler, tok, grammar, t) for t in texts]
+    assert any(verdicts) and not all(verdicts)
+    assert [sglang_accepts(compiler, tok, lark, t) for t in texts] == verdicts
+
+
+def test_sglangs_ebnf_field_takes_the_k2_tool_grammar(k2):
+    tok, compiler = k2
+    grammar = k2_tool_grammar([WEATHER, TIME], None, True, True)
+    texts = ["Let me check.",
+             K2_CALL.format(name="get_weather", idx=3, args='{"city": "Paris", "unit": "f"}'),
+             K2_CALL.format(name="get_weather", idx=0, args='{"town": "Paris"}'),
+             "Text <|tool_call_begin|> smuggled"]
+    verdicts = [accepts(compiler, tok, grammar, t) for t in texts]
+    assert verdicts == [True, True, False, False]
+    assert [sglang_accepts(compiler, tok, as_lark(grammar), t) for t in texts] == verdicts

@@ -18,6 +18,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -229,33 +230,53 @@ def test_chat_stream_tools_and_usage_through_the_openai_sdk(client, endpoint):
 
 
 # -- faults -------------------------------------------------------------------------------
-def test_vllm_killed_under_a_request_is_retried_on_the_replacement(cluster, http, client,
-                                                                    endpoint):
-    """SIGKILL to vLLM's API server while it generates a non-streamed reply: the replica ends
-    itself with its vLLM, Ray replaces it, the request is sent once more and answered."""
+def test_vllm_killed_under_requests_retries_the_whole_one_and_ends_the_stream(http, client,
+                                                                           endpoint):
+    """SIGKILL to vLLM's API server while it generates a non-streamed reply and a stream
+    that has sent its first tokens: the replica ends itself with its vLLM, Ray replaces it;
+    the non-streamed request is sent once more and answered, the stream ends with an error
+    naming the replica (it cannot take back what it sent). Nothing hangs."""
     name, eid = endpoint["name"], endpoint["id"]
     (server,) = vllm_servers()
     old_group, (old_actor,) = group(server), replica_actors(eid)
     port = vllm_port(server)
+    request = {"model": name, "messages": MESSAGES, "max_tokens": 64, "temperature": 0,
+               "extra_body": {"ignore_eos": True}}
+    streaming = threading.Event()
 
     def whole():
-        return client.chat.completions.create(model=name, messages=MESSAGES, max_tokens=64,
-                                              temperature=0, extra_body={"ignore_eos": True})
+        return client.chat.completions.create(**request)
 
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        future = pool.submit(whole)
-        wait_until(lambda: future.done() or running_in_vllm(port) >= 1,
-                   "vLLM never ran the request", timeout=60)
-        assert not future.done(), "the request ended before vLLM could be killed"
-        started = time.time()
+    def streamed():
+        received = ""
+        try:
+            for chunk in client.chat.completions.create(**{**request, "max_tokens": 400},
+                                                        stream=True):  # still going
+                received += "".join(c.delta.content or "" for c in chunk.choices)
+                if received:
+                    streaming.set()
+        except openai.APIError as exc:
+            return received, exc
+        return received, None
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        stream = pool.submit(streamed)
+        assert streaming.wait(120), stream.result() if stream.done() else "no first token"
+        reply = pool.submit(whole)
+        wait_until(lambda: reply.done() or running_in_vllm(port) >= 2,
+                   "vLLM never ran both requests", timeout=60)
+        assert not (reply.done() or stream.done()), "a request ended before vLLM was killed"
+        killed = time.time()
         os.kill(server, signal.SIGKILL)
         # The replica takes its vLLM's engine processes down with it, and itself.
         wait_until(lambda: not any(p in _processes() for p in old_group + [old_actor]),
                    "the dead vLLM's processes or its replica are still there", timeout=30)
-        reply = future.result(timeout=360)  # nothing hangs
+        received, error = stream.result(timeout=60)
+        reply = reply.result(timeout=360)
+    assert received and error is not None, "the stream ended as if nothing had happened"
+    assert "replica" in error.message, error.message
     assert reply.usage.completion_tokens == 64, reply  # retried once, unseen
-    elapsed = time.time() - started
-    print(f"retried request answered {elapsed:.0f} s after the kill")
+    print(f"retried request answered {time.time() - killed:.0f} s after the kill")
     (new_server,) = vllm_servers()
     assert new_server != server and replica_actors(eid) != [old_actor]
     after = wait_for(http, eid, lambda e: e["replicas"] == 1, "back to 1 replica", timeout=60)

@@ -285,15 +285,25 @@ def test_vllm_killed_under_requests_retries_the_whole_one_and_ends_the_stream(ht
                                           max_tokens=4).choices[0].message.content
 
 
-def test_a_killed_actor_takes_its_vllm_and_delete_leaves_no_vllm(http, endpoint):
-    """SIGKILL to the replica's actor runs none of its cleanup: the parent-death signal
-    stops its vLLM. Then DELETE, while the replacement starts: no vLLM remains."""
-    eid = endpoint["id"]
+def test_stop_kill_and_delete_leave_no_vllm(http, client, endpoint):
+    """Stopped, the replica stops its vLLM (Serve's graceful shutdown). Started again, its
+    actor killed by SIGKILL, which runs none of its cleanup: the parent-death signal stops
+    its vLLM. Deleted while the replacement starts: no vLLM remains."""
+    name, eid = endpoint["name"], endpoint["id"]
     (server,) = vllm_servers()
-    old_group, (actor,) = group(server), replica_actors(eid)
+    old_group = group(server)
+    assert http.patch(f"/v1/endpoints/{eid}", json={"state": "STOPPED"}).status_code == 200
+    wait_for(http, eid, lambda e: e["state"] == "STOPPED", "STOPPED", timeout=60)
+    wait_until(lambda: not any(p in _processes() for p in old_group) and
+               not replica_actors(eid), "vLLM outlived its stopped replica", timeout=30)
+    with pytest.raises(openai.BadRequestError, match="STOPPED"):
+        client.chat.completions.create(model=name, messages=MESSAGES, max_tokens=4)
+
+    assert http.patch(f"/v1/endpoints/{eid}", json={"state": "STARTED"}).status_code == 200
+    wait_until(lambda: vllm_servers() and replica_actors(eid), "no vLLM started", timeout=60)
+    (server,), (actor,) = vllm_servers(), replica_actors(eid)
     os.kill(actor, signal.SIGKILL)
-    wait_until(lambda: not any(p in _processes() for p in old_group),
-               "vLLM outlived its replica's actor", timeout=30)
+    wait_until(lambda: not group(server), "vLLM outlived its replica's actor", timeout=30)
     # Serve starts a replacement, whose vLLM loads; delete the endpoint meanwhile.
     wait_until(lambda: vllm_servers(), "no replacement vLLM started", timeout=60)
     assert http.delete(f"/v1/endpoints/{eid}").status_code == 204

@@ -6,7 +6,7 @@ A replica holds a GenerationBackend and streams its TextDeltas to the k2serve fr
 - engine `vllm`: one vLLM OpenAI server process per replica, started by this actor on its
   node with the GPUs Ray gave it (CUDA_VISIBLE_DEVICES), fronted by an UpstreamBackend on
   loopback. The replica and its vLLM live and die together: the actor's death (even by
-  SIGKILL) sends vLLM SIGTERM (a parent-death signal), and vLLM's death ends the actor, so
+  SIGKILL) stops vLLM (a sentinel process watches it), and vLLM's death ends the actor, so
   that Serve replaces it and the front retries what it was serving.
 
 Prompts arrive as token ids (the front renders and counts them); a grammar arrives as its
@@ -17,7 +17,6 @@ Lark source: our engine compiles it here, for this replica's tokenizer; vLLM get
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import dataclasses
 import os
 import signal
@@ -35,7 +34,6 @@ from k2serve.serving.dedicated_config import DedicatedModel
 
 VLLM_START_TIMEOUT_S = 1800.0  # K2's 1 TB of weights load in minutes, not seconds
 VLLM_EXIT_WAIT_S = 3.0
-PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +47,7 @@ class EndpointReplica:
     def __init__(self, model: DedicatedModel, num_cpus: float = 1.0):
         self.model = model
         self._vllm: subprocess.Popen | None = None
+        self._sentinel: subprocess.Popen | None = None  # stops vLLM when this actor ends
         self._serving = False  # vLLM answered its health check
         self._stopping = False  # Serve is shutting the replica down
         self._log_path = ""
@@ -106,6 +105,8 @@ class EndpointReplica:
         if self._vllm is not None:
             self._stopping = True
             _stop_group(self._vllm)
+        if self._sentinel is not None:
+            self._sentinel.stdin.close()  # nothing left for it to stop: it exits
 
     # -- a vLLM process per replica -----------------------------------------------------------
     def _start_vllm(self, model: DedicatedModel):
@@ -129,12 +130,11 @@ class EndpointReplica:
             env["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
         self._log_path = os.path.join(tempfile.gettempdir(),
                                       f"k2serve-vllm-{os.getpid()}-{port}.log")
-        spawned = threading.Event()
-        threading.Thread(target=self._own_vllm, args=(cmd, env, spawned), daemon=True,
-                         name="vllm-watchdog").start()
-        spawned.wait()
-        if self._vllm is None:
-            raise RuntimeError(f"cannot start vLLM ({' '.join(cmd)}): see {self._log_path}")
+        with open(self._log_path, "ab") as log_file:
+            self._vllm = subprocess.Popen(cmd, env=env, stdout=log_file,
+                                          stderr=subprocess.STDOUT, start_new_session=True)
+        self._sentinel = _start_sentinel(self._vllm.pid)
+        threading.Thread(target=self._watch_vllm, daemon=True, name="vllm-watchdog").start()
         base = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + VLLM_START_TIMEOUT_S
         while time.monotonic() < deadline:
@@ -156,17 +156,7 @@ class EndpointReplica:
         self._serving = True
         return backend
 
-    def _own_vllm(self, cmd: list[str], env: dict, spawned: threading.Event) -> None:
-        """Starts vLLM and waits on it, in a thread of its own that lives as long as vLLM:
-        the parent-death signal fires when the thread that forked the child ends, so this
-        thread, not a short-lived one, must be its parent."""
-        try:
-            with open(self._log_path, "ab") as log_file:
-                self._vllm = subprocess.Popen(cmd, env=env, stdout=log_file,
-                                              stderr=subprocess.STDOUT, start_new_session=True,
-                                              preexec_fn=_die_with_parent(os.getpid()))
-        finally:
-            spawned.set()
+    def _watch_vllm(self) -> None:
         code = self._vllm.wait()
         if self._serving and not self._stopping:
             self._engine_lost(f"vLLM exited ({code})")
@@ -192,16 +182,32 @@ class EndpointReplica:
         os._exit(1)
 
 
-def _die_with_parent(parent: int):
-    """preexec_fn: the child gets SIGTERM when its parent (this replica's actor) dies, even
-    by SIGKILL, which runs no cleanup here; vLLM then stops its engine processes."""
-    libc = ctypes.CDLL(None, use_errno=True)  # loaded before the fork: only calls after it
+# A process of its own that outlives the replica's actor: when the actor ends, however (a
+# SIGKILL runs no cleanup in it), the pipe from it closes and this stops vLLM's process
+# group: SIGTERM (vLLM stops its engine processes; a SIGKILL to its API server alone would
+# orphan them), then SIGKILL to what is left.
+_SENTINEL = """
+import os, signal, sys, time
+pgid = int(sys.argv[1])
+sys.stdin.buffer.read()
+for sig, grace_s in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 0.0)):
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        break
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            sys.exit()
+        time.sleep(0.2)
+"""
 
-    def preexec() -> None:
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-        if os.getppid() != parent:  # the parent died before the prctl
-            os._exit(1)
-    return preexec
+
+def _start_sentinel(pgid: int) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-I", "-c", _SENTINEL, str(pgid)],
+                            stdin=subprocess.PIPE, start_new_session=True)
 
 
 def _stop_group(process: subprocess.Popen, grace_s: float = 5.0) -> None:

@@ -64,6 +64,7 @@ class _Live:
     replica_seconds: float = 0.0  # metered, not yet billed
     meter_since: float = field(default_factory=time.time)
     running: int = 0  # replicas running at the last tick
+    failing_since: float | None = None  # STARTED, but Serve reports no healthy replica
 
 
 class EndpointManager:
@@ -364,6 +365,8 @@ class EndpointManager:
                         self.registry.unregister(row.name)
                         self.registry.unregister(row.id)
                 continue
+            if status not in ("DEPLOY_FAILED", "UNHEALTHY") or running:
+                live.failing_since = None
             if row.state in ("PENDING", "STARTING"):
                 if status == "RUNNING":
                     self._set(endpoint_id, state="STARTED", error=None)
@@ -371,7 +374,13 @@ class EndpointManager:
                     self._set(endpoint_id, state="ERROR", error=message or status)
             elif row.state == "STARTED" and status in ("DEPLOY_FAILED", "UNHEALTHY") and \
                     running == 0:
-                self._set(endpoint_id, state="ERROR", error=message or status)
+                # A dead replica being replaced: requests wait for the new one, as when
+                # waking from zero. ERROR once a request waiting that long would give up.
+                live.failing_since = live.failing_since or now
+                if now - live.failing_since > self.config.scaling.start_timeout_s:
+                    self._set(endpoint_id, state="ERROR", error=message or status)
+            elif row.state == "ERROR" and status == "RUNNING":  # Serve brought it back
+                self._set(endpoint_id, state="STARTED", error=None)
             elif row.state == "STOPPING" and status is None:
                 self._set(endpoint_id, state="STOPPED")
                 self._bill(endpoint_id)

@@ -89,7 +89,7 @@ class DedicatedModel:
     path: str | None = None  # None: the embedded GGUF (k2serve engine only)
     tokenizer: str | None = None  # default: path
     vllm_args: tuple[str, ...] = ()
-    context_length: int | None = None
+    context_length: int | None = None  # default: vLLM's --max-model-len, or the checkpoint's
     max_num_seqs: int | None = None  # our engine's batch; vLLM: in vllm_args
     # Token prices (USD per 1M) on top of the hardware's minutes; default 0: the replica
     # time is the whole bill.
@@ -148,6 +148,19 @@ def _check_keys(raw: dict, allowed: set[str], where: str) -> None:
         raise ValueError(f"{where}: unknown keys {', '.join(unknown)}")
 
 
+def _max_model_len(args: list[str]) -> int | None:
+    """vLLM's `--max-model-len N` (or `=N`) in its arguments, when a plain integer."""
+    for i, arg in enumerate(args):
+        value = None
+        if arg == "--max-model-len" and i + 1 < len(args):
+            value = args[i + 1]
+        elif arg.startswith("--max-model-len="):
+            value = arg.partition("=")[2]
+        if value is not None and value.isdigit():
+            return int(value)
+    return None
+
+
 def read_dedicated_config(path: str | None) -> DedicatedConfig:
     """The file's settings (None: the defaults); ValueError naming the entry and key."""
     if path is None:
@@ -196,10 +209,13 @@ def read_dedicated_config(path: str | None) -> DedicatedConfig:
         prices = [_typed(raw, k, number, where, 0.0) for k in ("price_input", "price_output")]
         if any(p < 0 for p in prices):
             raise ValueError(f"{where}: prices must not be negative")
+        context = _typed(raw, "context_length", int, where)
+        if context is None and engine == "vllm":  # the front checks prompts against vLLM's
+            context = _max_model_len(args)
         models.append(DedicatedModel(
             model_id, engine, model_path, _typed(raw, "tokenizer", str, where), tuple(args),
-            _typed(raw, "context_length", int, where), _typed(raw, "max_num_seqs", int, where),
-            float(prices[0]), float(prices[1])))
+            context, _typed(raw, "max_num_seqs", int, where), float(prices[0]),
+            float(prices[1])))
     defaults = DedicatedConfig()
     return DedicatedConfig(tuple(hardware) or defaults.hardware,
                            tuple(models) or defaults.models, scaling)

@@ -32,7 +32,7 @@ CONFIG = DedicatedConfig(
                        accelerator_type="H100", gpu_type="h100-80gb", gpu_memory=80,
                        gpu_link="sxm", cents_per_minute=6.0)),
     models=(DedicatedModel(EMBEDDED_CHAT_MODEL_ID, price_input=0.5),),
-    scaling=Scaling(meter_interval_s=1.0))
+    scaling=Scaling(meter_interval_s=1.0, start_timeout_s=2.0))
 
 
 class FakeCluster:
@@ -42,6 +42,7 @@ class FakeCluster:
     def __init__(self):
         self.apps: dict[str, dict] = {}
         self.calls: list[tuple] = []
+        self.failing: set[str] = set()  # apps whose replica died: Serve replaces it
 
     def deploy(self, app, model, hardware, scaling, low, high):
         self.calls.append(("deploy", app, low, high))
@@ -54,6 +55,8 @@ class FakeCluster:
     def app_state(self, app):
         if app not in self.apps:
             return None, {}, ""
+        if app in self.failing:
+            return "UNHEALTHY", {"STARTING": 1}, "a replica failed its health check"
         return "RUNNING", {"RUNNING": self.apps[app]["replicas"]}, ""
 
     def handle(self, app):
@@ -137,6 +140,25 @@ def test_lifecycle_owners_and_billing(served, database):
     assert served.delete(f"/v1/endpoints/{eid}", headers=served.owner).status_code == 204
     assert served.get(f"/v1/endpoints/{eid}", headers=served.owner).status_code == 404
     assert served.get("/v1/endpoints", headers=served.owner).json()["data"] == []
+
+
+def test_a_replica_being_replaced_is_not_an_error_until_start_timeout(served):
+    """Serve reports UNHEALTHY with no replica running while it replaces a dead one: the
+    endpoint stays STARTED (requests wait for the replacement) for start_timeout_s (2 s
+    here), then turns ERROR, and back to STARTED when Serve runs it again."""
+    created = served.post("/v1/endpoints", headers=served.owner, json={
+        "model": EMBEDDED_CHAT_MODEL_ID, "hardware": "cpu_2core",
+        "autoscaling": {"min_replicas": 1, "max_replicas": 1}}).json()
+    eid = created["id"]
+    until(served, eid, lambda e: e["state"] == "STARTED")
+    served.cluster.failing.add(eid)
+    until(served, eid, lambda e: e["replicas"] == 0)
+    assert until(served, eid, lambda e: True)["state"] == "STARTED"
+    failed = until(served, eid, lambda e: e["state"] == "ERROR", timeout=10)
+    assert failed["error"] == "a replica failed its health check"
+    served.cluster.failing.discard(eid)
+    back = until(served, eid, lambda e: e["state"] == "STARTED")
+    assert back["replicas"] == 1 and not back.get("error")
 
 
 def test_hardware_and_validation(served):

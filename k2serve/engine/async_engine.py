@@ -10,10 +10,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from k2serve.engine import foreground
 from k2serve.engine.core import EngineCore
 from k2serve.engine.foreground import FOREGROUND
 from k2serve.engine.sequence import GenerationRequest, RequestOutput
@@ -65,6 +67,8 @@ class Reservation:
         slots, self.unstarted = self.unstarted, 0
         if slots and self._engine is not None:
             self._engine._reserved -= slots
+            if self.priority == 0:
+                self._engine._interactive_coming -= slots
             self._engine._drop(self.owner, slots)
 
     def __enter__(self) -> Reservation:
@@ -92,6 +96,10 @@ class AsyncEngine:
         # reservations not started yet, and both together per owner (API key).
         self._in_flight = 0
         self._reserved = 0
+        # Interactive slots admitted and not yet handed to the engine thread (read there:
+        # batch-only steps wait for them, see _run), and when the last was admitted.
+        self._interactive_coming = 0
+        self._interactive_admitted_at = 0.0
         self._held: Counter[str | None] = Counter()
         self._ready = threading.Event()
         self._startup_error: BaseException | None = None
@@ -121,6 +129,8 @@ class AsyncEngine:
             if request.request_id in self._streams:
                 raise ValueError(f"duplicate request id {request.request_id}")
         owner = request.owner
+        coming = reservation is not None and reservation.unstarted > 0 and \
+            reservation.priority == 0  # one of the interactive slots _run waits for
         if reservation is not None and reservation.unstarted:
             owner = reservation.owner  # its slot is counted against the reservation's owner
             reservation.start_one()
@@ -134,6 +144,9 @@ class AsyncEngine:
         finished = False
         try:
             self._submit("add", request)
+            if coming:  # it is in the engine's queue now
+                coming = False
+                self._interactive_coming -= 1
             while True:
                 output: RequestOutput = await queue.get()
                 if output.error:
@@ -145,6 +158,8 @@ class AsyncEngine:
                 if finished:
                     return
         finally:
+            if coming:
+                self._interactive_coming -= 1
             self._in_flight -= 1
             self._drop(owner, 1)
             with self._streams_lock:
@@ -167,6 +182,9 @@ class AsyncEngine:
         `priority`: of the requests in the engine's queue (0 interactive, 1 batch)."""
         self._admit(owner, num_requests)
         self._reserved += num_requests
+        if priority == 0:
+            self._interactive_coming += num_requests
+            self._interactive_admitted_at = time.monotonic()
         return Reservation(self, owner, num_requests, priority)
 
     def _admit(self, owner: str | None, count: int) -> None:
@@ -230,7 +248,7 @@ class AsyncEngine:
                 self._wakeup.wait()
                 self._wakeup.clear()
                 continue
-            if FOREGROUND.pending() and not self._core.has_urgent_work():
+            if self._interactive_on_its_way() and not self._core.has_urgent_work():
                 # An interactive request is on its way: leave it the CPU (see foreground.py).
                 self._wakeup.wait(0.005)
                 self._wakeup.clear()
@@ -241,6 +259,16 @@ class AsyncEngine:
                 log.exception("engine step failed")
                 outputs = self._core.fail_all(f"engine error: {type(exc).__name__}: {exc}")
             self._deliver(outputs)
+
+    def _interactive_on_its_way(self) -> bool:
+        """An interactive request is being prepared (FOREGROUND), or admitted here and not
+        yet in the engine's queue (its reply's headers, its sampling parameters: a batch-only
+        step started now would delay its first token by a whole step). Either for at most
+        foreground.MAX_HOLD_S, so a slot never started cannot stop background work."""
+        if FOREGROUND.pending():
+            return True
+        return self._interactive_coming > 0 and \
+            time.monotonic() - self._interactive_admitted_at < foreground.MAX_HOLD_S
 
     def _drain_commands(self) -> None:
         while self._commands:

@@ -179,3 +179,57 @@ def test_background_steps_wait_while_an_interactive_request_is_prepared(monkeypa
         assert engine.core.steps > paused_at + 1
     finally:
         engine.shutdown()
+
+
+def test_background_steps_wait_for_an_admitted_interactive_request_to_reach_the_engine(
+        monkeypatch):
+    """Between its admission (reserve) and its generation's start (after its reply's headers)
+    an interactive request is on its way too: a batch-only step begun then would delay its
+    first token by a whole step. A batch line's reservation pauses nothing; a slot never
+    started pauses batch work for MAX_HOLD_S at most."""
+    import time
+    from types import SimpleNamespace
+
+    from k2serve.engine import foreground
+    from k2serve.engine.async_engine import AsyncEngine
+
+    class BackgroundOnly:
+        config = SimpleNamespace(max_num_seqs=4, max_waiting=4)
+        steps = 0
+
+        def has_work(self):
+            return True
+
+        def has_urgent_work(self):
+            return False
+
+        def step(self):
+            self.steps += 1
+            time.sleep(0.001)
+            return []
+
+    monkeypatch.setattr("k2serve.engine.async_engine.FOREGROUND", foreground.ForegroundGate())
+    engine = AsyncEngine(BackgroundOnly)
+
+    def steps_during(seconds):
+        before = engine.core.steps
+        time.sleep(seconds)
+        return engine.core.steps - before
+
+    try:
+        assert steps_during(0.05) > 0
+        batch_line = engine.reserve(1, priority=1)
+        assert steps_during(0.05) > 0  # a batch line's admission pauses nothing
+        interactive = engine.reserve(2, owner="key")
+        time.sleep(0.02)
+        assert steps_during(0.2) == 0  # admitted, not yet in the engine: batch work waits
+        interactive.release()  # (its reply ended before its generation started)
+        assert steps_during(0.05) > 0
+        monkeypatch.setattr(foreground, "MAX_HOLD_S", 0.1)
+        forgotten = engine.reserve(1)
+        time.sleep(0.15)
+        assert steps_during(0.1) > 0  # the pause lapsed
+        forgotten.release()
+        batch_line.release()
+    finally:
+        engine.shutdown()

@@ -214,3 +214,14 @@ class VideoJobRow(Base):
     created_at: Mapped[float] = mapped_column(Double)
     updated_at: Mapped[float] = mapped_column(Double)
     record: Mapped[str] = mapped_column(Text)
+
+
+class LeaseRow(Base):
+    """Who acts for all servers on one database, until when (k2serve.platform.lease)."""
+
+    __tablename__ = "leases"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    holder: Mapped[str | None] = mapped_column(String(64), nullable=True)  # a process's id
+    expires_at: Mapped[float] = mapped_column(Double)
+    renewed_at: Mapped[float] = mapped_column(Double)  # the holder's last renewal or release

@@ -52,6 +52,9 @@ STATES = ("PENDING", "STARTING", "STARTED", "STOPPING", "STOPPED", "ERROR")
 RUNNING_STATES = ("PENDING", "STARTING", "STARTED")
 TICK_S = 1.0
 MAX_REPLICAS = 64
+# Tokenizers loaded for endpoints, by what they were loaded from: once per process (a load
+# can take seconds, on the manager thread that renews the lease).
+_TOKENIZERS: dict[tuple, tuple] = {}
 
 
 def _iso(ts: float) -> str:
@@ -89,7 +92,7 @@ class EndpointManager:
         self._ops: queue.Queue = queue.Queue()
         self._lock = threading.RLock()
         self._stop = threading.Event()
-        self._tokenizers: dict[str, tuple] = {}
+        self._tokenizers = _TOKENIZERS
         self._unservable: dict[str, str] = {}  # endpoint id -> why its backend cannot load
         self.lease = Lease(db, "endpoints", config.scaling.lease_s)
         self.tick_s = min(TICK_S, config.scaling.lease_s / 3)  # renewed a few times a lease
@@ -382,6 +385,8 @@ class EndpointManager:
                     except Exception as exc:  # a model it cannot load: the endpoint says why
                         log.error("endpoint %s cannot be served: %s", row.id, exc)
                         self._unservable[row.id] = str(exc)
+                    if self.is_holder:  # a first load of a tokenizer takes seconds
+                        self._lead(time.time())
                     continue
             if live is None:
                 if self.is_holder and row.id in self._unservable and row.state != "ERROR":

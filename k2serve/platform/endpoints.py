@@ -34,7 +34,7 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
-from sqlalchemy import or_, select
+from sqlalchemy import or_, select, update
 
 from k2serve.errors import APIError, bad_request
 from k2serve.platform.db import Database
@@ -72,6 +72,8 @@ class _Live:
 
     backend: RayEndpointBackend
     asleep: bool = False  # scaled to zero after inactive_timeout
+    asleep_at: float = 0.0
+    attached_at: float = field(default_factory=time.time)  # requests after it are reported
     replica_seconds: float = 0.0  # metered, not yet billed
     meter_since: float = field(default_factory=time.time)
     running: int = 0  # replicas running at the last tick
@@ -398,7 +400,20 @@ class EndpointManager:
                     self._forget(row)
             elif live.backend.state != "DELETED":
                 live.backend.state = row.state
+                self._report_activity(row, live)
         return rows
+
+    def _report_activity(self, row: EndpointRow, live: _Live) -> None:
+        """Write when this server last saw a request (now, while one runs) so the holder
+        counts requests served anywhere: at most once a tick per endpoint."""
+        seen = time.time() if live.backend.in_flight else live.backend.last_request_at
+        if seen <= live.attached_at or seen - (row.last_request_at or 0.0) < self.tick_s:
+            return
+        with self.db.write() as session:
+            session.execute(update(EndpointRow).where(
+                EndpointRow.id == row.id, or_(EndpointRow.last_request_at.is_(None),
+                                              EndpointRow.last_request_at < seen))
+                .values(last_request_at=seen))
 
     def _forget(self, row: EndpointRow) -> None:
         with self._lock:
@@ -477,11 +492,14 @@ class EndpointManager:
             elif row.state == "STOPPING" and status is None:
                 self._set(endpoint_id, state="STOPPED")
                 self._bill(endpoint_id)
+            last_request = max(live.backend.last_request_at, row.last_request_at or 0.0)
+            if live.asleep and last_request > live.asleep_at:  # a request on another server
+                live.asleep = False
+                self._reconcile(row, live)
             if row.state == "STARTED" and row.inactive_timeout and not live.asleep and \
                     row.min_replicas > 0 and live.backend.in_flight == 0 and \
-                    now - live.backend.last_request_at > row.inactive_timeout * \
-                    self.inactive_unit_s:
-                live.asleep = True  # scale to zero; the next request wakes it
+                    now - last_request > row.inactive_timeout * self.inactive_unit_s:
+                live.asleep, live.asleep_at = True, now  # scale to zero; a request wakes it
                 log.info("endpoint %s idle for %s min: scaling to zero", endpoint_id,
                          row.inactive_timeout)
                 self._reconcile(row, live)

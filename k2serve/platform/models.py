@@ -178,6 +178,8 @@ class EndpointRow(Base):
     updated_at: Mapped[float] = mapped_column(Double)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)  # why it is in ERROR
     deleted_at: Mapped[float | None] = mapped_column(Double, nullable=True)
+    # the last request any server saw (each writes it at most once a tick): idle time
+    last_request_at: Mapped[float | None] = mapped_column(Double, nullable=True)
 
 
 class EndpointUsageRow(Base):

@@ -182,3 +182,34 @@ def test_a_dead_holder_is_replaced_and_billing_goes_on_once(database):
     lost_at_most = 2 * (SCALING.meter_interval_s + first.tick_s)
     assert expected - lost_at_most - 0.3 <= billed <= expected + 0.3
     assert [c[0] for c in cluster.calls].count("delete") == 1
+
+
+def test_requests_on_another_server_keep_an_endpoint_awake_and_wake_it(database):
+    """inactive_timeout counts requests served by any server: the holder sees them in the
+    endpoint's row (each server writes its last request at most once a tick)."""
+    config = dataclasses.replace(LEASED, scaling=dataclasses.replace(
+        SCALING, inactive_unit_s=1.0))  # inactive_timeout 1: one second
+    cluster = TimedCluster()
+    holder = EndpointManager(database, cluster, config, ModelRegistry())
+    holder.start()
+    wait(lambda: holder.is_holder)
+    registry = ModelRegistry()
+    follower = EndpointManager(database, cluster, config, registry)
+    follower.start()
+    try:
+        eid = follower.create(None, {**BODY, "inactive_timeout": 1, "autoscaling": {
+            "min_replicas": 1, "max_replicas": 1}})["id"]
+        wait(lambda: holder.get(None, eid)["state"] == "STARTED")
+        backend = registry.get(eid).backend
+        backend.in_flight = 1  # what RayEndpointBackend counts while a request runs there
+        time.sleep(2.5)
+        assert ("deploy", eid, 0, 1) not in cluster.calls  # busy elsewhere: stays up
+        backend.in_flight, backend.last_request_at = 0, time.time()
+        wait(lambda: ("deploy", eid, 0, 1) in cluster.calls, 4.0)  # idle: scaled to zero
+        time.sleep(0.5)
+        backend.last_request_at = time.time()  # a request arrives at the follower
+        wait(lambda: cluster.calls[-1] == ("deploy", eid, 1, 1), 3.0)  # woken
+        wait(lambda: holder.get(None, eid)["replicas"] == 1, 2.0)
+    finally:
+        follower.close()
+        holder.close()

@@ -1,4 +1,5 @@
-"""Leases: which server's endpoint manager acts on the Ray cluster (k2serve.platform.lease).
+"""Leases: which server's endpoint manager acts on the Ray cluster (k2serve.platform.lease);
+an endpoint's last request on any server (its idle time, for scale to zero).
 
 Revision ID: 0007
 Revises: 0006
@@ -27,7 +28,10 @@ def upgrade() -> None:
     # The row exists before any server runs, so taking it is always one UPDATE.
     op.bulk_insert(leases, [{"name": "endpoints", "holder": None, "expires_at": 0.0,
                              "renewed_at": 0.0}])
+    op.add_column("endpoints", sa.Column("last_request_at", Double, nullable=True))
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("endpoints") as batch:  # SQLite drops a column by copying
+        batch.drop_column("last_request_at")
     op.drop_table("leases")

@@ -361,6 +361,15 @@ class EndpointManager:
                 live.applied, live.running, live.asleep = None, 0, False
                 live.replica_seconds, live.meter_since, live.backfill_from = 0.0, since, since
             self.is_holder = True
+        # Deleted lately, perhaps by a holder that died before removing the application:
+        # this server forgot them (as a non-holder does at once), so remove what is left.
+        with self.db.session() as session:
+            gone = session.scalars(select(EndpointRow.id).where(
+                EndpointRow.deleted_at > now - 86400)).all()
+        for endpoint_id in gone:
+            if endpoint_id not in self._live and \
+                    self.cluster.app_state(_app_name(endpoint_id))[0] is not None:
+                self.cluster.delete(_app_name(endpoint_id))
 
     def _step_down(self) -> None:
         """Another server acts: what this one metered is not ours to bill any more (its

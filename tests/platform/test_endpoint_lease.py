@@ -213,3 +213,21 @@ def test_requests_on_another_server_keep_an_endpoint_awake_and_wake_it(database)
     finally:
         follower.close()
         holder.close()
+
+
+def test_an_endpoint_deleted_while_the_holder_is_dead_is_removed_by_its_successor(database):
+    cluster = TimedCluster()
+    first = server(database, cluster)
+    wait(lambda: first.is_holder)
+    second = server(database, cluster)
+    try:
+        eid = first.create(None, BODY)["id"]
+        wait(lambda: first.get(None, eid)["state"] == "STARTED")
+        kill(first)
+        second.delete(None, eid)  # through the server that does not act (yet)
+        wait(lambda: second.registry.get(eid) is None, 2.0)  # forgotten there
+        wait(lambda: second.is_holder)
+        wait(lambda: eid not in cluster.apps, 2.0)
+        assert cluster.calls[-1] == ("delete", eid)
+    finally:
+        second.close()

@@ -10,7 +10,10 @@ hardware time is the whole bill).
 
 from __future__ import annotations
 
+from typing import Callable
+
 from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
 
 from k2serve.platform.db import Database
 from k2serve.platform.models import ApiKey, EndpointRow, EndpointUsageRow
@@ -18,10 +21,14 @@ from k2serve.platform.models import ApiKey, EndpointRow, EndpointUsageRow
 
 def write_endpoint_usage(db: Database, *, endpoint_id: str, api_key_id: str | None,
                          hardware: str, started_at: float, ended_at: float,
-                         replica_seconds: float, cents_per_minute: float) -> float:
-    """Write one interval; returns its cost in USD."""
+                         replica_seconds: float, cents_per_minute: float,
+                         fence: Callable[[Session], bool] | None = None) -> float | None:
+    """Write one interval; returns its cost in USD. With `fence`, only if it says yes in
+    the same transaction (the metering server still holds its lease): None if not."""
     cost = replica_seconds / 60.0 * cents_per_minute / 100.0
     with db.write() as session:
+        if fence is not None and not fence(session):
+            return None
         if api_key_id is not None and session.bind.dialect.name != "sqlite":
             session.execute(select(ApiKey.id).where(ApiKey.id == api_key_id).with_for_update())
         session.add(EndpointUsageRow(

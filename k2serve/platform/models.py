@@ -178,6 +178,8 @@ class EndpointRow(Base):
     updated_at: Mapped[float] = mapped_column(Double)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)  # why it is in ERROR
     deleted_at: Mapped[float | None] = mapped_column(Double, nullable=True)
+    # the last request any server saw (each writes it at most once a tick): idle time
+    last_request_at: Mapped[float | None] = mapped_column(Double, nullable=True)
 
 
 class EndpointUsageRow(Base):
@@ -214,3 +216,14 @@ class VideoJobRow(Base):
     created_at: Mapped[float] = mapped_column(Double)
     updated_at: Mapped[float] = mapped_column(Double)
     record: Mapped[str] = mapped_column(Text)
+
+
+class LeaseRow(Base):
+    """Who acts for all servers on one database, until when (k2serve.platform.lease)."""
+
+    __tablename__ = "leases"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    holder: Mapped[str | None] = mapped_column(String(64), nullable=True)  # a process's id
+    expires_at: Mapped[float] = mapped_column(Double)
+    renewed_at: Mapped[float] = mapped_column(Double)  # the holder's last renewal or release

@@ -7,6 +7,8 @@
     downscale_delay_s = 120
     start_timeout_s = 120           # a request waiting for a replica (scale from zero)
     meter_interval_s = 60           # replica time is billed at this interval
+    lease_s = 10                    # servers sharing a database: one acts, another takes
+                                    # over this long after it stops renewing
 
     [[hardware]]
     id = "8x_nvidia_h100_80gb_sxm"  # Together's id format: <count>x_nvidia_<gpu>_<mem>gb_<link>
@@ -108,6 +110,7 @@ class Scaling:
     start_timeout_s: float = 120.0
     meter_interval_s: float = 60.0  # how often replica-minutes are billed
     inactive_unit_s: float = 60.0  # one minute of `inactive_timeout` (tests shorten it)
+    lease_s: float = 10.0  # servers sharing a database: a dead manager's lease lasts this
 
     def autoscaling_config(self, min_replicas: int, max_replicas: int) -> dict[str, Any]:
         return {"min_replicas": min_replicas, "max_replicas": max_replicas,

@@ -186,14 +186,15 @@ def load_endpoint_backend(endpoint_name: str, model: DedicatedModel, cluster, ap
                           scaling: Scaling, tokenizers: dict) -> RayEndpointBackend:
     """The front of an endpoint: its model's tokenizer and chat template (loaded once per
     model, `tokenizers` its cache), its context length, a handle to its application."""
-    cached = tokenizers.get(model.id)
+    key = (model.tokenizer, model.path, model.context_length)  # what the load depends on
+    cached = tokenizers.get(key)
     if cached is None:
         path = model.tokenizer or model.path or embedded_smollm2_gguf_path()
         tokenizer = load_tokenizer(path)
         template = ChatTemplate.from_tokenizer(tokenizer) if tokenizer.chat_template else None
         context = model.context_length or \
             open_checkpoint(model.path or embedded_smollm2_gguf_path()).config.context_length
-        cached = tokenizers[model.id] = (tokenizer, template, context)
+        cached = tokenizers[key] = (tokenizer, template, context)
     tokenizer, template, context = cached
     return RayEndpointBackend(endpoint_name, lambda: cluster.handle(app_name), tokenizer,
                               context_length=context, chat_template=template,

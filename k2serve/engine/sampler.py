@@ -129,11 +129,18 @@ def _draw(logits: torch.Tensor, rows: list[SamplingRow]) -> list[int]:
     # Exponential race (Gumbel-max equivalent): argmax(p / E), E ~ Exp(1). One batched op
     # for unseeded rows; seeded rows draw their noise from their own generator so a seed
     # gives the same tokens whatever else is in the batch.
-    noise = torch.empty_like(probs).exponential_()
+    # (Seeded rows only draw their own: a batch-wide draw under theirs would be wasted work,
+    # ~0.3 ms a row of a 49k vocabulary.)
+    noise = torch.empty_like(probs)
+    unseeded = [j for j, i in enumerate(sampled_rows) if rows[i].generator is None]
+    if len(unseeded) == len(sampled_rows):
+        noise.exponential_()
+    elif unseeded:
+        noise[unseeded] = torch.empty(len(unseeded), probs.shape[-1]).exponential_()
     for j, i in enumerate(sampled_rows):
         generator = rows[i].generator
         if generator is not None:
-            noise[j] = torch.empty(probs.shape[-1]).exponential_(generator=generator)
+            noise[j].exponential_(generator=generator)
     chosen = (probs / noise).argmax(dim=-1)
 
     result = greedy_ids.clone()

@@ -32,7 +32,10 @@ _HEADERS = [Path(__file__).with_name(name) for name in ("vector_math.h", "isa.h"
 # -fopenmp: at::parallel_for is OpenMP in torch's CPU build; without it the kernels would
 # silently run on one thread.
 # -ffp-contract=off: no FMA contraction, so elementwise maths rounds as PyTorch's does.
-_CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"]
+# -fno-trapping-math: no FP exception traps assumed (values unchanged), so loops with a
+# compare-and-select (exp_vectorizable's clamp, silu) vectorize: without it GCC left them
+# scalar ("control flow in loop").
+_CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-fno-trapping-math"]
 _LDFLAGS = ["-fopenmp"]
 _lock = threading.Lock()
 _module = None

@@ -9,6 +9,8 @@
 #include <ATen/Parallel.h>
 
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <tuple>
 
 #include "vector_math.h"
@@ -61,6 +63,37 @@ void silu_mul_rows(const T* gate_up, int64_t rows, int64_t inter, T* out) {
   });
 }
 
+// bfloat16 through its bits, so the loop vectorizes (c10's conversions did not: 12 us a
+// 1536-wide decode row). Widening is exact; narrowing rounds to nearest even, NaN to
+// 0x7FC0, bit for bit c10::BFloat16(float).
+inline float bf16_bits_to_float(uint16_t b) {
+  const uint32_t u = static_cast<uint32_t>(b) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline uint16_t float_to_bf16_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  const uint16_t rounded = static_cast<uint16_t>((u + (((u >> 16) & 1u) + 0x7FFFu)) >> 16);
+  return f != f ? static_cast<uint16_t>(0x7FC0) : rounded;
+}
+
+void silu_mul_rows_bf16(const uint16_t* gate_up, int64_t rows, int64_t inter, uint16_t* out) {
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const uint16_t* gate = gate_up + r * 2 * inter;
+      const uint16_t* up = gate + inter;
+      uint16_t* o = out + r * inter;
+#pragma omp simd
+      for (int64_t i = 0; i < inter; ++i) {
+        const float g = bf16_bits_to_float(gate[i]);
+        o[i] = float_to_bf16_bits(g / (1.f + k2serve_native::exp_vectorizable(-g)) * bf16_bits_to_float(up[i]));
+      }
+    }
+  });
+}
+
 }  // namespace
 
 // x [M, H] float32 or bfloat16; residual [M, H] float32 or None; weight [H] float32.
@@ -105,7 +138,8 @@ torch::Tensor silu_mul(torch::Tensor gate_up) {
     silu_mul_rows(gate_up.data_ptr<float>(), rows, inter, out.data_ptr<float>());
   } else {
     TORCH_CHECK(gate_up.scalar_type() == torch::kBFloat16, "gate_up: float32 or bfloat16");
-    silu_mul_rows(gate_up.data_ptr<at::BFloat16>(), rows, inter, out.data_ptr<at::BFloat16>());
+    silu_mul_rows_bf16(reinterpret_cast<const uint16_t*>(gate_up.data_ptr<at::BFloat16>()), rows, inter,
+                       reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()));
   }
   return out;
 }

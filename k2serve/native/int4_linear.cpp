@@ -278,8 +278,10 @@ void block_avx512(const QuantizedRows& x, int64_t M, const uint8_t* wb, const S*
   __m512i w[16];
   for (int64_t g = 0; g < x.G; ++g) {
     const uint8_t* chunk = wb + g * kBlockBytes;
-    _mm_prefetch(reinterpret_cast<const char*>(chunk + 8 * kBlockBytes), _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(chunk + 8 * kBlockBytes + 128), _MM_HINT_T0);
+    // Every line of the block 16 blocks ahead, as the AVX2 path (prefetch_block) does:
+    // 2 of 4 lines halved the streaming rate on Zen 3. Not yet measured on Zen 4.
+    for (int64_t line = 0; line < kBlockBytes; line += 64)
+      _mm_prefetch(reinterpret_cast<const char*>(chunk + 16 * kBlockBytes + line), _MM_HINT_T0);
     for (int j = 0; j < 8; ++j) {
       const __m512i bytes = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(chunk + j * 32)));
       w[j] = _mm512_and_si512(bytes, low);

@@ -24,6 +24,7 @@ import pytest
 
 from tests.compat.test_official_sdks import SDK2_PATH
 from tests.conftest import EMBEDDED_ID, start_server, stop_server
+from tests.integration.endpoint_waits import wait_for
 
 pytest.importorskip("ray.serve", reason="Ray Serve is not installed (pip install 'k2serve[ray]')")
 
@@ -89,17 +90,6 @@ def http(cluster):
     with httpx.Client(base_url=cluster.root, timeout=120,
                       headers={"authorization": f"Bearer {cluster.keys['owner']}"}) as client:
         yield client
-
-
-def wait_for(http: httpx.Client, endpoint_id: str, check, what: str, timeout: float = 180):
-    deadline = time.time() + timeout
-    endpoint = None
-    while time.time() < deadline:
-        endpoint = http.get(f"/v1/endpoints/{endpoint_id}").json()
-        if check(endpoint):
-            return endpoint
-        time.sleep(0.5)
-    raise AssertionError(f"endpoint never {what} within {timeout} s: {endpoint}")
 
 
 def chat(http: httpx.Client, model: str, **extra) -> httpx.Response:

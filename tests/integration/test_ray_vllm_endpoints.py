@@ -28,6 +28,7 @@ import openai
 import pytest
 
 from tests.conftest import start_server, stop_server
+from tests.integration.endpoint_waits import wait_for
 from tests.vllm_server import exported_smollm2, vllm_python
 
 pytest.importorskip("ray.serve", reason="Ray Serve is not installed (pip install 'k2serve[ray]')")
@@ -103,7 +104,7 @@ def endpoint(http):
         "autoscaling": {"min_replicas": 1, "max_replicas": 2}})
     assert created.status_code == 200, created.text
     started = wait_for(http, created.json()["id"], lambda e: e["state"] == "STARTED",
-                       "STARTED", timeout=300)
+                       "STARTED", timeout=300, stop_at_error=True)
     yield started
     http.delete(f"/v1/endpoints/{started['id']}")
 
@@ -112,18 +113,6 @@ def endpoint(http):
 def client(cluster):
     return openai.OpenAI(base_url=cluster.base_v1, api_key=cluster.key, max_retries=0,
                          timeout=300)
-
-
-def wait_for(http: httpx.Client, endpoint_id: str, check, what: str, timeout: float):
-    deadline = time.time() + timeout
-    endpoint = None
-    while time.time() < deadline:
-        endpoint = http.get(f"/v1/endpoints/{endpoint_id}").json()
-        if check(endpoint):
-            return endpoint
-        assert endpoint.get("state") != "ERROR", endpoint
-        time.sleep(0.5)
-    raise AssertionError(f"endpoint never {what} within {timeout} s: {endpoint}")
 
 
 def wait_until(check, what: str, timeout: float):
@@ -279,7 +268,8 @@ def test_vllm_killed_under_requests_retries_the_whole_one_and_ends_the_stream(ht
     print(f"retried request answered {time.time() - killed:.0f} s after the kill")
     (new_server,) = vllm_servers()
     assert new_server != server and replica_actors(eid) != [old_actor]
-    after = wait_for(http, eid, lambda e: e["replicas"] == 1, "back to 1 replica", timeout=60)
+    after = wait_for(http, eid, lambda e: e["replicas"] == 1, "back to 1 replica", timeout=60,
+                     stop_at_error=True)
     assert after["state"] == "STARTED" and not after.get("error")
     assert client.chat.completions.create(model=name, messages=MESSAGES,
                                           max_tokens=4).choices[0].message.content
@@ -293,7 +283,8 @@ def test_stop_kill_and_delete_leave_no_vllm(http, client, endpoint):
     (server,) = vllm_servers()
     old_group = group(server)
     assert http.patch(f"/v1/endpoints/{eid}", json={"state": "STOPPED"}).status_code == 200
-    wait_for(http, eid, lambda e: e["state"] == "STOPPED", "STOPPED", timeout=60)
+    wait_for(http, eid, lambda e: e["state"] == "STOPPED", "STOPPED", timeout=60,
+             stop_at_error=True)
     wait_until(lambda: not any(p in _processes() for p in old_group) and
                not replica_actors(eid), "vLLM outlived its stopped replica", timeout=30)
     with pytest.raises(openai.BadRequestError, match="STOPPED"):

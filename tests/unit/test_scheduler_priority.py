@@ -5,6 +5,11 @@ compute only in steps no interactive sequence needs."""
 
 from __future__ import annotations
 
+import time
+from types import SimpleNamespace
+
+from k2serve.engine import foreground
+from k2serve.engine.async_engine import AsyncEngine
 from k2serve.engine.block_manager import BlockManager
 from k2serve.engine.sampling_params import SamplingParams
 from k2serve.engine.scheduler import Scheduler, SchedulerConfig
@@ -134,31 +139,28 @@ def test_an_interactive_request_never_waits_for_a_batch_lines_prefix():
     assert step(s2) == ["a"]  # i2 waits to share a's block rather than compute it twice
 
 
+class BackgroundOnly:
+    """An engine core that always has batch work, and counts the steps it runs."""
+
+    config = SimpleNamespace(max_num_seqs=4, max_waiting=4)
+    steps = 0
+
+    def has_work(self):
+        return True
+
+    def has_urgent_work(self):
+        return False
+
+    def step(self):
+        self.steps += 1
+        time.sleep(0.001)
+        return []
+
+
 def test_background_steps_wait_while_an_interactive_request_is_prepared(monkeypatch):
     """An engine with only batch work runs no step while an interactive request is on its
     way (parsed, tokenized: the CPU is its), and resumes once it is admitted, or after
     MAX_HOLD_S at most."""
-    import time
-    from types import SimpleNamespace
-
-    from k2serve.engine import foreground
-    from k2serve.engine.async_engine import AsyncEngine
-
-    class BackgroundOnly:
-        config = SimpleNamespace(max_num_seqs=4, max_waiting=4)
-        steps = 0
-
-        def has_work(self):
-            return True
-
-        def has_urgent_work(self):
-            return False
-
-        def step(self):
-            self.steps += 1
-            time.sleep(0.001)
-            return []
-
     gate = foreground.ForegroundGate()
     monkeypatch.setattr("k2serve.engine.async_engine.FOREGROUND", gate)
     engine = AsyncEngine(BackgroundOnly)
@@ -187,27 +189,6 @@ def test_background_steps_wait_for_an_admitted_interactive_request_to_reach_the_
     an interactive request is on its way too: a batch-only step begun then would delay its
     first token by a whole step. A batch line's reservation pauses nothing; a slot never
     started pauses batch work for MAX_HOLD_S at most."""
-    import time
-    from types import SimpleNamespace
-
-    from k2serve.engine import foreground
-    from k2serve.engine.async_engine import AsyncEngine
-
-    class BackgroundOnly:
-        config = SimpleNamespace(max_num_seqs=4, max_waiting=4)
-        steps = 0
-
-        def has_work(self):
-            return True
-
-        def has_urgent_work(self):
-            return False
-
-        def step(self):
-            self.steps += 1
-            time.sleep(0.001)
-            return []
-
     monkeypatch.setattr("k2serve.engine.async_engine.FOREGROUND", foreground.ForegroundGate())
     engine = AsyncEngine(BackgroundOnly)
 

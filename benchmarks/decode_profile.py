@@ -3,9 +3,11 @@
 prompt each, timed per component over many steps.
 
     python benchmarks/decode_profile.py [--rows 32] [--prompt 256] [--steps 40] [--threads 2]
-                                        [--clock wall|cpu]
+                                        [--clock wall|cpu] [--temperature T] [--per-op]
 
-Components (exclusive ms per step, medians over the steps): int4 linears
+Components (exclusive ms per step, medians over the steps): decoder layers in the native
+decode stack (``LlamaDecodeStack.forward``: the layers' linears, attention and elementwise
+ops in one call; ``--per-op`` turns it off to time those apart), int4 linears
 (``Int4Linear.forward_raw``), attention (RoPE + KV write + paged decode attention), LM head
 (``QuantizedLMHead.forward`` with its exact-top recompute), sampling (``sample`` and the
 grammar mask), other model ops (embedding, norms, SiLU, residual adds, the model's Python)
@@ -40,7 +42,7 @@ from k2serve.models.layers.lm_head import QuantizedLMHead  # noqa: E402
 from k2serve.models.loader import load_model  # noqa: E402
 from k2serve.serving.loader import SERVING_QUANTIZATION  # noqa: E402
 
-COMPONENTS = ("int4 linears", "attention", "LM head", "sampling", "other model ops", "engine Python")
+COMPONENTS = ("decode stack", "int4 linears", "attention", "LM head", "sampling", "other model ops", "engine Python")
 
 
 clock = time.perf_counter
@@ -68,7 +70,18 @@ class Timer:
         return timed
 
 
+class TimedStack:
+    """The model's native decode stack with its ``forward`` timed (a pybind object takes no
+    new attributes)."""
+
+    def __init__(self, timer: Timer, stack):
+        self.num_layers = stack.num_layers
+        self.forward = timer.wrap("decode stack", stack.forward)
+
+
 def instrument(timer: Timer, model) -> None:
+    if model.model.decode_stack is not None:
+        model.model.decode_stack = TimedStack(timer, model.model.decode_stack)
     Int4Linear.forward_raw = timer.wrap("int4 linears", Int4Linear.forward_raw)
     PagedAttention.attend = timer.wrap("attention", PagedAttention.attend)
     PagedAttention.attend_rotary = timer.wrap("attention", PagedAttention.attend_rotary)
@@ -86,6 +99,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                         help="cpu: process CPU time, for a busy shared machine")
+    parser.add_argument("--temperature", type=float, default=0.7,
+                        help="sampling temperature, seeded (0: greedy, as the serving benchmarks)")
+    parser.add_argument("--per-op", action="store_true",
+                        help="without the native decode stack: each layer op from Python")
     args = parser.parse_args()
     global clock
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
@@ -93,13 +110,15 @@ def main() -> None:
     print(native.describe(), f"| {args.threads} threads | {args.rows} rows, {args.prompt}-token prompts")
     model, config = load_model(embedded_smollm2_gguf_path(), progress=False, quantized=SERVING_QUANTIZATION)
     model.eval()
+    if args.per_op:
+        model.model.decode_stack = None
     core = EngineCore(model, EngineConfig(kv_cache_bytes=1 << 30, max_num_seqs=max(args.rows, 1),
                                           max_step_tokens=max(args.rows * args.prompt, 2048)))
     g = torch.Generator().manual_seed(0)
     for i in range(args.rows):
         prompt = torch.randint(100, 40000, (args.prompt,), generator=g).tolist()
         core.add(GenerationRequest(f"r{i}", prompt, SamplingParams(
-            max_tokens=args.steps + 64, temperature=0.7, seed=i, ignore_eos=True)))
+            max_tokens=args.steps + 64, temperature=args.temperature, seed=i, ignore_eos=True)))
     with torch.inference_mode():
         start, cpu_start = time.perf_counter(), time.process_time()
         while core.scheduler.waiting or any(s.num_computed < len(s.prompt_ids) for s in core.scheduler.running):
@@ -119,7 +138,7 @@ def main() -> None:
             assert len(outputs) == args.rows, "not a pure decode step"
             t = dict(timer.totals)
             per_step["other model ops"].append(t.get("model", 0.0))
-            for name in ("int4 linears", "attention", "LM head", "sampling"):
+            for name in ("decode stack", "int4 linears", "attention", "LM head", "sampling"):
                 per_step[name].append(t.get(name, 0.0))
             per_step["engine Python"].append(total - sum(t.values()))
             per_step["step"].append(total)

@@ -54,6 +54,14 @@ class PagedAttention:
     block_size: int = 0
     dense_rows: DenseRows | None = None
 
+    @property
+    def decode_only(self) -> bool:
+        """Every row of the step is a decode row (one token of a sequence attending to its
+        cache) that the native RoPE + KV write + attention kernel runs, and no linear follows
+        a dense-row plan: what a model's native decode stack needs."""
+        return (self.decode_rotary_kernel is not None and not self.dense_rows
+                and self.num_decode == self.slot_mapping.shape[0])
+
     def attend(self, layer_idx, q, k, v, scale, value_dim=None):
         k_pool = self.k_pool[layer_idx]
         k_pool.index_copy_(0, self.slot_mapping, k.to(k_pool.dtype))

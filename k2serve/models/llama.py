@@ -88,6 +88,32 @@ def _silu_mul_op():
     return silu_mul
 
 
+def _decode_stack(model: LlamaModel):
+    """The native ``LlamaDecodeStack`` running ``model``'s layers for pure decode steps (its
+    outputs bitwise those of ``forward_quantized``'s per-op path), or None where that path
+    does not run our kernels throughout (torch's int4 kernel, no native build)."""
+    kernels = native.kernels()
+    layers = list(model.layers)
+    if kernels is None or not layers:
+        return None
+    attention = layers[0].self_attn
+    norms = [norm for layer in layers for norm in layer._fused_norms] + [model._fused_norm]
+    linears = [[layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj]
+               for layer in layers]
+    if any(norm._native is None for norm in norms) or layers[0]._silu_mul is not kernels.silu_mul:
+        return None
+    if any(linear._native_path is None for row in linears for linear in row):
+        return None
+    final = model._fused_norm
+    stack = kernels.LlamaDecodeStack(attention.num_heads, attention.num_kv_heads, attention.head_dim,
+                                     attention.scale, final._native_weight, final._native_eps)
+    for layer, row in zip(layers, linears):
+        norm1, norm2 = layer._fused_norms
+        stack.add_layer(norm1._native_weight, norm1._native_eps, norm2._native_weight, norm2._native_eps,
+                        [(lin.packed, lin.scales, lin.mins, lin._native_path == "amx") for lin in row])
+    return stack
+
+
 class LlamaAttention(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int, dtype: torch.dtype,
                  quant: QuantizationConfig | None = None):
@@ -184,6 +210,10 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
         self.quantized = quant is not None  # layers run LlamaDecoderLayer.forward_quantized
+        # pure decode steps of a quantized model, in one native call (set by finish_loading;
+        # None: per-op forward_quantized), for steps of fewer than decode_stack_rows rows
+        self.decode_stack = None
+        self.decode_stack_rows = 0
 
     def forward(self, input_ids, positions, attn, inputs_embeds=None):
         """inputs_embeds: the rows' input embeddings when given (a vision model's image
@@ -194,6 +224,11 @@ class LlamaModel(nn.Module):
         if self.quantized:
             half = sin.shape[-1] // 2
             sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+            if (self.decode_stack is not None and x.shape[0] < self.decode_stack_rows
+                    and getattr(attn, "decode_only", False)):
+                return self.decode_stack.forward(
+                    x, cos[:, 0], sin[:, 0], attn.k_pool, attn.v_pool, attn.slot_mapping,
+                    attn.decode_block_tables, attn.decode_lens, attn.block_size)
             for layer in self.layers:
                 x, residual = layer.forward_quantized(x, residual, cos, sin, attn)
             return self._fused_norm.add_norm(x, residual)[0]
@@ -270,6 +305,11 @@ class LlamaForCausalLM(nn.Module):
         for layer in self.model.layers:
             layer.prepare_quantized()
         self.model._fused_norm = _FusedRMSNorm(self.model.norm)
+        self.model.decode_stack = _decode_stack(self.model)
+        if self.model.decode_stack is not None:
+            self.model.decode_stack_rows = min(
+                linear._dense_from for linear in self.modules()
+                if isinstance(linear, Int4Linear) and linear is not self.lm_head)
 
     def load_weight(self, name: str, tensor: torch.Tensor | QuantizedTensor) -> None:
         """Copy one checkpoint tensor (HF name) into the model; ValueError naming it on mismatch.

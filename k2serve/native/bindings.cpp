@@ -25,6 +25,7 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> int4_amx_pack(torch::Ten
                                                                       torch::Tensor min);
 torch::Tensor int4_amx_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor scales,
                               torch::Tensor mins);
+void bind_decode_stack(pybind11::module& m);
 
 namespace k2serve_native {
 namespace {
@@ -84,4 +85,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int4_amx_pack", &int4_amx_pack, "(q, scale, min) -> int4_amx_linear's weight layout",
         py::arg("q"), py::arg("scale"), py::arg("min"));
   m.def("int4_amx_linear", &int4_amx_linear, "bfloat16 x @ W^T, W 4-bit groups of 32, on AMX tiles");
+  bind_decode_stack(m);
 }

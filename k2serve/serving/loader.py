@@ -29,14 +29,17 @@ from k2serve.text.loading import load_tokenizer
 # batch (the engine's batch-invariance guarantee, tested): a token's linears never switch
 # kernel with the step's row count — int4 for generated tokens and short prompts, the dense
 # copy in fixed-size row tiles for the prompt tokens of long prompts
-# (EngineConfig.dense_prompt_min_tokens). The LM head runs int8 for fewer than 8 rows and
-# dense from 8 (the int8 kernel costs the same per row at any M), with each row's top 16
-# logits recomputed exactly (float32) either way, so greedy picks and top logprobs match.
-# Dense GEMMs run in bfloat16 where the CPU has it natively (AMX / AVX512-BF16), float32
-# elsewhere.
+# (EngineConfig.dense_prompt_min_tokens). The LM head runs int8 for few rows and dense for
+# many (the int8 kernel costs the same per row at any M), with each row's top 16 logits
+# recomputed exactly (float32) either way, so greedy picks and top logprobs match. Dense
+# GEMMs run in bfloat16 where the CPU has it natively (AMX / AVX512-BF16): the head goes
+# dense from 8 rows there. Elsewhere they run float32, and the 49152 x 576 head's float32
+# GEMM lost to the int8 kernel up to 256 rows (AMD EPYC Zen 3, 2 threads: 32 rows 32 vs 14
+# ms, 128 rows 70 vs 51 ms, 256 rows 131 vs 128 ms).
+_BFLOAT16_GEMM = fast_bfloat16_gemm()
 SERVING_QUANTIZATION = QuantizationConfig(
-    dense_min_rows=None, dense_copy=True, head_dense_min_rows=8,
-    dense_dtype=torch.bfloat16 if fast_bfloat16_gemm() else torch.float32)
+    dense_min_rows=None, dense_copy=True, head_dense_min_rows=8 if _BFLOAT16_GEMM else 256,
+    dense_dtype=torch.bfloat16 if _BFLOAT16_GEMM else torch.float32)
 
 
 # --kv-cache-dtype: "auto" is the model's choice (bfloat16 for 4-bit GGUF weights, whose

@@ -190,10 +190,41 @@ void attend64(const float* q, const T* kbase, int64_t ks0, const T* vbase, int64
 #endif
 
 #if defined(__AVX2__) && defined(__FMA__)
-// Head dim 64 on the AVX2 path, for the nh query heads sharing one kv head: each K row is
-// loaded once into registers for all nh heads (q stays in L1), and each head's output is
-// accumulated in registers over the whole sequence instead of a load and store of the
-// output row per position. Each head's arithmetic is fixed: the same whatever nh, the
+// The probability-weighted sum of V for NH (<= 3) heads of one kv head, head dim 64, a half
+// (32 dims) at a time: each V row is loaded and widened once for the NH heads (4 vectors
+// + NH x 4 accumulators fit the 16 registers) instead of once per head. Each head's output
+// element is the same chain of FMAs over the positions in order as one head alone computes.
+template <int NH, typename T>
+void weighted_sum64_avx2(const float* probs, int64_t len, const T* vbase, int64_t vs0,
+                         const int64_t* table, int64_t block_size, float* out) {
+  for (int half = 0; half < 2; ++half) {
+    __m256 acc[NH][4];
+    for (int h = 0; h < NH; ++h)
+      for (int c = 0; c < 4; ++c) acc[h][c] = _mm256_setzero_ps();
+    for (int64_t s0 = 0; s0 < len; s0 += block_size) {
+      const int64_t count = std::min(block_size, len - s0);
+      const T* vblock = vbase + table[s0 / block_size] * block_size * vs0 + half * 32;
+      for (int64_t i = 0; i < count; ++i) {
+        const T* v = vblock + i * vs0;
+        const __m256 v0 = load8(v), v1 = load8(v + 8), v2 = load8(v + 16), v3 = load8(v + 24);
+        for (int h = 0; h < NH; ++h) {
+          const __m256 p = _mm256_set1_ps(probs[h * len + s0 + i]);
+          acc[h][0] = _mm256_fmadd_ps(p, v0, acc[h][0]);
+          acc[h][1] = _mm256_fmadd_ps(p, v1, acc[h][1]);
+          acc[h][2] = _mm256_fmadd_ps(p, v2, acc[h][2]);
+          acc[h][3] = _mm256_fmadd_ps(p, v3, acc[h][3]);
+        }
+      }
+    }
+    for (int h = 0; h < NH; ++h)
+      for (int c = 0; c < 4; ++c) _mm256_storeu_ps(out + h * 64 + half * 32 + c * 8, acc[h][c]);
+  }
+}
+
+// Head dim 64 on the AVX2 path, for the nh query heads sharing one kv head: each K and V
+// row is loaded once into registers for all nh heads (q stays in L1), and each head's
+// output is accumulated in registers over the whole sequence instead of a load and store of
+// the output row per position. Each head's arithmetic is fixed: the same whatever nh, the
 // batch or the rows computed with it (prompt rows run this kernel too).
 template <typename T>
 void attend64_avx2(const float* q, int64_t nh, const T* kbase, int64_t ks0, const T* vbase,
@@ -219,20 +250,12 @@ void attend64_avx2(const float* q, int64_t nh, const T* kbase, int64_t ks0, cons
     }
   }
   for (int64_t h = 0; h < nh; ++h) softmax_inplace(scores + h * len, len);
-  for (int64_t h = 0; h < nh; ++h) {
-    const float* probs = scores + h * len;
-    __m256 acc[8];
-    for (int c = 0; c < 8; ++c) acc[c] = _mm256_setzero_ps();
-    for (int64_t s0 = 0; s0 < len; s0 += block_size) {
-      const int64_t count = std::min(block_size, len - s0);
-      const T* vblock = vbase + table[s0 / block_size] * block_size * vs0;
-      for (int64_t i = 0; i < count; ++i) {
-        const __m256 p = _mm256_set1_ps(probs[s0 + i]);
-        const T* v = vblock + i * vs0;
-        for (int c = 0; c < 8; ++c) acc[c] = _mm256_fmadd_ps(p, load8(v + c * 8), acc[c]);
-      }
-    }
-    for (int c = 0; c < 8; ++c) _mm256_storeu_ps(out + h * 64 + c * 8, acc[c]);
+  int64_t h = 0;
+  for (; h + 3 <= nh; h += 3) weighted_sum64_avx2<3>(scores + h * len, len, vbase, vs0, table, block_size, out + h * 64);
+  switch (nh - h) {
+    case 2: weighted_sum64_avx2<2>(scores + h * len, len, vbase, vs0, table, block_size, out + h * 64); break;
+    case 1: weighted_sum64_avx2<1>(scores + h * len, len, vbase, vs0, table, block_size, out + h * 64); break;
+    default: break;
   }
 }
 #endif

@@ -17,9 +17,12 @@ gguf = pytest.importorskip("gguf")
 
 from k2serve.models.layers.gguf_blocks import QuantizedTensor  # noqa: E402
 from k2serve.models.layers.int4_linear import (  # noqa: E402
+    DENSE_TILE_ROWS,
+    LARGE_TILE_ROWS,
     Int4Linear,
     dequantize_int4,
     int4_mm,
+    large_tiles_agree,
     pack_int4,
 )
 from k2serve.models.layers.lm_head import QuantizedLMHead, requantize_int8  # noqa: E402
@@ -313,15 +316,26 @@ def test_dense_row_runs_take_the_dense_weight_and_the_rest_int4(dense_dtype):
 
 
 @pytest.mark.parametrize("dense_dtype", [torch.float32, torch.bfloat16])
-def test_a_dense_row_is_bitwise_the_same_whatever_the_run_length(dense_dtype):
-    """MKL's (oneDNN's) result for a row changes with M; the plan's fixed-size tiles keep it."""
+def test_a_dense_row_is_bitwise_the_same_whatever_the_run_length(dense_dtype, monkeypatch):
+    """MKL's (oneDNN's) result for a row changes with M; the plan's fixed-size tiles keep it,
+    large tiles included where the probe found them to agree (on this CPU)."""
     qt = _synthetic(Q.Q4_1, rows=256, cols=512, seed=6)
     layer = Int4Linear(512, 256, dense_min_rows=None, dense_copy=True, dense_dtype=dense_dtype)
     layer.load(qt)
     layer.finish_loading()
-    x = torch.randn(300, 512, generator=torch.Generator().manual_seed(1))
-    everything = layer(x, dense_rows=[(0, 300)])
-    for start, end in [(10, 11), (10, 13), (0, 100), (250, 300), (5, 200)]:
+    large = large_tiles_agree(512, 256, dense_dtype, torch.get_num_threads())  # probed before recording
+    gemm_rows = []
+    linear = torch.nn.functional.linear
+
+    def recording_linear(x, weight):
+        gemm_rows.append(x.shape[0])
+        return linear(x, weight)
+
+    monkeypatch.setattr(torch.nn.functional, "linear", recording_linear)
+    x = torch.randn(700, 512, generator=torch.Generator().manual_seed(1))
+    everything = layer(x, dense_rows=[(0, 700)])
+    assert gemm_rows == ([LARGE_TILE_ROWS, DENSE_TILE_ROWS, DENSE_TILE_ROWS] if large else [DENSE_TILE_ROWS] * 6)
+    for start, end in [(10, 11), (10, 13), (0, 100), (250, 300), (5, 200), (100, 650), (300, 700)]:
         assert torch.equal(layer(x[start:end], dense_rows=[(0, end - start)]), everything[start:end])
 
 

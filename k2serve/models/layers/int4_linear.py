@@ -32,6 +32,8 @@ A layer whose checkpoint tensors do not map onto int4 holds a dense float32 weig
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -46,10 +48,31 @@ DEFAULT_DENSE_MIN_ROWS = 32
 # GEMM ~1 ms/token here from 128 rows, vs the int4 kernel's ~2 ms at any M), small enough
 # that a short run of prompt rows (a prefix-cache hit's suffix) pads little.
 DENSE_TILE_ROWS = 128
+# A run with at least LARGE_TILE_MIN_ROWS rows left takes a GEMM of LARGE_TILE_ROWS rows
+# instead (SmolLM2's layer shapes, float32, Zen 3, 2 threads: 173 vs 126 GFLOP/s), but only
+# where the BLAS computes each row of it bitwise as in a DENSE_TILE_ROWS GEMM of the same
+# weight shape (``large_tiles_agree``, checked once per shape): a row's result then does not
+# depend on which tile it falls in.
+LARGE_TILE_ROWS = 512
+LARGE_TILE_MIN_ROWS = 384
 
 # Row runs [start, end) of an input that take the dense weight, every other row the int4
 # kernel, whatever M is (empty or None: the kernel follows M).
 DenseRows = list[tuple[int, int]]
+
+
+@functools.cache
+def large_tiles_agree(in_features: int, out_features: int, dtype: torch.dtype, threads: int) -> bool:
+    """Whether ``F.linear`` gives each row of a LARGE_TILE_ROWS GEMM bitwise as in a
+    DENSE_TILE_ROWS one, for this weight shape, dtype and thread count. MKL and oneDNN pick
+    their kernel (and so their summation order) by shape and threads, not by values, so one
+    random probe per shape tells. (~10 ms once per shape; ``threads``: part of the key.)"""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(LARGE_TILE_ROWS, in_features, generator=generator).to(dtype)
+    weight = torch.randn(out_features, in_features, generator=generator).to(dtype)
+    large = F.linear(x, weight)
+    return all(torch.equal(F.linear(x[i:i + DENSE_TILE_ROWS], weight), large[i:i + DENSE_TILE_ROWS])
+               for i in range(0, LARGE_TILE_ROWS, DENSE_TILE_ROWS))
 
 
 def pack_int4(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
@@ -202,22 +225,29 @@ class Int4Linear(nn.Module):
     def _forward_planned(self, x: torch.Tensor, runs: DenseRows) -> torch.Tensor:
         """bfloat16 [M, out]: the plan's dense runs through the dense weight, the rest int4.
 
-        Dense rows go through GEMMs of exactly DENSE_TILE_ROWS rows (the last tile padded):
-        MKL and oneDNN pick their algorithm by M, and a row's result is bitwise the same
-        only among GEMMs of one shape (wherever the row sits in the tile). Results are rounded to bfloat16 like the int4 kernel's, so
-        the ops that follow see one dtype whatever mix of kernels the step used."""
+        Dense rows go through GEMMs of exactly DENSE_TILE_ROWS rows (the last tile padded),
+        or LARGE_TILE_ROWS while that many are left (``large_tiles_agree``): MKL and oneDNN
+        pick their algorithm by M, and a row's result is bitwise the same only among GEMMs
+        that sum alike (wherever the row sits in the tile). Results are rounded to bfloat16
+        like the int4 kernel's, so the ops that follow see one dtype whatever mix of kernels
+        the step used."""
         m = x.shape[0]
         out = torch.empty(m, self.out_features, dtype=INT4_ACT_DTYPE)
+        large = large_tiles_agree(self.in_features, self.out_features, self.weight.dtype,
+                                  torch.get_num_threads())
         row = 0
         for start, end in [*runs, (m, m)]:
             if start > row:
                 out[row:start] = self._int4(x[row:start])
-            for tile in range(start, end, DENSE_TILE_ROWS):
-                rows = min(DENSE_TILE_ROWS, end - tile)
+            tile = start
+            while tile < end:
+                size = LARGE_TILE_ROWS if large and end - tile >= LARGE_TILE_MIN_ROWS else DENSE_TILE_ROWS
+                rows = min(size, end - tile)
                 block = x[tile:tile + rows].to(self.weight.dtype)
-                if rows < DENSE_TILE_ROWS:
-                    block = F.pad(block, (0, 0, 0, DENSE_TILE_ROWS - rows))
+                if rows < size:
+                    block = F.pad(block, (0, 0, 0, size - rows))
                 out[tile:tile + rows] = F.linear(block, self.weight)[:rows]
+                tile += rows
             row = end
         return out
 

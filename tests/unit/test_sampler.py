@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from k2serve.engine.sampler import SamplingRow, make_generator, sample
+from k2serve.engine.sampler import SamplingRow, inverse_cdf, make_generator, sample
 from k2serve.engine.sampling_params import SamplingParams
 
 
@@ -79,3 +79,61 @@ def test_logprobs_are_of_the_raw_distribution():
     assert [t for t, _ in top] == [0, 1]
     assert math.isclose(top[1][1], math.log(0.25), rel_tol=1e-5)
     assert sample(LOGITS.clone().unsqueeze(0), [row()]).logprobs == [None]
+
+
+def _chi_square_p_value(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    from scipy.stats import chisquare
+
+    """Chi-square of drawn counts against probs; the cells expecting fewer than 5 draws are
+    pooled into one (the test's approximation needs ~5 a cell)."""
+    support = probs > 0
+    expected = probs[support].double() / probs[support].double().sum() * counts.sum()
+    observed = counts[support].double()
+    small = expected < 5
+    if small.any():
+        expected = torch.cat([expected[~small], expected[small].sum().view(1)])
+        observed = torch.cat([observed[~small], observed[small].sum().view(1)])
+    return float(chisquare(observed.numpy(), expected.numpy()).pvalue)
+
+
+def test_inverse_cdf_draws_the_distribution_and_never_a_zero_token():
+    """One uniform a row, two levels (blocks of 128, then tokens): the drawn frequencies fit
+    the row's probabilities (chi-square), tokens of zero probability never come, whether
+    they sit inside a block, fill whole blocks or pad the last one (300 = 2 x 128 + 44)."""
+    generator = torch.Generator().manual_seed(3)
+    probs = torch.rand(300, generator=generator) ** 4  # rare tokens too
+    probs[[0, 5, 127, 128, 299]] = 0
+    probs[130:256] = 0  # an empty block, nearly
+    probs /= probs.sum()
+    n = 200_000
+    uniform = torch.rand(n, dtype=torch.float64, generator=generator)
+    drawn = inverse_cdf(probs.expand(n, -1), uniform)
+    counts = torch.bincount(drawn, minlength=300)
+    assert counts.shape[0] == 300 and int(counts[probs == 0].sum()) == 0
+    assert _chi_square_p_value(counts, probs) > 1e-3
+
+
+def test_inverse_cdf_edges_of_the_uniform():
+    """u = 0 draws the first token with mass; u just under 1 the last one with mass, never
+    the zero tokens after it (float rounding of u * F(V) up to F(V) is clamped)."""
+    probs = torch.zeros(2, 1000)
+    probs[:, [3, 700, 901]] = torch.tensor([0.2, 0.5, 0.3])
+    uniform = torch.tensor([0.0, 1 - 2 ** -53], dtype=torch.float64)
+    assert inverse_cdf(probs, uniform).tolist() == [3, 901]
+
+
+def test_sampled_rows_fit_their_softmax_in_a_batch():
+    """Through `sample`: rows of one batch with other temperatures, a large vocabulary."""
+    generator = torch.Generator().manual_seed(4)
+    logits = torch.randn(2, 1000, generator=generator) * 2
+    rows = [row(temperature=0.7), row(temperature=1.3)]
+    counts = torch.zeros(2, 1000, dtype=torch.long)
+    for _ in range(3000):
+        for i, token in enumerate(sample(logits.clone(), rows).token_ids):
+            counts[i, token] += 1
+    for i, temperature in enumerate((0.7, 1.3)):
+        probs = torch.softmax(logits[i] / temperature, -1)
+        top = probs.argsort(descending=True)[:40]  # enough expected counts per cell
+        pooled = torch.cat([counts[i, top], counts[i].sum().view(1) - counts[i, top].sum()])
+        expected = torch.cat([probs[top], (1 - probs[top].sum()).view(1)])
+        assert _chi_square_p_value(pooled, expected) > 1e-3

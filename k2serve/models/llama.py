@@ -89,9 +89,10 @@ def _silu_mul_op():
 
 
 def _decode_stack(model: LlamaModel):
-    """The native ``LlamaDecodeStack`` running ``model``'s layers for pure decode steps (its
-    outputs bitwise those of ``forward_quantized``'s per-op path), or None where that path
-    does not run our kernels throughout (torch's int4 kernel, no native build)."""
+    """The native ``LlamaDecodeStack`` running ``model``'s layers for steps whose rows are all
+    decode rows (its outputs bitwise those of ``forward_quantized``'s per-op path), or None
+    where that path does not run our kernels throughout (torch's int4 kernel, no native
+    build)."""
     kernels = native.kernels()
     layers = list(model.layers)
     if kernels is None or not layers:
@@ -210,8 +211,9 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
         self.quantized = quant is not None  # layers run LlamaDecoderLayer.forward_quantized
-        # pure decode steps of a quantized model, in one native call (set by finish_loading;
-        # None: per-op forward_quantized), for steps of fewer than decode_stack_rows rows
+        # a quantized model's steps of decode rows only (``attn.decode_only``: decodes, short
+        # prompts) in one native call, when fewer than decode_stack_rows rows (set by
+        # finish_loading; None: per-op forward_quantized)
         self.decode_stack = None
         self.decode_stack_rows = 0
 

@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -259,19 +260,33 @@ def test_create_starts_and_serves_by_name(http, cluster, endpoint):
 
 def test_load_scales_to_max_and_idle_back_to_min(http, cluster, endpoint):
     eid, name = endpoint["id"], endpoint["name"]
+    wait_for(http, eid, lambda e: e["state"] == "STARTED", "STARTED")  # created PENDING: 400s
+    scaled = threading.Event()
 
-    def long_stream(_):  # target: one ongoing request per replica -> 3 replicas
+    def stream_until_scaled(_):
+        """One request ongoing per worker (target: one per replica -> 3 replicas) until the
+        endpoint runs 3 replicas, however fast a replica answers: (status, completion
+        tokens) of each stream."""
+        results = []
         with httpx.Client(base_url=cluster.root, timeout=300, headers=http.headers) as c:
-            with c.stream("POST", "/v1/chat/completions", json={
-                    "model": name, "messages": CHAT, "max_tokens": 120, "stream": True,
-                    "ignore_eos": True}) as r:
-                return r.status_code, sum(1 for line in r.iter_lines() if line.startswith("data:"))
+            while not results or not scaled.is_set():
+                with c.stream("POST", "/v1/chat/completions", json={
+                        "model": name, "messages": CHAT, "max_tokens": 120, "stream": True,
+                        "ignore_eos": True, "stream_options": {"include_usage": True}}) as r:
+                    chunks = [json.loads(line[6:]) for line in r.iter_lines()
+                              if line.startswith("data: {")]
+                    usage = [chunk["usage"] for chunk in chunks if chunk.get("usage")]
+                    results.append((r.status_code, usage[-1]["completion_tokens"] if usage else None))
+        return results
 
     with concurrent.futures.ThreadPoolExecutor(12) as pool:
-        futures = [pool.submit(long_stream, i) for i in range(12)]
-        wait_for(http, eid, lambda e: e["replicas"] == 3, "scaled to 3", timeout=120)
-        results = [f.result(timeout=300) for f in futures]
-    assert all(status == 200 and chunks > 100 for status, chunks in results), results
+        futures = [pool.submit(stream_until_scaled, i) for i in range(12)]
+        try:
+            wait_for(http, eid, lambda e: e["replicas"] == 3, "scaled to 3", timeout=120)
+        finally:
+            scaled.set()
+        results = [result for f in futures for result in f.result(timeout=300)]
+    assert all(result == (200, 120) for result in results), results  # every stream whole
     wait_for(http, eid, lambda e: e["replicas"] == 1, "scaled back to 1", timeout=90)
 
 

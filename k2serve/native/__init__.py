@@ -28,7 +28,7 @@ log = logging.getLogger("k2serve.native")
 _SOURCES = [Path(__file__).with_name(name)
             for name in ("bindings.cpp", "paged_attention.cpp", "layer_ops.cpp", "int8_linear.cpp",
                          "int4_amx.cpp", "int4_linear.cpp", "decode_stack.cpp")]
-_HEADERS = [Path(__file__).with_name(name) for name in ("vector_math.h", "isa.h")]  # copied beside the sources, not compiled
+_HEADERS = [Path(__file__).with_name(name) for name in ("vector_math.h", "isa.h", "ops.h")]  # copied beside the sources, not compiled
 # -fopenmp: at::parallel_for is OpenMP in torch's CPU build; without it the kernels would
 # silently run on one thread.
 # -ffp-contract=off: no FMA contraction, so elementwise maths rounds as PyTorch's does.

@@ -1,4 +1,4 @@
-// A quantized Llama model's decoder layers for a pure decode step, in one call.
+// A quantized Llama model's decoder layers for a step of decode rows only, in one call.
 //
 // A decode step of a small model is many short kernels: per layer two residual-add norms,
 // four int4 linears, RoPE + KV write + attention and silu * up. Called one by one from
@@ -13,19 +13,7 @@
 #include <tuple>
 #include <vector>
 
-// Defined in the other sources.
-std::tuple<torch::Tensor, torch::Tensor> add_rms_norm(torch::Tensor x, c10::optional<torch::Tensor> residual,
-                                                      torch::Tensor weight, double eps);
-torch::Tensor silu_mul(torch::Tensor gate_up);
-torch::Tensor int4_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor scales, torch::Tensor mins,
-                          int64_t isa);
-torch::Tensor int4_amx_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor scales,
-                              torch::Tensor mins);
-torch::Tensor decode_rotary_attention(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin_signed,
-                                      torch::Tensor k_pool, torch::Tensor v_pool,
-                                      torch::Tensor slots, torch::Tensor block_tables,
-                                      torch::Tensor seq_lens, int64_t block_size, double scale,
-                                      int64_t num_heads, int64_t num_kv_heads);
+#include "ops.h"
 
 namespace {
 

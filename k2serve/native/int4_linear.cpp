@@ -52,37 +52,121 @@ struct QuantizedRows {
   int64_t K, G;
 };
 
+// One group of 32: codes c, d and d * sum(c) (see the top of this file); false (nothing
+// written) where the group holds an inf or NaN.
 template <typename T>
-void quantize_rows(const T* x, int64_t M, int64_t K, int16_t* codes, float* d, float* dc) {
+inline bool quantize_group_portable(const T* src, int16_t* c, float& d, float& dc) {
+  float buf[kGroup];
+  float amax = 0.f;
+  bool finite = true;
+  for (int64_t k = 0; k < kGroup; ++k) {
+    buf[k] = static_cast<float>(src[k]);
+    amax = std::max(amax, std::fabs(buf[k]));
+    finite = finite && std::isfinite(buf[k]);
+  }
+  if (!finite) return false;
+  const float inv = amax > 0.f ? 32767.f / amax : 0.f;
+  int32_t total = 0;
+  for (int64_t k = 0; k < kGroup; ++k) {
+    c[k] = static_cast<int16_t>(std::nearbyint(buf[k] * inv));
+    total += c[k];
+  }
+  d = amax / 32767.f;
+  dc = d * static_cast<float>(total);
+  return true;
+}
+
+// The vector forms compute every value as the portable one does (the maximum is exact in
+// any order; the product is one float multiply; converting rounds to nearest even, as
+// nearbyint does in the default rounding mode), so codes and scales are bitwise the same.
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+inline __m512 widen16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 widen16(const at::BFloat16* p) {
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+
+inline __mmask16 nonfinite16(__m512 v) {  // exponent all ones: inf or NaN
+  const __m512i exponent = _mm512_set1_epi32(0x7f800000);
+  return _mm512_cmpeq_epi32_mask(_mm512_and_si512(_mm512_castps_si512(v), exponent), exponent);
+}
+
+template <typename T>
+inline bool quantize_group_avx512(const T* src, int16_t* c, float& d, float& dc) {
+  const __m512 a = widen16(src), b = widen16(src + 16);
+  if (nonfinite16(a) | nonfinite16(b)) return false;
+  const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
+  const __m512 inv = _mm512_set1_ps(amax > 0.f ? 32767.f / amax : 0.f);
+  const __m512i ca = _mm512_cvtps_epi32(_mm512_mul_ps(a, inv)), cb = _mm512_cvtps_epi32(_mm512_mul_ps(b, inv));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(c), _mm512_cvtepi32_epi16(ca));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(c + 16), _mm512_cvtepi32_epi16(cb));
+  d = amax / 32767.f;
+  dc = d * static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(ca, cb)));
+  return true;
+}
+#endif
+
+#if defined(__AVX2__)
+inline __m256 widen8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 widen8(const at::BFloat16* p) {
+  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+}
+
+template <typename T>
+inline bool quantize_group_avx2(const T* src, int16_t* c, float& d, float& dc) {
+  __m256 v[4];
+  const __m256i exponent = _mm256_set1_epi32(0x7f800000);
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  __m256i nonfinite = _mm256_setzero_si256();
+  __m256 peak = _mm256_setzero_ps();
+  for (int i = 0; i < 4; ++i) {
+    v[i] = widen8(src + 8 * i);
+    nonfinite = _mm256_or_si256(nonfinite, _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_castps_si256(v[i]), exponent), exponent));
+    peak = _mm256_max_ps(peak, _mm256_andnot_ps(sign, v[i]));
+  }
+  if (!_mm256_testz_si256(nonfinite, nonfinite)) return false;
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(peak), _mm256_extractf128_ps(peak, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  const float amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+  const __m256 inv = _mm256_set1_ps(amax > 0.f ? 32767.f / amax : 0.f);
+  __m256i total = _mm256_setzero_si256();
+  for (int i = 0; i < 4; i += 2) {
+    const __m256i lo = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], inv)), hi = _mm256_cvtps_epi32(_mm256_mul_ps(v[i + 1], inv));
+    total = _mm256_add_epi32(total, _mm256_add_epi32(lo, hi));
+    // packs interleaves 128-bit lanes: [lo 0-3, hi 0-3, lo 4-7, hi 4-7]; 0xD8 restores the order
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(c + 8 * i), _mm256_permute4x64_epi64(_mm256_packs_epi32(lo, hi), 0xD8));
+  }
+  const __m128i t = _mm_add_epi32(_mm256_castsi256_si128(total), _mm256_extracti128_si256(total, 1));
+  const __m128i u = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4E));
+  d = amax / 32767.f;
+  dc = d * static_cast<float>(_mm_cvtsi128_si32(_mm_add_epi32(u, _mm_shuffle_epi32(u, 0xB1))));
+  return true;
+}
+#endif
+
+template <typename T>
+void quantize_rows(const T* x, int64_t M, int64_t K, int16_t* codes, float* d, float* dc, int isa) {
   const int64_t G = K / kGroup;
   at::parallel_for(0, M, 4, [&](int64_t begin, int64_t end) {
-    float buf[kGroup];
     for (int64_t m = begin; m < end; ++m)
       for (int64_t g = 0; g < G; ++g) {
         const T* src = x + m * K + g * kGroup;
-        float amax = 0.f;
-        bool finite = true;
-        for (int64_t k = 0; k < kGroup; ++k) {
-          buf[k] = static_cast<float>(src[k]);
-          amax = std::max(amax, std::fabs(buf[k]));
-          finite = finite && std::isfinite(buf[k]);
-        }
         int16_t* c = codes + m * K + g * kGroup;
-        if (!finite) {  // inf or NaN in x: a non-finite result, as a float GEMM gives
-          const float nan = std::numeric_limits<float>::quiet_NaN();
-          for (int64_t k = 0; k < kGroup; ++k) c[k] = 0;
-          d[m * G + g] = nan;
-          dc[m * G + g] = nan;
-          continue;
+        float& dg = d[m * G + g];
+        float& dcg = dc[m * G + g];
+        bool done;
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+        if (isa >= k2serve_native::kAvx512) done = quantize_group_avx512(src, c, dg, dcg); else
+#endif
+#if defined(__AVX2__)
+        if (isa >= k2serve_native::kAvx2) done = quantize_group_avx2(src, c, dg, dcg); else
+#endif
+        done = quantize_group_portable(src, c, dg, dcg);
+        if (!done) {  // inf or NaN in x: a non-finite result, as a float GEMM gives
+          std::fill(c, c + kGroup, int16_t{0});
+          dg = dcg = std::numeric_limits<float>::quiet_NaN();
         }
-        const float inv = amax > 0.f ? 32767.f / amax : 0.f;
-        int32_t total = 0;
-        for (int64_t k = 0; k < kGroup; ++k) {
-          c[k] = static_cast<int16_t>(std::nearbyint(buf[k] * inv));
-          total += c[k];
-        }
-        d[m * G + g] = amax / 32767.f;
-        dc[m * G + g] = d[m * G + g] * static_cast<float>(total);
       }
   });
 }
@@ -372,10 +456,11 @@ torch::Tensor int4_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor s
   auto d = torch::empty({M, G}, x.options().dtype(torch::kFloat));
   auto dc = torch::empty({M, G}, x.options().dtype(torch::kFloat));
   if (x.scalar_type() == torch::kFloat)
-    quantize_rows(x.data_ptr<float>(), M, K, codes.data_ptr<int16_t>(), d.data_ptr<float>(), dc.data_ptr<float>());
+    quantize_rows(x.data_ptr<float>(), M, K, codes.data_ptr<int16_t>(), d.data_ptr<float>(), dc.data_ptr<float>(),
+                  static_cast<int>(isa));
   else
     quantize_rows(x.data_ptr<at::BFloat16>(), M, K, codes.data_ptr<int16_t>(), d.data_ptr<float>(),
-                  dc.data_ptr<float>());
+                  dc.data_ptr<float>(), static_cast<int>(isa));
   const QuantizedRows rows{codes.data_ptr<int16_t>(), d.data_ptr<float>(), dc.data_ptr<float>(), K, G};
   const uint8_t* wp = packed.data_ptr<uint8_t>();
   at::BFloat16* op = out.data_ptr<at::BFloat16>();

@@ -76,15 +76,18 @@ def test_float32_scales_and_q4_0_q4_k_forms(isa):
         assert_within_bound(y, x, qt.dequantize().double())
 
 
-def test_a_row_is_bitwise_the_same_at_any_m_and_on_every_path():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_row_is_bitwise_the_same_at_any_m_and_on_every_path(dtype):
     """Rows are tiled 4 (AVX2) or 8 (AVX-512) at a time, up to 4 rows take a register-only
-    path: a row's result must not depend on any of that, nor on the vector path."""
+    path, and each path quantizes x with its own vector code: a row's result must not
+    depend on any of that, nor on the vector path."""
     g = torch.Generator().manual_seed(2)
     q = torch.randint(0, 16, (64, 192), generator=g, dtype=torch.uint8)
     scale = (torch.rand(64, 6, generator=g) * 0.05).half().float()
     minimum = (torch.randn(64, 6, generator=g) * 0.05).half().float()
     packed, scales, mins = kernels.int4_amx_pack(q, scale, minimum)
-    x = torch.randn(70, 192, generator=g)
+    x = (torch.randn(70, 192, generator=g) * 3).to(dtype)
+    x[7, :32] = 0  # an all-zero group
     everything = kernels.int4_linear(x, packed, scales, mins, isa="portable")
     for isa in PATHS:
         assert torch.equal(kernels.int4_linear(x, packed, scales, mins, isa=isa), everything), isa

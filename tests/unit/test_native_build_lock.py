@@ -29,6 +29,7 @@ def fresh_native(monkeypatch, tmp_path):
 
     monkeypatch.setenv("K2SERVE_NATIVE_CACHE", str(tmp_path))
     monkeypatch.setenv("K2SERVE_NATIVE", "1")
+    monkeypatch.delenv(native.ISA_ENV, raising=False)  # the fake module has no vector paths to pick
     monkeypatch.setattr(torch.utils.cpp_extension, "load", _fake_load)
     monkeypatch.setattr(native, "_module", None)
     monkeypatch.setattr(native, "_tried", False)

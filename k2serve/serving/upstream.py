@@ -66,7 +66,7 @@ ENGINES = ("vllm", "sglang", "k2serve")
 class Replica:
     url: str  # base URL, ending in /v1
     in_flight: int = 0
-    failures: int = 0
+    failures: int = 0  # in a row, since its last success
     down_until: float = 0.0
 
     def up(self, now: float) -> bool:
@@ -113,8 +113,8 @@ class UpstreamBackend(TextModel):
     def stats(self) -> dict:
         now = time.monotonic()
         return {"in_flight": sum(r.in_flight for r in self.replicas),
-                "replicas": [{"url": r.url, "in_flight": r.in_flight, "up": r.up(now)}
-                             for r in self.replicas]}
+                "replicas": [{"url": r.url, "in_flight": r.in_flight, "up": r.up(now),
+                              "failures": r.failures} for r in self.replicas]}
 
     def healthy(self) -> bool:
         now = time.monotonic()

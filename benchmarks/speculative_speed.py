@@ -6,7 +6,9 @@ n-gram proposals (prompt lookup) and with a draft model, and the share of propos
 
 The workload: "rewrite this function with NAME renamed to NEW" over snippets of a few
 hundred tokens, the assistant's answer opened with a code fence, so the answer copies most of
-the prompt. Greedy decoding (the outputs of the three modes are checked to be identical).
+the prompt. Greedy decoding (the outputs of all modes are checked to be identical). Each
+method runs twice: with proposals sized per sequence by what pays (``spec_policy``, the
+server's default) and with k tokens proposed every step ("always k").
 The engine is what `k2serve serve` runs (EngineCore over the serving quantization of the
 embedded SmolLM2-135M-Instruct). The draft model is, by default, SmolLM2 cut to its first
 ``--draft-layers`` of 30 layers (the only Llama-family model with SmolLM2's tokenizer at hand;
@@ -150,10 +152,13 @@ def main() -> None:
     stop = frozenset(tok.stop_token_ids)
     fence = tok.encode("```")  # the answer's closing fence ends it: stop on its first token
     stop |= {fence[0]} if len(fence) == 1 else frozenset()
-    modes = {"off": None, "ngram": "ngram", "draft": "draft"}
+    # mode -> (method, adaptive): proposals sized by what pays (the default), or always k
+    modes = {"off": (None, True), "ngram": ("ngram", True), "ngram, always k": ("ngram", False),
+             "draft": ("draft", True), "draft, always k": ("draft", False)}
     cores = {mode: EngineCore(target, EngineConfig(
-        num_kv_blocks=1024, speculative=method, num_speculative_tokens=args.k),
-        draft_model=draft if method == "draft" else None) for mode, method in modes.items()}
+        num_kv_blocks=1024, speculative=method, num_speculative_tokens=args.k,
+        adaptive_speculation=adaptive), draft_model=draft if method == "draft" else None)
+        for mode, (method, adaptive) in modes.items()}
     encoded = prompts(tok)
     print(f"workload: {len(encoded)} code-editing prompts of {[len(p) for p in encoded]} tokens, "
           f"greedy, up to {args.max_tokens} tokens; k = {args.k}; draft: {draft_name}; "

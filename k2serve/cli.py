@@ -250,7 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "text (prompt lookup: edits, quotes, code), 'draft:MODEL' runs a "
                             "small model with the same tokenizer (a .gguf or HF directory); "
                             "proposals are verified in one batched step, so outputs are "
-                            "distributed as without it (default: off)")
+                            "distributed as without it; each sequence proposes as many tokens "
+                            "as pay for themselves there, none while they seldom hold "
+                            "(default: off)")
     serve.add_argument("--num-speculative-tokens", type=int,
                        default=EngineConfig.num_speculative_tokens,
                        help="most tokens proposed per sequence and step (default: "

@@ -50,6 +50,9 @@ class EngineConfig:
     # engine is given); at most this many tokens proposed per sequence and step.
     speculative: str | None = None
     num_speculative_tokens: int = 4
+    # Whether each sequence's proposals are sized by what pays (``spec_policy``): fewer or
+    # none where they are seldom kept or the proposer is slow. Off: always the most.
+    adaptive_speculation: bool = True
 
 
 def parse_speculative(value: str | None) -> tuple[str | None, str | None]:

@@ -9,6 +9,7 @@ own. Every step runs one forward pass over a flattened batch that mixes decode t
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 
@@ -25,6 +26,7 @@ from k2serve.engine.sequence import (
     TokenLogprob,
 )
 from k2serve.engine.spec_draft import DraftModelProposer
+from k2serve.engine.spec_policy import SpecPolicy
 from k2serve.engine.spec_propose import NgramProposer, Proposer
 from k2serve.engine.spec_verify import verify
 from k2serve.models.layers.int4_linear import DenseRows
@@ -40,6 +42,7 @@ class EngineCore:
         self.model = model
         self.config = config
         self.proposer = _make_proposer(config, model, draft_model)
+        self.spec_policy = SpecPolicy(config.adaptive_speculation)
         self.num_spec_proposed = 0  # speculative tokens proposed / kept, since start
         self.num_spec_accepted = 0
         kv_dtype = config.kv_cache_dtype or getattr(model, "kv_cache_dtype", torch.float32)
@@ -102,8 +105,13 @@ class EngineCore:
         batch = self.scheduler.schedule()
         if not batch:
             return []
+        propose_s = rounds = 0
         if self.proposer is not None:
+            started = time.perf_counter()
             batch = self._speculate(batch)
+            propose_s = time.perf_counter() - started
+            rounds = max((len(seq.spec_ids) for seq, _ in batch), default=0)
+        started = time.perf_counter()
         ctx = self.kv.attention_context(batch)
         ids: list[int] = []
         positions: list[int] = []
@@ -117,7 +125,9 @@ class EngineCore:
         extra = {} if images is None else {"image_rows": images[0], "image_embeds": images[1]}
         hidden = self.model(torch.tensor(ids, dtype=torch.long),
                             torch.tensor(positions, dtype=torch.long), ctx, **extra)
-        return self._sample_and_update(batch, hidden)
+        outputs = self._sample_and_update(batch, hidden)
+        self.spec_policy.timed(propose_s, rounds, time.perf_counter() - started)
+        return outputs
 
     def _speculate(self, batch: list[tuple[Sequence, int]]) -> list[tuple[Sequence, int]]:
         """Proposals for the decoding sequences, within the step's token budget, the
@@ -129,9 +139,10 @@ class EngineCore:
             seq.spec_ids, seq.spec_probs = [], None
             if not seq.is_decoding or seq.matcher is not None or budget <= 0:
                 continue
-            limit = min(self.config.num_speculative_tokens, budget,
-                        seq.params.max_tokens - len(seq.output_ids) - 1,
-                        self.config.context_length - seq.num_tokens)
+            limit = self.spec_policy.limit(seq, min(
+                self.config.num_speculative_tokens, budget,
+                seq.params.max_tokens - len(seq.output_ids) - 1,
+                self.config.context_length - seq.num_tokens))
             if limit > 0:
                 requests.append((seq, limit))
                 budget -= limit
@@ -257,6 +268,7 @@ class EngineCore:
             row += count
             self.num_spec_proposed += len(proposed)
             self.num_spec_accepted += kept
+            self.spec_policy.verified(seq, len(proposed), kept)
             emitted, finish = [], None
             for token in tokens:
                 emitted.append(token)

@@ -75,6 +75,14 @@ class Sequence:
     # [V] row each, or None when the proposal was deterministic (n-gram, greedy draft).
     spec_ids: list[int] = field(default_factory=list)
     spec_probs: Any = None
+    # How its proposals fared (``spec_policy``): tokens kept and proposals cut short, both
+    # decayed per verification; steps left to decode plainly, that wait's length, and
+    # whether the next proposal is the one-token probe after a wait.
+    spec_kept: float = 0.0
+    spec_refused: float = 0.0
+    spec_wait: int = 0
+    spec_backoff: int = 0
+    spec_probing: bool = False
     # Images: the keys its block hashes mix in (block index -> key; multimodal.block_keys),
     # and the embeddings of images encoded but not yet wholly placed (image index -> rows).
     block_keys: dict[int, bytes] = field(default_factory=dict)

@@ -74,8 +74,11 @@ def run(core: EngineCore, requests: list[GenerationRequest]):
 
 
 def core_for(model, speculative=None, draft=None, **overrides):
+    """Proposals always of the most tokens (not sized by ``spec_policy``), unless overridden:
+    these tests are about what verification keeps, whatever was proposed."""
     config = EngineConfig(**{"context_length": 2048, "num_kv_blocks": 256,
-                             "speculative": speculative, **overrides})
+                             "speculative": speculative, "adaptive_speculation": False,
+                             **overrides})
     return EngineCore(model, config, draft_model=draft)
 
 
@@ -162,6 +165,38 @@ def test_speculation_within_a_tight_kv_pool_never_preempts_for_proposals(target,
     assert run(tight, requests()) == plain
     assert tight.stats()["preemptions"] > 0 and tight.stats()["spec_accepted_tokens"] > 0
     assert tight.stats()["kv_blocks_free"] == tight.stats()["kv_blocks_total"]
+
+
+class WrongProposer:
+    """Proposes a token the target never chooses here, every time."""
+
+    def __init__(self, token: int):
+        self.token = token
+
+    def propose(self, requests, live):
+        for seq, limit in requests:
+            seq.spec_ids, seq.spec_probs = [self.token] * limit, None
+
+
+@pytest.mark.parametrize("adaptive", [True, False])
+def test_proposals_that_never_hold_are_soon_given_up(target, tok, adaptive):
+    """A proposer as costly as half a target step whose proposals are always refused: the
+    policy stops proposing (probing now and then), and the tokens are plain decoding's."""
+    request = GenerationRequest("edit", tok.encode(EDIT), SamplingParams(
+        temperature=0, max_tokens=60, ignore_eos=True))
+    plain = run(core_for(target), [request])
+    wrong = next(t for t in range(100) if t not in plain["edit"][0])
+    core = core_for(target, "ngram", adaptive_speculation=adaptive)
+    core.proposer = WrongProposer(wrong)
+    core.spec_policy.timed = lambda *measured: None  # the proposer's cost, pinned:
+    core.spec_policy.cost = 0.5
+    assert run(core, [request]) == plain
+    s = core.stats()
+    assert s["spec_accepted_tokens"] == 0
+    if adaptive:  # one token first, then a one-token probe after waits of 8, 16, 32 steps
+        assert 1 <= s["spec_proposed_tokens"] <= 5, s
+    else:
+        assert s["spec_proposed_tokens"] > 200, s
 
 
 # -- sampled tokens: distributed as without speculation ------------------------------------------

@@ -62,15 +62,21 @@ def wait_for(client_or_http, video_id: str, timeout: float = 120.0, done=("compl
 
 
 def assert_video_of(mp4: bytes, frames: np.ndarray, fps: int) -> None:
-    """The MP4 decodes to the frames the pipeline made: exactly as our encoder encodes those
-    frames, and near them (H.264 at CRF 20 with 4:2:0 chroma is lossy, and tiny random
-    pipelines make noise, which compresses worst; unrelated noise is ~85 apart)."""
+    """The MP4 decodes to the frames the pipeline made: as our encoder encodes those frames,
+    and near them (H.264 at CRF 20 with 4:2:0 chroma is lossy, and tiny random pipelines make
+    noise, which compresses worst; unrelated noise is ~85 apart).
+
+    Not bitwise: in clean-clone CI runs the server's MP4 and the one encoded from diffusers'
+    frames here sometimes decoded a few levels apart (cause not found: each process gives the
+    same frames call after call); one 8-bit pixel flipped by a float's last bit is enough, as
+    H.264's prediction spreads it (measured: 6 flipped pixels, 0.4 apart on average; a video
+    of another seed, 26)."""
     from k2serve.diffusion.encoding import frames_to_uint8, mp4_bytes
 
     got, rate = decode(mp4)
     assert rate == fps and got.shape == frames.shape
     want, _ = decode(mp4_bytes(frames, fps))
-    assert np.array_equal(got, want)
+    assert np.abs(got.astype(int) - want.astype(int)).mean() < 2
     assert np.abs(got.astype(int) - frames_to_uint8(frames).astype(int)).mean() < 40
 
 

@@ -4,8 +4,8 @@ A proposal of k tokens, each kept with probability a (the sequence's acceptance 
 yields on average 1 + a + ... + a^k tokens from one target step; it costs the target step
 plus k proposer rounds, each ``cost`` target steps (measured while serving: a draft model's
 forward pass, a near-free n-gram lookup), plus k more rows to verify, each VERIFY_COST of
-a step (a row's share of a 32-row decode step, about what it costs on a CPU). The policy picks the k in 0..limit that yields the
-most tokens per unit of time. A sequence whose proposals rarely hold (a weak draft on this
+a step (a row's share of a 32-row decode step, about what it costs on a CPU). The policy
+picks the k in 0..limit that yields the most tokens per unit of time. A sequence whose proposals rarely hold (a weak draft on this
 text) gets k = 0: it decodes plainly for a while (WAIT_FIRST steps, doubling up to WAIT_MAX
 while it stays so), then proposes one token again to see whether the text has changed.
 

@@ -5,9 +5,10 @@ yields on average 1 + a + ... + a^k tokens from one target step; it costs the ta
 plus k proposer rounds, each ``cost`` target steps (measured while serving: a draft model's
 forward pass, a near-free n-gram lookup), plus k more rows to verify, each VERIFY_COST of
 a step (a row's share of a 32-row decode step, about what it costs on a CPU). The policy
-picks the k in 0..limit that yields the most tokens per unit of time. A sequence whose proposals rarely hold (a weak draft on this
-text) gets k = 0: it decodes plainly for a while (WAIT_FIRST steps, doubling up to WAIT_MAX
-while it stays so), then proposes one token again to see whether the text has changed.
+picks the k in 0..limit that yields the most tokens per unit of time. A sequence whose
+proposals rarely hold (a weak draft on this text) gets k = 0: it decodes plainly for a while
+(WAIT_FIRST steps, doubling up to WAIT_MAX while it stays so), then proposes one token again
+to see whether the text has changed.
 
 Which k a step uses depends only on what came before it, so greedy output and the sampled
 distribution (rejection sampling) are those of plain decoding whatever the policy decides.

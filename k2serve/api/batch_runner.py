@@ -31,7 +31,7 @@ import uuid
 from starlette.concurrency import run_in_threadpool
 
 from k2serve.api.batch_input import BatchLine, parse_lines
-from k2serve.api.batch_shapes import result_line, unrun_line
+from k2serve.api.batch_shapes import jsonl, result_line, unrun_line
 from k2serve.api.batch_store import (
     CANCELLED,
     COMPLETED,
@@ -233,7 +233,7 @@ class BatchRunner:
     async def _write_file(self, record: BatchRecord, kind: str, lines: list[dict]) -> str | None:
         if not lines:
             return None
-        data = "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines).encode()
+        data = jsonl(lines)
         file = FileRecord(id=f"file-{uuid.uuid4()}", owner=record.owner,
                           filename=f"batch_{record.id}_{kind}.jsonl", purpose=OUTPUT_PURPOSE,
                           bytes=len(data), created_at=time.time())

@@ -20,6 +20,7 @@ from k2serve.api.batch_store import (
     BatchRecord,
     LineResult,
 )
+from k2serve.api.wire_json import json_line
 
 
 def _iso(t: float | None) -> str | None:
@@ -85,3 +86,8 @@ def unrun_line(batch_id: str, line_no: int, custom_id: str, status: str) -> dict
     why = "expired" if status == EXPIRED else "was cancelled"
     return {"id": f"batch_req_{batch_id}_{line_no}", "custom_id": custom_id, "response": None,
             "error": {"code": code, "message": f"The batch {why} before this request ran."}}
+
+
+def jsonl(lines: list[dict]) -> bytes:
+    """Result lines as a JSONL file: UTF-8, one object per line, whatever splits lines."""
+    return "".join(json_line(line) + "\n" for line in lines).encode()

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import json
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
 
@@ -17,6 +16,7 @@ from fastapi import Request
 from k2serve.api.request_scope import engine_priority, request_scope
 from k2serve.api.schemas.common import SamplingFields
 from k2serve.api.usage import UsageTracker
+from k2serve.api.wire_json import json_line
 from k2serve.engine.async_engine import Reservation
 from k2serve.engine.foreground import FOREGROUND
 from k2serve.engine.sampling_params import SamplingParams
@@ -338,7 +338,7 @@ async def sse_stream(chunks: AsyncIterator[dict]) -> AsyncIterator[str]:
 
 
 def sse(payload: dict) -> str:
-    return f"data: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n"
+    return f"data: {json_line(payload)}\n\n"
 
 
 SSE_DONE = "data: [DONE]\n\n"

@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator
 
 from k2serve.api.chat_run import StreamPiece
 from k2serve.api.responses_request import new_id
+from k2serve.api.wire_json import json_line
 from k2serve.errors import APIError
 
 # finish reason -> (status, incomplete_details.reason)
@@ -133,8 +134,7 @@ def output_items(message: dict, status: str, namespaces: frozenset[str] = frozen
 
 
 def sse_event(event: dict) -> str:
-    data = json.dumps(event, ensure_ascii=False, separators=(",", ":"))
-    return f"event: {event['type']}\ndata: {data}\n\n"
+    return f"event: {event['type']}\ndata: {json_line(event)}\n\n"
 
 
 class EventStream:

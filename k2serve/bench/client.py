@@ -14,6 +14,7 @@ import httpx
 
 from k2serve.bench.datasets import BenchRequest, load_requests
 from k2serve.bench.metrics import RequestRecord, aggregate
+from k2serve.serving.sse import sse_lines
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +76,7 @@ async def send_request(client: httpx.AsyncClient, url: str, payload: dict, endpo
                 body = (await response.aread()).decode("utf-8", "replace")
                 record.error = f"HTTP {response.status_code}: {body[:ERROR_TEXT_LIMIT]}"
                 return record
-            async for line in response.aiter_lines():
+            async for line in sse_lines(response):
                 if not line.startswith("data:"):
                     continue  # blank separators, SSE comments and other fields
                 data = line[len("data:"):].strip()

@@ -42,6 +42,7 @@ from k2serve.engine.async_engine import Reservation
 from k2serve.engine.sampling_params import SamplingParams
 from k2serve.errors import APIError, bad_request, overloaded
 from k2serve.serving.backend import GENERATION_ENDPOINTS, LogprobEntry, TextDelta
+from k2serve.serving.sse import sse_lines
 from k2serve.serving.text_model import TextModel
 from k2serve.structured.grammars import as_lark
 from k2serve.telemetry.metrics import UPSTREAM_FAILURES, UPSTREAM_LATENCY
@@ -250,7 +251,7 @@ class UpstreamBackend(TextModel):
                 replica.succeeded()
                 finish: str | None = None
                 matched: str | None = None
-                async for line in response.aiter_lines():
+                async for line in sse_lines(response):
                     if not line.startswith("data: ") or line == "data: [DONE]":
                         continue
                     try:

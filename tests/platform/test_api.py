@@ -87,14 +87,18 @@ class ShortBackend(FakeBackend):
     _short = True
 
 
-def make_app(database, host="127.0.0.1"):
+def fake_registry() -> ModelRegistry:
     registry = ModelRegistry()
     registry.register(ModelSpec(id=MODEL, type="chat", context_length=64, pricing=PRICE),
                       FakeBackend())
     registry.register(ModelSpec(id=OTHER, type="chat", context_length=64, pricing=PRICE),
                       ShortBackend())
+    return registry
+
+
+def make_app(database, host="127.0.0.1"):
     platform = Platform(database, host=host)
-    return create_app(registry, platform=platform), platform
+    return create_app(fake_registry(), platform=platform), platform
 
 
 def completion(client, key=None, prompt="one two three", max_tokens=4, model=MODEL,
@@ -431,7 +435,8 @@ def test_every_post_endpoint_is_metered_or_declared_unbilled(database):
     metered or listed in UNBILLED_POSTS, so adding one forces the choice."""
     from k2serve.platform.middleware import GENERATION_PATHS
 
-    app, _ = make_app(database)
+    app, platform = make_app(database)
+    platform.close()  # no lifespan runs here: stop the ledger's writer thread ourselves
     posts = {path for path, operations in app.openapi()["paths"].items() if "post" in operations}
     assert posts - set(GENERATION_PATHS) == UNBILLED_POSTS
     assert set(GENERATION_PATHS) <= posts  # and nothing metered that does not exist

@@ -10,6 +10,7 @@ import json
 import time
 from contextlib import redirect_stdout
 
+import httpx
 import openai
 import pytest
 from together import Together
@@ -17,9 +18,10 @@ from together import Together
 from k2serve.cli import main
 from k2serve.platform.keys import KeyStore
 from k2serve.platform.ledger import ledger_rows
+from k2serve.serving.backend import TextDelta
 from k2serve.serving.registry import ModelSpec
 from tests.platform.conftest import live_server
-from tests.platform.test_api import MODEL, PRICE, make_app
+from tests.platform.test_api import MODEL, PRICE, FakeBackend, make_app
 from tests.platform.test_files import batch_jsonl
 from tests.platform.test_responses import SLOW, SlowBackend
 
@@ -181,3 +183,46 @@ def test_without_a_platform_batches_run_in_memory_and_expire_past_their_window(t
         with pytest.raises(openai.NotFoundError):
             client.batches.create(input_file_id="file-nope", endpoint="/v1/completions",
                                   completion_window="24h")
+
+
+class LineBreakingBackend(FakeBackend):
+    """Writes characters that str.splitlines() ends a line at (a model can: a SIGKILL test's
+    output once held one, and its reader split a result line in two)."""
+
+    TEXT = "a\u2028b\u0085c\u2029d\re\nf"
+
+    async def generate(self, prompt_ids, params, stop, reservation=None):
+        yield TextDelta(text=self.TEXT, token_ids=[7], logprobs=None, finish_reason="stop",
+                        prompt_tokens=len(prompt_ids), completion_tokens=1)
+
+
+def test_output_and_stream_lines_stay_whole_whatever_the_model_wrote(tmp_path):
+    """A batch's output file and a chat stream, read line by line with str.splitlines()
+    semantics (httpx's iter_lines()), give back the model's text exactly."""
+    from k2serve.app import create_app
+    from k2serve.serving.registry import ModelRegistry
+
+    registry = ModelRegistry()
+    registry.register(ModelSpec(id=MODEL, type="chat", context_length=64, pricing=PRICE),
+                      LineBreakingBackend())
+    with live_server(create_app(registry)) as root:
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+                "stream": True}
+        with httpx.stream("POST", root + "/v1/chat/completions", json=body) as r:
+            events = [json.loads(line[6:]) for line in r.iter_lines()
+                      if line.startswith("data: {")]
+        assert "".join(e["choices"][0]["delta"].get("content") or ""
+                       for e in events if e["choices"]) == LineBreakingBackend.TEXT
+        client = openai_client(root, "none")
+        file = client.files.create(file=("in.jsonl", batch_jsonl(3)), purpose="batch")
+        batch = client.batches.create(input_file_id=file.id, endpoint="/v1/chat/completions",
+                                      completion_window="24h")
+        done = wait_openai(client, batch.id)
+        assert (done.status, done.request_counts.completed) == ("completed", 3)
+        data = client.files.content(done.output_file_id).content
+    for lines in (data.decode().splitlines(), data.split(b"\n")[:-1]):
+        out = [json.loads(x) for x in lines]
+        assert len(out) == 3
+        for o in out:
+            content = o["response"]["body"]["choices"][0]["message"]["content"]
+            assert content == LineBreakingBackend.TEXT

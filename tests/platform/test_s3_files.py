@@ -18,7 +18,7 @@ import pytest
 from k2serve.app import create_app
 from k2serve.platform.service import open_platform
 from tests.platform.conftest import live_server
-from tests.platform.test_api import make_app
+from tests.platform.test_api import fake_registry
 from tests.platform.test_files import batch_jsonl
 
 boto3 = pytest.importorskip("boto3")
@@ -54,8 +54,7 @@ def test_batch_files_live_in_the_bucket_and_are_deleted_from_it(s3, tmp_path, mo
                         "K2SERVE_FILES_URL": "s3://k2-files/team/a"}.items():
         monkeypatch.setenv(name, value)
     platform = open_platform(data_dir=str(tmp_path))
-    registry = make_app(platform.db)[0].state.registry  # the fake models
-    with live_server(create_app(registry, platform=platform)) as root:
+    with live_server(create_app(fake_registry(), platform=platform)) as root:
         api = openai.OpenAI(base_url=root + "/v1", api_key="none", max_retries=0)
         lines = batch_jsonl(N)
         file = api.files.create(file=("in.jsonl", lines), purpose="batch")

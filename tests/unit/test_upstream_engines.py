@@ -74,3 +74,29 @@ def test_sglang_gets_the_grammar_as_ebnf_and_its_matched_stop_is_kept(tokenizer)
     assert body["ebnf"].startswith("start: %json")
     assert "".join(d.text for d in deltas) == '{"n": 1}'
     assert deltas[-1].stop_sequence == "}" and deltas[-1].completion_tokens == 4
+
+
+def test_text_with_unicode_line_separators_passes_through_whole(tokenizer):
+    """vLLM's JSON is UTF-8 with U+2028 & co. left raw; the SSE standard ends lines at CR/LF
+    only (httpx's aiter_lines() also splits at those, which cut the event's JSON in two)."""
+    text = "a\u2028b\u0085c\u2029d\x1ce"
+    usage = {"prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8}
+    events = [{"choices": [{"index": 0, "text": text, "finish_reason": None}]},
+              {"choices": [{"index": 0, "text": "", "finish_reason": "stop"}], "usage": usage}]
+    body = "".join(f"data: {json.dumps(e, ensure_ascii=False)}\r\n\r\n" for e in events)
+    body += "data: [DONE]\r\n\r\n"
+
+    def upstream(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=body.encode(),
+                              headers={"content-type": "text/event-stream; charset=utf-8"})
+
+    backend = UpstreamBackend(UpstreamConfig("m", ["http://upstream/v1"]), tokenizer,
+                              context_length=2048, chat_template=None)
+    backend._client = httpx.AsyncClient(transport=httpx.MockTransport(upstream))
+
+    async def collect():
+        return [d async for d in backend.generate([1, 2, 3], SamplingParams(max_tokens=8), [])]
+
+    deltas = asyncio.run(collect())
+    assert "".join(d.text for d in deltas) == text
+    assert deltas[-1].finish_reason == "stop" and deltas[-1].completion_tokens == 5

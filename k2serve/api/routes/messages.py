@@ -3,7 +3,6 @@ and the `anthropic` SDKs drive the models served here (k2serve.api.anthropic_mes
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Depends, Request
@@ -29,6 +28,7 @@ from k2serve.api.models_lookup import registry_of, text_backend_for
 from k2serve.api.prompts import chat_prompt
 from k2serve.api.schemas.messages import CountTokensRequest, MessagesRequest
 from k2serve.api.tools import plan_tools
+from k2serve.api.wire_json import json_line
 from k2serve.errors import APIError
 from k2serve.serving.backend import GenerationBackend
 from k2serve.serving.catalog import K2_ANTHROPIC_TEMPERATURE_SCALE
@@ -91,4 +91,4 @@ async def _sse(events: AsyncIterator[tuple[str, dict]]) -> AsyncIterator[str]:
 
 
 def _event(name: str, data: dict) -> str:
-    return f"event: {name}\ndata: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n"
+    return f"event: {name}\ndata: {json_line(data)}\n\n"

@@ -12,7 +12,11 @@ those linears only (everything else as served):
      int32 sums (``torch._int_mm``, oneDNN's VNNI GEMM: ~2x the bfloat16 GEMM's rate on
      Zen 4);
   D  C after SmoothQuant's scaling (alpha 0.5), its factors taken from each call's own
-     activations: a bound on what calibrated factors could reach.
+     activations: a bound on what calibrated factors could reach;
+  E  int8 activations per token and 32-column group (the int4 weight's groups), the weight
+     as in B: what an int4 x int8 kernel (``vpdpbusd``, group-wise sums as the int4 kernel
+     does them today with int16 x) would compute, simulated in float32;
+  F  the same with int16 activations: what decode rows' int4 kernel computes today.
 Prints per mode the logit differences from B, top-1 agreement and KL(B || mode), and how
 far the activations' largest channel stands above their median channel.
 
@@ -37,6 +41,7 @@ from k2serve.engine.core import EngineCore  # noqa: E402
 from k2serve.engine.sampling_params import SamplingParams  # noqa: E402
 from k2serve.engine.sequence import GenerationRequest  # noqa: E402
 from k2serve.models.embedded import embedded_smollm2_gguf_path  # noqa: E402
+from k2serve.models.layers.gguf_blocks import GROUP_SIZE  # noqa: E402
 from k2serve.models.layers.int4_linear import Int4Linear  # noqa: E402
 from k2serve.models.layers.lm_head import QuantizedLMHead  # noqa: E402
 from k2serve.models.loader import load_model  # noqa: E402
@@ -77,6 +82,12 @@ class Study:
         self.outlier_ratios.append((channels.max() / channels.median().clamp_min(1e-12)).item())
         if self.mode == "B":
             return F.linear(xf, weight).to(torch.bfloat16)
+        if self.mode in ("E", "F"):
+            top = 127 if self.mode == "E" else 32767
+            groups = xf.view(xf.shape[0], -1, GROUP_SIZE)
+            scale = groups.abs().amax(-1, keepdim=True).clamp_min(1e-12) / top
+            xq = (torch.round(groups / scale).clamp(-top, top) * scale).view_as(xf)
+            return F.linear(xq, weight).to(torch.bfloat16)
         if self.mode == "D":
             smooth = (channels.clamp_min(1e-5) / weight.abs().amax(0).clamp_min(1e-5)).sqrt()
             xf, weight = xf / smooth, weight * smooth
@@ -139,11 +150,12 @@ def main() -> None:
     study = Study()
     study.install()
     prompts = prompts_from_repo(load_tokenizer(path), args.prompts)
-    logits = {mode: last_logits(model, study, prompts, mode) for mode in "ABCD"}
+    logits = {mode: last_logits(model, study, prompts, mode) for mode in "ABCDEF"}
     reference = logits["B"]
     print(f"{len(prompts)} prompts of 64..399 tokens; logits' mean |value| {reference.abs().mean():.2f}")
     print(f"{'mode':<28} {'max |d|':>8} {'mean |d|':>9} {'top-1':>6} {'KL median':>10} {'KL max':>9}")
-    names = {"A": "A bf16 x (today)", "C": "C W8A8", "D": "D W8A8 + SmoothQuant 0.5"}
+    names = {"A": "A bf16 x (today)", "C": "C W8A8", "D": "D W8A8 + SmoothQuant 0.5",
+             "E": "E int8 x per 32-group", "F": "F int16 x per 32-group"}
     for mode, name in names.items():
         d = logits[mode] - reference
         kl = F.kl_div(F.log_softmax(logits[mode], -1), F.log_softmax(reference, -1),

@@ -1,5 +1,5 @@
 """What an int8 prompt path would cost in precision: the embedded SmolLM2 (Q4_1, as served)
-prefilling real text with its prompt linears computed four ways, last-position logits
+prefilling real text with its prompt linears computed six ways, last-position logits
 compared with a float32-activation reference.
 
     python benchmarks/w8a8_precision.py [--prompts 48] [--threads 2]

@@ -42,15 +42,21 @@ def run(engine: str, tokenizer, params: SamplingParams, stop_key: str = "stop_re
                                                {"choices": [], "usage": usage}),
                               headers={"content-type": "text/event-stream"})
 
+    deltas = generate(engine, tokenizer, upstream, params, ["}"])
+    return seen[0], deltas
+
+
+def generate(engine: str, tokenizer, upstream, params: SamplingParams, stop: list[str]):
+    """The deltas of one generation through an UpstreamBackend whose replica is `upstream`
+    (an httpx MockTransport handler)."""
     backend = UpstreamBackend(UpstreamConfig("m", ["http://upstream/v1"], engine=engine),
                               tokenizer, context_length=2048, chat_template=None)
     backend._client = httpx.AsyncClient(transport=httpx.MockTransport(upstream))
 
     async def collect():
-        return [d async for d in backend.generate([1, 2, 3], params, ["}"])]
+        return [d async for d in backend.generate([1, 2, 3], params, stop)]
 
-    deltas = asyncio.run(collect())
-    return seen[0], deltas
+    return asyncio.run(collect())
 
 
 def constrained(tokenizer, **fields) -> SamplingParams:
@@ -90,13 +96,6 @@ def test_text_with_unicode_line_separators_passes_through_whole(tokenizer):
         return httpx.Response(200, content=body.encode(),
                               headers={"content-type": "text/event-stream; charset=utf-8"})
 
-    backend = UpstreamBackend(UpstreamConfig("m", ["http://upstream/v1"]), tokenizer,
-                              context_length=2048, chat_template=None)
-    backend._client = httpx.AsyncClient(transport=httpx.MockTransport(upstream))
-
-    async def collect():
-        return [d async for d in backend.generate([1, 2, 3], SamplingParams(max_tokens=8), [])]
-
-    deltas = asyncio.run(collect())
+    deltas = generate("vllm", tokenizer, upstream, SamplingParams(max_tokens=8), [])
     assert "".join(d.text for d in deltas) == text
     assert deltas[-1].finish_reason == "stop" and deltas[-1].completion_tokens == 5
